@@ -1,0 +1,1 @@
+"""Classifiers: networks mapping images in [0, 1] to logits (normalisation inside)."""

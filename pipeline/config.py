@@ -1,0 +1,320 @@
+"""Job configuration: YAML → frozen dataclasses, checked strictly before any work starts.
+
+Every error names the file and the dotted key: an unknown key, a wrong type, a value out
+of range, an unknown classifier/purifier/attack, parameters its constructor does not
+take, or a checkpoint/shard file that does not exist.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import inspect
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+STAGES = ("evaluate", "attack", "purify")
+GRADIENTS = ("auto", "full", "bpda", "classifier")
+
+
+class ConfigError(ValueError):
+    """A configuration problem, with the file and key it concerns."""
+
+
+@dataclass(frozen=True)
+class JobConfig:
+    name: str
+    output: str
+    seed: int = 0
+    stages: tuple[str, ...] = ("evaluate",)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    shards: tuple[str, ...]
+    index: str | None = None
+    batch_size: int = 128
+    max_samples_per_shard: int | None = None
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class AttackConfig:
+    name: str
+    params: dict[str, Any] = field(default_factory=dict)
+    # how gradients cross the purifier: auto (from its flags), full, bpda, or classifier
+    # (preprocessor-blind: the attack sees the bare classifier)
+    gradient: str = "auto"
+    eot: int = 1
+
+
+@dataclass(frozen=True)
+class EvaluationConfig:
+    runs: int = 1
+    max_rows: int = 4096
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    address: str | None = None
+    num_workers: int = 1
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: Union[float, Literal["auto"]] = "auto"
+    max_attempts: int = 3
+    shard_timeout_s: float = 3600.0
+    max_actor_failures: int = 3
+
+
+@dataclass(frozen=True)
+class FaultConfig:
+    """Injected failures for resilience testing: `times` failures on matching shards."""
+    shard: str
+    mode: Literal["raise", "exit", "hang"]
+    marker_dir: str
+    times: int = 1
+
+
+@dataclass(frozen=True)
+class Config:
+    job: JobConfig
+    data: DataConfig
+    classifier: ModelConfig
+    purifier: ModelConfig = ModelConfig("none")
+    attacks: tuple[AttackConfig, ...] = ()
+    evaluation: EvaluationConfig = EvaluationConfig()
+    cluster: ClusterConfig = ClusterConfig()
+    faults: tuple[FaultConfig, ...] = ()
+    source: str = field(default="<dict>", compare=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = _plain(dataclasses.asdict(self))
+        d.pop("source")
+        return d
+
+    def hash(self) -> str:
+        """Identity of the results: what changes a sample's outcome, not where or how fast."""
+        d = self.to_dict()
+        keep = {
+            "seed": d["job"]["seed"],
+            "stages": d["job"]["stages"],
+            "max_samples_per_shard": d["data"]["max_samples_per_shard"],
+            "classifier": d["classifier"],
+            "purifier": d["purifier"],
+            "attacks": d["attacks"],
+            "runs": d["evaluation"]["runs"],
+        }
+        return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _plain(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    return obj
+
+
+# ---------------------------------------------------------------------------- parsing
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for option in args:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(value, option, where)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(f"{where}: {value!r} is not {' or '.join(_type_name(a) for a in args)}")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{where}: {value!r} is not one of {list(args)}")
+        return value
+    if origin in (tuple, list):
+        if isinstance(value, (str, dict)) or not isinstance(value, (list, tuple)):
+            if origin is tuple and args and args[0] is str and isinstance(value, str):
+                value = [value]  # a single string where a list of strings is expected
+            else:
+                raise ConfigError(f"{where}: expected a list, got {type(value).__name__} {value!r}")
+        item = args[0] if args else Any
+        return tuple(_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__}")
+        return {str(k): v for k, v in value.items()}
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, where)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true/false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{where}: unsupported type {tp}")
+
+
+def _build(cls: type, data: Any, where: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or 'top level'}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "source"}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        prefix = f"{where}." if where else ""
+        raise ConfigError(f"unknown key {prefix}{unknown[0]!s} (allowed: {', '.join(fields)})")
+    kwargs = {}
+    for name, f in fields.items():
+        key = f"{where}.{name}" if where else name
+        if name in data:
+            kwargs[name] = _coerce(data[name], hints[name], key)
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"missing required key {key}")
+    return cls(**kwargs)
+
+
+def _check_ranges(cfg: Config) -> None:
+    def need(ok: bool, key: str, msg: str) -> None:
+        if not ok:
+            raise ConfigError(f"{key}: {msg}")
+
+    need(bool(cfg.job.name.strip()), "job.name", "must not be empty")
+    need(bool(cfg.job.output.strip()), "job.output", "must not be empty")
+    need(0 <= cfg.job.seed < 2**63, "job.seed", "must be in [0, 2^63)")
+    need(len(cfg.job.stages) > 0, "job.stages", "must name at least one stage")
+    for i, s in enumerate(cfg.job.stages):
+        need(s in STAGES, f"job.stages[{i}]", f"{s!r} is not one of {list(STAGES)}")
+    need(len(cfg.data.shards) > 0, "data.shards", "must name at least one shard")
+    need(cfg.data.batch_size >= 1, "data.batch_size", "must be ≥ 1")
+    if cfg.data.max_samples_per_shard is not None:
+        need(cfg.data.max_samples_per_shard >= 1, "data.max_samples_per_shard", "must be ≥ 1")
+    for i, a in enumerate(cfg.attacks):
+        need(a.gradient in GRADIENTS, f"attacks[{i}].gradient", f"{a.gradient!r} is not one of {list(GRADIENTS)}")
+        need(a.eot >= 1, f"attacks[{i}].eot", "must be ≥ 1")
+    need(cfg.evaluation.runs >= 1, "evaluation.runs", "must be ≥ 1")
+    need(cfg.evaluation.max_rows >= 1, "evaluation.max_rows", "must be ≥ 1")
+    c = cfg.cluster
+    need(c.num_workers >= 1, "cluster.num_workers", "must be ≥ 1")
+    need(c.cpus_per_worker > 0, "cluster.cpus_per_worker", "must be > 0")
+    need(c.gpus_per_worker == "auto" or c.gpus_per_worker >= 0, "cluster.gpus_per_worker", "must be ≥ 0 or auto")
+    need(c.max_attempts >= 1, "cluster.max_attempts", "must be ≥ 1")
+    need(c.shard_timeout_s > 0, "cluster.shard_timeout_s", "must be > 0")
+    need(c.max_actor_failures >= 1, "cluster.max_actor_failures", "must be ≥ 1")
+    for i, f in enumerate(cfg.faults):
+        need(f.times >= 1, f"faults[{i}].times", "must be ≥ 1")
+
+
+def _is_file_param(name: str) -> bool:
+    return name == "checkpoint" or name.endswith("_checkpoint") or name.endswith("_path")
+
+
+def _check_components(cfg: Config) -> None:
+    """Names exist in the registries, params bind to the constructors, files exist."""
+    from pipeline import storage
+    from pipeline.registry import ATTACKS, CLASSIFIERS, PURIFIERS
+
+    entries = [("classifier", CLASSIFIERS, cfg.classifier.name, cfg.classifier.params),
+               ("purifier", PURIFIERS, cfg.purifier.name, cfg.purifier.params)]
+    entries += [(f"attacks[{i}]", ATTACKS, a.name, a.params) for i, a in enumerate(cfg.attacks)]
+    for key, registry, name, params in entries:
+        try:
+            ctor = registry.get(name)
+        except KeyError as err:
+            raise ConfigError(f"{key}.name: {err.args[0]}") from None
+        try:
+            inspect.signature(ctor).bind(**params)
+        except TypeError as err:
+            sig = inspect.signature(ctor)
+            raise ConfigError(f"{key}.params: {err} (accepted: {', '.join(sig.parameters) or 'none'})") from None
+        for pname, value in params.items():
+            if _is_file_param(pname) and isinstance(value, str) and not storage.exists(value):
+                raise ConfigError(f"{key}.params.{pname}: file not found: {value}")
+
+
+def from_dict(data: dict[str, Any], source: str = "<dict>", check_components: bool = True) -> Config:
+    try:
+        cfg = _build(Config, data, "")
+        cfg = dataclasses.replace(cfg, source=source)
+        _check_ranges(cfg)
+        if check_components:
+            _check_components(cfg)
+    except ConfigError as err:
+        raise ConfigError(f"{source}: {err}") from None
+    return cfg
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """`--set a.b.c=value` (value parsed as YAML; list items by index: attacks.0.params.eps)."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected key=value")
+        key, raw = item.split("=", 1)
+        value = yaml.safe_load(raw)
+        parts = key.strip().split(".")
+        node: Any = data
+        for i, part in enumerate(parts):
+            last = i == len(parts) - 1
+            if isinstance(node, list):
+                if not part.isdigit() or int(part) >= len(node):
+                    raise ConfigError(f"--set {key}: {part!r} is not an index of a list of {len(node)}")
+                if last:
+                    node[int(part)] = value
+                else:
+                    node = node[int(part)]
+            elif isinstance(node, dict):
+                if last:
+                    node[part] = value
+                else:
+                    node = node.setdefault(part, {})
+            else:
+                raise ConfigError(f"--set {key}: {'.'.join(parts[:i])} is not a mapping or list")
+    return data
+
+
+def load(path: str | Path, overrides: list[str] | None = None, check_components: bool = True) -> Config:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of sections")
+    data = apply_overrides(data, list(overrides or []))
+    return from_dict(data, str(path), check_components)
+
+
+def dump(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

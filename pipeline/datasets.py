@@ -1,0 +1,139 @@
+"""Image sources as arrays: scikit-learn's bundled digits, MNIST idx files, CIFAR-10
+python batches, and image folders. Images come out uint8 [N, H, W, C], labels int64 [N].
+"""
+from __future__ import annotations
+
+import gzip
+import hashlib
+import os
+import pickle
+import struct
+from pathlib import Path
+
+import numpy as np
+
+DEFAULT_MNIST_DIR = os.environ.get("ADVPURE_MNIST_DIR", str(Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mnist"))
+
+# Official checksums of the MNIST test set (as distributed in gzip form).
+MNIST_TEST_FILES = {
+    "t10k-images-idx3-ubyte": "8d422c7b0a1c1c79245a5bcf07fe86e33eeafee792b84584aec276f5a2dbc4e6",
+    "t10k-labels-idx1-ubyte": "f7ae60f92e00ec6debd23a6088c31dbd2371eca3ffa0defaefb259924204aec6",
+}
+
+
+class DatasetError(RuntimeError):
+    pass
+
+
+def load_digits() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's 1,797 bundled 8×8 handwritten digits (pixel values 0–16 → 0–255)."""
+    from sklearn.datasets import load_digits as sk_digits
+
+    d = sk_digits()
+    images = np.clip(np.rint(d.images * (255.0 / 16.0)), 0, 255).astype(np.uint8)[..., None]
+    return images, d.target.astype(np.int64)
+
+
+def _open_idx(path: Path):
+    if path.exists():
+        return open(path, "rb")
+    gz = path.with_name(path.name + ".gz")
+    if gz.exists():
+        return gzip.open(gz, "rb")
+    raise DatasetError(f"MNIST file not found: {path} (or {gz.name})")
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    with _open_idx(path) as f:
+        data = f.read()
+    if len(data) < 4:
+        raise DatasetError(f"{path}: too short for an idx file")
+    zero, dtype_code, ndim = data[0] << 8 | data[1], data[2], data[3]
+    if zero != 0 or dtype_code != 0x08:
+        raise DatasetError(f"{path}: not an unsigned-byte idx file (magic {data[:4].hex()})")
+    dims = struct.unpack(f">{ndim}I", data[4:4 + 4 * ndim])
+    body = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
+    if body.size != int(np.prod(dims)):
+        raise DatasetError(f"{path}: holds {body.size} bytes of data, header says {dims}")
+    return body.reshape(dims)
+
+
+def load_mnist(directory: str | None = None, split: str = "t10k") -> tuple[np.ndarray, np.ndarray]:
+    """MNIST from idx files (plain or .gz): images uint8 [N, 28, 28, 1], labels int64 [N]."""
+    d = Path(directory or DEFAULT_MNIST_DIR)
+    images = _read_idx(d / f"{split}-images-idx3-ubyte")
+    labels = _read_idx(d / f"{split}-labels-idx1-ubyte").astype(np.int64)
+    if len(images) != len(labels):
+        raise DatasetError(f"{d}: {len(images)} images but {len(labels)} labels")
+    return images[..., None], labels
+
+
+def mnist_available(directory: str | None = None) -> bool:
+    d = Path(directory or DEFAULT_MNIST_DIR)
+    return all((d / n).exists() or (d / f"{n}.gz").exists() for n in MNIST_TEST_FILES)
+
+
+def verify_mnist_test(directory: str | None = None) -> None:
+    """Check the gzip files against the official checksums."""
+    d = Path(directory or DEFAULT_MNIST_DIR)
+    for name, digest in MNIST_TEST_FILES.items():
+        got = hashlib.sha256((d / f"{name}.gz").read_bytes()).hexdigest()
+        if got != digest:
+            raise DatasetError(f"{d / name}.gz: sha256 {got} is not the official {digest}")
+
+
+def load_cifar10(directory: str, split: str = "test") -> tuple[np.ndarray, np.ndarray]:
+    """CIFAR-10 python batches (data_batch_1..5 / test_batch): uint8 [N, 32, 32, 3]."""
+    d = Path(directory)
+    names = ["test_batch"] if split == "test" else [f"data_batch_{i}" for i in range(1, 6)]
+    xs, ys = [], []
+    for n in names:
+        p = d / n
+        if not p.exists():
+            raise DatasetError(f"CIFAR-10 batch not found: {p}")
+        with open(p, "rb") as f:
+            # The official CIFAR-10 python batches are pickles of plain dicts of arrays and lists.
+            batch = _RestrictedUnpickler(f, encoding="bytes").load()
+        xs.append(np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
+        ys.append(np.asarray(batch[b"labels"], dtype=np.int64))
+    return np.concatenate(xs), np.concatenate(ys)
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    """Only numpy arrays and builtins: a CIFAR batch must not run arbitrary code."""
+
+    _allowed = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+                ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
+                ("numpy._core.multiarray", "scalar")}
+
+    def find_class(self, module, name):
+        if (module, name) in self._allowed:
+            return super().find_class(module, name)
+        raise DatasetError(f"refusing to unpickle {module}.{name} from a CIFAR-10 batch")
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
+
+
+def iter_image_folder(directory: str):
+    """(relative path, PIL image, class index, class names) for root/<class>/<image> files."""
+    from PIL import Image
+
+    root = Path(directory)
+    if not root.is_dir():
+        raise DatasetError(f"image folder not found: {root}")
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir())
+    if not classes:
+        raise DatasetError(f"{root}: no class sub-folders")
+    for ci, cname in enumerate(classes):
+        for p in sorted((root / cname).iterdir()):
+            if p.suffix.lower() in IMAGE_SUFFIXES:
+                with Image.open(p) as im:
+                    yield str(p.relative_to(root)), im.copy(), ci, classes
+
+
+def to_float_nchw(images: np.ndarray):
+    """uint8 [N, H, W, C] → torch float32 [N, C, H, W] in [0, 1]."""
+    import torch
+
+    return torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2))).float().div_(255.0)

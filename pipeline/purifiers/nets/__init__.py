@@ -1,0 +1,1 @@
+"""Networks used by purifiers (denoisers, score models, energy models, DIP generators)."""
