@@ -137,3 +137,40 @@ def to_float_nchw(images: np.ndarray):
     import torch
 
     return torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2))).float().div_(255.0)
+
+
+# ---------------------------------------------------------------------------- named splits
+
+MNIST_FIT = 8000  # our split of the 10,000 MNIST test images when the train set is absent
+
+
+def split_indices(source: str, split: str, n: int) -> np.ndarray:
+    """Indices of a named split. digits: every 5th sample is `test`, the rest `train`.
+    mnist: `t10k` all test images, `t10k-fit` the first 8,000 (to train our small models when
+    the official train set is absent), `t10k-holdout` the last 2,000; `train` the train files."""
+    idx = np.arange(n)
+    table = {
+        ("digits", "test"): idx[idx % 5 == 0], ("digits", "train"): idx[idx % 5 != 0], ("digits", "all"): idx,
+        ("mnist", "t10k"): idx, ("mnist", "t10k-fit"): idx[:MNIST_FIT], ("mnist", "t10k-holdout"): idx[MNIST_FIT:],
+        ("mnist", "train"): idx, ("cifar10", "test"): idx, ("cifar10", "train"): idx,
+    }
+    if (source, split) not in table:
+        options = sorted(s for src, s in table if src == source)
+        raise DatasetError(f"{source} has no split {split!r}; choose one of {options}")
+    return table[(source, split)]
+
+
+def load_split(source: str, split: str, path: str | None = None) -> tuple[np.ndarray, np.ndarray, list[int]]:
+    """(images uint8 NHWC, labels, original indices) of a named split."""
+    if source == "digits":
+        images, labels = load_digits()
+    elif source == "mnist":
+        images, labels = load_mnist(path, split="train" if split == "train" else "t10k")
+    elif source == "cifar10":
+        if not path:
+            raise DatasetError("cifar10 needs a path to the cifar-10-batches-py folder")
+        images, labels = load_cifar10(path, split=split)
+    else:
+        raise DatasetError(f"unknown source {source!r}")
+    idx = split_indices(source, split, len(images))
+    return images[idx], labels[idx], idx.tolist()

@@ -36,8 +36,12 @@ class Defense(nn.Module):
         """x [N, ...] with noise rows N → x̂ [N, ...], chunked."""
         if x.shape[0] <= self.max_rows:
             return self.purifier(x, noise)
-        parts = [self.purifier(x[i:i + self.max_rows], noise.select(slice(i, i + self.max_rows)))
-                 for i in range(0, x.shape[0], self.max_rows)]
+        start, per_row, parts = self.purifier.nfe, 0, []
+        for i in range(0, x.shape[0], self.max_rows):
+            before = self.purifier.nfe
+            parts.append(self.purifier(x[i:i + self.max_rows], noise.select(slice(i, i + self.max_rows))))
+            per_row = max(per_row, self.purifier.nfe - before)
+        self.purifier.nfe = start + per_row  # nfe counts evaluations per row, not per chunk
         return torch.cat(parts)
 
     def _classify(self, x: torch.Tensor) -> torch.Tensor:

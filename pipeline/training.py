@@ -44,7 +44,7 @@ def train_classifier(model: nn.Module, images: torch.Tensor, labels: torch.Tenso
             total += loss.item() * len(idx)
             count += len(idx)
         history.append(total / count)
-        log.info("classifier epoch %d/%d loss %.4f (%.1fs)", epoch + 1, epochs, history[-1], time.time() - t0)
+        log.debug("classifier epoch %d/%d loss %.4f (%.1fs)", epoch + 1, epochs, history[-1], time.time() - t0)
     model.eval()
     return history
 
@@ -74,7 +74,7 @@ def train_denoiser(net: nn.Module, images: torch.Tensor, *, sigmas: Sequence[flo
             total += loss.item() * len(idx)
             count += len(idx)
         history.append(total / count)
-        log.info("denoiser epoch %d/%d loss %.5f (%.1fs)", epoch + 1, epochs, history[-1], time.time() - t0)
+        log.debug("denoiser epoch %d/%d loss %.5f (%.1fs)", epoch + 1, epochs, history[-1], time.time() - t0)
     net.eval()
     return history
 

@@ -1,0 +1,102 @@
+"""Summaries computed from the committed Parquet records alone: accuracy with Wilson 95%
+confidence intervals per attack, as a table or JSON."""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from typing import Any
+
+import pyarrow as pa
+
+from pipeline import schema, storage
+from pipeline.worker import MARKER_SUFFIX
+
+
+class ReportError(RuntimeError):
+    pass
+
+
+def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson score interval for a binomial proportion k/n."""
+    if n == 0:
+        return (float("nan"), float("nan"))
+    p = k / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def load_records(run_dir: str, stage: str = "evaluate", verify: bool = True) -> pa.Table:
+    """All committed records of a stage; shards without a marker are not results."""
+    d = storage.join(run_dir, stage)
+    markers = [u for u in storage.listdir(d) if u.endswith(MARKER_SUFFIX)]
+    if not markers:
+        raise ReportError(f"no committed results under {d}")
+    tables = []
+    for m in markers:
+        meta = json.loads(storage.read_text(m))
+        data = storage.read_bytes(m[: -len(MARKER_SUFFIX)] + ".parquet")
+        if verify and hashlib.sha256(data).hexdigest() != meta["sha256"]:
+            raise ReportError(f"{m}: the Parquet file does not match its commit marker's checksum")
+        tables.append(schema.read_parquet_bytes(data))
+    return pa.concat_tables(tables)
+
+
+def _acc(k: int, n: int) -> dict[str, float]:
+    lo, hi = wilson(k, n)
+    return {"acc": k / n if n else float("nan"), "lo": lo, "hi": hi}
+
+
+def summarize(table: pa.Table) -> dict[str, Any]:
+    rows = table.to_pylist()
+    ok = [r for r in rows if r["status"] == schema.Status.OK.value]
+    failed = len(rows) - len(ok)
+    keys = {(r["shard"], r["key"]) for r in rows}
+    groups: dict[tuple, list[dict]] = {}
+    for r in ok:
+        groups.setdefault((r["attack_index"], r["attack_name"], r["gradient_mode"], r["eps"], r["eot"]), []).append(r)
+    out = []
+    for (idx, name, grad, eps, eot), rs in sorted(groups.items(), key=lambda kv: kv[0][0]):
+        n = len(rs)
+        lab = [r["label"] for r in rs]
+
+        def count(col: str) -> int:
+            return sum(1 for r, y in zip(rs, lab) if r[col] == y)
+
+        out.append({
+            "attack_index": idx, "attack": name, "gradient": grad, "eps": eps, "eps_255": eps * 255, "eot": eot,
+            "runs": rs[0]["runs"], "n": n,
+            "clean_classifier": _acc(count("clean_pred"), n),
+            "clean_defended": _acc(count("clean_mean_logit_pred"), n),
+            "adv_classifier": _acc(count("adv_pred"), n),
+            "robust_mean_logit": _acc(count("mean_logit_pred"), n),
+            "robust_vote": _acc(count("vote_pred"), n),
+            "robust_worst_of_runs": _acc(sum(1 for r in rs if r["worst_of_runs_correct"]), n),
+            "robust_all_steps": _acc(sum(1 for r, y in zip(rs, lab)
+                                         if r["mean_logit_pred"] == y and r["broken_step"] < 0), n),
+            "mean_linf": sum(r["linf"] for r in rs) / n,
+            "seconds_per_sample": sum(r["seconds"] for r in rs) / n,
+        })
+    return {"job": rows[0]["job"] if rows else None, "config_hash": rows[0]["config_hash"] if rows else None,
+            "purifier": rows[0]["purifier"] if rows else None, "samples": len(keys), "rows": len(rows),
+            "failed_rows": failed, "attacks": out}
+
+
+def format_table(summary: dict[str, Any]) -> str:
+    def pct(d: dict[str, float]) -> str:
+        return f"{100 * d['acc']:5.1f} [{100 * d['lo']:4.1f},{100 * d['hi']:5.1f}]"
+
+    head = (f"job {summary['job']}  purifier {summary['purifier']}  samples {summary['samples']}  "
+            f"rows {summary['rows']}  failed {summary['failed_rows']}  config {summary['config_hash']}")
+    cols = ["attack", "grad", "eps·255", "R", "clean (bare)", "clean (defended)", "adv (bare)",
+            "robust (mean logit)", "robust (vote)", "worst-of-R"]
+    lines = [head, " | ".join(cols)]
+    for a in summary["attacks"]:
+        lines.append(" | ".join([
+            f"{a['attack']}", f"{a['gradient']}", f"{a['eps_255']:.1f}", f"{a['runs']}",
+            pct(a["clean_classifier"]), pct(a["clean_defended"]), pct(a["adv_classifier"]),
+            pct(a["robust_mean_logit"]), pct(a["robust_vote"]), pct(a["robust_worst_of_runs"])]))
+    lines.append("accuracy % with Wilson 95% intervals; 'bare' = classifier alone, 'defended' = purifier + classifier")
+    return "\n".join(lines)

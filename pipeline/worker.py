@@ -1,0 +1,137 @@
+"""ShardWorker: one per GPU (or CPU slot). Builds its models once; turns one shard into one
+committed Parquet file. It never decides what runs next: the driver does.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import socket
+import time
+from fnmatch import fnmatch
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipeline import checkpoints, config as config_mod, schema, shards, storage
+from pipeline.attacks.base import Attack
+from pipeline.defense import Defense
+from pipeline.evaluate import PlannedAttack, evaluate_batch, resolve_gradient
+from pipeline.registry import ATTACKS, CLASSIFIERS, PURIFIERS
+
+log = logging.getLogger(__name__)
+
+MARKER_SUFFIX = ".done.json"
+
+
+def output_paths(output: str, stage: str, sid: str) -> tuple[str, str]:
+    d = storage.join(output, stage)
+    return storage.join(d, f"{sid}.parquet"), storage.join(d, f"{sid}{MARKER_SUFFIX}")
+
+
+def _checksum_params(params: dict[str, Any]) -> str:
+    """sha256 of the first checkpoint-like file among a component's params ('' if none)."""
+    for name, value in sorted(params.items()):
+        if config_mod._is_file_param(name) and isinstance(value, str) and storage.exists(value):
+            return checkpoints.sha256(value)
+    return ""
+
+
+def pick_device(requested: str) -> torch.device:
+    if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise RuntimeError("evaluation.device is cuda but no GPU is visible to this worker")
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+class ShardProcessor:
+    """The worker's logic without Ray, so it can be tested and run in-process."""
+
+    def __init__(self, cfg_dict: dict[str, Any], cpus: float = 1.0):
+        self.cfg = config_mod.from_dict(cfg_dict, source="<worker>")
+        torch.set_num_threads(max(1, int(cpus)))
+        self.device = pick_device(self.cfg.evaluation.device)
+        c = self.cfg
+        classifier = CLASSIFIERS.build(c.classifier.name, **c.classifier.params)
+        purifier = PURIFIERS.build(c.purifier.name, **c.purifier.params)
+        for p in list(classifier.parameters()) + list(purifier.parameters()):
+            p.requires_grad_(False)  # attacks need input gradients only
+        self.defense = Defense(classifier.eval(), purifier.eval(), c.evaluation.max_rows).to(self.device)
+        self.attacks = []
+        for i, a in enumerate(c.attacks):
+            attack: Attack = ATTACKS.build(a.name, **a.params)
+            self.attacks.append(PlannedAttack(i, a.name, attack, resolve_gradient(a.gradient, self.defense), a.eot))
+        self.config_hash = c.hash()
+        self.provenance = {
+            "job": c.job.name, "config_hash": self.config_hash, "seed": c.job.seed,
+            "classifier": c.classifier.name, "classifier_sha256": _checksum_params(c.classifier.params),
+            "purifier": c.purifier.name, "purifier_sha256": _checksum_params(c.purifier.params),
+            "purifier_params": json.dumps({**c.purifier.params, **purifier.params()}, sort_keys=True, default=str),
+        }
+
+    def ready(self) -> dict[str, Any]:
+        return {"host": socket.gethostname(), "pid": os.getpid(), "device": str(self.device),
+                "flags": self.defense.purifier.flags(),
+                "gradients": {p.index: p.gradient for p in self.attacks}}
+
+    def _inject_fault(self, sid: str) -> None:
+        for f in self.cfg.faults:
+            if not fnmatch(sid, f.shard):
+                continue
+            Path(f.marker_dir).mkdir(parents=True, exist_ok=True)
+            for n in range(f.times):
+                try:  # O_EXCL: exactly `times` failures across processes and retries
+                    os.close(os.open(Path(f.marker_dir, f"{sid}.{f.mode}.{n}"), os.O_CREAT | os.O_EXCL))
+                except FileExistsError:
+                    continue
+                log.warning("injected fault %s on shard %s", f.mode, sid)
+                if f.mode == "raise":
+                    raise RuntimeError(f"injected fault on shard {sid}")
+                if f.mode == "exit":
+                    os._exit(17)
+                time.sleep(10**6)  # hang
+
+    def process(self, url: str, sid: str, stage: str = "evaluate", expected: int | None = None) -> dict[str, Any]:
+        t0 = time.time()
+        self._inject_fault(sid)
+        samples = shards.read_shard(url, expected)
+        limit = self.cfg.data.max_samples_per_shard
+        if limit is not None:
+            samples = samples[:limit]
+        rows = self._evaluate(samples, sid, stage)
+        table = schema.to_table(rows)
+        data = schema.to_parquet_bytes(table)
+        parquet_url, marker_url = output_paths(self.cfg.job.output, stage, sid)
+        storage.put_bytes(parquet_url, data)  # atomic: tmp + fsync + rename, or one PUT
+        marker = {"shard": sid, "source": url, "rows": table.num_rows, "samples": len(samples),
+                  "sha256": hashlib.sha256(data).hexdigest(), "config_hash": self.config_hash,
+                  "schema_version": schema.SCHEMA_VERSION, "seconds": time.time() - t0,
+                  "host": socket.gethostname(), "device": str(self.device)}
+        storage.put_text(marker_url, json.dumps(marker))  # the commit: written last
+        return marker
+
+    def _evaluate(self, samples: list[shards.Sample], sid: str, stage: str) -> list[dict[str, Any]]:
+        common = {**self.provenance, "schema_version": schema.SCHEMA_VERSION, "stage": stage, "shard": sid}
+        rows: list[dict[str, Any]] = []
+        good = [s for s in samples if s.error is None]
+        for s in samples:
+            if s.error is not None:
+                rows.append({**common, "key": s.key, "label": s.label, "status": schema.Status.DECODE_ERROR.value,
+                             "error": s.error})
+        shapes = {s.image.shape for s in good}
+        if len(shapes) > 1:
+            raise shards.ShardError(f"shard {sid}: images of different shapes {sorted(shapes)}")
+        bs = self.cfg.data.batch_size
+        for i in range(0, len(good), bs):
+            batch = good[i:i + bs]
+            x = torch.from_numpy(np.stack([s.image for s in batch])).permute(0, 3, 1, 2)
+            x = x.float().div_(255.0).to(self.device)  # [B, C, H, W] in [0, 1]
+            y = torch.tensor([s.label for s in batch], dtype=torch.int64, device=self.device)
+            out = evaluate_batch(self.defense, self.attacks, x, y, [s.key for s in batch],
+                                 self.cfg.job.seed, self.cfg.evaluation.runs)
+            rows.extend({**common, **r, "status": schema.Status.OK.value, "error": None} for r in out)
+        return rows
