@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Run the test suite in .venv. pytest's exit code 5 (no tests collected) is a failure.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+. .venv/bin/activate
+export RAY_AUTH_MODE=disabled
+python -m pytest -q -p no:cacheprovider --durations=15 "$@"
+rc=$?
+if [ "$rc" -eq 5 ]; then
+  echo "pytest collected no tests: failing" >&2
+  exit 1
+fi
+exit "$rc"

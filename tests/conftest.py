@@ -1,0 +1,63 @@
+"""Shared fixtures: digits shards, tiny trained models, a local Ray instance."""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+
+
+@pytest.fixture(scope="session")
+def digits_shards(tmp_path_factory) -> dict:
+    """The held-out digits split (360 samples) in 4 shards of 90."""
+    from pipeline.make_shards import make_shards
+
+    d = tmp_path_factory.mktemp("digits_shards")
+    doc = make_shards("digits", str(d), split="test", samples_per_shard=90)
+    return {"dir": str(d), "pattern": doc["pattern"], "doc": doc}
+
+
+@pytest.fixture(scope="session")
+def digits_models(tmp_path_factory) -> dict:
+    """A small CNN and a small DAE trained briefly on the digits train split."""
+    from pipeline import models
+
+    d = tmp_path_factory.mktemp("digits_models")
+    cnn, dae = str(d / "cnn.pt"), str(d / "dae.pt")
+    models.train_small_cnn(cnn, "digits", "train", epochs=12, width=16)
+    models.train_small_dae(dae, "digits", "train", epochs=8, width=16)
+    return {"cnn": cnn, "dae": dae}
+
+
+def job_dict(shards: str, models: dict, output: str, **overrides) -> dict:
+    """A small evaluation job over digits shards; `overrides` replace whole sections."""
+    cfg = {
+        "job": {"name": "test", "output": output, "seed": 0},
+        "data": {"shards": shards, "batch_size": 64},
+        "classifier": {"name": "small_cnn", "params": {"checkpoint": models["cnn"]}},
+        "purifier": {"name": "dae", "params": {"checkpoint": models["dae"]}},
+        "attacks": [{"name": "pgd", "params": {"eps": 0.2, "steps": 3, "step_size": 0.08}}],
+        "evaluation": {"runs": 1},
+        "cluster": {"num_workers": 2, "cpus_per_worker": 1, "max_attempts": 2, "shard_timeout_s": 120},
+    }
+    cfg.update(overrides)
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    """One local Ray instance per test module (the driver reuses an initialised Ray)."""
+    import ray
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR",
+             log_to_driver=False)
+    yield ray
+    ray.shutdown()
