@@ -1,9 +1,20 @@
-"""The attack interface, threat-model projection and the EOT loss.
+"""The attack interface, threat-model projection, attack goals and break tracking.
 
 An attack never sees the defense's internals. It gets an `AttackTarget`: a callable
 `target(x, step) -> logits [B, R, K]` that is differentiable in x. R is the number of
 EOT draws (1 for a deterministic model); the target decides how gradients pass the
-purifier (full gradient or BPDA) and keys fresh randomness to every step.
+purifier (full gradient or BPDA) and keys fresh randomness to every step. Attacks number
+their target calls: step t ≥ 0 for iterate t (restarts continue the count), −1 for the
+clean forward that picks target classes. Randomness of the attack itself (random start,
+random targets) comes only from its `noise` argument, keyed per sample, never from torch's
+global generator — so a sample's adversarial example does not depend on its batch.
+
+Call: `attack(target, x, y, noise, recheck=None) -> AttackResult`.
+
+`recheck` (optional, see `Recheck`) is how an evaluation loop confirms a break with a
+larger draw count (Hill et al. 2021: "EOT defense" with H = 150 draws). An attack whose
+`recheck_draws` > 0 must be given one; `pipeline.attacks.recheck.make_defense_recheck`
+builds it from a Defense.
 
 Template for an attack's docstring (after torchattacks):
     Paper. Threat model. Arguments with defaults and ranges.
@@ -14,11 +25,13 @@ from dataclasses import dataclass
 from typing import Any, Callable, Protocol
 
 import torch
-import torch.nn.functional as F
 
+from pipeline.attacks.eot import EOT_REDUCTIONS, LOSSES, eot_gradient, eot_loss  # noqa: F401 (re-export)
 from pipeline.seeding import Noise
 
 NORMS = ("linf", "l2")
+TARGET_MODES = ("given", "top", "least_likely", "random")
+SELECT_STEP = -1  # the target call that picks target classes from the clean input
 
 
 class AttackTarget(Protocol):
@@ -26,15 +39,27 @@ class AttackTarget(Protocol):
         """logits [B, R, K] for inputs x [B, C, H, W]; `step` keys the draws."""
 
 
+class Recheck(Protocol):
+    def __call__(self, x_sub: torch.Tensor, idx: torch.Tensor, step: int) -> torch.Tensor:
+        """Logits [n, H, K] of the real defense (H draws, no gradient needed) for rows
+        x_sub [n, C, H, W] of the batch; idx [n] int64 are their positions in the batch (to
+        pick the samples' keys); `step` is the attack step, so every check gets fresh draws."""
+
+
 @dataclass
 class AttackResult:
     x_adv: torch.Tensor          # [B, C, H, W], within the ε-ball and [0, 1]
-    broken_step: torch.Tensor    # [B] int64: first step whose forward pass misclassified, -1 never
+    broken_step: torch.Tensor    # [B] int64: first step whose forward pass met the goal, -1 never
     nfe: int                     # target evaluations (forward + backward) per sample
+    target_class: torch.Tensor | None = None  # [B] int64 for targeted attacks, else None
 
 
 def project(x_adv: torch.Tensor, x: torch.Tensor, eps: float, norm: str) -> torch.Tensor:
-    """Project x_adv onto {‖x_adv − x‖ ≤ ε} ∩ [0, 1]^d."""
+    """Project x_adv onto {‖x_adv − x‖ ≤ ε} ∩ [0, 1]^d.
+
+    ℓ∞: exact (box ∩ box). ℓ2: radial projection onto the ball, then clipping to [0, 1];
+    clipping only moves coordinates towards x (x ∈ [0, 1]), so the result stays in the ball.
+    """
     delta = x_adv - x
     if norm == "linf":
         delta = delta.clamp(-eps, eps)
@@ -54,39 +79,18 @@ def normalized_step(grad: torch.Tensor, norm: str) -> torch.Tensor:
     return grad / n.view(-1, *[1] * (grad.dim() - 1))
 
 
-def random_start(x: torch.Tensor, eps: float, norm: str, noise: Noise) -> torch.Tensor:
-    """A uniform point of the ε-ball (ℓ∞) or a point on a uniformly random direction (ℓ2)."""
+def random_start(x: torch.Tensor, eps: float, norm: str, noise: Noise, index: int = 0) -> torch.Tensor:
+    """A uniform point of the ε-ball (ℓ∞) or a point on a uniformly random direction at a
+    uniform radius (ℓ2). `index` selects independent starts (restarts)."""
     shape = tuple(x.shape[1:])
     if norm == "linf":
-        delta = noise.uniform(shape, "random_start", low=-eps, high=eps).to(x)
+        delta = noise.uniform(shape, "random_start", step=index, low=-eps, high=eps).to(x)
     else:
-        d = noise.normal(shape, "random_start").to(x)
+        d = noise.normal(shape, "random_start", step=index).to(x)
         d = d / d.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *[1] * len(shape))
-        r = noise.uniform((1,), "random_start_radius").to(x).view(-1, *[1] * len(shape))
+        r = noise.uniform((1,), "random_start_radius", step=index).to(x).view(-1, *[1] * len(shape))
         delta = d * r * eps
     return project(x + delta, x, eps, norm)
-
-
-EOT_REDUCTIONS = ("mean_loss", "mean_logits")
-
-
-def eot_loss(logits: torch.Tensor, y: torch.Tensor, reduction: str = "mean_loss",
-             targeted: bool = False) -> torch.Tensor:
-    """Per-sample cross-entropy over R draws; logits [B, R, K] → loss [B].
-
-    mean_loss: mean of per-draw CE (its gradient is the EOT gradient estimate);
-    mean_logits: CE of the mean logits (Hill et al. 2021).
-    For targeted attacks y is the target class and the loss is negated (descent on CE).
-    """
-    B, R, K = logits.shape
-    if reduction == "mean_loss":
-        loss = F.cross_entropy(logits.reshape(B * R, K), y.repeat_interleave(R), reduction="none")
-        loss = loss.view(B, R).mean(1)
-    elif reduction == "mean_logits":
-        loss = F.cross_entropy(logits.mean(1), y, reduction="none")
-    else:
-        raise ValueError(f"unknown EOT reduction {reduction!r}; expected one of {EOT_REDUCTIONS}")
-    return -loss if targeted else loss
 
 
 def misclassified(logits: torch.Tensor, y: torch.Tensor, targeted: bool = False) -> torch.Tensor:
@@ -95,13 +99,90 @@ def misclassified(logits: torch.Tensor, y: torch.Tensor, targeted: bool = False)
     return pred == y if targeted else pred != y
 
 
+def track_broken(broken_step: torch.Tensor, logits: torch.Tensor, y: torch.Tensor,
+                 step: int, targeted: bool) -> torch.Tensor:
+    """Record the first step at which the model's forward pass was fooled."""
+    fooled = misclassified(logits, y, targeted).to(broken_step.device)
+    return torch.where((broken_step < 0) & fooled, torch.full_like(broken_step, step), broken_step)
+
+
+@dataclass
+class Goal:
+    """What an attack run is after: y_true (untargeted, or targeted with known labels) and
+    y_target (targeted). Success is judged on the mean logits over the draws."""
+
+    y_true: torch.Tensor | None
+    y_target: torch.Tensor | None
+    targeted: bool
+
+    def success(self, logits: torch.Tensor, idx: torch.Tensor | None = None) -> torch.Tensor:
+        """[n] bool for logits [n, R, K] of rows idx (all rows if None)."""
+        pick = (lambda t: t if idx is None else t[idx])
+        pred = logits.mean(1).argmax(1)
+        if self.targeted:
+            return pred == pick(self.y_target).to(pred.device)
+        return pred != pick(self.y_true).to(pred.device)
+
+
+class BreakTracker:
+    """First step at which each sample's goal was met (confirmed by `recheck` if given), and
+    the iterate of that step: once broken, a sample stays broken (Hill et al. 2021)."""
+
+    def __init__(self, x: torch.Tensor, recheck: Recheck | None = None):
+        B = x.shape[0]
+        self.broken_step = torch.full((B,), -1, dtype=torch.int64, device=x.device)
+        self.x_broken = x.detach().clone()
+        self.target_class = torch.full((B,), -1, dtype=torch.int64, device=x.device)
+        self.recheck = recheck
+        self.rechecked_rows = 0
+
+    @property
+    def broken(self) -> torch.Tensor:
+        return self.broken_step >= 0
+
+    def update(self, x_adv: torch.Tensor, logits: torch.Tensor, goal: Goal, step: int) -> torch.Tensor:
+        """Mark samples newly broken at this step; returns the [B] mask of new breaks."""
+        new = goal.success(logits).to(self.broken_step.device) & ~self.broken
+        if self.recheck is not None and bool(new.any()):
+            idx = new.nonzero().squeeze(1)
+            confirm_logits = self.recheck(x_adv[idx].detach(), idx, step)
+            self.rechecked_rows += int(idx.numel())
+            ok = goal.success(confirm_logits, idx).to(new.device)
+            new = torch.zeros_like(new)
+            new[idx[ok]] = True
+        if bool(new.any()):
+            self.broken_step[new] = step
+            self.x_broken[new] = x_adv.detach()[new]
+            if goal.targeted:
+                self.target_class[new] = goal.y_target.to(new.device)[new]
+        return new
+
+    def merge(self, x_other: torch.Tensor) -> torch.Tensor:
+        """The breaking iterate where broken, x_other elsewhere."""
+        mask = self.broken.view(-1, *[1] * (x_other.dim() - 1))
+        return torch.where(mask, self.x_broken, x_other.detach())
+
+
 class Attack:
-    """Base class. Subclasses implement `perturb`; constructor arguments are the whole config."""
+    """Base class. Subclasses implement `perturb`; constructor arguments are the whole config.
+
+    Common arguments:
+      eps: radius in [0, 1] image units (ℓ∞ ≤ 1); norm: "linf" | "l2";
+      targeted: False; target_mode (targeted only): "given" — y passed in *is* the target
+        class (the caller chooses); "top" — the most likely wrong class of the clean input;
+        "least_likely"; "random" — keyed uniform over the other classes. With every mode but
+        "given", y is the true label.
+      eot_reduction: "mean_loss" | "mean_logits" | "sign_sum" (see pipeline.attacks.eot);
+      loss: "ce" | "dlr" (targeted DLR needs the true label: target_mode ≠ "given");
+      recheck_draws: H > 0 asks the evaluation loop for a `recheck` of every candidate break
+        with H draws of the real defense (Hill et al. 2021); 0 = the attack's own forward decides.
+    """
 
     name: str = "attack"
 
     def __init__(self, eps: float, norm: str = "linf", targeted: bool = False,
-                 eot_reduction: str = "mean_loss"):
+                 eot_reduction: str = "mean_loss", loss: str = "ce", target_mode: str = "given",
+                 recheck_draws: int = 0):
         if norm not in NORMS:
             raise ValueError(f"unknown norm {norm!r}; expected one of {NORMS}")
         if not eps >= 0:
@@ -110,40 +191,90 @@ class Attack:
             raise ValueError(f"ℓ∞ eps is in [0, 1] image units; got {eps} (did you mean {eps}/255?)")
         if eot_reduction not in EOT_REDUCTIONS:
             raise ValueError(f"unknown eot_reduction {eot_reduction!r}; expected one of {EOT_REDUCTIONS}")
+        if loss not in LOSSES:
+            raise ValueError(f"unknown loss {loss!r}; expected one of {LOSSES}")
+        if target_mode not in TARGET_MODES:
+            raise ValueError(f"unknown target_mode {target_mode!r}; expected one of {TARGET_MODES}")
+        if targeted and loss == "dlr" and target_mode == "given":
+            raise ValueError("targeted DLR needs the true label: use target_mode 'top', "
+                             "'least_likely' or 'random' (y is then the true label)")
+        if int(recheck_draws) < 0:
+            raise ValueError(f"recheck_draws must be ≥ 0, got {recheck_draws}")
         self.eps = float(eps)
         self.norm = norm
-        self.targeted = targeted
+        self.targeted = bool(targeted)
         self.eot_reduction = eot_reduction
+        self.loss = loss
+        self.target_mode = target_mode
+        self.recheck_draws = int(recheck_draws)
 
     def params(self) -> dict[str, Any]:
-        return {"eps": self.eps, "norm": self.norm, "targeted": self.targeted,
-                "eot_reduction": self.eot_reduction}
+        p = {"eps": self.eps, "norm": self.norm, "targeted": self.targeted,
+             "eot_reduction": self.eot_reduction, "loss": self.loss}
+        if self.targeted:
+            p["target_mode"] = self.target_mode
+        if self.recheck_draws:
+            p["recheck_draws"] = self.recheck_draws
+        return p
 
     def __call__(self, target: AttackTarget, x: torch.Tensor, y: torch.Tensor,
-                 noise: Noise) -> AttackResult:
+                 noise: Noise, recheck: Recheck | None = None) -> AttackResult:
+        if self.recheck_draws and recheck is None:
+            raise ValueError(
+                f"attack {self.name!r} has recheck_draws={self.recheck_draws}: pass recheck= "
+                "(build it with pipeline.attacks.recheck.make_defense_recheck)")
         if self.eps == 0:
             return AttackResult(x.detach().clone(), torch.full((x.shape[0],), -1, dtype=torch.int64), 0)
-        return self.perturb(target, x, y, noise)
+        return self.perturb(target, x.detach(), y, noise, recheck)
 
     def perturb(self, target: AttackTarget, x: torch.Tensor, y: torch.Tensor,
-                noise: Noise) -> AttackResult:
+                noise: Noise, recheck: Recheck | None = None) -> AttackResult:
         raise NotImplementedError
+
+    # ------------------------------------------------------------------ helpers for subclasses
+
+    def goals(self, target: AttackTarget, x: torch.Tensor, y: torch.Tensor, noise: Noise,
+              count: int = 1) -> list[Goal]:
+        """The goal(s) of this call: one untargeted goal, or `count` target classes
+        (rank 1..count of the target mode: APGD-T runs one per rank)."""
+        if not self.targeted:
+            return [Goal(y, None, False)]
+        if self.target_mode == "given":
+            if count != 1:
+                raise ValueError("target_mode 'given' supplies exactly one target class")
+            return [Goal(None, y, True)]
+        with torch.no_grad():  # picking classes needs no gradient
+            z = target(x, SELECT_STEP).mean(1)
+        K = z.shape[1]
+        if count > K - 1:
+            raise ValueError(f"{count} target classes asked for, only {K - 1} wrong classes")
+        y_dev = y.to(z.device)
+        goals = []
+        for rank in range(1, count + 1):
+            if self.target_mode in ("top", "least_likely"):
+                ranked = z.scatter(1, y_dev.view(-1, 1), float("-inf") if self.target_mode == "top" else float("inf"))
+                order = ranked.argsort(1, descending=self.target_mode == "top")
+                t = order[:, rank - 1]
+            else:  # random, keyed per sample
+                r = noise.randint((1,), "target_class", high=K - 1, step=rank - 1).view(-1).to(z.device)
+                t = (y_dev + 1 + r) % K
+            goals.append(Goal(y, t.to(y.device), True))
+        return goals
+
+    def evaluate(self, target: AttackTarget, x_adv: torch.Tensor, goal: Goal,
+                 step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(objective [B], ascent direction, logits [B, R, K]) at x_adv."""
+        x_adv = x_adv.detach().requires_grad_(True)
+        logits = target(x_adv, step)
+        obj, direction = eot_gradient(logits, x_adv, goal.y_true, goal.y_target, self.loss,
+                                      self.eot_reduction, goal.targeted)
+        return obj.detach(), direction.detach(), logits.detach()
 
     def loss_and_grad(self, target: AttackTarget, x_adv: torch.Tensor, y: torch.Tensor,
                       step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(loss [B], ∇ₓ loss, logits [B, R, K]) at x_adv; gradient ascent increases the loss."""
-        x_adv = x_adv.detach().requires_grad_(True)
-        logits = target(x_adv, step)
-        loss = eot_loss(logits, y, self.eot_reduction, self.targeted)
-        (grad,) = torch.autograd.grad(loss.sum(), x_adv)
-        return loss.detach(), grad.detach(), logits.detach()
-
-
-def track_broken(broken_step: torch.Tensor, logits: torch.Tensor, y: torch.Tensor,
-                 step: int, targeted: bool) -> torch.Tensor:
-    """Record the first step at which the model's forward pass was fooled."""
-    fooled = misclassified(logits, y, targeted).to(broken_step.device)
-    return torch.where((broken_step < 0) & fooled, torch.full_like(broken_step, step), broken_step)
+        """(loss [B], ascent direction, logits) with y as in target_mode 'given' (first interface)."""
+        goal = Goal(None, y, True) if self.targeted else Goal(y, None, False)
+        return self.evaluate(target, x_adv, goal, step)
 
 
 AttackFactory = Callable[..., Attack]

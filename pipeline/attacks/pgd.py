@@ -1,52 +1,72 @@
 """PGD — Madry et al., "Towards Deep Learning Models Resistant to Adversarial Attacks", ICLR 2018.
 
-With random_start=False this is BIM (Kurakin et al. 2017).
+With random_start=False this is BIM (Kurakin et al. 2017). With recheck_draws > 0 it is the
+BPDA+EOT protocol of Hill et al. 2021 ("Stochastic Security", ICLR 2021): every candidate
+break (the attack's own R-draw forward is fooled) is confirmed with H draws of the real
+defense, and a confirmed break stays broken (its iterate is the one returned).
 """
 from __future__ import annotations
 
 import torch
 
-from pipeline.attacks.base import (Attack, AttackResult, AttackTarget, normalized_step, project,
-                                   random_start, track_broken)
+from pipeline.attacks.base import (Attack, AttackResult, AttackTarget, BreakTracker, Recheck, normalized_step,
+                                   project, random_start)
 from pipeline.registry import ATTACKS
 from pipeline.seeding import Noise
 
 
 @ATTACKS.register("pgd")
 class PGD(Attack):
-    """Projected gradient descent on the (EOT) cross-entropy.
+    """Projected gradient descent on the (EOT) loss.
 
     Threat model: ℓ∞ or ℓ2 ball of radius eps (image units in [0, 1]) intersected with [0, 1].
     Arguments: eps, steps (≥1, default 40), step_size (default 2.5·eps/steps),
     norm ("linf" | "l2"), random_start (True), targeted (False),
-    eot_reduction ("mean_loss" | "mean_logits").
-    Returns the final iterate; `broken_step` records the first iterate that fooled the model
-    (the worst case over steps used by Hill et al. 2021).
+    eot_reduction ("mean_loss" | "mean_logits" | "sign_sum"), loss ("ce" | "dlr"),
+    target_mode ("given"), keep_broken (False), recheck_draws (0).
+    Iterate t (t = 0 … steps−1) is evaluated with target step t and then updated.
+    Returns the final iterate; `broken_step` records the first iterate that met the goal. With
+    keep_broken (implied by recheck_draws > 0) the final iterate is evaluated too (step
+    `steps`, nfe = steps + 1) and broken samples return their breaking iterate instead.
     """
 
     name = "pgd"
 
     def __init__(self, eps: float, steps: int = 40, step_size: float | None = None,
                  norm: str = "linf", random_start: bool = True, targeted: bool = False,
-                 eot_reduction: str = "mean_loss"):
-        super().__init__(eps, norm, targeted, eot_reduction)
+                 eot_reduction: str = "mean_loss", loss: str = "ce", target_mode: str = "given",
+                 keep_broken: bool = False, recheck_draws: int = 0):
+        super().__init__(eps, norm, targeted, eot_reduction, loss, target_mode, recheck_draws)
         if steps < 1:
             raise ValueError(f"steps must be ≥ 1, got {steps}")
         self.steps = int(steps)
         self.step_size = float(step_size) if step_size is not None else 2.5 * self.eps / self.steps
-        self.random_start = random_start
+        if not (self.step_size > 0 or self.step_size == self.eps == 0):
+            raise ValueError(f"step_size must be > 0, got {step_size}")
+        self.random_start = bool(random_start)
+        self.keep_broken = bool(keep_broken) or self.recheck_draws > 0
 
     def params(self):
-        return {**super().params(), "steps": self.steps, "step_size": self.step_size,
-                "random_start": self.random_start}
+        p = {**super().params(), "steps": self.steps, "step_size": self.step_size,
+             "random_start": self.random_start}
+        if self.keep_broken:
+            p["keep_broken"] = True
+        return p
 
     def perturb(self, target: AttackTarget, x: torch.Tensor, y: torch.Tensor,
-                noise: Noise) -> AttackResult:
-        x = x.detach()
+                noise: Noise, recheck: Recheck | None = None) -> AttackResult:
+        (goal,) = self.goals(target, x, y, noise)
         x_adv = random_start(x, self.eps, self.norm, noise) if self.random_start else x.clone()
-        broken = torch.full((x.shape[0],), -1, dtype=torch.int64)
+        tracker = BreakTracker(x, recheck)
         for t in range(self.steps):
-            _, grad, logits = self.loss_and_grad(target, x_adv, y, step=t)
-            broken = track_broken(broken, logits, y, t, self.targeted)
-            x_adv = project(x_adv + self.step_size * normalized_step(grad, self.norm), x, self.eps, self.norm)
-        return AttackResult(x_adv.detach(), broken, nfe=self.steps)
+            _, direction, logits = self.evaluate(target, x_adv, goal, t)
+            tracker.update(x_adv, logits, goal, t)
+            x_adv = project(x_adv + self.step_size * normalized_step(direction, self.norm), x, self.eps, self.norm)
+        nfe = self.steps
+        if self.keep_broken:
+            with torch.no_grad():  # the last iterate's forward: no gradient needed
+                logits = target(x_adv, self.steps)
+            tracker.update(x_adv, logits, goal, self.steps)
+            x_adv = tracker.merge(x_adv)
+            nfe += 1
+        return AttackResult(x_adv.detach(), tracker.broken_step, nfe, target_class=goal.y_target)
