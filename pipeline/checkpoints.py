@@ -56,7 +56,11 @@ def strip_prefix(state_dict: dict, prefix: str = "module.") -> dict:
 
 
 def load_state_strict(module: torch.nn.Module, state_dict: dict, source: str) -> None:
-    missing, unexpected = module.load_state_dict(state_dict, strict=False)
+    try:
+        missing, unexpected = module.load_state_dict(state_dict, strict=False)
+    except RuntimeError as err:  # shape mismatches
+        detail = str(err).strip().splitlines()[-1].strip()
+        raise CheckpointError(f"{source}: state dict does not fit {type(module).__name__}: {detail}") from None
     if missing or unexpected:
         raise CheckpointError(
             f"{source}: state dict does not match {type(module).__name__}: "

@@ -32,7 +32,7 @@ def _print_outcome(output: str, manifest: dict, code: int, report) -> None:
             errs = st["shards"][sid]["errors"]
             print(f"shard {sid} QUARANTINED after {len(errs)} attempts: {errs[-1] if errs else ''}", file=sys.stderr)
     try:
-        print(report.format_table(report.summarize(report.load_records(output))))
+        print(report.format_table(report.summarize_run(output)))
     except report.ReportError as err:
         print(f"no results to summarise: {err}", file=sys.stderr)
     print(f"results: {output}  (advpure report {output})")
@@ -52,7 +52,7 @@ def cmd_demo(args) -> int:
 def cmd_report(args) -> int:
     from pipeline import report
 
-    summary = report.summarize(report.load_records(args.run_dir, args.stage))
+    summary = report.summarize_run(args.run_dir, args.stage)
     if args.format == "json":
         print(json.dumps(summary, indent=1))
     else:

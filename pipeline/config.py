@@ -56,6 +56,9 @@ class AttackConfig:
     # (preprocessor-blind: the attack sees the bare classifier)
     gradient: str = "auto"
     eot: int = 1
+    # purifier-parameter overrides for the purifier the attack's gradient goes through
+    # (a cheaper surrogate, Lee & Kim 2023); evaluation always uses the real purifier
+    surrogate: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -247,6 +250,8 @@ def _check_components(cfg: Config) -> None:
     entries = [("classifier", CLASSIFIERS, cfg.classifier.name, cfg.classifier.params),
                ("purifier", PURIFIERS, cfg.purifier.name, cfg.purifier.params)]
     entries += [(f"attacks[{i}]", ATTACKS, a.name, a.params) for i, a in enumerate(cfg.attacks)]
+    entries += [(f"attacks[{i}].surrogate", PURIFIERS, cfg.purifier.name, {**cfg.purifier.params, **a.surrogate})
+                for i, a in enumerate(cfg.attacks) if a.surrogate]
     for key, registry, name, params in entries:
         try:
             ctor = registry.get(name)
@@ -262,8 +267,31 @@ def _check_components(cfg: Config) -> None:
                 raise ConfigError(f"{key}.params.{pname}: file not found: {value}")
 
 
+def _expand_presets(data: dict[str, Any]) -> dict[str, Any]:
+    """`attacks: [{preset: hill2021, overrides: {...}}, ...]` → the preset's attack entries."""
+    attacks = data.get("attacks")
+    if not isinstance(attacks, list) or not any(isinstance(a, dict) and "preset" in a for a in attacks):
+        return data
+    from pipeline.attacks.presets import expand_preset
+
+    out = []
+    for i, a in enumerate(attacks):
+        if isinstance(a, dict) and "preset" in a:
+            extra = sorted(set(a) - {"preset", "overrides"})
+            if extra:
+                raise ConfigError(f"attacks[{i}]: a preset entry takes only preset and overrides, not {extra}")
+            try:
+                out.extend(expand_preset(a["preset"], a.get("overrides") or {}))
+            except (KeyError, ValueError, TypeError) as err:
+                raise ConfigError(f"attacks[{i}].preset: {err}") from None
+        else:
+            out.append(a)
+    return {**data, "attacks": out}
+
+
 def from_dict(data: dict[str, Any], source: str = "<dict>", check_components: bool = True) -> Config:
     try:
+        data = _expand_presets(data)
         cfg = _build(Config, data, "")
         cfg = dataclasses.replace(cfg, source=source)
         _check_ranges(cfg)

@@ -33,6 +33,19 @@ def demo_config(workdir: str, shard_pattern: str, workers: int) -> dict:
     }
 
 
+def _drop_stale(path: Path, kind: str, name: str) -> None:
+    """A cached model that no longer loads (an older architecture) is retrained."""
+    from pipeline.checkpoints import CheckpointError
+    from pipeline.registry import CLASSIFIERS, PURIFIERS
+
+    if path.exists():
+        try:
+            (CLASSIFIERS if kind == "classifier" else PURIFIERS).build(name, checkpoint=str(path))
+        except CheckpointError as err:
+            log.warning("cached %s does not load (%s): retraining", path, err)
+            path.unlink()
+
+
 def prepare(workdir: str = "runs/demo", workers: int = 2, epochs: int = 40) -> str:
     """Shards and models if not there yet (cached); returns the path of the job's YAML."""
     wd = Path(workdir)
@@ -46,6 +59,8 @@ def prepare(workdir: str = "runs/demo", workers: int = 2, epochs: int = 40) -> s
     n = len(index["shards"])
     pattern = str(shard_dir / (f"shard-{{000000..{n - 1:06d}}}.tar" if n > 1 else "shard-000000.tar"))
     cnn, dae = wd / "models" / "digits_cnn.pt", wd / "models" / "digits_dae.pt"
+    _drop_stale(cnn, "classifier", "small_cnn")
+    _drop_stale(dae, "purifier", "dae")
     if not cnn.exists():
         log.info("training the digits classifier (cached at %s)", cnn)
         models.train_small_cnn(str(cnn), "digits", "train", epochs=epochs)

@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipeline import config as config_mod, shards, storage
+from pipeline import config as config_mod, report, shards, storage
 from pipeline.config import Config, ConfigError
 from pipeline.worker import MARKER_SUFFIX, ShardProcessor, output_paths
 
@@ -43,6 +43,7 @@ class StageResult:
     shards: dict[str, ShardState]
     seconds: float
     aborted: str | None = None
+    checks: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
 
     @property
     def quarantined(self) -> list[str]:
@@ -146,6 +147,7 @@ def run_stage(cfg: Config, stage: str, states: list[ShardState]) -> StageResult:
     if not todo:
         log.info("%s: all %d shards already committed", stage, len(states))
         result.seconds = time.time() - t0
+        result.checks = report.merge_shard_checks(list(done.values()))
         return result
     log.info("%s: %d shards to run, %d already committed", stage, len(todo), len(states) - len(todo))
 
@@ -247,6 +249,7 @@ def run_stage(cfg: Config, stage: str, states: list[ShardState]) -> StageResult:
             except Exception:  # already dead
                 pass
     result.seconds = time.time() - t0
+    result.checks = report.merge_shard_checks(list(committed_markers(cfg.job.output, stage).values()))
     return result
 
 
@@ -268,6 +271,7 @@ def write_manifest(cfg: Config, results: list[StageResult]) -> dict[str, Any]:
                 "seconds": r.seconds,
                 "aborted": r.aborted,
                 "quarantined": r.quarantined,
+                "checks": r.checks,
                 "shards": {s.sid: {"status": s.status, "attempts": s.attempts, "rows": s.rows,
                                    "errors": s.errors, "source": s.url} for s in r.shards.values()},
             } for r in results

@@ -12,6 +12,7 @@ from typing import Any, Sequence
 import torch
 
 from pipeline.attacks.base import Attack
+from pipeline.attacks.recheck import make_defense_recheck
 from pipeline.defense import Defense, honest_gradient_mode
 from pipeline.seeding import Noise
 
@@ -23,6 +24,7 @@ class PlannedAttack:
     attack: Attack
     gradient: str      # resolved: full | bpda | classifier
     eot: int
+    surrogate: Defense | None = None   # the defense the gradient goes through, if not the real one
 
 
 def resolve_gradient(requested: str, defense: Defense) -> str:
@@ -73,12 +75,17 @@ def evaluate_batch(defense: Defense, attacks: Sequence[PlannedAttack], x: torch.
                     "eot": 0, "norm": None, "eps": 0.0, "eps_255": 0.0}
         else:
             context = f"attack{plan.index}/{plan.name}"
-            target = defense.attack_target(plan.gradient, seed, keys, context, plan.eot)
+            target = (plan.surrogate or defense).attack_target(plan.gradient, seed, keys, context, plan.eot)
             own = Noise.for_batch(seed, keys, f"{context}/own", 1, x.device)
-            result = plan.attack(target, x, y, own)
+            # Hill et al.: candidate breaks are confirmed by the real defense with H draws
+            draws = getattr(plan.attack, "recheck_draws", 0)
+            recheck = make_defense_recheck(defense, seed, keys, f"{context}/recheck", draws) if draws else None
+            result = plan.attack(target, x, y, own, recheck=recheck)
             x_adv, broken, attack_nfe = result.x_adv.detach(), result.broken_step, result.nfe * plan.eot
             logits, nfe = _defended(defense, x_adv, keys, seed, f"eval/attack{plan.index}", runs)
             params = plan.attack.params()
+            if plan.surrogate is not None:
+                params = {**params, "surrogate": plan.surrogate.purifier.params()}
             info = {"attack_index": plan.index, "attack_name": plan.name,
                     "attack_params": json.dumps(params, sort_keys=True), "gradient_mode": plan.gradient,
                     "eot": plan.eot, "norm": params.get("norm"), "eps": float(params.get("eps", 0.0)),
@@ -107,3 +114,17 @@ def evaluate_batch(defense: Defense, attacks: Sequence[PlannedAttack], x: torch.
                         "seconds": seconds})
             rows.append(row)
     return rows
+
+
+def gradient_checks(defense: Defense, plan: PlannedAttack, x: torch.Tensor, y: torch.Tensor,
+                    keys: Sequence[str], seed: int) -> list[dict[str, Any]]:
+    """The auto-attack style checks of one attack's view on one batch (plus the flag checks)."""
+    from pipeline import checks
+
+    flags = defense.purifier.flags()
+    target = (plan.surrogate or defense).attack_target(plan.gradient, seed, keys, f"checks{plan.index}", plan.eot)
+    results = checks.run_gradient_checks(target, x, y, declared_stochastic=flags["stochastic"]
+                                         if plan.gradient != "classifier" else False)
+    results.append(checks.check_test_time_optimization(flags, plan.gradient))
+    results.append(checks.check_eot(flags, plan.eot, plan.gradient))
+    return results

@@ -28,6 +28,30 @@ def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
     return (max(0.0, centre - half), min(1.0, centre + half))
 
 
+def load_markers(run_dir: str, stage: str = "evaluate") -> list[dict[str, Any]]:
+    d = storage.join(run_dir, stage)
+    return [json.loads(storage.read_text(u)) for u in storage.listdir(d) if u.endswith(MARKER_SUFFIX)]
+
+
+def merge_shard_checks(markers: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """Per attack index, each check merged over shards: passed only if it passed everywhere;
+    the detail of the first failure, and in how many shards it failed."""
+    merged: dict[str, dict[str, dict[str, Any]]] = {}
+    for m in sorted(markers, key=lambda m: m["shard"]):
+        for idx, results in (m.get("checks") or {}).items():
+            slot = merged.setdefault(idx, {})
+            for r in results:
+                cur = slot.setdefault(r["name"], {"name": r["name"], "passed": True, "detail": r["detail"],
+                                                  "failed_shards": 0, "shards": 0})
+                cur["shards"] += 1
+                if not r["passed"]:
+                    if cur["passed"]:
+                        cur["detail"] = f"{m['shard']}: {r['detail']}"
+                    cur["passed"] = False
+                    cur["failed_shards"] += 1
+    return {idx: list(v.values()) for idx, v in merged.items()}
+
+
 def load_records(run_dir: str, stage: str = "evaluate", verify: bool = True) -> pa.Table:
     """All committed records of a stage; shards without a marker are not results."""
     d = storage.join(run_dir, stage)
@@ -76,12 +100,38 @@ def summarize(table: pa.Table) -> dict[str, Any]:
             "robust_worst_of_runs": _acc(sum(1 for r in rs if r["worst_of_runs_correct"]), n),
             "robust_all_steps": _acc(sum(1 for r, y in zip(rs, lab)
                                          if r["mean_logit_pred"] == y and r["broken_step"] < 0), n),
+            "norm": rs[0]["norm"],
+            # attacks that differ only in ε share a sweep key (for the monotonicity check)
+            "sweep_key": json.dumps({k: v for k, v in json.loads(rs[0]["attack_params"]).items() if k != "eps"},
+                                    sort_keys=True),
             "mean_linf": sum(r["linf"] for r in rs) / n,
             "seconds_per_sample": sum(r["seconds"] for r in rs) / n,
         })
-    return {"job": rows[0]["job"] if rows else None, "config_hash": rows[0]["config_hash"] if rows else None,
+    return {"job": rows[0]["job"] if rows else None, "job_checks": sweep_checks(out), "config_hash": rows[0]["config_hash"] if rows else None,
             "purifier": rows[0]["purifier"] if rows else None, "samples": len(keys), "rows": len(rows),
             "failed_rows": failed, "attacks": out}
+
+
+def sweep_checks(attacks: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Checks over attacks that differ only in ε: robust accuracy monotone in ε, and
+    ≈ 0 at an unbounded ℓ∞ ε (= 1)."""
+    from pipeline import checks
+
+    results = []
+    groups: dict[tuple, dict[float, float]] = {}
+    for a in attacks:
+        if a["attack"] == "none":
+            continue
+        groups.setdefault((a["attack"], a["gradient"], a["eot"], a.get("sweep_key", "")), {})[a["eps"]] = \
+            a["robust_mean_logit"]["acc"]
+        if a["eps"] >= 1.0 and a.get("norm", "linf") == "linf":
+            r = checks.check_unbounded_eps(a["robust_mean_logit"]["acc"], a["eps"], "linf")
+            results.append({**r, "attack_index": a["attack_index"]})
+    for (name, grad, eot, _), table in groups.items():
+        if len(table) >= 2:
+            r = checks.check_eps_monotone(table)
+            results.append({**r, "attack": name, "gradient": grad})
+    return results
 
 
 def format_table(summary: dict[str, Any]) -> str:
@@ -99,4 +149,21 @@ def format_table(summary: dict[str, Any]) -> str:
             pct(a["clean_classifier"]), pct(a["clean_defended"]), pct(a["adv_classifier"]),
             pct(a["robust_mean_logit"]), pct(a["robust_vote"]), pct(a["robust_worst_of_runs"])]))
     lines.append("accuracy % with Wilson 95% intervals; 'bare' = classifier alone, 'defended' = purifier + classifier")
+    failed = [c for c in summary.get("job_checks", []) if not c["passed"]]
+    for idx, results in sorted(summary.get("shard_checks", {}).items()):
+        failed += [{**c, "attack_index": int(idx)} for c in results if not c["passed"]]
+    if failed:
+        lines.append("CHECKS FLAGGED (the numbers above may overstate robustness):")
+        for c in failed:
+            where = f"attack {c['attack_index']}: " if "attack_index" in c else ""
+            lines.append(f"  - {where}{c['name']}: {c['detail']}")
+    else:
+        lines.append("checks: all passed (gradients, randomness, EOT, ε sweep where present)")
     return "\n".join(lines)
+
+
+def summarize_run(run_dir: str, stage: str = "evaluate") -> dict[str, Any]:
+    """The summary of a run from its committed Parquet and markers."""
+    summary = summarize(load_records(run_dir, stage))
+    summary["shard_checks"] = merge_shard_checks(load_markers(run_dir, stage))
+    return summary

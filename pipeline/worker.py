@@ -19,12 +19,13 @@ import torch
 from pipeline import checkpoints, config as config_mod, schema, shards, storage
 from pipeline.attacks.base import Attack
 from pipeline.defense import Defense
-from pipeline.evaluate import PlannedAttack, evaluate_batch, resolve_gradient
+from pipeline.evaluate import PlannedAttack, evaluate_batch, gradient_checks, resolve_gradient
 from pipeline.registry import ATTACKS, CLASSIFIERS, PURIFIERS
 
 log = logging.getLogger(__name__)
 
 MARKER_SUFFIX = ".done.json"
+CHECK_SAMPLES = 16   # samples of a shard's first batch used for the gradient-masking checks
 
 
 def output_paths(output: str, stage: str, sid: str) -> tuple[str, str]:
@@ -48,6 +49,16 @@ def pick_device(requested: str) -> torch.device:
     return torch.device("cpu")
 
 
+def _node_id() -> str | None:
+    """The Ray node this worker runs on (None outside Ray)."""
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+    except Exception:  # not in a Ray worker
+        return None
+
+
 class ShardProcessor:
     """The worker's logic without Ray, so it can be tested and run in-process."""
 
@@ -64,7 +75,14 @@ class ShardProcessor:
         self.attacks = []
         for i, a in enumerate(c.attacks):
             attack: Attack = ATTACKS.build(a.name, **a.params)
-            self.attacks.append(PlannedAttack(i, a.name, attack, resolve_gradient(a.gradient, self.defense), a.eot))
+            surrogate = None
+            if a.surrogate:
+                sp = PURIFIERS.build(c.purifier.name, **{**c.purifier.params, **a.surrogate})
+                for p in sp.parameters():
+                    p.requires_grad_(False)
+                surrogate = Defense(self.defense.classifier, sp.eval(), c.evaluation.max_rows).to(self.device)
+            gradient = resolve_gradient(a.gradient, surrogate or self.defense)
+            self.attacks.append(PlannedAttack(i, a.name, attack, gradient, a.eot, surrogate))
         self.config_hash = c.hash()
         self.provenance = {
             "job": c.job.name, "config_hash": self.config_hash, "seed": c.job.seed,
@@ -102,7 +120,7 @@ class ShardProcessor:
         limit = self.cfg.data.max_samples_per_shard
         if limit is not None:
             samples = samples[:limit]
-        rows = self._evaluate(samples, sid, stage)
+        rows, checks = self._evaluate(samples, sid, stage)
         table = schema.to_table(rows)
         data = schema.to_parquet_bytes(table)
         parquet_url, marker_url = output_paths(self.cfg.job.output, stage, sid)
@@ -110,11 +128,13 @@ class ShardProcessor:
         marker = {"shard": sid, "source": url, "rows": table.num_rows, "samples": len(samples),
                   "sha256": hashlib.sha256(data).hexdigest(), "config_hash": self.config_hash,
                   "schema_version": schema.SCHEMA_VERSION, "seconds": time.time() - t0,
-                  "host": socket.gethostname(), "device": str(self.device)}
+                  "host": socket.gethostname(), "device": str(self.device), "node_id": _node_id(),
+                  "checks": checks}
         storage.put_text(marker_url, json.dumps(marker))  # the commit: written last
         return marker
 
-    def _evaluate(self, samples: list[shards.Sample], sid: str, stage: str) -> list[dict[str, Any]]:
+    def _evaluate(self, samples: list[shards.Sample], sid: str,
+                  stage: str) -> tuple[list[dict[str, Any]], dict[str, list[dict[str, Any]]]]:
         common = {**self.provenance, "schema_version": schema.SCHEMA_VERSION, "stage": stage, "shard": sid}
         rows: list[dict[str, Any]] = []
         good = [s for s in samples if s.error is None]
@@ -126,12 +146,17 @@ class ShardProcessor:
         if len(shapes) > 1:
             raise shards.ShardError(f"shard {sid}: images of different shapes {sorted(shapes)}")
         bs = self.cfg.data.batch_size
+        checks: dict[str, list[dict[str, Any]]] = {}
         for i in range(0, len(good), bs):
             batch = good[i:i + bs]
             x = torch.from_numpy(np.stack([s.image for s in batch])).permute(0, 3, 1, 2)
             x = x.float().div_(255.0).to(self.device)  # [B, C, H, W] in [0, 1]
             y = torch.tensor([s.label for s in batch], dtype=torch.int64, device=self.device)
-            out = evaluate_batch(self.defense, self.attacks, x, y, [s.key for s in batch],
-                                 self.cfg.job.seed, self.cfg.evaluation.runs)
+            keys = [s.key for s in batch]
+            if i == 0:
+                n = min(CHECK_SAMPLES, len(batch))
+                checks = {str(p.index): gradient_checks(self.defense, p, x[:n], y[:n], keys[:n], self.cfg.job.seed)
+                          for p in self.attacks}
+            out = evaluate_batch(self.defense, self.attacks, x, y, keys, self.cfg.job.seed, self.cfg.evaluation.runs)
             rows.extend({**common, **r, "status": schema.Status.OK.value, "error": None} for r in out)
-        return rows
+        return rows, checks
