@@ -44,7 +44,7 @@ class Defense(nn.Module):
         self.purifier.nfe = start + per_row  # nfe counts evaluations per row, not per chunk
         return torch.cat(parts)
 
-    def _classify(self, x: torch.Tensor) -> torch.Tensor:
+    def classify(self, x: torch.Tensor) -> torch.Tensor:
         return torch.cat([self.classifier(x[i:i + self.max_rows]) for i in range(0, x.shape[0], self.max_rows)])
 
     def logits(self, x: torch.Tensor, noise: Noise, mode: str = "full") -> torch.Tensor:
@@ -55,7 +55,7 @@ class Defense(nn.Module):
         """
         B = x.shape[0]
         if mode == "classifier":
-            return self._classify(x).unsqueeze(1)
+            return self.classify(x).unsqueeze(1)
         if noise.rows % B:
             raise ValueError(f"noise rows {noise.rows} not a multiple of batch {B}")
         R = noise.rows // B
@@ -68,7 +68,7 @@ class Defense(nn.Module):
             purified = xr + (p - xr).detach()  # forward: p; backward: identity (Athalye et al. 2018)
         else:
             raise ValueError(f"unknown gradient mode {mode!r}; expected one of {GRADIENT_MODES}")
-        out = self._classify(purified)
+        out = self.classify(purified)
         return out.view(B, R, -1)
 
     def attack_target(self, mode: str, seed: int, keys: Sequence[str], context: str,

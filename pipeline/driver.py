@@ -281,23 +281,48 @@ def write_manifest(cfg: Config, results: list[StageResult]) -> dict[str, Any]:
     return doc
 
 
+def publish_outputs(cfg: Config, stage: str) -> list[ShardState]:
+    """Index the shards a stage wrote (adversarial or purified images) from its commit
+    markers, and return them as the next stage's input."""
+    from pipeline.worker import ADVERSARIAL_DIR, PURIFIED_DIR
+
+    folder = storage.join(cfg.job.output, ADVERSARIAL_DIR if stage == "attack" else PURIFIED_DIR)
+    entries = sorted((e for m in committed_markers(cfg.job.output, stage).values() for e in m.get("outputs", [])),
+                     key=lambda e: e["name"])
+    shards.write_index(folder, entries, {"stage": stage, "job": cfg.job.name, "config_hash": cfg.hash()})
+    return [ShardState(storage.join(folder, e["name"]), shard_id_of(e["name"]), int(e["samples"])) for e in entries]
+
+
+def shard_id_of(name: str) -> str:
+    return name[:-4] if name.endswith(".tar") else name
+
+
 def run(cfg: Config) -> tuple[int, dict[str, Any]]:
-    """Run every stage of the job; returns (exit code, manifest)."""
+    """Run the job's stages in order, each resumed independently; returns (exit code, manifest).
+
+    evaluate and attack read data.shards; purify reads the adversarial shards of an attack
+    stage earlier in the same job, or data.shards (an adversarial set from another job, or
+    any corpus to purify offline).
+    """
     states = plan_shards(cfg)
     check_job_state(cfg)
-    results = []
+    results: list[StageResult] = []
     code = EXIT_OK
+    inputs = states
     for stage in cfg.job.stages:
-        if stage != "evaluate":
-            raise ConfigError(f"{cfg.source}: job.stages: stage {stage!r} is not available yet")
+        if stage == "purify" and "attack" in cfg.job.stages[: cfg.job.stages.index(stage)]:
+            inputs = publish_outputs(cfg, "attack")
+        else:
+            inputs = states
         try:
-            r = run_stage(cfg, stage, [ShardState(s.url, s.sid, s.expected) for s in states])
+            r = run_stage(cfg, stage, [ShardState(s.url, s.sid, s.expected) for s in inputs])
         except DriverError as err:
             results.append(StageResult(stage, {}, 0.0, aborted=str(err)))
-            write_manifest(cfg, results)
             log.error("%s aborted: %s", stage, err)
             return EXIT_ABORTED, write_manifest(cfg, results)
         results.append(r)
+        if stage in ("attack", "purify"):
+            publish_outputs(cfg, stage)
         if r.quarantined:
             code = EXIT_QUARANTINED
     return code, write_manifest(cfg, results)

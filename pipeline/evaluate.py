@@ -1,6 +1,10 @@
-"""Per-batch evaluation: clean → attack → purify (R runs) → classify, as plain records.
+"""Per-batch math of the three stages, as plain records (no I/O, no Ray, no pyarrow).
 
-No I/O, no Ray, no pyarrow: the worker turns these dicts into Parquet rows.
+- evaluate: clean → attack → purify (R runs) → classify, one row per (sample, attack);
+- attack:   adversarial examples only (the set is written as shards by the worker);
+- purify:   purify (R runs) and classify given images — an adversarial set made earlier,
+            or any corpus.
+Noise contexts are shared between stages, so attack + purify reproduce evaluate exactly.
 """
 from __future__ import annotations
 
@@ -26,6 +30,20 @@ class PlannedAttack:
     eot: int
     surrogate: Defense | None = None   # the defense the gradient goes through, if not the real one
 
+    def info(self) -> dict[str, Any]:
+        """The attack's columns of a record."""
+        params = self.attack.params()
+        if self.surrogate is not None:
+            params = {**params, "surrogate": self.surrogate.purifier.params()}
+        eps = float(params.get("eps", 0.0))
+        return {"attack_index": self.index, "attack_name": self.name,
+                "attack_params": json.dumps(params, sort_keys=True), "gradient_mode": self.gradient,
+                "eot": self.eot, "norm": params.get("norm"), "eps": eps, "eps_255": eps * 255.0}
+
+
+NO_ATTACK = {"attack_index": -1, "attack_name": "none", "attack_params": "{}", "gradient_mode": "none",
+             "eot": 0, "norm": None, "eps": 0.0, "eps_255": 0.0}
+
 
 def resolve_gradient(requested: str, defense: Defense) -> str:
     return honest_gradient_mode(defense.purifier) if requested == "auto" else requested
@@ -38,13 +56,59 @@ def vote(preds: torch.Tensor, num_classes: int) -> torch.Tensor:
     return counts.argmax(1)
 
 
-def _defended(defense: Defense, x: torch.Tensor, keys: Sequence[str], seed: int, context: str,
-              runs: int) -> tuple[torch.Tensor, int]:
-    """Logits [B, R, K] of the defended model, and purifier evaluations per row."""
+def eval_context(attack_index: int) -> str:
+    return "eval/clean" if attack_index < 0 else f"eval/attack{attack_index}"
+
+
+def defended(defense: Defense, x: torch.Tensor, keys: Sequence[str], seed: int, context: str,
+             runs: int, keep_images: bool = False) -> tuple[torch.Tensor, int, torch.Tensor | None]:
+    """Logits [B, R, K] of the defended model, purifier evaluations per row, and (if asked)
+    the first run's purified images [B, C, H, W]."""
     before = defense.purifier.nfe
+    noise = Noise.for_batch(seed, keys, context, runs, x.device)
     with torch.no_grad():
-        logits = defense.logits(x, Noise.for_batch(seed, keys, context, runs, x.device), mode="full")
-    return logits.float(), defense.purifier.nfe - before
+        purified = defense.purify(x.repeat_interleave(runs, 0), noise)       # [B·R, C, H, W]
+        logits = defense.classify(purified).view(x.shape[0], runs, -1)
+    first = purified.view(x.shape[0], runs, *x.shape[1:])[:, 0] if keep_images else None
+    return logits.float(), defense.purifier.nfe - before, first
+
+
+def run_attack(defense: Defense, plan: PlannedAttack, x: torch.Tensor, y: torch.Tensor,
+               keys: Sequence[str], seed: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(x_adv, broken_step [B], target evaluations per sample) for one planned attack."""
+    context = f"attack{plan.index}/{plan.name}"
+    target = (plan.surrogate or defense).attack_target(plan.gradient, seed, keys, context, plan.eot)
+    own = Noise.for_batch(seed, keys, f"{context}/own", 1, x.device)
+    # Hill et al.: candidate breaks are confirmed by the real defense with H draws
+    draws = getattr(plan.attack, "recheck_draws", 0)
+    recheck = make_defense_recheck(defense, seed, keys, f"{context}/recheck", draws) if draws else None
+    result = plan.attack(target, x, y, own, recheck=recheck)
+    return result.x_adv.detach(), result.broken_step, result.nfe * plan.eot
+
+
+def _prediction_columns(defense: Defense, x_adv: torch.Tensor, y: torch.Tensor,
+                        logits: torch.Tensor | None) -> dict[str, list]:
+    with torch.no_grad():
+        cols: dict[str, list] = {"adv_pred": defense.classifier(x_adv).argmax(1).tolist()}
+    if logits is not None:
+        preds = logits.argmax(2)                       # [B, R]
+        cols.update({
+            "purified_preds": preds.tolist(),
+            "purified_mean_logits": logits.mean(1).tolist(),
+            "vote_pred": vote(preds, logits.shape[-1]).tolist(),
+            "mean_logit_pred": logits.mean(1).argmax(1).tolist(),
+            "worst_of_runs_correct": (preds == y[:, None]).all(1).tolist(),
+        })
+    return cols
+
+
+def _rows(B: int, columns: dict[str, list], scalars: dict[str, Any]) -> list[dict[str, Any]]:
+    return [{**{k: v[i] for k, v in columns.items()}, **scalars} for i in range(B)]
+
+
+def _norms(x_adv: torch.Tensor, x: torch.Tensor) -> dict[str, list]:
+    delta = (x_adv - x).flatten(1)
+    return {"linf": delta.abs().amax(1).tolist(), "l2": delta.norm(dim=1).tolist()}
 
 
 def evaluate_batch(defense: Defense, attacks: Sequence[PlannedAttack], x: torch.Tensor,
@@ -54,66 +118,78 @@ def evaluate_batch(defense: Defense, attacks: Sequence[PlannedAttack], x: torch.
     B = x.shape[0]
     with torch.no_grad():
         clean_pred = defense.classifier(x).argmax(1)
-    clean_logits, clean_nfe = _defended(defense, x, keys, seed, "eval/clean", runs)
-    K = clean_logits.shape[-1]
-    base = {
-        "label": y.tolist(),
-        "key": list(keys),
-        "clean_pred": clean_pred.tolist(),
-        "clean_purified_preds": clean_logits.argmax(2).tolist(),
-        "clean_mean_logit_pred": clean_logits.mean(1).argmax(1).tolist(),
-    }
-    shared_seconds = time.perf_counter() - t0
+    clean_logits, clean_nfe, _ = defended(defense, x, keys, seed, eval_context(-1), runs)
+    base = {"label": y.tolist(), "key": list(keys), "clean_pred": clean_pred.tolist(),
+            "clean_purified_preds": clean_logits.argmax(2).tolist(),
+            "clean_mean_logit_pred": clean_logits.mean(1).argmax(1).tolist()}
+    shared = time.perf_counter() - t0
     rows: list[dict[str, Any]] = []
     plans = list(attacks) or [None]
     for plan in plans:
         t1 = time.perf_counter()
         if plan is None:
-            x_adv, broken, attack_nfe = x, torch.full((B,), -1, dtype=torch.int64), 0
+            x_adv, broken, attack_nfe, info = x, torch.full((B,), -1, dtype=torch.int64), 0, NO_ATTACK
             logits, nfe = clean_logits, clean_nfe
-            info = {"attack_index": -1, "attack_name": "none", "attack_params": "{}", "gradient_mode": "none",
-                    "eot": 0, "norm": None, "eps": 0.0, "eps_255": 0.0}
         else:
-            context = f"attack{plan.index}/{plan.name}"
-            target = (plan.surrogate or defense).attack_target(plan.gradient, seed, keys, context, plan.eot)
-            own = Noise.for_batch(seed, keys, f"{context}/own", 1, x.device)
-            # Hill et al.: candidate breaks are confirmed by the real defense with H draws
-            draws = getattr(plan.attack, "recheck_draws", 0)
-            recheck = make_defense_recheck(defense, seed, keys, f"{context}/recheck", draws) if draws else None
-            result = plan.attack(target, x, y, own, recheck=recheck)
-            x_adv, broken, attack_nfe = result.x_adv.detach(), result.broken_step, result.nfe * plan.eot
-            logits, nfe = _defended(defense, x_adv, keys, seed, f"eval/attack{plan.index}", runs)
-            params = plan.attack.params()
-            if plan.surrogate is not None:
-                params = {**params, "surrogate": plan.surrogate.purifier.params()}
-            info = {"attack_index": plan.index, "attack_name": plan.name,
-                    "attack_params": json.dumps(params, sort_keys=True), "gradient_mode": plan.gradient,
-                    "eot": plan.eot, "norm": params.get("norm"), "eps": float(params.get("eps", 0.0)),
-                    "eps_255": float(params.get("eps", 0.0)) * 255.0}
-        with torch.no_grad():
-            adv_pred = defense.classifier(x_adv).argmax(1)
-        preds = logits.argmax(2)                       # [B, R]
-        delta = (x_adv - x).flatten(1)
-        seconds = (time.perf_counter() - t1 + shared_seconds / len(plans)) / B
-        cols = {
-            "adv_pred": adv_pred.tolist(),
-            "purified_preds": preds.tolist(),
-            "purified_mean_logits": logits.mean(1).tolist(),
-            "vote_pred": vote(preds, K).tolist(),
-            "mean_logit_pred": logits.mean(1).argmax(1).tolist(),
-            "worst_of_runs_correct": (preds == y[:, None]).all(1).tolist(),
-            "broken_step": broken.tolist(),
-            "linf": delta.abs().amax(1).tolist(),
-            "l2": delta.norm(dim=1).tolist(),
-        }
-        for i in range(B):
-            row = {k: v[i] for k, v in base.items()}
-            row.update({k: v[i] for k, v in cols.items()})
-            row.update(info)
-            row.update({"runs": runs, "attack_nfe": attack_nfe, "purify_nfe": clean_nfe + nfe,
-                        "seconds": seconds})
-            rows.append(row)
+            x_adv, broken, attack_nfe = run_attack(defense, plan, x, y, keys, seed)
+            logits, nfe, _ = defended(defense, x_adv, keys, seed, eval_context(plan.index), runs)
+            info = plan.info()
+        cols = {**base, **_prediction_columns(defense, x_adv, y, logits), **_norms(x_adv, x),
+                "broken_step": broken.tolist()}
+        seconds = (time.perf_counter() - t1 + shared / len(plans)) / B
+        rows += _rows(B, cols, {**info, "runs": runs, "attack_nfe": attack_nfe,
+                                "purify_nfe": clean_nfe + (nfe if plan is not None else 0), "seconds": seconds})
     return rows
+
+
+def attack_batch(defense: Defense, attacks: Sequence[PlannedAttack], x: torch.Tensor, y: torch.Tensor,
+                 keys: Sequence[str], seed: int) -> tuple[list[dict[str, Any]], dict[int, torch.Tensor]]:
+    """Adversarial examples for every attack: (rows without purified columns, {index: x_adv})."""
+    B = x.shape[0]
+    with torch.no_grad():
+        clean_pred = defense.classifier(x).argmax(1).tolist()
+    rows: list[dict[str, Any]] = []
+    images: dict[int, torch.Tensor] = {}
+    for plan in attacks:
+        t1 = time.perf_counter()
+        x_adv, broken, attack_nfe = run_attack(defense, plan, x, y, keys, seed)
+        images[plan.index] = x_adv
+        cols = {"label": y.tolist(), "key": list(keys), "clean_pred": clean_pred,
+                **_prediction_columns(defense, x_adv, y, None), **_norms(x_adv, x), "broken_step": broken.tolist()}
+        rows += _rows(B, cols, {**plan.info(), "runs": 0, "attack_nfe": attack_nfe, "purify_nfe": 0,
+                                "seconds": (time.perf_counter() - t1) / B})
+    return rows, images
+
+
+def purify_batch(defense: Defense, x: torch.Tensor, y: torch.Tensor, keys: Sequence[str], seed: int,
+                 runs: int, attack_infos: Sequence[dict[str, Any]]) -> tuple[list[dict[str, Any]], torch.Tensor]:
+    """Purify given images (adversarial or not) R times: (rows, first run's purified images).
+
+    `attack_infos[i]` holds sample i's attack columns from its lineage (NO_ATTACK for a plain
+    corpus); its attack index picks the same evaluation draws as the evaluate stage.
+    """
+    t0 = time.perf_counter()
+    B = x.shape[0]
+    groups: dict[int, list[int]] = {}
+    for i, info in enumerate(attack_infos):
+        groups.setdefault(int(info["attack_index"]), []).append(i)
+    logits = torch.empty(0)
+    purified = torch.empty_like(x)
+    nfe_total = 0
+    for idx, members in groups.items():
+        sel = torch.tensor(members, device=x.device)
+        lg, nfe, first = defended(defense, x[sel], [keys[i] for i in members], seed, eval_context(idx), runs,
+                                  keep_images=True)
+        if logits.numel() == 0:
+            logits = torch.empty(B, runs, lg.shape[-1], device=lg.device)
+        logits[sel], purified[sel] = lg, first
+        nfe_total = max(nfe_total, nfe)
+    cols = {"label": y.tolist(), "key": list(keys), **_prediction_columns(defense, x, y, logits)}
+    seconds = (time.perf_counter() - t0) / B
+    rows = []
+    for i, row in enumerate(_rows(B, cols, {"runs": runs, "purify_nfe": nfe_total, "seconds": seconds})):
+        rows.append({**row, **attack_infos[i]})
+    return rows, purified
 
 
 def gradient_checks(defense: Defense, plan: PlannedAttack, x: torch.Tensor, y: torch.Tensor,

@@ -68,7 +68,9 @@ def load_records(run_dir: str, stage: str = "evaluate", verify: bool = True) -> 
     return pa.concat_tables(tables)
 
 
-def _acc(k: int, n: int) -> dict[str, float]:
+def _acc(k: int | None, n: int) -> dict[str, float] | None:
+    if k is None:
+        return None  # the stage does not record this prediction
     lo, hi = wilson(k, n)
     return {"acc": k / n if n else float("nan"), "lo": lo, "hi": hi}
 
@@ -86,7 +88,9 @@ def summarize(table: pa.Table) -> dict[str, Any]:
         n = len(rs)
         lab = [r["label"] for r in rs]
 
-        def count(col: str) -> int:
+        def count(col: str) -> int | None:
+            if all(r[col] is None for r in rs):
+                return None
             return sum(1 for r, y in zip(rs, lab) if r[col] == y)
 
         out.append({
@@ -97,14 +101,16 @@ def summarize(table: pa.Table) -> dict[str, Any]:
             "adv_classifier": _acc(count("adv_pred"), n),
             "robust_mean_logit": _acc(count("mean_logit_pred"), n),
             "robust_vote": _acc(count("vote_pred"), n),
-            "robust_worst_of_runs": _acc(sum(1 for r in rs if r["worst_of_runs_correct"]), n),
-            "robust_all_steps": _acc(sum(1 for r, y in zip(rs, lab)
-                                         if r["mean_logit_pred"] == y and r["broken_step"] < 0), n),
+            "robust_worst_of_runs": _acc(None if rs[0]["worst_of_runs_correct"] is None else
+                                         sum(1 for r in rs if r["worst_of_runs_correct"]), n),
+            "robust_all_steps": _acc(None if rs[0]["mean_logit_pred"] is None else
+                                     sum(1 for r, y in zip(rs, lab) if r["mean_logit_pred"] == y
+                                         and (r["broken_step"] is None or r["broken_step"] < 0)), n),
             "norm": rs[0]["norm"],
             # attacks that differ only in ε share a sweep key (for the monotonicity check)
             "sweep_key": json.dumps({k: v for k, v in json.loads(rs[0]["attack_params"]).items() if k != "eps"},
                                     sort_keys=True),
-            "mean_linf": sum(r["linf"] for r in rs) / n,
+            "mean_linf": sum(r["linf"] or 0.0 for r in rs) / n,
             "seconds_per_sample": sum(r["seconds"] for r in rs) / n,
         })
     return {"job": rows[0]["job"] if rows else None, "job_checks": sweep_checks(out), "config_hash": rows[0]["config_hash"] if rows else None,
@@ -122,6 +128,8 @@ def sweep_checks(attacks: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for a in attacks:
         if a["attack"] == "none":
             continue
+        if a["robust_mean_logit"] is None:
+            continue  # an attack stage alone: nothing purified to check
         groups.setdefault((a["attack"], a["gradient"], a["eot"], a.get("sweep_key", "")), {})[a["eps"]] = \
             a["robust_mean_logit"]["acc"]
         if a["eps"] >= 1.0 and a.get("norm", "linf") == "linf":
@@ -135,7 +143,9 @@ def sweep_checks(attacks: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def format_table(summary: dict[str, Any]) -> str:
-    def pct(d: dict[str, float]) -> str:
+    def pct(d: dict[str, float] | None) -> str:
+        if d is None:
+            return "    n/a".ljust(19)
         return f"{100 * d['acc']:5.1f} [{100 * d['lo']:4.1f},{100 * d['hi']:5.1f}]"
 
     head = (f"job {summary['job']}  purifier {summary['purifier']}  samples {summary['samples']}  "

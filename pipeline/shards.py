@@ -1,7 +1,9 @@
 """WebDataset shards: expand patterns, write shards with an index, read and validate them.
 
 A sample is the group of tar members sharing a key (the name up to the first dot):
-`<key>.png` (image), `<key>.cls` (label as text), optional `<key>.json` (metadata).
+`<key>.png` (image), `<key>.cls` (label as text), optional `<key>.json` (metadata), and for
+adversarial / purified sets `<key>.npy` (float32 [H, W, C] in [0, 1], exact: an 8-bit PNG
+would round the perturbation away), which takes precedence over the PNG when present.
 Reading checks what a cut-short copy would hide: the end-of-archive blocks and, where
 an index exists, the sample count.
 """
@@ -63,7 +65,7 @@ def unique_ids(urls: Sequence[str]) -> list[str]:
 @dataclass
 class Sample:
     key: str
-    image: np.ndarray | None          # uint8 [H, W, C]
+    image: np.ndarray | None          # uint8 [H, W, C], or float32 [H, W, C] in [0, 1] from .npy
     label: int
     meta: dict[str, Any] = field(default_factory=dict)
     error: str | None = None          # set when the sample could not be decoded
@@ -80,6 +82,24 @@ def decode_image(data: bytes) -> np.ndarray:
 
 def _is_gray(im) -> bool:
     return im.mode in ("L", "I", "1") or (im.mode == "P" and im.palette is not None and im.palette.mode == "L")
+
+
+def encode_npy(image: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(image, dtype=np.float32), allow_pickle=False)
+    return buf.getvalue()
+
+
+def decode_npy(data: bytes) -> np.ndarray:
+    arr = np.load(io.BytesIO(data), allow_pickle=False)
+    if arr.dtype != np.float32 or arr.ndim != 3:
+        raise ValueError(f"npy image must be float32 [H, W, C], got {arr.dtype} {arr.shape}")
+    return arr
+
+
+def to_unit_float(image: np.ndarray) -> np.ndarray:
+    """uint8 → float32 /255; float32 images are already in [0, 1]."""
+    return image.astype(np.float32) / 255.0 if image.dtype == np.uint8 else image.astype(np.float32)
 
 
 def encode_png(image: np.ndarray) -> bytes:
@@ -123,6 +143,8 @@ def decode_sample(key: str, parts: dict[str, bytes]) -> Sample:
         if "cls" in parts:
             label = int(parts["cls"].decode().strip())
         meta = json.loads(parts["json"]) if "json" in parts else {}
+        if "npy" in parts:
+            return Sample(key, decode_npy(parts["npy"]), label, meta)
         ext = next((e for e in IMAGE_EXTS if e in parts), None)
         if ext is None:
             return Sample(key, None, label, error=f"no image member (have {sorted(parts)})")
@@ -192,6 +214,58 @@ def expected_counts(urls: Sequence[str], index_url: str | None = None) -> dict[s
 
 # ---------------------------------------------------------------------------- write
 
+class TarBuilder:
+    """One shard's bytes, built in memory with reproducible headers (mtime 0)."""
+
+    def __init__(self) -> None:
+        self._buf = io.BytesIO()
+        self._tar = tarfile.open(fileobj=self._buf, mode="w", format=tarfile.USTAR_FORMAT)
+        self.keys: set[str] = set()
+
+    def add_member(self, name: str, data: bytes) -> None:
+        info = tarfile.TarInfo(name)
+        info.size = len(data)
+        info.mode = 0o644
+        info.mtime = 0
+        self._tar.addfile(info, io.BytesIO(data))
+
+    def add_sample(self, key: str, image: np.ndarray | None = None, label: int | None = None,
+                   extra: dict[str, bytes] | None = None, image_bytes: bytes | None = None) -> None:
+        if "." in key or "/" in key:
+            raise ValueError(f"sample key {key!r} must not contain '.' or '/'")
+        if key in self.keys:
+            raise ValueError(f"duplicate sample key {key!r}")
+        self.keys.add(key)
+        if image_bytes is not None or image is not None:
+            png = image_bytes if image_bytes is not None else encode_png(
+                image if image.dtype == np.uint8 else np.clip(np.rint(image * 255), 0, 255).astype(np.uint8))
+            self.add_member(f"{key}.png", png)
+            if image is not None and image.dtype != np.uint8:
+                self.add_member(f"{key}.npy", encode_npy(image))
+        if label is not None:
+            self.add_member(f"{key}.cls", str(int(label)).encode())
+        for ext, data in (extra or {}).items():
+            self.add_member(f"{key}.{ext}", data)
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def finish(self) -> bytes:
+        self._tar.close()  # writes the end-of-archive blocks
+        return self._buf.getvalue()
+
+
+def index_entry(name: str, samples: int, data: bytes) -> dict[str, Any]:
+    return {"name": name, "samples": samples, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def write_index(directory: str, entries: list[dict[str, Any]], meta: dict[str, Any] | None = None) -> dict:
+    doc = {"format": INDEX_FORMAT, **(meta or {}), "total_samples": sum(e["samples"] for e in entries),
+           "shards": entries}
+    storage.put_text(storage.join(directory, INDEX_NAME), json.dumps(doc, indent=1))
+    return doc
+
+
 class ShardWriter:
     """Writes samples into `<prefix>-NNNNNN.tar` shards of at most `samples_per_shard`,
     each committed atomically, then an index.json listing names, counts and checksums."""
@@ -205,54 +279,33 @@ class ShardWriter:
         self.samples_per_shard = samples_per_shard
         self.meta = dict(meta or {})
         self.entries: list[dict[str, Any]] = []
-        self._buf: io.BytesIO | None = None
-        self._tar: tarfile.TarFile | None = None
-        self._count = 0
+        self._builder: TarBuilder | None = None
         self._keys: set[str] = set()
-
-    def _add_member(self, name: str, data: bytes) -> None:
-        info = tarfile.TarInfo(name)
-        info.size = len(data)
-        info.mode = 0o644
-        info.mtime = 0  # reproducible bytes for the same samples
-        self._tar.addfile(info, io.BytesIO(data))
 
     def write(self, key: str, image: np.ndarray | None = None, label: int | None = None,
               extra: dict[str, bytes] | None = None, image_bytes: bytes | None = None) -> None:
-        if "." in key or "/" in key:
-            raise ValueError(f"sample key {key!r} must not contain '.' or '/'")
         if key in self._keys:
             raise ValueError(f"duplicate sample key {key!r}")
+        if self._builder is None:
+            self._builder = TarBuilder()
+        self._builder.add_sample(key, image, label, extra, image_bytes)
         self._keys.add(key)
-        if self._tar is None:
-            self._buf = io.BytesIO()
-            self._tar = tarfile.open(fileobj=self._buf, mode="w", format=tarfile.USTAR_FORMAT)
-        self._add_member(f"{key}.png", image_bytes if image_bytes is not None else encode_png(image))
-        if label is not None:
-            self._add_member(f"{key}.cls", str(int(label)).encode())
-        for ext, data in (extra or {}).items():
-            self._add_member(f"{key}.{ext}", data)
-        self._count += 1
-        if self._count >= self.samples_per_shard:
+        if len(self._builder) >= self.samples_per_shard:
             self._flush()
 
     def _flush(self) -> None:
-        if self._tar is None:
+        if self._builder is None:
             return
-        self._tar.close()
-        data = self._buf.getvalue()
+        n = len(self._builder)
+        data = self._builder.finish()
         name = f"{self.prefix}-{len(self.entries):06d}.tar"
         storage.put_bytes(storage.join(self.directory, name), data)
-        self.entries.append({"name": name, "samples": self._count,
-                             "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()})
-        self._tar, self._buf, self._count = None, None, 0
+        self.entries.append(index_entry(name, n, data))
+        self._builder = None
 
     def close(self) -> dict[str, Any]:
         self._flush()
-        doc = {"format": INDEX_FORMAT, **self.meta, "total_samples": sum(e["samples"] for e in self.entries),
-               "shards": self.entries}
-        storage.put_text(storage.join(self.directory, INDEX_NAME), json.dumps(doc, indent=1))
-        return doc
+        return write_index(self.directory, self.entries, self.meta)
 
     def pattern(self) -> str:
         n = len(self.entries)

@@ -19,12 +19,16 @@ import torch
 from pipeline import checkpoints, config as config_mod, schema, shards, storage
 from pipeline.attacks.base import Attack
 from pipeline.defense import Defense
-from pipeline.evaluate import PlannedAttack, evaluate_batch, gradient_checks, resolve_gradient
+from pipeline.evaluate import (NO_ATTACK, PlannedAttack, attack_batch, evaluate_batch, gradient_checks,
+                               purify_batch, resolve_gradient)
 from pipeline.registry import ATTACKS, CLASSIFIERS, PURIFIERS
 
 log = logging.getLogger(__name__)
 
 MARKER_SUFFIX = ".done.json"
+ADVERSARIAL_DIR, PURIFIED_DIR = "adversarial", "purified"
+# what an adversarial sample's lineage carries into the purify stage's records
+LINEAGE_COLUMNS = (*NO_ATTACK.keys(), "clean_pred", "linf", "l2", "broken_step", "attack_nfe")
 CHECK_SAMPLES = 16   # samples of a shard's first batch used for the gradient-masking checks
 
 
@@ -114,13 +118,29 @@ class ShardProcessor:
                 time.sleep(10**6)  # hang
 
     def process(self, url: str, sid: str, stage: str = "evaluate", expected: int | None = None) -> dict[str, Any]:
+        """Turn one shard into one committed result: outputs (shards of adversarial or
+        purified images) first, then the records, then the marker."""
         t0 = time.time()
         self._inject_fault(sid)
         samples = shards.read_shard(url, expected)
         limit = self.cfg.data.max_samples_per_shard
         if limit is not None:
             samples = samples[:limit]
-        rows, checks = self._evaluate(samples, sid, stage)
+        common = {**self.provenance, "schema_version": schema.SCHEMA_VERSION, "stage": stage, "shard": sid}
+        rows = [{**common, "key": s.key, "label": s.label, "status": schema.Status.DECODE_ERROR.value,
+                 "error": s.error} for s in samples if s.error is not None]
+        good = [s for s in samples if s.error is None]
+        checks: dict[str, list[dict[str, Any]]] = {}
+        outputs: list[dict[str, Any]] = []
+        if stage == "evaluate":
+            new, checks = self._evaluate(good)
+        elif stage == "attack":
+            new, outputs = self._attack(good, sid, url)
+        elif stage == "purify":
+            new, outputs = self._purify(good, sid)
+        else:
+            raise ValueError(f"unknown stage {stage!r}")
+        rows += [{**common, **r, "status": schema.Status.OK.value, "error": None} for r in new]
         table = schema.to_table(rows)
         data = schema.to_parquet_bytes(table)
         parquet_url, marker_url = output_paths(self.cfg.job.output, stage, sid)
@@ -129,34 +149,73 @@ class ShardProcessor:
                   "sha256": hashlib.sha256(data).hexdigest(), "config_hash": self.config_hash,
                   "schema_version": schema.SCHEMA_VERSION, "seconds": time.time() - t0,
                   "host": socket.gethostname(), "device": str(self.device), "node_id": _node_id(),
-                  "checks": checks}
+                  "checks": checks, "outputs": outputs}
         storage.put_text(marker_url, json.dumps(marker))  # the commit: written last
         return marker
 
-    def _evaluate(self, samples: list[shards.Sample], sid: str,
-                  stage: str) -> tuple[list[dict[str, Any]], dict[str, list[dict[str, Any]]]]:
-        common = {**self.provenance, "schema_version": schema.SCHEMA_VERSION, "stage": stage, "shard": sid}
-        rows: list[dict[str, Any]] = []
-        good = [s for s in samples if s.error is None]
-        for s in samples:
-            if s.error is not None:
-                rows.append({**common, "key": s.key, "label": s.label, "status": schema.Status.DECODE_ERROR.value,
-                             "error": s.error})
+    def _batches(self, good: list[shards.Sample]):
+        """(samples, x [B, C, H, W] in [0, 1], y [B], keys) in batches of data.batch_size."""
         shapes = {s.image.shape for s in good}
         if len(shapes) > 1:
-            raise shards.ShardError(f"shard {sid}: images of different shapes {sorted(shapes)}")
+            raise shards.ShardError(f"images of different shapes in one shard: {sorted(shapes)}")
         bs = self.cfg.data.batch_size
-        checks: dict[str, list[dict[str, Any]]] = {}
         for i in range(0, len(good), bs):
             batch = good[i:i + bs]
-            x = torch.from_numpy(np.stack([s.image for s in batch])).permute(0, 3, 1, 2)
-            x = x.float().div_(255.0).to(self.device)  # [B, C, H, W] in [0, 1]
+            x = torch.from_numpy(np.stack([shards.to_unit_float(s.image) for s in batch])).permute(0, 3, 1, 2)
             y = torch.tensor([s.label for s in batch], dtype=torch.int64, device=self.device)
-            keys = [s.key for s in batch]
-            if i == 0:
-                n = min(CHECK_SAMPLES, len(batch))
-                checks = {str(p.index): gradient_checks(self.defense, p, x[:n], y[:n], keys[:n], self.cfg.job.seed)
+            yield batch, x.contiguous().to(self.device), y, [s.key for s in batch]
+
+    def _evaluate(self, good: list[shards.Sample]) -> tuple[list[dict[str, Any]], dict[str, list[dict[str, Any]]]]:
+        rows: list[dict[str, Any]] = []
+        checks: dict[str, list[dict[str, Any]]] = {}
+        seed = self.cfg.job.seed
+        for n, (_, x, y, keys) in enumerate(self._batches(good)):
+            if n == 0:
+                k = min(CHECK_SAMPLES, len(keys))
+                checks = {str(p.index): gradient_checks(self.defense, p, x[:k], y[:k], keys[:k], seed)
                           for p in self.attacks}
-            out = evaluate_batch(self.defense, self.attacks, x, y, keys, self.cfg.job.seed, self.cfg.evaluation.runs)
-            rows.extend({**common, **r, "status": schema.Status.OK.value, "error": None} for r in out)
+            rows += evaluate_batch(self.defense, self.attacks, x, y, keys, seed, self.cfg.evaluation.runs)
         return rows, checks
+
+    def _attack(self, good: list[shards.Sample], sid: str, url: str) -> tuple[list[dict[str, Any]], list[dict]]:
+        """Adversarial examples for every attack, written as one shard per attack with lineage."""
+        builders = {p.index: shards.TarBuilder() for p in self.attacks}
+        rows: list[dict[str, Any]] = []
+        for batch, x, y, keys in self._batches(good):
+            new, images = attack_batch(self.defense, self.attacks, x, y, keys, self.cfg.job.seed)
+            rows += new
+            by_key = {(r["attack_index"], r["key"]): r for r in new}
+            for idx, x_adv in images.items():
+                hwc = x_adv.permute(0, 2, 3, 1).cpu().numpy().astype(np.float32)
+                for j, s in enumerate(batch):
+                    r = by_key[(idx, s.key)]
+                    lineage = {"source_shard": url, "source_key": s.key, "shard": sid,
+                               "config_hash": self.config_hash, "seed": self.cfg.job.seed,
+                               **{k: r[k] for k in LINEAGE_COLUMNS}}
+                    builders[idx].add_sample(s.key, hwc[j], s.label, {"json": json.dumps(lineage).encode()})
+        outputs = []
+        for idx, b in builders.items():
+            name = f"{sid}-a{idx}.tar"
+            data = b.finish()
+            storage.put_bytes(storage.join(self.cfg.job.output, ADVERSARIAL_DIR, name), data)
+            outputs.append(shards.index_entry(name, len(b), data))
+        return rows, outputs
+
+    def _purify(self, good: list[shards.Sample], sid: str) -> tuple[list[dict[str, Any]], list[dict]]:
+        """Purify given images (an adversarial set with lineage, or any corpus); the first
+        run's purified images are written as a shard with the same keys."""
+        builder = shards.TarBuilder()
+        rows: list[dict[str, Any]] = []
+        for batch, x, y, keys in self._batches(good):
+            infos = [{**NO_ATTACK, **{k: s.meta[k] for k in LINEAGE_COLUMNS if k in s.meta}} for s in batch]
+            new, purified = purify_batch(self.defense, x, y, keys, self.cfg.job.seed, self.cfg.evaluation.runs, infos)
+            rows += new
+            hwc = purified.permute(0, 2, 3, 1).cpu().numpy().astype(np.float32)
+            for j, s in enumerate(batch):
+                meta = {**s.meta, "purifier": self.provenance["purifier"],
+                        "purifier_params": self.provenance["purifier_params"], "purify_config_hash": self.config_hash}
+                builder.add_sample(s.key, hwc[j], s.label, {"json": json.dumps(meta).encode()})
+        name = f"{sid}.tar"
+        data = builder.finish()
+        storage.put_bytes(storage.join(self.cfg.job.output, PURIFIED_DIR, name), data)
+        return rows, [shards.index_entry(name, len(builder), data)]
