@@ -64,6 +64,9 @@ class AttackConfig:
 @dataclass(frozen=True)
 class EvaluationConfig:
     runs: int = 1
+    # AutoAttack-style cascade: each attack runs only on samples every earlier attack
+    # failed to break; broken samples carry their breaking row forward
+    cascade: bool = False
     max_rows: int = 4096
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
@@ -116,6 +119,7 @@ class Config:
             "purifier": d["purifier"],
             "attacks": d["attacks"],
             "runs": d["evaluation"]["runs"],
+            "cascade": d["evaluation"]["cascade"],
         }
         return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
 

@@ -111,35 +111,57 @@ def _norms(x_adv: torch.Tensor, x: torch.Tensor) -> dict[str, list]:
     return {"linf": delta.abs().amax(1).tolist(), "l2": delta.norm(dim=1).tolist()}
 
 
+def clean_columns(defense: Defense, x: torch.Tensor, y: torch.Tensor, keys: Sequence[str], seed: int,
+                  runs: int) -> tuple[dict[str, list], torch.Tensor, int]:
+    """Per-sample clean columns, the defended clean logits [B, R, K] and purifier NFE."""
+    with torch.no_grad():
+        clean_pred = defense.classifier(x).argmax(1)
+    logits, nfe, _ = defended(defense, x, keys, seed, eval_context(-1), runs)
+    cols = {"label": y.tolist(), "key": list(keys), "clean_pred": clean_pred.tolist(),
+            "clean_purified_preds": logits.argmax(2).tolist(),
+            "clean_mean_logit_pred": logits.mean(1).argmax(1).tolist()}
+    return cols, logits, nfe
+
+
+def attack_rows(defense: Defense, plan: PlannedAttack | None, x: torch.Tensor, y: torch.Tensor,
+                keys: Sequence[str], seed: int, runs: int, clean: tuple[dict[str, list], torch.Tensor, int],
+                ) -> list[dict[str, Any]]:
+    """Rows of one attack (None: no attack) on a batch, given its clean columns."""
+    t0 = time.perf_counter()
+    base, clean_logits, clean_nfe = clean
+    B = x.shape[0]
+    if plan is None:
+        x_adv, broken, attack_nfe, info = x, torch.full((B,), -1, dtype=torch.int64), 0, NO_ATTACK
+        logits, nfe = clean_logits, 0
+    else:
+        x_adv, broken, attack_nfe = run_attack(defense, plan, x, y, keys, seed)
+        logits, nfe, _ = defended(defense, x_adv, keys, seed, eval_context(plan.index), runs)
+        info = plan.info()
+    cols = {**base, **_prediction_columns(defense, x_adv, y, logits), **_norms(x_adv, x),
+            "broken_step": broken.tolist()}
+    return _rows(B, cols, {**info, "runs": runs, "attack_nfe": attack_nfe, "purify_nfe": clean_nfe + nfe,
+                           "seconds": (time.perf_counter() - t0) / B})
+
+
 def evaluate_batch(defense: Defense, attacks: Sequence[PlannedAttack], x: torch.Tensor,
                    y: torch.Tensor, keys: Sequence[str], seed: int, runs: int) -> list[dict[str, Any]]:
     """Rows (one per sample and attack) with every prediction the schema records."""
     t0 = time.perf_counter()
-    B = x.shape[0]
-    with torch.no_grad():
-        clean_pred = defense.classifier(x).argmax(1)
-    clean_logits, clean_nfe, _ = defended(defense, x, keys, seed, eval_context(-1), runs)
-    base = {"label": y.tolist(), "key": list(keys), "clean_pred": clean_pred.tolist(),
-            "clean_purified_preds": clean_logits.argmax(2).tolist(),
-            "clean_mean_logit_pred": clean_logits.mean(1).argmax(1).tolist()}
-    shared = time.perf_counter() - t0
+    clean = clean_columns(defense, x, y, keys, seed, runs)
+    share = (time.perf_counter() - t0) / x.shape[0] / max(1, len(attacks))
     rows: list[dict[str, Any]] = []
-    plans = list(attacks) or [None]
-    for plan in plans:
-        t1 = time.perf_counter()
-        if plan is None:
-            x_adv, broken, attack_nfe, info = x, torch.full((B,), -1, dtype=torch.int64), 0, NO_ATTACK
-            logits, nfe = clean_logits, clean_nfe
-        else:
-            x_adv, broken, attack_nfe = run_attack(defense, plan, x, y, keys, seed)
-            logits, nfe, _ = defended(defense, x_adv, keys, seed, eval_context(plan.index), runs)
-            info = plan.info()
-        cols = {**base, **_prediction_columns(defense, x_adv, y, logits), **_norms(x_adv, x),
-                "broken_step": broken.tolist()}
-        seconds = (time.perf_counter() - t1 + shared / len(plans)) / B
-        rows += _rows(B, cols, {**info, "runs": runs, "attack_nfe": attack_nfe,
-                                "purify_nfe": clean_nfe + (nfe if plan is not None else 0), "seconds": seconds})
+    for plan in list(attacks) or [None]:
+        rows += [{**r, "seconds": r["seconds"] + share} for r in attack_rows(defense, plan, x, y, keys, seed, runs, clean)]
     return rows
+
+
+def is_broken(row: dict[str, Any], plan: PlannedAttack) -> bool:
+    """A sample the attack defeated: the defended model (mean logits over R runs) is wrong,
+    or — for attacks that confirm breaks with the real defense (Hill et al.) — it was
+    confirmed broken at some step."""
+    if row["mean_logit_pred"] != row["label"]:
+        return True
+    return bool(getattr(plan.attack, "recheck_draws", 0)) and row["broken_step"] >= 0
 
 
 def attack_batch(defense: Defense, attacks: Sequence[PlannedAttack], x: torch.Tensor, y: torch.Tensor,

@@ -59,6 +59,7 @@ SCHEMA = pa.schema([
     ("mean_logit_pred", pa.int64()),         # argmax of mean logits
     ("worst_of_runs_correct", pa.bool_()),   # every run correct
     ("broken_step", pa.int32()),             # first attack step that fooled the attack's view, -1 never
+    ("cascade_from", pa.int16()),            # cascade: the earlier attack whose break this row carries
     # perturbation and cost
     ("linf", pa.float64()),
     ("l2", pa.float64()),

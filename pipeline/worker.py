@@ -19,8 +19,8 @@ import torch
 from pipeline import checkpoints, config as config_mod, schema, shards, storage
 from pipeline.attacks.base import Attack
 from pipeline.defense import Defense
-from pipeline.evaluate import (NO_ATTACK, PlannedAttack, attack_batch, evaluate_batch, gradient_checks,
-                               purify_batch, resolve_gradient)
+from pipeline.evaluate import (NO_ATTACK, PlannedAttack, attack_batch, attack_rows, clean_columns, evaluate_batch,
+                               gradient_checks, is_broken, purify_batch, resolve_gradient)
 from pipeline.registry import ATTACKS, CLASSIFIERS, PURIFIERS
 
 log = logging.getLogger(__name__)
@@ -61,6 +61,13 @@ def _node_id() -> str | None:
         return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
     except Exception:  # not in a Ray worker
         return None
+
+
+def _stack_clean(clean: dict[str, tuple], keys: list[str]) -> tuple[dict[str, list], torch.Tensor, int]:
+    """The cached clean columns of some samples, as one batch."""
+    parts = [clean[k] for k in keys]
+    cols = {c: [v for p in parts for v in p[0][c]] for c in parts[0][0]}
+    return cols, torch.cat([p[1] for p in parts]), parts[0][2]
 
 
 class ShardProcessor:
@@ -169,13 +176,48 @@ class ShardProcessor:
         rows: list[dict[str, Any]] = []
         checks: dict[str, list[dict[str, Any]]] = {}
         seed = self.cfg.job.seed
+        runs = self.cfg.evaluation.runs
         for n, (_, x, y, keys) in enumerate(self._batches(good)):
             if n == 0:
                 k = min(CHECK_SAMPLES, len(keys))
                 checks = {str(p.index): gradient_checks(self.defense, p, x[:k], y[:k], keys[:k], seed)
                           for p in self.attacks}
-            rows += evaluate_batch(self.defense, self.attacks, x, y, keys, seed, self.cfg.evaluation.runs)
+            if not self.cfg.evaluation.cascade:
+                rows += evaluate_batch(self.defense, self.attacks, x, y, keys, seed, runs)
+        if self.cfg.evaluation.cascade:
+            rows = self._cascade(good)
         return rows, checks
+
+    def _cascade(self, good: list[shards.Sample]) -> list[dict[str, Any]]:
+        """Attacks in order, each on the survivors of the earlier ones, re-packed into full
+        batches across the shard; a broken sample's row is carried to the later attacks."""
+        seed, runs = self.cfg.job.seed, self.cfg.evaluation.runs
+        clean: dict[str, tuple] = {}
+        for _, x, y, keys in self._batches(good):
+            cols, logits, nfe = clean_columns(self.defense, x, y, keys, seed, runs)
+            for i, k in enumerate(keys):
+                clean[k] = ({c: v[i:i + 1] for c, v in cols.items()}, logits[i:i + 1], nfe)
+        if not self.attacks:
+            return [r for _, x, y, keys in self._batches(good)
+                    for r in attack_rows(self.defense, None, x, y, keys, seed, runs, _stack_clean(clean, keys))]
+        rows: list[dict[str, Any]] = []
+        survivors = list(good)
+        broken_rows: dict[str, dict[str, Any]] = {}
+        for plan in self.attacks:
+            for key, row in broken_rows.items():
+                rows.append({**row, **plan.info(), "cascade_from": row.get("cascade_from", row["attack_index"]),
+                             "attack_nfe": 0, "purify_nfe": 0, "seconds": 0.0})
+            still = []
+            for batch, x, y, keys in self._batches(survivors):
+                for r, s in zip(attack_rows(self.defense, plan, x, y, keys, seed, runs, _stack_clean(clean, keys)),
+                                batch):
+                    rows.append(r)
+                    if is_broken(r, plan):
+                        broken_rows[s.key] = r
+                    else:
+                        still.append(s)
+            survivors = still
+        return rows
 
     def _attack(self, good: list[shards.Sample], sid: str, url: str) -> tuple[list[dict[str, Any]], list[dict]]:
         """Adversarial examples for every attack, written as one shard per attack with lineage."""

@@ -82,3 +82,29 @@ def test_vote_ties_go_to_lowest_class():
 
     preds = torch.tensor([[2, 1, 2, 1], [3, 3, 0, 1]])
     assert vote(preds, 4).tolist() == [1, 3]
+
+
+def test_cascade_equals_per_sample_worst_case(digits_shards, digits_models, tmp_path):
+    """Keyed randomness makes an attack's result per sample independent of its batch, so the
+    cascade's final robust set is exactly the intersection of the attacks' robust sets."""
+    attacks = [{"name": "fgsm", "params": {"eps": 0.05}},
+               {"name": "pgd", "params": {"eps": 0.1, "steps": 5, "step_size": 0.03}}]
+    url = shards.expand(digits_shards["pattern"])[0]
+    tables = {}
+    for cascade in (False, True):
+        proc = _processor(digits_shards, digits_models, tmp_path / str(cascade), attacks=attacks,
+                          evaluation={"runs": 1, "cascade": cascade},
+                          data={"shards": digits_shards["pattern"], "batch_size": 32})
+        proc.process(url, "s")
+        tables[cascade] = pq.read_table(output_paths(str(tmp_path / str(cascade) / "out"), "evaluate", "s")[0]
+                                        ).to_pylist()
+    robust = {(r["attack_index"], r["key"]): r["mean_logit_pred"] == r["label"] for r in tables[False]}
+    cas = {(r["attack_index"], r["key"]): r for r in tables[True]}
+    assert len(cas) == 180
+    keys = {k for _, k in robust}
+    for k in keys:
+        assert (cas[(1, k)]["mean_logit_pred"] == cas[(1, k)]["label"]) == (robust[(0, k)] and robust[(1, k)])
+        if not robust[(0, k)]:
+            assert cas[(1, k)]["cascade_from"] == 0 and cas[(1, k)]["attack_name"] == "pgd"
+    carried = sum(1 for k in keys if cas[(1, k)]["cascade_from"] is not None)
+    assert 0 < carried < 90
