@@ -9,13 +9,14 @@ from __future__ import annotations
 import collections
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 from pipeline import config as config_mod, report, shards, storage
 from pipeline.config import Config, ConfigError
-from pipeline.worker import MARKER_SUFFIX, ShardProcessor, output_paths
+from pipeline.worker import MARKER_SUFFIX, ShardProcessor
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +97,8 @@ def _connect(cfg: Config) -> None:
     if ray.is_initialized():
         return
     addr = cfg.cluster.address
+    if addr is None and os.environ.get("RAY_ADDRESS"):
+        addr = "auto"  # submitted with `ray job submit`: join that cluster
     kwargs: dict[str, Any] = {"logging_level": logging.WARNING, "log_to_driver": True}
     if addr in (None, "", "local"):
         # a private local cluster; workers inherit this process's environment and sys.path
@@ -136,6 +139,7 @@ def run_stage(cfg: Config, stage: str, states: list[ShardState]) -> StageResult:
     t0 = time.time()
     done = committed_markers(cfg.job.output, stage)
     storage.remove_stale_temporaries(storage.join(cfg.job.output, stage))
+    remove_orphans(cfg.job.output, stage, done)
     for s in states:
         if s.sid in done:
             if done[s.sid].get("config_hash") != cfg.hash():
@@ -226,7 +230,8 @@ def run_stage(cfg: Config, stage: str, states: list[ShardState]) -> StageResult:
                 except RayTaskError as err:   # the shard raised; the actor is still healthy
                     fail(s, _short(err))
                     idle.append(a)
-                except RayActorError as err:  # the actor died (os._exit, OOM, node loss)
+                except RayActorError as err:  # the actor died (os._exit, OOM) or is unreachable (node loss)
+                    _kill(a)  # an unreachable actor may still be alive: make sure it stops
                     fail(s, f"worker died: {_short(err)}")
                     a2, ref2 = start_actor()
                     starting[ref2] = a2
@@ -235,7 +240,7 @@ def run_stage(cfg: Config, stage: str, states: list[ShardState]) -> StageResult:
             for ref, (a, s, started) in list(running.items()):
                 if now - started > c.shard_timeout_s:
                     running.pop(ref)
-                    ray.kill(a, no_restart=True)
+                    _kill(a)
                     fail(s, f"timed out after {c.shard_timeout_s:.0f}s; worker killed")
                     a2, ref2 = start_actor()
                     starting[ref2] = a2
@@ -244,13 +249,32 @@ def run_stage(cfg: Config, stage: str, states: list[ShardState]) -> StageResult:
     finally:
         progress.close()
         for a in idle + [v[0] for v in running.values()] + list(starting.values()):
-            try:
-                ray.kill(a, no_restart=True)
-            except Exception:  # already dead
-                pass
+            _kill(a)
     result.seconds = time.time() - t0
     result.checks = report.merge_shard_checks(list(committed_markers(cfg.job.output, stage).values()))
     return result
+
+
+def _kill(actor) -> None:
+    import ray
+
+    try:
+        ray.kill(actor, no_restart=True)
+    except Exception:  # already dead or unreachable
+        pass
+
+
+def remove_orphans(output: str, stage: str, markers: dict[str, dict]) -> int:
+    """Delete records files no marker names (attempts that never committed); only called
+    while no worker of this job runs."""
+    named = {m.get("parquet") for m in markers.values()}
+    n = 0
+    for url in storage.listdir(storage.join(output, stage)):
+        name = storage.basename(url)
+        if name.endswith(".parquet") and name not in named:
+            storage.remove(url)
+            n += 1
+    return n
 
 
 def _short(err: BaseException) -> str:

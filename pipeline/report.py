@@ -61,7 +61,7 @@ def load_records(run_dir: str, stage: str = "evaluate", verify: bool = True) -> 
     tables = []
     for m in markers:
         meta = json.loads(storage.read_text(m))
-        data = storage.read_bytes(m[: -len(MARKER_SUFFIX)] + ".parquet")
+        data = storage.read_bytes(storage.join(d, meta["parquet"]))
         if verify and hashlib.sha256(data).hexdigest() != meta["sha256"]:
             raise ReportError(f"{m}: the Parquet file does not match its commit marker's checksum")
         tables.append(schema.read_parquet_bytes(data))

@@ -1,19 +1,33 @@
 """One URL API for local paths and s3:// (boto3), with an atomic commit for both.
 
 Local: write to a unique temporary name in the target directory, fsync, os.replace.
-S3: a single PUT is atomic for readers (an object is visible whole or not at all).
+S3: an object becomes visible whole or not at all, both for a single PUT and for a
+multipart upload (visible only once CompleteMultipartUpload succeeds; a failed upload
+is aborted). Large puts therefore go multipart without weakening the commit protocol.
 https:// is readable (shards) but not writable.
+
+S3 settings come from the usual AWS environment: AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL
+for S3-compatible servers (SeaweedFS, MinIO, Ceph), AWS_ACCESS_KEY_ID /
+AWS_SECRET_ACCESS_KEY or any other boto3 credential source, AWS_REGION.
 """
 from __future__ import annotations
 
+import io
 import os
 import shutil
 import tempfile
+import threading
 import urllib.request
 import uuid
 from pathlib import Path
 from typing import Iterator
 from urllib.parse import urlparse
+
+# Puts of at least this many bytes use a multipart upload (parts of MULTIPART_CHUNKSIZE;
+# S3 requires ≥ 5 MiB per part except the last). Module attributes so tests can lower them.
+MULTIPART_THRESHOLD = 64 * 2**20
+MULTIPART_CHUNKSIZE = 16 * 2**20
+LIST_PAGE_SIZE = 1000
 
 
 class StorageError(OSError):
@@ -47,37 +61,91 @@ def dirname(url: str) -> str:
 # ---------------------------------------------------------------------------- s3
 
 _clients: dict = {}
+_clients_lock = threading.Lock()
+
+
+def _endpoint() -> str | None:
+    return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
 
 
 def _s3():
-    """A boto3 client; the endpoint comes from AWS_ENDPOINT_URL / AWS_ENDPOINT_URL_S3 if set."""
-    import boto3
+    """A boto3 S3 client for this process and environment.
 
-    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-    key = (endpoint, os.getpid())
-    if key not in _clients:
-        _clients[key] = boto3.client("s3", endpoint_url=endpoint)
-    return _clients[key]
+    Keyed by pid: a client (its connection pool) must not cross a fork, and Ray workers
+    may be forked. Keyed by endpoint and key id: tests and tools switch servers. A fresh
+    Session per client because boto3's default session is not thread-safe.
+    """
+    endpoint = _endpoint()
+    key = (os.getpid(), endpoint, os.environ.get("AWS_ACCESS_KEY_ID"), os.environ.get("AWS_REGION"))
+    client = _clients.get(key)
+    if client is None:
+        import boto3
+        from botocore.config import Config
+
+        with _clients_lock:
+            client = _clients.get(key)
+            if client is None:
+                # S3-compatible servers rarely have wildcard DNS for virtual-hosted buckets
+                cfg = Config(s3={"addressing_style": "path"} if endpoint else {}, max_pool_connections=16)
+                client = boto3.session.Session().client("s3", endpoint_url=endpoint, config=cfg)
+                _clients[key] = client
+    return client
 
 
 def _split(url: str) -> tuple[str, str]:
     p = urlparse(url)
+    if not p.netloc:
+        raise StorageError(f"{url}: no bucket in S3 URL (expected s3://bucket/key)")
     return p.netloc, p.path.lstrip("/")
 
 
+def _s3_error(url: str, err: Exception) -> OSError:
+    """Translate a boto3 error into FileNotFoundError / StorageError naming the URL."""
+    from botocore.exceptions import ClientError
+
+    if isinstance(err, ClientError):
+        code = err.response.get("Error", {}).get("Code", "")
+        if code in ("404", "NoSuchKey", "NotFound"):
+            return FileNotFoundError(f"no such object: {url}")
+        if code == "NoSuchBucket":
+            return StorageError(f"{url}: no such bucket {_split(url)[0]!r}")
+    return StorageError(f"{url}: {err}")
+
+
 def _s3_call(fn, url: str, **kw):
+    from boto3.exceptions import Boto3Error
     from botocore.exceptions import BotoCoreError, ClientError
 
     bucket, key = _split(url)
     try:
         return fn(Bucket=bucket, Key=key, **kw)
-    except ClientError as err:
-        code = err.response.get("Error", {}).get("Code", "")
-        if code in ("404", "NoSuchKey", "NotFound"):
-            raise FileNotFoundError(url) from None
-        raise StorageError(f"{url}: {err}") from err
-    except BotoCoreError as err:
-        raise StorageError(f"{url}: {err}") from err
+    except (ClientError, BotoCoreError, Boto3Error) as err:
+        raise _s3_error(url, err) from err
+
+
+def _s3_put(url: str, data: bytes) -> None:
+    if len(data) < MULTIPART_THRESHOLD:
+        _s3_call(_s3().put_object, url, Body=data)
+        return
+    from boto3.s3.transfer import TransferConfig
+
+    # s3transfer aborts the multipart upload if any part fails: nothing becomes visible
+    cfg = TransferConfig(multipart_threshold=MULTIPART_THRESHOLD, multipart_chunksize=MULTIPART_CHUNKSIZE,
+                         max_concurrency=4)
+    _s3_call(lambda Bucket, Key: _s3().upload_fileobj(io.BytesIO(data), Bucket, Key, Config=cfg), url)
+
+
+def _s3_pages(url: str, op: str, **kw) -> Iterator[dict]:
+    from boto3.exceptions import Boto3Error
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    bucket, prefix = _split(url.rstrip("/") + "/")
+    try:
+        paginator = _s3().get_paginator(op)
+        yield from paginator.paginate(Bucket=bucket, Prefix=prefix,
+                                      PaginationConfig={"PageSize": LIST_PAGE_SIZE}, **kw)
+    except (ClientError, BotoCoreError, Boto3Error) as err:
+        raise _s3_error(url, err) from err
 
 
 # ---------------------------------------------------------------------------- API
@@ -99,6 +167,16 @@ def exists(url: str) -> bool:
 
 
 def read_bytes(url: str) -> bytes:
+    if is_s3(url):
+        from botocore.exceptions import BotoCoreError
+
+        body = open_read(url)
+        try:
+            return body.read()
+        except BotoCoreError as err:  # the connection dropped or stalled mid-body
+            raise StorageError(f"{url}: read failed: {err}") from err
+        finally:
+            body.close()
     with open_read(url) as f:
         return f.read()
 
@@ -118,7 +196,7 @@ def open_read(url: str):
 def put_bytes(url: str, data: bytes) -> None:
     """Write `data` to `url` atomically: readers see the old object or the whole new one."""
     if is_s3(url):
-        _s3_call(_s3().put_object, url, Body=data)
+        _s3_put(url, data)
         return
     if is_http(url):
         raise StorageError(f"cannot write to {url}: http(s) is read-only")
@@ -151,12 +229,12 @@ def read_text(url: str) -> str:
 
 
 def listdir(url: str) -> list[str]:
-    """Full URLs of the objects directly below `url` (not recursive), sorted."""
+    """Full URLs of the objects directly below `url` (not recursive), sorted; [] if none."""
     if is_s3(url):
-        bucket, prefix = _split(url.rstrip("/") + "/")
+        bucket, _ = _split(url)
         out = []
-        for page in _s3().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix, Delimiter="/"):
-            out += [f"s3://{bucket}/{o['Key']}" for o in page.get("Contents", [])]
+        for page in _s3_pages(url, "list_objects_v2", Delimiter="/"):
+            out += [f"s3://{bucket}/{o['Key']}" for o in page.get("Contents", []) if not o["Key"].endswith("/")]
         return sorted(out)
     if is_http(url):
         raise StorageError(f"cannot list {url}: http(s) has no listing")
@@ -165,15 +243,34 @@ def listdir(url: str) -> list[str]:
 
 
 def remove(url: str) -> None:
+    """Delete an object or file; a missing one is not an error."""
     if is_s3(url):
         _s3_call(_s3().delete_object, url)
+    elif is_http(url):
+        raise StorageError(f"cannot remove {url}: http(s) is read-only")
     else:
         Path(url).unlink(missing_ok=True)
 
 
 def remove_stale_temporaries(url: str) -> int:
-    """Delete leftovers of interrupted local commits in a directory; returns how many."""
-    if is_s3(url) or not Path(url).is_dir():
+    """Delete leftovers of interrupted commits below a directory / prefix; returns how many.
+
+    Local: the `.name.*.tmp` files of put_bytes. S3: unfinished multipart uploads directly
+    below the prefix (invisible to readers, but they hold storage until aborted). Call it
+    only when no writer can be active there (the driver does, before starting workers).
+    """
+    if is_s3(url):
+        bucket, _ = _split(url)
+        n = 0
+        for page in _s3_pages(url, "list_multipart_uploads", Delimiter="/"):
+            for up in page.get("Uploads", []):
+                try:
+                    _s3().abort_multipart_upload(Bucket=bucket, Key=up["Key"], UploadId=up["UploadId"])
+                    n += 1
+                except Exception:  # noqa: BLE001 - already completed or aborted by someone else
+                    pass
+        return n
+    if is_http(url) or not Path(url).is_dir():
         return 0
     n = 0
     for p in Path(url).glob(".*.tmp"):

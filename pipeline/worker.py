@@ -9,6 +9,7 @@ import logging
 import os
 import socket
 import time
+import uuid
 from fnmatch import fnmatch
 from pathlib import Path
 from typing import Any
@@ -32,9 +33,14 @@ LINEAGE_COLUMNS = (*NO_ATTACK.keys(), "clean_pred", "linf", "l2", "broken_step",
 CHECK_SAMPLES = 16   # samples of a shard's first batch used for the gradient-masking checks
 
 
-def output_paths(output: str, stage: str, sid: str) -> tuple[str, str]:
-    d = storage.join(output, stage)
-    return storage.join(d, f"{sid}.parquet"), storage.join(d, f"{sid}{MARKER_SUFFIX}")
+def marker_path(output: str, stage: str, sid: str) -> str:
+    return storage.join(output, stage, f"{sid}{MARKER_SUFFIX}")
+
+
+def committed_parquet(output: str, stage: str, sid: str) -> str:
+    """The records file a shard's commit marker names."""
+    marker = json.loads(storage.read_text(marker_path(output, stage, sid)))
+    return storage.join(output, stage, marker["parquet"])
 
 
 def _checksum_params(params: dict[str, Any]) -> str:
@@ -150,14 +156,16 @@ class ShardProcessor:
         rows += [{**common, **r, "status": schema.Status.OK.value, "error": None} for r in new]
         table = schema.to_table(rows)
         data = schema.to_parquet_bytes(table)
-        parquet_url, marker_url = output_paths(self.cfg.job.output, stage, sid)
-        storage.put_bytes(parquet_url, data)  # atomic: tmp + fsync + rename, or one PUT
-        marker = {"shard": sid, "source": url, "rows": table.num_rows, "samples": len(samples),
+        # a name of its own per attempt: a lost-but-alive worker finishing late can never make
+        # a marker point at another attempt's bytes; the marker names the file it vouches for
+        name = f"{sid}.{uuid.uuid4().hex[:8]}.parquet"
+        storage.put_bytes(storage.join(self.cfg.job.output, stage, name), data)  # atomic
+        marker = {"shard": sid, "source": url, "parquet": name, "rows": table.num_rows, "samples": len(samples),
                   "sha256": hashlib.sha256(data).hexdigest(), "config_hash": self.config_hash,
                   "schema_version": schema.SCHEMA_VERSION, "seconds": time.time() - t0,
                   "host": socket.gethostname(), "device": str(self.device), "node_id": _node_id(),
                   "checks": checks, "outputs": outputs}
-        storage.put_text(marker_url, json.dumps(marker))  # the commit: written last
+        storage.put_text(marker_path(self.cfg.job.output, stage, sid), json.dumps(marker))  # the commit, last
         return marker
 
     def _batches(self, good: list[shards.Sample]):

@@ -166,3 +166,18 @@ def test_real_mnist_shards_end_to_end(ray_local, tmp_path):
     s = report.summarize(report.load_records(cfg.job.output))["attacks"][0]
     assert s["clean_classifier"]["acc"] > 0.9
     assert s["adv_classifier"]["acc"] < s["clean_classifier"]["acc"] - 0.3
+
+
+def test_truncated_shard_in_a_job_is_quarantined_with_its_name(ray_local, digits_models, tmp_path):
+    from pipeline.make_shards import make_shards
+
+    doc = make_shards("digits", str(tmp_path / "sh"), split="test", samples_per_shard=120)
+    victim = tmp_path / "sh" / "shard-000001.tar"
+    victim.write_bytes(victim.read_bytes()[:20480])          # cut at a 512-byte block boundary
+    cfg = config.from_dict(job_dict(doc["pattern"], digits_models, str(tmp_path / "out"), attacks=[]))
+    code, manifest = driver.run(cfg)
+    assert code == driver.EXIT_QUARANTINED
+    st = manifest["stages"]["evaluate"]
+    assert st["quarantined"] == ["shard-000001"]
+    assert "shard-000001.tar: truncated tar" in st["shards"]["shard-000001"]["errors"][-1]
+    assert len(_rows(cfg.job.output)) == 240

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from pipeline import config, report, schema, shards
-from pipeline.worker import ShardProcessor, output_paths
+from pipeline.worker import ShardProcessor, committed_parquet, marker_path
 from tests.conftest import job_dict
 
 
@@ -19,7 +19,8 @@ def test_one_shard_commits_parquet_then_marker(digits_shards, digits_models, tmp
     proc = _processor(digits_shards, digits_models, tmp_path)
     url = shards.expand(digits_shards["pattern"])[0]
     marker = proc.process(url, "shard-000000", "evaluate", expected=90)
-    pq_url, marker_url = output_paths(str(tmp_path / "out"), "evaluate", "shard-000000")
+    pq_url = committed_parquet(str(tmp_path / "out"), "evaluate", "shard-000000")
+    marker_url = marker_path(str(tmp_path / "out"), "evaluate", "shard-000000")
     table = pq.read_table(pq_url)
     assert table.schema.equals(schema.SCHEMA)
     assert marker["rows"] == table.num_rows == 90 and marker["samples"] == 90
@@ -41,7 +42,7 @@ def test_rows_do_not_depend_on_batch_size(digits_shards, digits_models, tmp_path
         proc = _processor(digits_shards, digits_models, tmp_path / str(bs),
                           data={"shards": digits_shards["pattern"], "batch_size": bs})
         proc.process(url, "s", "evaluate")
-        t = pq.read_table(output_paths(str(tmp_path / str(bs) / "out"), "evaluate", "s")[0]).to_pylist()
+        t = pq.read_table(committed_parquet(str(tmp_path / str(bs) / "out"), "evaluate", "s")).to_pylist()
         outs.append({r["key"]: (r["adv_pred"], r["purified_preds"], round(r["linf"], 6)) for r in t})
     assert outs[0] == outs[1]
 
@@ -56,7 +57,7 @@ def test_decode_errors_become_status_rows(digits_models, tmp_path):
     pattern = str(tmp_path / "sh" / "shard-000000.tar")
     proc = _processor({"pattern": pattern}, digits_models, tmp_path)
     proc.process(pattern, "shard-000000")
-    t = pq.read_table(output_paths(str(tmp_path / "out"), "evaluate", "shard-000000")[0]).to_pylist()
+    t = pq.read_table(committed_parquet(str(tmp_path / "out"), "evaluate", "shard-000000")).to_pylist()
     by_key = {r["key"]: r for r in t}
     assert by_key["a"]["status"] == "ok"
     assert by_key["b"]["status"] == "decode_error"
@@ -96,7 +97,7 @@ def test_cascade_equals_per_sample_worst_case(digits_shards, digits_models, tmp_
                           evaluation={"runs": 1, "cascade": cascade},
                           data={"shards": digits_shards["pattern"], "batch_size": 32})
         proc.process(url, "s")
-        tables[cascade] = pq.read_table(output_paths(str(tmp_path / str(cascade) / "out"), "evaluate", "s")[0]
+        tables[cascade] = pq.read_table(committed_parquet(str(tmp_path / str(cascade) / "out"), "evaluate", "s")
                                         ).to_pylist()
     robust = {(r["attack_index"], r["key"]): r["mean_logit_pred"] == r["label"] for r in tables[False]}
     cas = {(r["attack_index"], r["key"]): r for r in tables[True]}
