@@ -1,0 +1,167 @@
+"""ADP: adversarial purification with a score-based model (Yoon, Hwang, Lee, ICML 2021).
+
+Per row (a (sample, replica) pair; the R replicas of a sample are the ADP ensemble):
+  1. randomised smoothing x₀ = clip(x + σ·n, 0, 1), n ~ N(0, I) (σ = 0.25), or the
+     "binary" variant x + σ·√(2/π)·(±1) of the reference code;
+  2. map to the score grid x·255/256 + 1/512;
+  3. up to `max_iter` (10) deterministic steps x ← clip(x + α·g, 0, 1) with g = s_θ(x) and
+     the adaptive step α = clip(λδ/(1 − z), α_min, α_max), z = ⟨g, s_θ(x+δg)⟩/⟨g, g⟩
+     (δ = 1e-3, λ = 0.05, α ∈ [1e-5, 1e-1]); a row stops for good the first time its α is
+     ≤ stop_alpha (1e-3), and then stays fixed (batched with masks, never per-row loops);
+  4. map back from the grid and clip to [0, 1].
+
+Ensemble prediction over the R runs (summed logits / summed softmax / majority vote) is
+`pipeline.purifiers.steps.ensemble_predictions` applied to Defense.logits → [B, R, K].
+`ADPPurifier.trajectory` returns every intermediate step for "classify every step".
+
+Differences from the reference code (jmyoon1/adp, purification/adp.py), on purpose:
+- gradients flow (the reference runs under no_grad): the honest attack is full-gradient
+  through both score evaluations per step, the step size and the clips;
+- the reference maps from the grid back to [0, 1] after every step but never maps the
+  result onto the grid again: from the second step on the network sees [0, 1]-scale
+  inputs, and every step (stopped rows included) stretches the image by 256/255 about
+  0.5. We stay on the grid for the whole loop and map back once; `regrid_each_step=True`
+  reproduces the reference's behaviour.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from pipeline.purifiers import steps
+from pipeline.purifiers.base import Purifier
+from pipeline.purifiers.nets import score_nets
+from pipeline.registry import PURIFIERS
+from pipeline.seeding import Noise
+
+NOISE_TYPES = ("gaussian", "binary")
+
+
+class ADPPurifier(Purifier):
+    stochastic = True
+    differentiable = True
+    test_time_optimization = False  # a fixed, short score ascent — no inner objective is optimised
+
+    def __init__(self, score_net: nn.Module, sigma: float = 0.25, max_iter: int = 10,
+                 delta: float = 1e-3, lam: float = 0.05, alpha_min: float = 1e-5,
+                 alpha_max: float = 1e-1, stop_alpha: float = 1e-3, noise_type: str = "gaussian",
+                 regrid_each_step: bool = False, checkpoint_steps: bool = False,
+                 info: dict | None = None):
+        super().__init__()
+        if noise_type not in NOISE_TYPES:
+            raise ValueError(f"noise_type must be one of {NOISE_TYPES}, got {noise_type!r}")
+        if sigma < 0 or max_iter < 0 or delta <= 0 or not (0 < alpha_min <= alpha_max):
+            raise ValueError("need sigma ≥ 0, max_iter ≥ 0, delta > 0, 0 < alpha_min ≤ alpha_max")
+        self.score_net = score_net
+        self.sigma, self.max_iter, self.delta, self.lam = float(sigma), int(max_iter), float(delta), float(lam)
+        self.alpha_min, self.alpha_max, self.stop_alpha = float(alpha_min), float(alpha_max), float(stop_alpha)
+        self.noise_type = noise_type
+        self.regrid_each_step = bool(regrid_each_step)
+        self.checkpoint_steps = bool(checkpoint_steps)
+        self.info = dict(info or {})
+        # diagnostics of the last call (detached): α per step [T, N] and steps taken per row [N]
+        self.last_alphas: torch.Tensor | None = None
+        self.last_steps: torch.Tensor | None = None
+
+    def params(self) -> dict[str, Any]:
+        return {"sigma": self.sigma, "max_iter": self.max_iter, "delta": self.delta, "lam": self.lam,
+                "alpha_min": self.alpha_min, "alpha_max": self.alpha_max, "stop_alpha": self.stop_alpha,
+                "noise_type": self.noise_type, "regrid_each_step": self.regrid_each_step,
+                **{f"net_{k}": v for k, v in self.info.items() if k in ("format", "arch", "ema")}}
+
+    # -- pieces ---------------------------------------------------------------------------
+
+    def smooth(self, x: torch.Tensor, noise: Noise) -> torch.Tensor:
+        """x₀ = clip(x + σ·n, 0, 1) with keyed n (Gaussian, or ±σ√(2/π) for "binary")."""
+        if self.sigma == 0:
+            return x
+        shape = tuple(x.shape[1:])
+        if self.noise_type == "gaussian":
+            n = noise.normal(shape, purpose="adp/init").to(dtype=x.dtype)
+        else:
+            n = (2.0 * noise.randint(shape, purpose="adp/init", high=2) - 1.0).to(dtype=x.dtype)
+            n = n * math.sqrt(2.0 / math.pi)
+        return torch.clamp(x + self.sigma * n, 0.0, 1.0)
+
+    def _step(self, xg: torch.Tensor, active: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One ADP iteration: (x, active) → (x', active', α). x is on the score grid, except
+        in regrid_each_step mode after the first step (the reference's pixel-space state)."""
+        g = self.score_net(xg)
+        g_probe = self.score_net(xg + self.delta * g)
+        alpha = steps.adp_step_size(g, g_probe, self.delta, self.lam, self.alpha_min, self.alpha_max)
+        active = active & (alpha > self.stop_alpha)
+        if self.regrid_each_step:
+            # reference: x ← clip(grid⁻¹(x + α·[active]·g), 0, 1) for every row, stopped or not
+            a = (alpha * active.to(alpha.dtype)).view(-1, *([1] * (xg.dim() - 1)))
+            xg = torch.clamp(steps.from_score_grid(xg + a * g), 0.0, 1.0)
+        else:
+            xg = steps.adp_update(xg, g, alpha, active, 0.0, 1.0)
+        return xg, active, alpha
+
+    def _iterate(self, x: torch.Tensor, noise: Noise | None, keep_all: bool) -> list[torch.Tensor]:
+        noise = self._noise(noise, x)
+        x0 = self.smooth(x, noise)
+        xg = steps.to_score_grid(x0)
+        on_grid = True
+        active = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
+        out = [x0] if keep_all else []
+        alphas = []
+        use_ckpt = self.checkpoint_steps and steps.needs_graph(xg)
+        for _ in range(self.max_iter):
+            if use_ckpt:
+                new_x, new_active, alpha = checkpoint(self._step, xg, active, use_reentrant=False)
+            else:
+                new_x, new_active, alpha = self._step(xg, active)
+            self.nfe += 2
+            alphas.append(alpha.detach())
+            active = new_active
+            if not bool(active.any()):  # every row has stopped: nothing moves any more
+                break
+            xg = new_x
+            on_grid = not self.regrid_each_step
+            if keep_all:
+                out.append(self._to_pixels(xg, on_grid))
+        if alphas:
+            A = torch.stack(alphas)  # [T, N]
+            self.last_alphas = A
+            # steps taken per row: leading run of iterations with α > stop_alpha
+            self.last_steps = torch.cumprod((A > self.stop_alpha).to(torch.int64), 0).sum(0)
+        else:
+            self.last_alphas = None
+            self.last_steps = torch.zeros(x.shape[0], dtype=torch.int64, device=x.device)
+        if not keep_all:
+            out.append(self._to_pixels(xg, on_grid))
+        return out
+
+    @staticmethod
+    def _to_pixels(xg: torch.Tensor, on_grid: bool) -> torch.Tensor:
+        return torch.clamp(steps.from_score_grid(xg), 0.0, 1.0) if on_grid else xg
+
+    # -- interface ------------------------------------------------------------------------
+
+    def forward(self, x: torch.Tensor, noise: Noise | None = None) -> torch.Tensor:
+        return self._iterate(x, noise, keep_all=False)[-1]
+
+    def trajectory(self, x: torch.Tensor, noise: Noise | None = None) -> list[torch.Tensor]:
+        """[x₀ (smoothed input), x after step 1, …, final] in [0, 1]; the last entry equals
+        forward(x, noise). Its length is 1 + the number of iterations actually run (the
+        loop ends early once every row has stopped)."""
+        return self._iterate(x, noise, keep_all=True)
+
+
+@PURIFIERS.register("adp")
+def build(checkpoint: str, sigma: float = 0.25, max_iter: int = 10, delta: float = 1e-3,
+          lam: float = 0.05, alpha_min: float = 1e-5, alpha_max: float = 1e-1, stop_alpha: float = 1e-3,
+          noise_type: str = "gaussian", regrid_each_step: bool = False, checkpoint_steps: bool = False,
+          arch: str | None = None, net: dict | None = None, ema: bool = False) -> ADPPurifier:
+    """ADP score-based purification (Yoon et al. 2021); checkpoint from jobs/train_score.py
+    or a published NCSNv2 checkpoint (arch/net give its architecture, ema picks EMA weights)."""
+    score_net, info = score_nets.load_score_net(checkpoint, arch=arch, arch_params=net, ema=ema)
+    return ADPPurifier(score_net, sigma=sigma, max_iter=max_iter, delta=delta, lam=lam,
+                       alpha_min=alpha_min, alpha_max=alpha_max, stop_alpha=stop_alpha,
+                       noise_type=noise_type, regrid_each_step=regrid_each_step,
+                       checkpoint_steps=checkpoint_steps, info=info)

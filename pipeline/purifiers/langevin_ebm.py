@@ -1,0 +1,104 @@
+"""Long-run Langevin purification with an EBM (Hill, Mitchell, Zhu, ICLR 2021).
+
+Per row, on the [−1, 1] scale X = 2x − 1:
+    X ← X − ∇_X U_θ(X) + ε·Z,   Z ~ N(0, I),   K = 1500 steps, ε = 0.01,
+where U_θ is the network output, i.e. the energy with ε²/2 absorbed (the reference trains
+U = (ε²/2)·E, so the Langevin step X − (ε²/2)∇E + εZ has no separate step size). No
+clipping inside the chain, as in the reference. The result is mapped back to [0, 1] by
+(X + 1)/2.
+
+Clipping at the end: the reference (point0bar1/ebm-defense, bpda_eot_attack.py) feeds the
+unclipped chain state to the classifier. Our classifiers normalise [0, 1] inputs with mean
+0.5 / std 0.5 inside, so `clip_output=False` hands them exactly the reference's input;
+`clip_output=True` (the default, to honour the purifier contract x̂ ∈ [0, 1]) clips.
+
+EOT defense: the H = 150 chains per image are the pipeline's R runs (evaluation.runs);
+predict with `pipeline.purifiers.steps.ensemble_predict(logits, "logits")` (the reference's
+eot_defense_ave "logits"; "softmax" and "logsoftmax" are the other two options).
+
+Gradients: forward is differentiable (stochastic=True, differentiable=True,
+test_time_optimization=False: a sampler, not an optimiser), so a full-gradient attack can
+backpropagate through all K steps — second-order, through ∇U. With a graph needed, the
+chain runs in checkpointed segments (√K steps by default) so memory does not grow with
+K. The reference paper attacks it with BPDA+EOT; both are available to the pipeline.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from pipeline.purifiers import steps
+from pipeline.purifiers.base import Purifier
+from pipeline.purifiers.nets import ebm_nets
+from pipeline.registry import PURIFIERS
+from pipeline.seeding import Noise
+
+
+class LangevinEBMPurifier(Purifier):
+    stochastic = True
+    differentiable = True
+    test_time_optimization = False
+
+    def __init__(self, energy_net: nn.Module, steps: int = 1500, eps: float = 0.01,
+                 clip_output: bool = True, checkpoint_segment: int = -1, info: dict | None = None):
+        super().__init__()
+        if steps < 0 or eps < 0:
+            raise ValueError("need steps ≥ 0 and eps ≥ 0")
+        self.energy_net = energy_net
+        self.steps, self.eps = int(steps), float(eps)
+        self.clip_output = bool(clip_output)
+        self.checkpoint_segment = int(checkpoint_segment)
+        self.info = dict(info or {})
+
+    def params(self) -> dict[str, Any]:
+        return {"steps": self.steps, "eps": self.eps, "clip_output": self.clip_output,
+                **{f"net_{k}": v for k, v in self.info.items() if k in ("format", "arch")}}
+
+    def energy(self, x: torch.Tensor) -> torch.Tensor:
+        """U_θ of images in [0, 1] (per row), for diagnostics."""
+        return self.energy_net(2.0 * x - 1.0)
+
+    def _chain(self, X: torch.Tensor, noise: Noise, n_steps: int, start: int = 0) -> torch.Tensor:
+        shape = tuple(X.shape[1:])
+
+        def step(Xt: torch.Tensor, t: int) -> torch.Tensor:
+            grad = steps.energy_grad(self.energy_net, Xt)
+            z = noise.normal(shape, purpose="langevin_ebm/z", step=t).to(dtype=Xt.dtype)
+            return steps.langevin_step(Xt, grad, self.eps, z)
+
+        X = steps.run_steps(step, X, n_steps, segment=self.checkpoint_segment, start=start)
+        self.nfe += n_steps
+        return X
+
+    def _to_pixels(self, X: torch.Tensor) -> torch.Tensor:
+        x = (X + 1.0) * 0.5
+        return torch.clamp(x, 0.0, 1.0) if self.clip_output else x
+
+    def forward(self, x: torch.Tensor, noise: Noise | None = None) -> torch.Tensor:
+        noise = self._noise(noise, x)
+        return self._to_pixels(self._chain(2.0 * x - 1.0, noise, self.steps))
+
+    def trajectory(self, x: torch.Tensor, noise: Noise | None = None, every: int = 100) -> list[torch.Tensor]:
+        """States after 0, every, 2·every, …, K steps (mapped to pixels); the last entry
+        equals forward(x, noise) — the same keyed draws are used step by step."""
+        noise = self._noise(noise, x)
+        X = 2.0 * x - 1.0
+        out, done = [self._to_pixels(X)], 0
+        while done < self.steps:
+            n = min(every, self.steps - done)
+            X = self._chain(X, noise, n, start=done)
+            done += n
+            out.append(self._to_pixels(X))
+        return out
+
+
+@PURIFIERS.register("langevin_ebm")
+def build(checkpoint: str, steps: int = 1500, eps: float = 0.01, clip_output: bool = True,
+          checkpoint_segment: int = -1, net: dict | None = None) -> LangevinEBMPurifier:
+    """Long-run Langevin EBM purification (Hill et al. 2021); checkpoint from
+    jobs/train_ebm.py or a published ebm.pth state dict (net: its architecture params)."""
+    energy_net, info = ebm_nets.load_ebm(checkpoint, arch_params=net)
+    return LangevinEBMPurifier(energy_net, steps=steps, eps=eps, clip_output=clip_output,
+                               checkpoint_segment=checkpoint_segment, info=info)

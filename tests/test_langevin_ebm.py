@@ -1,0 +1,219 @@
+"""Long-run Langevin EBM purifier (Hill et al. 2021): step math, contract, training."""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from pipeline import checkpoints, datasets
+from pipeline.purifiers import steps
+from pipeline.purifiers.langevin_ebm import LangevinEBMPurifier
+from pipeline.purifiers.nets.ebm_nets import EBM
+from pipeline.registry import PURIFIERS
+from pipeline.seeding import Noise
+
+torch.set_num_threads(1)
+
+
+class QuadraticEnergy(nn.Module):
+    """U(X) = a/2 · ‖X − m‖² per row, so ∇U = a·(X − m)."""
+
+    def __init__(self, a: float, m: float):
+        super().__init__()
+        self.a, self.m = a, m
+
+    def forward(self, X):
+        return 0.5 * self.a * ((X - self.m) ** 2).flatten(1).sum(1)
+
+
+def keyed(n: int, replicas: int = 1, context: str = "t") -> Noise:
+    return Noise.for_batch(0, [f"img{i}" for i in range(n)], context, replicas)
+
+
+@pytest.fixture(scope="module")
+def small_ebm():
+    torch.manual_seed(0)
+    net = EBM(n_c=1, n_f=8, image_size=8).eval()
+    for p in net.parameters():
+        p.requires_grad_(False)
+    return net
+
+
+def test_langevin_step_formula():
+    x = torch.randn(2, 3)
+    g = torch.randn(2, 3)
+    z = torch.randn(2, 3)
+    torch.testing.assert_close(steps.langevin_step(x, g, 0.01, z), x - g + 0.01 * z)
+
+
+def test_one_step_quadratic_energy_hand_computed():
+    a, m, eps = 0.3, 0.2, 0.01
+    x = torch.rand(3, 1, 4, 4, dtype=torch.float64)
+    noise = keyed(3)
+    p = LangevinEBMPurifier(QuadraticEnergy(a, m), steps=1, eps=eps, clip_output=False)
+    X = 2 * x - 1
+    z = noise.normal((1, 4, 4), purpose="langevin_ebm/z", step=0).double()
+    expected = (X - a * (X - m) + eps * z + 1) / 2
+    torch.testing.assert_close(p(x, noise), expected)
+    assert p.nfe == 1
+
+
+def test_many_steps_without_noise_contract_to_the_minimum():
+    a, m, K = 0.1, 0.2, 25
+    x = torch.rand(2, 1, 4, 4, dtype=torch.float64)
+    p = LangevinEBMPurifier(QuadraticEnergy(a, m), steps=K, eps=0.0, clip_output=False)
+    X = 2 * x - 1
+    torch.testing.assert_close(p(x, keyed(2)), (m + (1 - a) ** K * (X - m) + 1) / 2)
+
+
+def test_no_clipping_inside_the_chain_and_optional_clip_at_the_end():
+    # a minimum outside [−1, 1] pulls the chain out of the image range
+    x = torch.full((1, 1, 4, 4), 0.9, dtype=torch.float64)
+    free = LangevinEBMPurifier(QuadraticEnergy(0.5, 3.0), steps=10, eps=0.01, clip_output=False)(x, keyed(1))
+    assert free.max() > 1.0
+    clipped = LangevinEBMPurifier(QuadraticEnergy(0.5, 3.0), steps=10, eps=0.01, clip_output=True)(x, keyed(1))
+    torch.testing.assert_close(clipped, free.clamp(0, 1))
+
+
+def test_contract(small_ebm):
+    p = LangevinEBMPurifier(small_ebm, steps=20)
+    assert p.flags() == {"stochastic": True, "differentiable": True, "test_time_optimization": False}
+    x = torch.rand(5, 1, 8, 8)
+    keys = [f"k{i}" for i in range(5)]
+    a = p(x, Noise.for_batch(3, keys, "c"))
+    assert a.shape == x.shape and a.min() >= 0 and a.max() <= 1
+    assert torch.equal(a, p(x, Noise.for_batch(3, keys, "c")))
+    sub = p(x[[4, 0]], Noise.for_batch(3, [keys[4], keys[0]], "c"))
+    torch.testing.assert_close(sub, a[[4, 0]], rtol=0, atol=1e-6)
+    reps = p(x[:1].repeat_interleave(2, 0), Noise.for_batch(3, keys[:1], "c", replicas=2))
+    assert not torch.allclose(reps[0], reps[1])
+    assert p.params() == {"steps": 20, "eps": 0.01, "clip_output": True}
+
+
+def test_gradient_flows_and_checkpointing_is_exact(small_ebm):
+    net = EBM(n_c=1, n_f=8, image_size=8).double().eval()
+    net.load_state_dict(small_ebm.state_dict())
+    for q in net.parameters():
+        q.requires_grad_(False)
+    x = torch.rand(2, 1, 8, 8, dtype=torch.float64, requires_grad=True)
+    grads, outs = [], []
+    for segment in (0, 3, -1):  # plain, 3-step segments, √K segments
+        p = LangevinEBMPurifier(net, steps=12, checkpoint_segment=segment, clip_output=False)
+        y = p(x, keyed(2))
+        (g,) = torch.autograd.grad((y ** 2).sum(), x)
+        grads.append(g)
+        outs.append(y.detach())
+    assert torch.isfinite(grads[0]).all() and grads[0].abs().sum() > 0
+    for g, y in zip(grads[1:], outs[1:]):
+        torch.testing.assert_close(g, grads[0])
+        torch.testing.assert_close(y, outs[0])
+    # evaluated without a graph, the same chain
+    with torch.no_grad():
+        torch.testing.assert_close(LangevinEBMPurifier(net, steps=12, clip_output=False)(x, keyed(2)), outs[0])
+
+
+def test_second_order_gradient_matches_finite_differences():
+    # d/dx of one step through ∇U needs the Hessian: check against finite differences
+    net = EBM(n_c=1, n_f=4, image_size=8).double().eval()
+    for q in net.parameters():
+        q.requires_grad_(False)
+    p = LangevinEBMPurifier(net, steps=3, clip_output=False)
+    x = torch.rand(1, 1, 8, 8, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(1, 1, 8, 8, dtype=torch.float64)
+    (g,) = torch.autograd.grad((p(x, keyed(1)) * w).sum(), x)
+    d = torch.randn_like(x)
+    h = 1e-6
+    with torch.no_grad():
+        fd = ((p(x + h * d, keyed(1)) * w).sum() - (p(x - h * d, keyed(1)) * w).sum()) / (2 * h)
+    torch.testing.assert_close((g * d).sum(), fd, rtol=1e-5, atol=1e-8)
+
+
+def test_trajectory_ends_at_forward(small_ebm):
+    p = LangevinEBMPurifier(small_ebm, steps=10)
+    x = torch.rand(2, 1, 8, 8)
+    traj = p.trajectory(x, keyed(2), every=4)
+    assert len(traj) == 4  # 0, 4, 8, 10 steps
+    torch.testing.assert_close(traj[-1], p(x, keyed(2)))
+
+
+def test_eot_defense_prediction_by_mean_logits():
+    logits = torch.tensor([[[3.0, 0.0], [0.0, 1.0], [0.0, 1.0]]])  # mean logits favour class 0
+    assert steps.ensemble_predict(logits, "logits").tolist() == [0]
+    assert steps.ensemble_predict(logits, "vote").tolist() == [1]
+
+
+def test_builder_reads_published_and_our_checkpoints(tmp_path, small_ebm):
+    # published layout: a plain state dict f.0 … f.8 (CIFAR-10 network)
+    torch.manual_seed(1)
+    pub = EBM()
+    assert list(pub.state_dict()) == [f"f.{i}.{w}" for i in (0, 2, 4, 6, 8) for w in ("weight", "bias")]
+    path = tmp_path / "ebm.pth"
+    torch.save(pub.state_dict(), path)
+    p = PURIFIERS.build("langevin_ebm", checkpoint=str(path), steps=2)
+    x = torch.rand(2, 3, 32, 32)
+    torch.testing.assert_close(p.energy_net(2 * x - 1), pub(2 * x - 1))
+    assert p(x, keyed(2)).shape == x.shape
+    # DataParallel prefix
+    torch.save({f"module.{k}": v for k, v in pub.state_dict().items()}, tmp_path / "ebm_dp.pth")
+    p2 = PURIFIERS.build("langevin_ebm", checkpoint=str(tmp_path / "ebm_dp.pth"), steps=2)
+    torch.testing.assert_close(p2.energy_net(2 * x - 1), pub(2 * x - 1))
+    # ours (jobs/train_ebm.py)
+    ours = str(tmp_path / "ours.pt")
+    checkpoints.save(ours, "ebm", {"n_c": 1, "n_f": 8, "image_size": 8}, small_ebm.state_dict())
+    p3 = PURIFIERS.build("langevin_ebm", checkpoint=ours, steps=3, eps=0.02)
+    assert p3.params()["net_format"] == "advpure" and p3.eps == 0.02
+    xs = torch.rand(2, 1, 8, 8)
+    torch.testing.assert_close(p3(xs, keyed(2)), LangevinEBMPurifier(small_ebm, steps=3, eps=0.02)(xs, keyed(2)))
+    # a mismatching state dict is refused
+    with pytest.raises(checkpoints.CheckpointError):
+        PURIFIERS.build("langevin_ebm", checkpoint=str(path), net={"n_c": 1})
+
+
+def _load_train_ebm():
+    path = Path(__file__).resolve().parents[1] / "jobs" / "train_ebm.py"
+    spec = importlib.util.spec_from_file_location("advpure_job_train_ebm", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.slow
+def test_training_separates_data_from_noise_and_reduces_the_loss():
+    train_ebm = _load_train_ebm()
+    images, _ = datasets.load_digits()
+    data = 2 * datasets.to_float_nchw(images[:500]) - 1
+    torch.manual_seed(0)
+    net = EBM(n_c=1, n_f=8, image_size=8)
+    uniform = 2 * torch.rand(200, 1, 8, 8, generator=torch.Generator().manual_seed(5)) - 1
+    with torch.no_grad():
+        gap_before = (net(uniform).mean() - net(data).mean()).item()
+    hist = train_ebm.train(net, data, n_steps=20, batch_size=32, lr_adam=1e-3, shortrun_steps=10,
+                           seed=0, log_every=1000)
+    d = hist["d"]
+    assert all(torch.isfinite(torch.tensor(d)))
+    assert sum(d[-5:]) / 5 < d[0]  # the ML loss (data energy − sample energy) went down
+    with torch.no_grad():
+        gap_after = (net(uniform).mean() - net(data).mean()).item()
+    assert gap_after > max(0.0, gap_before)  # uniform noise now has higher energy than digits
+    # the trained net drives noisy digits down in energy under the purifier's chain
+    for q in net.parameters():
+        q.requires_grad_(False)
+    p = LangevinEBMPurifier(net, steps=20)
+    noisy = (datasets.to_float_nchw(images[500:564]) + 0.3 * torch.randn(64, 1, 8, 8,
+             generator=torch.Generator().manual_seed(6))).clamp(0, 1)
+    purified = p(noisy, keyed(64))
+    assert p.energy(purified).mean() < p.energy(noisy).mean()
+
+
+@pytest.mark.slow
+def test_mnist_sized_ebm(small_ebm):
+    if not datasets.mnist_available():
+        pytest.skip("MNIST idx files not found (pipeline.datasets.mnist_available() is False)")
+    images, _ = datasets.load_mnist()
+    x = datasets.to_float_nchw(images[:3].copy())
+    net = EBM(n_c=1, n_f=8, image_size=28).eval()
+    out = LangevinEBMPurifier(net, steps=3)(x, keyed(3))
+    assert out.shape == (3, 1, 28, 28)
