@@ -136,7 +136,7 @@ def to_float_nchw(images: np.ndarray):
     """uint8 [N, H, W, C] → torch float32 [N, C, H, W] in [0, 1]."""
     import torch
 
-    return torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2))).float().div_(255.0)
+    return torch.from_numpy(np.array(images.transpose(0, 3, 1, 2), copy=True)).float().div_(255.0)
 
 
 # ---------------------------------------------------------------------------- named splits

@@ -97,6 +97,7 @@ def _prediction_columns(defense: Defense, x_adv: torch.Tensor, y: torch.Tensor,
             "purified_mean_logits": logits.mean(1).tolist(),
             "vote_pred": vote(preds, logits.shape[-1]).tolist(),
             "mean_logit_pred": logits.mean(1).argmax(1).tolist(),
+            "mean_softmax_pred": logits.softmax(-1).mean(1).argmax(1).tolist(),
             "worst_of_runs_correct": (preds == y[:, None]).all(1).tolist(),
         })
     return cols

@@ -101,6 +101,7 @@ def summarize(table: pa.Table) -> dict[str, Any]:
             "adv_classifier": _acc(count("adv_pred"), n),
             "robust_mean_logit": _acc(count("mean_logit_pred"), n),
             "robust_vote": _acc(count("vote_pred"), n),
+            "robust_mean_softmax": _acc(count("mean_softmax_pred"), n),
             "robust_worst_of_runs": _acc(None if rs[0]["worst_of_runs_correct"] is None else
                                          sum(1 for r in rs if r["worst_of_runs_correct"]), n),
             "robust_all_steps": _acc(None if rs[0]["mean_logit_pred"] is None else

@@ -57,6 +57,7 @@ SCHEMA = pa.schema([
     ("purified_mean_logits", pa.list_(pa.float32())),  # mean logits over runs, [K]
     ("vote_pred", pa.int64()),               # majority vote over runs (ties → lowest class)
     ("mean_logit_pred", pa.int64()),         # argmax of mean logits
+    ("mean_softmax_pred", pa.int64()),       # argmax of summed softmax (ADP's second ensemble rule)
     ("worst_of_runs_correct", pa.bool_()),   # every run correct
     ("broken_step", pa.int32()),             # first attack step that fooled the attack's view, -1 never
     ("cascade_from", pa.int16()),            # cascade: the earlier attack whose break this row carries

@@ -14,7 +14,7 @@ of a batch never interact). Each step t, at z = x_t + δ:
 - ``adaptive`` (the paper's method; authors' ``refine_BIM_prob_individual``, 13 steps,
   lr 2/255): r = r(z); then the *base* image takes a uniform kick whose width grows with how
   atypical r is, x_{t+1} = clip(x_t + a·U[−1, 1], −1, 2) with
-  a = ε·clip(((r − μ)/(2σ))², 0, 4), ε = 0.7/255 (a is computed from r without gradient);
+  a = ε·clip(((r − μ)/(2σ))², 0, 4), ε = 0.7/255;
   the loss is Σ_rows [(r > μ)(r − μ)]²/σ², computed at z before the kick. The kicks are
   applied every step and accumulate in the base; the output is x_T + δ_T. Rows whose r is
   at most μ get no gradient (δ stays 0) but still get the kicks.
@@ -27,9 +27,12 @@ Inside the loop r uses D's raw output (the authors' script); `clip_recon=True` c
 in calibration. The output is clipped to [0, 1] (the script leaves it unclipped).
 
 `unrolled=True` keeps the graph of every Adam step (create_graph), so autograd through
-forward() is the full gradient through the DAE, the Adam updates and the noise path: the
-paper's adaptive attack, to be used with EOT over the keyed kicks. Otherwise the inner
-optimisation is detached and forward() is straight-through (identity backward), i.e. BPDA.
+forward() is the exact gradient of the purification for the given noise draws — through the
+DAE, the Adam updates and the kicks, whose width a depends on r (the script computes a from
+a detached r; that changes no forward value, and we keep its gradient so the unrolled
+derivative is the true one, checked against finite differences in the tests): the paper's
+adaptive attack, to be used with EOT over the keyed kicks. Otherwise the inner optimisation
+is detached and forward() is straight-through (identity backward), i.e. BPDA.
 """
 from __future__ import annotations
 
@@ -43,7 +46,9 @@ from torch import nn
 
 from pipeline import checkpoints, storage
 from pipeline.purifiers.base import Purifier
+from pipeline.purifiers import dae as dae_mod
 from pipeline.purifiers.nets import rednet, small_dae
+from pipeline.purifiers.nets.dip_nets import batch_free_sigmoid
 from pipeline.registry import PURIFIERS
 from pipeline.seeding import Noise
 
@@ -78,7 +83,15 @@ def adam_update(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tens
 
 
 def recon_error(dae: nn.Module, z: torch.Tensor, clip: bool = False) -> torch.Tensor:
-    """r(z) = ‖z − D(z)‖² per image: [N]. clip: clip D(z) to [0, 1] first."""
+    """r(z) = ‖z − D(z)‖² per image: [N]. clip: clip D(z) to [0, 1] first.
+
+    A batch of one runs as two identical rows whose errors are averaged: CPU convolutions
+    give a row the same result (and gradient) in any batch of ≥ 2 rows but not in a batch of
+    one, and a row must not depend on its batch. The average of two equal values is exact.
+    """
+    if z.shape[0] == 1:
+        r2 = recon_error(dae, torch.cat([z, z]), clip)
+        return (r2[:1] + r2[1:]) * 0.5
     recon = dae(z)
     if clip:
         recon = recon.clamp(0.0, 1.0)
@@ -142,10 +155,10 @@ class APuDAE(Purifier):
         if self.variant == "adaptive":
             excess = (r > mu).to(r.dtype) * (r - mu)
             return (excess.pow(2) / sigma ** 2).sum()
-        return (r * torch.sigmoid((r - mu) / sigma)).sum()
+        return (r * batch_free_sigmoid((r - mu) / sigma)).sum()
 
     def _kick_width(self, r: torch.Tensor) -> torch.Tensor:
-        z = (r.detach() - self.mu) / (self.noise_sigma_scale * self.sigma)
+        z = (r - self.mu) / (self.noise_sigma_scale * self.sigma)
         return self.noise_eps * z.pow(2).clamp(0.0, self.noise_max_factor)
 
     def forward(self, x: torch.Tensor, noise: Noise | None = None) -> torch.Tensor:
@@ -168,9 +181,8 @@ class APuDAE(Purifier):
                 if keyed is not None:
                     u = keyed.uniform(tuple(x.shape[1:]), "apudae/adaptive", step=t,
                                       low=-1.0, high=1.0, dtype=x.dtype)
-                    base = (base + self._kick_width(r).view(bshape) * u).clamp(*self.noise_clip)
-                    if not unroll:
-                        base = base.detach()
+                    width = self._kick_width(r if unroll else r.detach()).view(bshape)
+                    base = (base + width * u).clamp(*self.noise_clip)
                 (g,) = torch.autograd.grad(self._loss(r), delta, create_graph=unroll)
                 delta, m, v = adam_update(delta, g, m, v, t + 1, self.lr, self.betas, self.adam_eps)
                 if not unroll:
@@ -186,20 +198,8 @@ class APuDAE(Purifier):
 # ---------------------------------------------------------------------------- loading
 
 def load_dae(checkpoint: str) -> tuple[nn.Module, dict]:
-    """A denoiser from one of our checkpoints (arch small_dae or rednet30), in eval mode and
-    frozen; returns (net, checkpoint record without the state dict)."""
-    ckpt = checkpoints.load_ours(checkpoint)
-    arch, params = ckpt["arch"], ckpt.get("arch_params", {})
-    if arch == small_dae.ARCH:
-        net: nn.Module = small_dae.SmallDAE(**params)
-    elif arch == rednet.ARCH:
-        net = rednet.make(**params)
-    else:
-        raise checkpoints.CheckpointError(
-            f"{checkpoint}: holds a {arch!r} network; APuDAE takes {small_dae.ARCH!r} or {rednet.ARCH!r}")
-    checkpoints.load_state_strict(net, ckpt["state_dict"], checkpoint)
-    net.eval().requires_grad_(False)
-    return net, {k: v for k, v in ckpt.items() if k != "state_dict"}
+    """A frozen denoiser and its checkpoint record (see `pipeline.purifiers.dae.load_denoiser_record`)."""
+    return dae_mod.load_denoiser_record(checkpoint)
 
 
 def calibration_url(checkpoint: str) -> str:
@@ -255,8 +255,10 @@ def build(checkpoint: str, variant: str = "adaptive", calibration: str | None = 
           noise_sigma_scale: float = 2.0, noise_clip: Sequence[float] = (-1.0, 2.0),
           clip_recon: bool = False, clip_output: bool = True, unrolled: bool = False,
           betas: Sequence[float] = (0.9, 0.999), adam_eps: float = 1e-8) -> APuDAE:
-    """APuDAE adaptive DAE purification (Kalaria et al. 2022); DAE from jobs/train_dae.py,
-    μ/σ from jobs/calibrate_dae.py (<checkpoint>.calib.json) unless mu and sigma are given."""
+    """APuDAE: DAE-guided test-time purification (Kalaria et al. 2022), adaptive by default.
+
+    DAE from jobs/train_dae.py; μ/σ from jobs/calibrate_dae.py (<checkpoint>.calib.json)
+    unless mu and sigma are given (the simple variant needs neither)."""
     dae, record = load_dae(checkpoint)
     info: dict[str, Any] = {"checkpoint": checkpoint, "arch": record["arch"]}
     if variant != "simple" and (mu is None or sigma is None):

@@ -11,7 +11,7 @@ from torch import nn
 
 from pipeline import checkpoints
 from pipeline.purifiers.base import Purifier
-from pipeline.purifiers.nets import small_dae
+from pipeline.purifiers.nets import rednet, small_dae
 from pipeline.registry import PURIFIERS
 from pipeline.seeding import Noise
 
@@ -26,11 +26,25 @@ class DAEPurifier(Purifier):
         return self.denoiser(x).clamp(0.0, 1.0)
 
 
-def load_denoiser(checkpoint: str) -> nn.Module:
-    ckpt = checkpoints.load_ours(checkpoint, expect_arch=small_dae.ARCH)
-    net = small_dae.SmallDAE(**ckpt["arch_params"])
+def load_denoiser_record(checkpoint: str) -> tuple[nn.Module, dict]:
+    """A frozen denoiser (small_dae or rednet30 checkpoint, from jobs/train_dae.py or the
+    demo) and its checkpoint record without the state dict."""
+    ckpt = checkpoints.load_ours(checkpoint)
+    arch, params = ckpt["arch"], ckpt.get("arch_params", {})
+    if arch == small_dae.ARCH:
+        net: nn.Module = small_dae.SmallDAE(**params)
+    elif arch == rednet.ARCH:
+        net = rednet.make(**params)
+    else:
+        raise checkpoints.CheckpointError(
+            f"{checkpoint}: holds a {arch!r} network; a denoiser is {small_dae.ARCH!r} or {rednet.ARCH!r}")
     checkpoints.load_state_strict(net, ckpt["state_dict"], checkpoint)
-    return net.eval()
+    net.eval().requires_grad_(False)
+    return net, {k: v for k, v in ckpt.items() if k != "state_dict"}
+
+
+def load_denoiser(checkpoint: str) -> nn.Module:
+    return load_denoiser_record(checkpoint)[0]
 
 
 @PURIFIERS.register("dae")
