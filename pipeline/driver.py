@@ -134,7 +134,7 @@ class _Progress:
 
 def run_stage(cfg: Config, stage: str, states: list[ShardState]) -> StageResult:
     import ray
-    from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+    from ray.exceptions import RayActorError, RayTaskError
 
     t0 = time.time()
     done = committed_markers(cfg.job.output, stage)

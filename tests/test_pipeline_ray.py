@@ -1,7 +1,6 @@
 """End to end on real Ray: resume, retries, quarantine, deadlines, exactly-once output."""
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import signal
@@ -10,7 +9,6 @@ import sys
 import time
 from pathlib import Path
 
-import pyarrow.parquet as pq
 import pytest
 import yaml
 
@@ -70,7 +68,7 @@ def test_fault_once_is_retried_without_duplicates(ray_local, digits_shards, digi
     s1 = manifest["stages"]["evaluate"]["shards"]["shard-000001"]
     assert s1["status"] == "committed" and s1["attempts"] == 2
     assert ("injected fault" in s1["errors"][0]) if mode == "raise" else ("worker died" in s1["errors"][0])
-    _assert_exactly_once(cfg.job.output, 360, 0 or 1)
+    _assert_exactly_once(cfg.job.output, 360)
 
 
 def test_poisoned_shard_is_quarantined_and_exit_code_nonzero(ray_local, digits_shards, digits_models, tmp_path):
@@ -82,9 +80,6 @@ def test_poisoned_shard_is_quarantined_and_exit_code_nonzero(ray_local, digits_s
     assert st["quarantined"] == ["shard-000002"]
     assert st["shards"]["shard-000002"]["attempts"] == cfg.cluster.max_attempts
     assert len(_rows(cfg.job.output)) == 270           # the other three shards are complete
-    # the CLI reports it and exits non-zero
-    path = tmp_path / "job.yaml"
-    path.write_text(yaml.safe_dump(cfg.to_dict()))
 
 
 def test_hung_shard_hits_deadline_and_is_retried(ray_local, digits_shards, digits_models, tmp_path):

@@ -47,7 +47,6 @@ from torch import nn
 from pipeline import checkpoints, storage
 from pipeline.purifiers.base import Purifier
 from pipeline.purifiers import dae as dae_mod
-from pipeline.purifiers.nets import rednet, small_dae
 from pipeline.purifiers.nets.dip_nets import batch_free_sigmoid
 from pipeline.registry import PURIFIERS
 from pipeline.seeding import Noise
