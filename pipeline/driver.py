@@ -175,7 +175,9 @@ def run_stage(cfg: Config, stage: str, states: list[ShardState]) -> StageResult:
         a, ref = start_actor()
         starting[ref] = a
 
-    total = sum(s.expected or 0 for s in todo) if all(s.expected for s in todo) else None
+    limit = cfg.data.max_samples_per_shard
+    total = (sum(min(s.expected, limit or s.expected) for s in todo)
+             if all(s.expected for s in todo) else None)
     progress = _Progress(total, stage)
 
     def fail(s: ShardState, err: str) -> None:
