@@ -140,6 +140,20 @@ def sweep_checks(attacks: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if len(table) >= 2:
             r = checks.check_eps_monotone(table)
             results.append({**r, "attack": name, "gradient": grad})
+    # at one ε, an attack that only sees the bare classifier (transfer) must not beat the
+    # adaptive ones through the purifier: if it does, the adaptive attack is not working
+    by_eps: dict[tuple, dict[str, tuple[str, float]]] = {}
+    for a in attacks:
+        if a["attack"] != "none" and a["robust_mean_logit"] is not None:
+            label = f"attack {a['attack_index']} ({a['attack']}, {a['gradient']})"
+            by_eps.setdefault((a["eps"], a.get("norm")), {})[label] = (a["gradient"], a["robust_mean_logit"]["acc"])
+    for (eps, _), group in sorted(by_eps.items(), key=lambda kv: kv[0][0]):
+        adaptive = {k: acc for k, (g, acc) in group.items() if g in ("full", "bpda")}
+        transfer = [k for k, (g, _) in group.items() if g == "classifier"]
+        if adaptive and transfer:
+            strongest = min(adaptive, key=adaptive.get)
+            r = checks.check_attack_ordering({k: acc for k, (_, acc) in group.items()}, strongest, transfer)
+            results.append({**r, "eps": eps})
     return results
 
 
