@@ -316,9 +316,10 @@ def test_job_runs_on_both_nodes(cluster, inputs, s3, tmp_path):
     assert all(s["status"] == "committed" for s in manifest["stages"]["evaluate"]["shards"].values())
     markers = _markers(out)
     assert len(markers) == inputs["shards"]
+    # one actor per node; which of them commits which shard is timing (a slow start on one
+    # node can leave it no work), so only placement is asserted, and that markers name a node
     assert sorted(set(driver.actor_nodes.values())) == ["head", "worker"], driver.actor_nodes
-    if all(m.get("node_id") for m in markers):   # the commit marker records the Ray node
-        assert len({m["node_id"] for m in markers}) == 2, "one node committed every shard"
+    assert all(m.get("node_id") for m in markers)
 
 
 def test_node_loss_mid_job_every_sample_exactly_once(cluster, inputs, s3, tmp_path):
