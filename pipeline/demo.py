@@ -58,6 +58,11 @@ def prepare(workdir: str = "runs/demo", workers: int = 2, epochs: int = 40) -> s
     index = json.loads((shard_dir / "index.json").read_text())
     n = len(index["shards"])
     pattern = str(shard_dir / (f"shard-{{000000..{n - 1:06d}}}.tar" if n > 1 else "shard-000000.tar"))
+    # one thread: float reductions then run in one order, so the cached models (and the
+    # demo's figures) are the same on every machine with this torch build
+    import torch
+
+    torch.set_num_threads(1)
     cnn, dae = wd / "models" / "digits_cnn.pt", wd / "models" / "digits_dae.pt"
     _drop_stale(cnn, "classifier", "small_cnn")
     _drop_stale(dae, "purifier", "dae")
