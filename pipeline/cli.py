@@ -1,4 +1,4 @@
-"""The `advpure` command: demo, run, report, list, make-shards."""
+"""The `advpure` command: demo, run, report, list, make-shards, plan."""
 from __future__ import annotations
 
 import argparse
@@ -7,6 +7,7 @@ import logging
 import sys
 
 from pipeline.config import ConfigError
+from pipeline.run.commit import CommitError
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -16,7 +17,8 @@ def _setup_logging(verbose: bool) -> None:
 
 
 def cmd_run(args) -> int:
-    from pipeline import config, driver, report
+    from pipeline import config, report
+    from pipeline.run import driver
 
     cfg = config.load(args.config, args.set)
     code, manifest = driver.run(cfg)
@@ -33,13 +35,15 @@ def _print_outcome(output: str, manifest: dict, code: int, report) -> None:
             print(f"shard {sid} QUARANTINED after {len(errs)} attempts: {errs[-1] if errs else ''}", file=sys.stderr)
     try:
         print(report.format_table(report.summarize_run(output)))
-    except report.ReportError as err:
+    except CommitError as err:
         print(f"no results to summarise: {err}", file=sys.stderr)
     print(f"results: {output}  (advpure report {output})")
 
 
 def cmd_demo(args) -> int:
-    from pipeline import config, demo, driver, report
+    from pipeline import config, report
+    from pipeline.run import driver
+    from pipeline.train import demo
 
     path = demo.prepare(args.workdir, workers=args.workers)
     cfg = config.load(path)
@@ -51,12 +55,21 @@ def cmd_demo(args) -> int:
 
 def cmd_report(args) -> int:
     from pipeline import report
+    from pipeline.io import storage
 
-    summary = report.summarize_run(args.run_dir, args.stage)
-    if args.format == "json":
-        print(json.dumps(summary, indent=1))
+    fmt = "text" if args.format == "table" else args.format   # "table": the old name of text
+    out = report.render(args.runs, fmt, args.stage, dataset=args.dataset, examples=args.examples)
+    if isinstance(out, dict) and not args.output:   # robustbench: {file: ModelInfo}
+        print(json.dumps({path: json.loads(text) for path, text in out.items()}, indent=2))
+    elif isinstance(out, dict):
+        for path, text in out.items():
+            storage.put_text(storage.join(args.output, path), text)
+            print(f"wrote {storage.join(args.output, path)}")
+    elif args.output:
+        storage.put_text(args.output, out)
+        print(f"wrote {args.output}")
     else:
-        print(report.format_table(summary))
+        print(out)
     return 0
 
 
@@ -71,12 +84,145 @@ def cmd_list(args) -> int:
 
 
 def cmd_make_shards(args) -> int:
-    from pipeline.make_shards import make_shards
+    from pipeline.io.make_shards import make_shards
 
+    options = {"labels": args.labels, "classes": args.classes} if args.source == "imagenet" else None
     doc = make_shards(args.source, args.out, path=args.path, split=args.split,
-                      samples_per_shard=args.samples_per_shard, limit=args.limit)
+                      samples_per_shard=args.samples_per_shard, limit=args.limit, options=options)
     print(f"wrote {doc['total_samples']} samples in {len(doc['shards'])} shards: {doc['pattern']}")
     return 0
+
+
+def cmd_purify(args) -> int:
+    from pipeline.corpus import job
+
+    overrides = list(args.set) + ([f"cluster.num_workers={args.workers}"] if args.workers else [])
+    corpus = {"resize": args.resize, "crop": args.crop or None, "restore_size": args.restore_size or None,
+              "jpeg_quality": args.jpeg_quality}
+    cfg = job.build_config(args.shards, args.output, config_path=args.config, overrides=overrides,
+                           purifier=args.purifier, params=job.key_values(args.params, "--params"),
+                           classifier=args.classifier,
+                           classifier_params=job.key_values(args.classifier_params, "--classifier-params"),
+                           corpus=corpus)
+    code, manifest = job.run(cfg)
+    print(job.format_outcome(manifest))
+    return code
+
+
+def _purify_parser(sub) -> None:
+    pu = sub.add_parser("purify", help="purify a WebDataset image corpus into shards of the same names "
+                                       "(docs/corpus.md)")
+    pu.add_argument("shards", help="input shards: a brace pattern, local, s3:// or https://")
+    pu.add_argument("output", help="output folder (local or s3://): purified shards, indexes, records")
+    pu.add_argument("--purifier", help="registered purifier (advpure list); `none` re-encodes and validates")
+    pu.add_argument("--params", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
+                    help="purifier parameters, e.g. checkpoint=s3://models/score.pt sigma=0.25")
+    pu.add_argument("--classifier", help="optional classifier: predictions before and after purification")
+    pu.add_argument("--classifier-params", action="extend", nargs="+", default=[], metavar="KEY=VALUE")
+    pu.add_argument("--config", help="YAML with the sections of `advpure run` (no attacks) and corpus:")
+    pu.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
+    pu.add_argument("--resize", type=int, help="the purifier's resolution: images are resized to N×N")
+    pu.add_argument("--crop", action="store_true", help="scale the shorter side to N and centre-crop (with --resize)")
+    pu.add_argument("--restore-size", action="store_true", help="map purified images back to the input's size")
+    pu.add_argument("--jpeg-quality", type=int, help="JPEG / lossy WebP output quality (default 95)")
+    pu.add_argument("--workers", type=int, help="worker actors (cluster.num_workers)")
+    pu.set_defaults(fn=cmd_purify)
+
+
+def _address(args) -> str:
+    import os
+
+    from pipeline.run import submit
+
+    return args.address or os.environ.get("RAY_API_SERVER_ADDRESS") or submit.DEFAULT_ADDRESS
+
+
+def cmd_submit(args) -> int:
+    from pipeline.run import submit
+
+    address = _address(args)
+    job_id = submit.submit(args.config, address, args.set, ship_code=not args.installed, python=args.python)
+    print(f"submitted {job_id} to {address}")
+    print(f"  advpure status {job_id} --address {address}")
+    print(f"  advpure logs {job_id} --address {address} --follow")
+    if not args.follow:
+        return 0
+    submit.logs(address, job_id, follow=True, write=lambda text: print(text, end="", flush=True))
+    return _job_exit(submit.wait(address, job_id, timeout_s=60))
+
+
+def _job_exit(status: str) -> int:
+    return 0 if status in ("PENDING", "RUNNING", "SUCCEEDED") else 1
+
+
+def cmd_status(args) -> int:
+    from pipeline.run import submit
+
+    doc = submit.status(_address(args), args.job_id)
+    print(submit.format_status(doc))
+    return _job_exit(doc["status"])
+
+
+def cmd_logs(args) -> int:
+    from pipeline.run import submit
+
+    submit.logs(_address(args), args.job_id, follow=args.follow, write=lambda text: print(text, end="", flush=True))
+    return 0
+
+
+def cmd_stop(args) -> int:
+    from pipeline.run import submit
+
+    status = submit.stop(_address(args), args.job_id, timeout_s=args.timeout)
+    print(f"{args.job_id}: {status}")
+    return 0 if status in ("STOPPED", "SUCCEEDED", "FAILED") else 1
+
+
+def _jobs_parser(sub) -> None:
+    """submit / status / logs / stop: jobs on a running cluster through Ray's job API."""
+    addr = {"help": "the cluster's job API (default: $RAY_API_SERVER_ADDRESS or http://127.0.0.1:8265)"}
+    s = sub.add_parser("submit", help="submit a job to a Ray cluster (Ray Job Submission API)")
+    s.add_argument("config")
+    s.add_argument("--address", **addr)
+    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
+    s.add_argument("--installed", action="store_true",
+                   help="use advpure as installed on the nodes instead of shipping this checkout's code")
+    s.add_argument("--python", default="python", help="the nodes' interpreter for the entrypoint")
+    s.add_argument("--follow", action="store_true", help="stream the job's logs until it ends")
+    s.set_defaults(fn=cmd_submit)
+    for name, fn, text in (("status", cmd_status, "a submitted job's status (exit 1 if it failed or stopped)"),
+                           ("logs", cmd_logs, "a submitted job's driver output"),
+                           ("stop", cmd_stop, "stop a submitted job")):
+        c = sub.add_parser(name, help=text)
+        c.add_argument("job_id")
+        c.add_argument("--address", **addr)
+        if name == "logs":
+            c.add_argument("--follow", "-f", action="store_true", help="stream until the job ends")
+        if name == "stop":
+            c.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for it to stop")
+        c.set_defaults(fn=fn)
+
+
+def cmd_plan(args) -> int:
+    from pipeline import config
+    from pipeline.run import plan
+
+    cfg = config.load(args.config, args.set)
+    report = plan.plan(cfg, workers=args.workers, calibration_batches=args.batches, ray_startup=args.ray_startup)
+    print(json.dumps(report, indent=1) if args.json else plan.format_plan(report))
+    return 0
+
+
+def _plan_parser(sub) -> None:
+    pl = sub.add_parser("plan", help="predict a job's model evaluations, time and memory from one calibration "
+                                     "batch per stage and attack (docs/performance.md)")
+    pl.add_argument("config")
+    pl.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
+    pl.add_argument("--workers", type=int, nargs="+", default=None, help="worker counts to predict (default 1 2 4 8)")
+    pl.add_argument("--batches", type=int, default=1, help="calibration batches per stage (default 1)")
+    pl.add_argument("--ray-startup", action="store_true", help="measure a local Ray start and add it to wall times")
+    pl.add_argument("--json", action="store_true", help="print the plan as JSON")
+    pl.set_defaults(fn=cmd_plan)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -95,22 +241,33 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a config value, e.g. --set attacks.0.params.eps=0.1")
     r.set_defaults(fn=cmd_run)
 
-    rep = sub.add_parser("report", help="summarise a run from its Parquet records")
-    rep.add_argument("run_dir")
+    rep = sub.add_parser("report", help="summarise runs from their Parquet records (docs/report.md)")
+    rep.add_argument("runs", nargs="+", metavar="RUN", help="a job's output; two or more: paired comparison")
     rep.add_argument("--stage", default="evaluate")
-    rep.add_argument("--format", choices=["table", "json"], default="table")
+    rep.add_argument("--format", choices=["text", "markdown", "html", "json", "robustbench", "table"],
+                     default="text", help="html needs matplotlib (advpure[report])")
+    rep.add_argument("-o", "--output", help="write to this file (robustbench: this folder) instead of stdout")
+    rep.add_argument("--dataset", help="dataset name for --format robustbench (cifar10, imagenet, ...)")
+    rep.add_argument("--examples", type=int, default=8, help="example images in --format html (0: none)")
     rep.set_defaults(fn=cmd_report)
 
     sub.add_parser("list", help="list registered classifiers, purifiers and attacks").set_defaults(fn=cmd_list)
 
     m = sub.add_parser("make-shards", help="convert a dataset into WebDataset shards")
-    m.add_argument("source", choices=["digits", "mnist", "cifar10", "folder"])
+    m.add_argument("source", choices=["digits", "mnist", "cifar10", "folder", "imagenet"])
     m.add_argument("out", help="output folder (local or s3://)")
-    m.add_argument("--path", help="dataset folder (mnist idx files, cifar-10-batches-py, image folder)")
+    m.add_argument("--path", help="dataset folder (mnist idx files, cifar-10-batches-py, image folder, "
+                                  "ImageNet validation folder)")
+    m.add_argument("--labels", help="imagenet, flat folder: LOC_val_solution.csv or `<file> <wnid|index>` lines")
+    m.add_argument("--classes", help="imagenet: class order, one WordNet id first per line (default: sorted ids)")
     m.add_argument("--split", default="test")
     m.add_argument("--samples-per-shard", type=int, default=1000)
     m.add_argument("--limit", type=int, default=None, help="stop after this many samples")
     m.set_defaults(fn=cmd_make_shards)
+
+    _purify_parser(sub)
+    _jobs_parser(sub)
+    _plan_parser(sub)
     return p
 
 

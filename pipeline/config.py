@@ -69,17 +69,40 @@ class EvaluationConfig:
     cascade: bool = False
     max_rows: int = 4096
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    # how the R runs decide a prediction (robust = no confirmed break and this prediction right)
+    decision: Literal["mean_logit", "vote", "mean_softmax"] = "mean_logit"
+    # fresh draws of the real defense that confirm a break on a stochastic defense
+    # (null: the attack's recheck_draws if set, else R); see docs/attacks.md
+    confirm_draws: int | None = None
+    # samples of each shard's first batch on which every attack is re-run with 2×EOT: a check
+    # flags an attack whose robust accuracy drops by more than 2 points (0 = off)
+    eot_probe: int = 0
+    # speed on accelerators (docs/performance.md): bf16 autocast of classifier and purifier
+    # networks (attack arithmetic, projections, losses and records stay fp32); channels_last
+    # memory format for the networks and their inputs; torch.compile of the purifier's networks
+    precision: Literal["fp32", "bf16"] = "fp32"
+    channels_last: bool = False
+    compile: bool = False
 
 
 @dataclass(frozen=True)
 class ClusterConfig:
     address: str | None = None
-    num_workers: int = 1
+    # actors wanted; auto: as many as the cluster's nodes can host (grows when nodes join)
+    num_workers: Union[int, Literal["auto"]] = 1
     cpus_per_worker: float = 1.0
     gpus_per_worker: Union[float, Literal["auto"]] = "auto"
+    # k > 1: k actors share each GPU (fractional GPUs 1/k) for models that are small
+    workers_per_gpu: int = 1
     max_attempts: int = 3
     shard_timeout_s: float = 3600.0
     max_actor_failures: int = 3
+    # no live worker for this long while actors wait to be placed → abort (exit code 4)
+    actor_start_timeout_s: float = 600.0
+    # the job lease on job.output: renewed every lease_heartbeat_s; a lease whose heartbeat
+    # is older than lease_timeout_s belongs to a dead driver and is taken over
+    lease_timeout_s: float = 120.0
+    lease_heartbeat_s: float = 10.0
 
 
 @dataclass(frozen=True)
@@ -92,15 +115,31 @@ class FaultConfig:
 
 
 @dataclass(frozen=True)
+class CorpusConfig:
+    """The offline corpus job (`advpure purify`, docs/corpus.md): size policy and encoding."""
+    resize: int | None = None       # side of the square the purifier works at (null: native size)
+    crop: bool = False              # centre-crop to resize×resize (shorter side scaled) instead of stretching
+    restore_size: bool = False      # map the purified image back to the input's size
+    interpolation: Literal["bicubic", "bilinear", "nearest"] = "bicubic"
+    jpeg_quality: int = 95          # JPEG and lossy WebP outputs; PNG and lossless WebP stay lossless
+    channels: int | None = None     # the purifier's input channels (null: from its first convolution)
+    max_pixels: int = 4096 * 4096   # larger images become too_large rows, never decoded
+    max_batch_pixels: int = 2**22   # purifier-input pixels per batch (memory only, not results)
+    metrics: bool = True            # PSNR / SSIM between input and written output
+
+
+@dataclass(frozen=True)
 class Config:
     job: JobConfig
     data: DataConfig
-    classifier: ModelConfig
+    # required for evaluation jobs; optional for a corpus job (a corpus may have no labels)
+    classifier: ModelConfig | None = None
     purifier: ModelConfig = ModelConfig("none")
     attacks: tuple[AttackConfig, ...] = ()
     evaluation: EvaluationConfig = EvaluationConfig()
     cluster: ClusterConfig = ClusterConfig()
     faults: tuple[FaultConfig, ...] = ()
+    corpus: CorpusConfig | None = None   # set only by corpus jobs
     source: str = field(default="<dict>", compare=False)
 
     def to_dict(self) -> dict[str, Any]:
@@ -120,7 +159,13 @@ class Config:
             "attacks": d["attacks"],
             "runs": d["evaluation"]["runs"],
             "cascade": d["evaluation"]["cascade"],
+            "decision": d["evaluation"]["decision"],
+            "confirm_draws": d["evaluation"]["confirm_draws"],
         }
+        if d["evaluation"].get("precision", "fp32") != "fp32":  # bf16 changes outcomes; fp32 hashes unchanged
+            keep["precision"] = d["evaluation"]["precision"]
+        if d["corpus"] is not None:  # absent from evaluation jobs: their hashes stay as they were
+            keep["corpus"] = {k: v for k, v in d["corpus"].items() if k != "max_batch_pixels"}
         return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -216,6 +261,8 @@ def _check_ranges(cfg: Config) -> None:
         if not ok:
             raise ConfigError(f"{key}: {msg}")
 
+    if cfg.classifier is None and cfg.corpus is None:
+        raise ConfigError("missing required key classifier")
     need(bool(cfg.job.name.strip()), "job.name", "must not be empty")
     need(bool(cfg.job.output.strip()), "job.output", "must not be empty")
     need(0 <= cfg.job.seed < 2**63, "job.seed", "must be in [0, 2^63)")
@@ -231,8 +278,18 @@ def _check_ranges(cfg: Config) -> None:
         need(a.eot >= 1, f"attacks[{i}].eot", "must be ≥ 1")
     need(cfg.evaluation.runs >= 1, "evaluation.runs", "must be ≥ 1")
     need(cfg.evaluation.max_rows >= 1, "evaluation.max_rows", "must be ≥ 1")
+    ev = cfg.evaluation
+    need(ev.confirm_draws is None or ev.confirm_draws >= 1, "evaluation.confirm_draws", "must be ≥ 1 or null")
+    need(ev.eot_probe >= 0, "evaluation.eot_probe", "must be ≥ 0")
     c = cfg.cluster
-    need(c.num_workers >= 1, "cluster.num_workers", "must be ≥ 1")
+    need(c.num_workers == "auto" or c.num_workers >= 1, "cluster.num_workers", "must be ≥ 1 or auto")
+    need(c.workers_per_gpu >= 1, "cluster.workers_per_gpu", "must be ≥ 1")
+    need(c.workers_per_gpu == 1 or c.gpus_per_worker in ("auto", 1.0), "cluster.workers_per_gpu",
+         "k > 1 shares one GPU among k workers: needs gpus_per_worker auto or 1")
+    need(c.actor_start_timeout_s > 0, "cluster.actor_start_timeout_s", "must be > 0")
+    need(c.lease_heartbeat_s > 0, "cluster.lease_heartbeat_s", "must be > 0")
+    need(c.lease_timeout_s >= 3 * c.lease_heartbeat_s, "cluster.lease_timeout_s",
+         "must be ≥ 3 × cluster.lease_heartbeat_s (a live driver must renew well before it expires)")
     need(c.cpus_per_worker > 0, "cluster.cpus_per_worker", "must be > 0")
     need(c.gpus_per_worker == "auto" or c.gpus_per_worker >= 0, "cluster.gpus_per_worker", "must be ≥ 0 or auto")
     need(c.max_attempts >= 1, "cluster.max_attempts", "must be ≥ 1")
@@ -240,19 +297,33 @@ def _check_ranges(cfg: Config) -> None:
     need(c.max_actor_failures >= 1, "cluster.max_actor_failures", "must be ≥ 1")
     for i, f in enumerate(cfg.faults):
         need(f.times >= 1, f"faults[{i}].times", "must be ≥ 1")
+    if cfg.corpus is not None:
+        _check_corpus(cfg.corpus, need)
 
 
-def _is_file_param(name: str) -> bool:
+def _check_corpus(c: CorpusConfig, need) -> None:
+    need(c.resize is None or c.resize >= 1, "corpus.resize", "must be ≥ 1 or null")
+    need(not c.crop or c.resize is not None, "corpus.crop", "needs corpus.resize")
+    # the purified centre could not cover the whole input: its border would stay unpurified
+    need(not (c.crop and c.restore_size), "corpus.restore_size", "cannot be combined with corpus.crop")
+    need(1 <= c.jpeg_quality <= 100, "corpus.jpeg_quality", "must be in [1, 100]")
+    need(c.channels in (None, 1, 3), "corpus.channels", "must be 1, 3 or null")
+    need(c.max_pixels >= 1, "corpus.max_pixels", "must be ≥ 1")
+    need(c.max_batch_pixels >= 1, "corpus.max_batch_pixels", "must be ≥ 1")
+
+
+def is_file_param(name: str) -> bool:
     return name == "checkpoint" or name.endswith("_checkpoint") or name.endswith("_path")
 
 
 def _check_components(cfg: Config) -> None:
     """Names exist in the registries, params bind to the constructors, files exist."""
-    from pipeline import storage
+    from pipeline.io import storage
     from pipeline.registry import ATTACKS, CLASSIFIERS, PURIFIERS
 
-    entries = [("classifier", CLASSIFIERS, cfg.classifier.name, cfg.classifier.params),
-               ("purifier", PURIFIERS, cfg.purifier.name, cfg.purifier.params)]
+    entries = [("purifier", PURIFIERS, cfg.purifier.name, cfg.purifier.params)]
+    if cfg.classifier is not None:
+        entries.insert(0, ("classifier", CLASSIFIERS, cfg.classifier.name, cfg.classifier.params))
     entries += [(f"attacks[{i}]", ATTACKS, a.name, a.params) for i, a in enumerate(cfg.attacks)]
     entries += [(f"attacks[{i}].surrogate", PURIFIERS, cfg.purifier.name, {**cfg.purifier.params, **a.surrogate})
                 for i, a in enumerate(cfg.attacks) if a.surrogate]
@@ -267,7 +338,7 @@ def _check_components(cfg: Config) -> None:
             sig = inspect.signature(ctor)
             raise ConfigError(f"{key}.params: {err} (accepted: {', '.join(sig.parameters) or 'none'})") from None
         for pname, value in params.items():
-            if _is_file_param(pname) and isinstance(value, str) and not storage.exists(value):
+            if is_file_param(pname) and isinstance(value, str) and not storage.exists(value):
                 raise ConfigError(f"{key}.params.{pname}: file not found: {value}")
 
 

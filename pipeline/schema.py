@@ -14,13 +14,13 @@ from typing import Any, Iterable
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 
 class Status(str, enum.Enum):
     OK = "ok"
     DECODE_ERROR = "decode_error"   # the sample's bytes could not be decoded
-    FAILED = "failed"               # evaluation of the sample raised
+    NONFINITE = "nonfinite"         # the defended model's logits held NaN or ±inf
 
 
 SCHEMA = pa.schema([
@@ -59,7 +59,17 @@ SCHEMA = pa.schema([
     ("mean_logit_pred", pa.int64()),         # argmax of mean logits
     ("mean_softmax_pred", pa.int64()),       # argmax of summed softmax (ADP's second ensemble rule)
     ("worst_of_runs_correct", pa.bool_()),   # every run correct
-    ("broken_step", pa.int32()),             # first attack step that fooled the attack's view, -1 never
+    # break semantics (docs/attacks.md, "What counts as robust"): a candidate is a step whose
+    # attack-time forward (its R draws) met the goal; it is confirmed by `confirm_draws` fresh
+    # draws of the real defense (0: the attack's view is the deterministic defense itself, so
+    # the forward is exact). Once confirmed, a sample stays broken.
+    ("candidate_step", pa.int32()),          # first step the attack's own forward met the goal, -1 never
+    ("broken_step", pa.int32()),             # first step a break was confirmed, -1 never
+    ("confirm_draws", pa.int32()),
+    ("attack_steps", pa.int32()),            # target steps the attack ran (broken_step < attack_steps)
+    ("decision", pa.string()),               # the job's decision rule: mean_logit | vote | mean_softmax
+    ("robust", pa.bool_()),                  # no confirmed break at any step and the final
+                                             # re-evaluation correct under `decision`
     ("cascade_from", pa.int16()),            # cascade: the earlier attack whose break this row carries
     # perturbation and cost
     ("linf", pa.float64()),
@@ -67,6 +77,10 @@ SCHEMA = pa.schema([
     ("attack_nfe", pa.int64()),
     ("purify_nfe", pa.int64()),
     ("seconds", pa.float64()),
+    # where it ran
+    ("node_id", pa.string()),
+    ("host", pa.string()),
+    ("device", pa.string()),                 # cpu | cuda:<index>
     ("status", pa.string()),
     ("error", pa.string()),
 ])
@@ -74,13 +88,92 @@ SCHEMA = pa.schema([
 COLUMNS = tuple(SCHEMA.names)
 
 
-def to_table(rows: Iterable[dict[str, Any]]) -> pa.Table:
+# ---------------------------------------------------------------------------- corpus records
+
+# Records of the offline corpus job (`advpure purify`, pipeline/corpus): one row per sample of
+# an image corpus. A schema of its own, marked in the Parquet metadata, with its own version.
+CORPUS_SCHEMA_VERSION = 1
+_KIND_KEY = b"advpure.records"
+
+
+class CorpusStatus(str, enum.Enum):
+    OK = "ok"                              # purified image written to the output shard
+    DECODE_ERROR = "decode_error"          # image bytes Pillow cannot decode (zero-byte, corrupt, cut short)
+    UNSUPPORTED = "unsupported_image"      # decodable, but not without silent loss (16-bit colour PNG, mode)
+    TOO_LARGE = "too_large"                # more pixels than corpus.max_pixels (header read, never decoded)
+    NO_IMAGE = "no_image"                  # no jpg / jpeg / png / webp member
+    MULTIPLE_IMAGES = "multiple_images"    # more than one image member: which to purify is ambiguous
+    BAD_MEMBER = "bad_member"              # tar member that belongs to no sample, or is too large to read
+    DUPLICATE_KEY = "duplicate_key"        # a key seen earlier in the shard (members not adjacent)
+    PURIFY_ERROR = "purify_error"          # the purifier raised or returned a wrong shape / non-finite values
+    ENCODE_ERROR = "encode_error"          # the purified image could not be encoded back
+
+
+CORPUS_SCHEMA = pa.schema([
+    ("schema_version", pa.int16()),
+    ("job", pa.string()),
+    ("config_hash", pa.string()),
+    ("stage", pa.string()),
+    ("shard", pa.string()),
+    ("key", pa.string()),
+    ("status", pa.string()),                 # CorpusStatus
+    ("error", pa.string()),
+    # purification
+    ("purifier", pa.string()),
+    ("purifier_params", pa.string()),        # JSON
+    ("purifier_sha256", pa.string()),
+    ("seed", pa.int64()),
+    ("runs", pa.int32()),                    # R purification runs (the image written is run 0)
+    ("purify_nfe", pa.int64()),
+    # image in, image out
+    ("image_field", pa.string()),            # the member extension that held the image (jpg, png, ...)
+    ("input_format", pa.string()),           # JPEG | PNG | WEBP
+    ("input_mode", pa.string()),             # Pillow mode: L, RGB, RGBA, P, CMYK, I;16, ...
+    ("input_bits", pa.int16()),
+    ("input_width", pa.int32()),
+    ("input_height", pa.int32()),
+    ("input_bytes", pa.int64()),
+    ("purify_width", pa.int32()),            # the size the purifier saw (size policy)
+    ("purify_height", pa.int32()),
+    ("output_format", pa.string()),
+    ("output_mode", pa.string()),
+    ("output_width", pa.int32()),
+    ("output_height", pa.int32()),
+    ("output_bytes", pa.int64()),
+    ("psnr", pa.float64()),                  # dB, data range 1, input vs written output (inf: identical)
+    ("ssim", pa.float64()),                  # null for images smaller than 3 px a side
+    # optional classifier
+    ("label", pa.int64()),                   # from a .cls member, null without one
+    ("classifier", pa.string()),
+    ("classifier_sha256", pa.string()),
+    ("pred_before", pa.int64()),             # classifier on the purifier's input
+    ("preds_after", pa.list_(pa.int64())),   # classifier on each of the R purified runs
+    ("vote_after", pa.int64()),              # majority vote over the R runs (ties → lowest class)
+    # cost and placement
+    ("seconds", pa.float64()),               # decode + share of the batch's purification + encode
+    ("decode_seconds", pa.float64()),
+    ("purify_seconds", pa.float64()),
+    ("encode_seconds", pa.float64()),
+    ("node_id", pa.string()),
+    ("host", pa.string()),
+    ("device", pa.string()),
+], metadata={_KIND_KEY: b"corpus"})
+
+
+def schema_version(table_schema: pa.Schema) -> int:
+    """The version a table of this schema carries (evaluation records or corpus records)."""
+    meta = table_schema.metadata or {}
+    return CORPUS_SCHEMA_VERSION if meta.get(_KIND_KEY) == b"corpus" else SCHEMA_VERSION
+
+
+def to_table(rows: Iterable[dict[str, Any]], table_schema: pa.Schema = SCHEMA) -> pa.Table:
     rows = list(rows)
+    columns = table_schema.names
     for r in rows:
-        extra = set(r) - set(COLUMNS)
+        extra = set(r) - set(columns)
         if extra:
             raise KeyError(f"record has columns not in the schema: {sorted(extra)}")
-    return pa.Table.from_pylist([{c: r.get(c) for c in COLUMNS} for r in rows], schema=SCHEMA)
+    return pa.Table.from_pylist([{c: r.get(c) for c in columns} for r in rows], schema=table_schema)
 
 
 def to_parquet_bytes(table: pa.Table) -> bytes:
@@ -91,7 +184,8 @@ def to_parquet_bytes(table: pa.Table) -> bytes:
 
 def read_parquet_bytes(data: bytes) -> pa.Table:
     table = pq.read_table(io.BytesIO(data))
-    version = table.column("schema_version")[0].as_py() if table.num_rows else SCHEMA_VERSION
-    if version != SCHEMA_VERSION:
-        raise ValueError(f"records have schema version {version}; this advpure reads {SCHEMA_VERSION}")
+    expected = schema_version(table.schema)
+    version = table.column("schema_version")[0].as_py() if table.num_rows else expected
+    if version != expected:
+        raise ValueError(f"records have schema version {version}; this advpure reads {expected}")
     return table

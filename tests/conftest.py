@@ -20,7 +20,7 @@ os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 @pytest.fixture(scope="session")
 def digits_shards(tmp_path_factory) -> dict:
     """The held-out digits split (360 samples) in 4 shards of 90."""
-    from pipeline.make_shards import make_shards
+    from pipeline.io.make_shards import make_shards
 
     d = tmp_path_factory.mktemp("digits_shards")
     doc = make_shards("digits", str(d), split="test", samples_per_shard=90)
@@ -30,7 +30,7 @@ def digits_shards(tmp_path_factory) -> dict:
 @pytest.fixture(scope="session")
 def digits_models(tmp_path_factory) -> dict:
     """A small CNN and a small DAE trained briefly on the digits train split."""
-    from pipeline import models
+    from pipeline.train import recipes as models
 
     d = tmp_path_factory.mktemp("digits_models")
     cnn, dae = str(d / "cnn.pt"), str(d / "dae.pt")

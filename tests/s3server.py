@@ -49,6 +49,7 @@ class S3Server:
     pid: int | None = None         # the server process (None for moto: it runs in a thread)
     log: str | None = None
     _stop: Callable[[], None] = field(default=lambda: None, repr=False)
+    _restart: Callable[[float], None] | None = field(default=None, repr=False)
 
     def env(self) -> dict[str, str]:
         return {"AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET_KEY,
@@ -70,6 +71,13 @@ class S3Server:
 
     def stop(self) -> None:
         self._stop()
+
+    def restart(self, down_s: float = 0.0) -> None:
+        """Stop the server, stay down `down_s` seconds, start it again on the same ports
+        and data (SeaweedFS only); returns once it serves requests again."""
+        if self._restart is None:
+            raise S3Unavailable(f"{self.kind} cannot be restarted in place")
+        self._restart(down_s)
 
 
 def _no_proxy() -> str:
@@ -175,15 +183,28 @@ def start_seaweedfs(workdir: str | Path, bucket: str = BUCKET, timeout_s: float 
     sockets = [f"/tmp/seaweedfs-{name}-grpc-{port}.sock"
                for name, port in (("master", master_g), ("volume", volume_g), ("filer", filer_g), ("s3", s3_g))]
 
+    procs: list[subprocess.Popen] = []
+
+    def launch() -> subprocess.Popen:
+        with open(log, "ab") as out:
+            procs.append(subprocess.Popen(cmd, cwd=workdir, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                          stdin=subprocess.DEVNULL, start_new_session=True))
+        return procs[-1]
+
     def stop() -> None:
-        kill_group(proc)
+        for p in procs:
+            kill_group(p)
         for path in sockets:
             Path(path).unlink(missing_ok=True)
 
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, cwd=workdir, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, start_new_session=True)
-    srv = S3Server("seaweedfs", f"http://{HOST}:{s3}", bucket, proc.pid, str(log), stop)
+    def restart(down_s: float) -> None:
+        stop()
+        time.sleep(down_s)
+        srv.pid = launch().pid
+        _wait_ready(srv, procs[-1], timeout_s)
+
+    proc = launch()
+    srv = S3Server("seaweedfs", f"http://{HOST}:{s3}", bucket, proc.pid, str(log), stop, restart)
     try:
         _wait_ready(srv, proc, timeout_s)
     except BaseException:

@@ -7,13 +7,13 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline import checkpoints, datasets
+from pipeline.io import checkpoints, datasets
 from pipeline.purifiers import steps
 from pipeline.purifiers.adp import ADPPurifier
 from pipeline.purifiers.nets.score_nets import SmallScoreNet
 from pipeline.registry import PURIFIERS
 from pipeline.seeding import Noise
-from pipeline.training import psnr
+from pipeline.train.loops import psnr
 
 torch.set_num_threads(1)
 
@@ -78,17 +78,33 @@ def test_one_adp_step_hand_computed():
     m, v, lam = 0.4, 0.5, 0.05
     x = torch.rand(3, 1, 8, 8, dtype=torch.float64)
     p = ADPPurifier(LinearScore(m, v), sigma=0.0, max_iter=1, lam=lam)
-    out = p(x, keyed(3))
+    out, nfe = p.purify(x, keyed(3))
     xg = steps.to_score_grid(x)
     expected = steps.from_score_grid(xg - lam * (xg - m)).clamp(0, 1)  # α·s = −λ(x − m)
     torch.testing.assert_close(out, expected)
-    assert p.nfe == 2
+    assert nfe == 2
     torch.testing.assert_close(p.last_alphas, torch.full((1, 3), lam * v, dtype=torch.float64))
     # ten steps: the distance to m shrinks by (1 − λ)^10 on the grid
     p10 = ADPPurifier(LinearScore(m, v), sigma=0.0, max_iter=10, lam=lam)
     expected10 = steps.from_score_grid(m + (1 - lam) ** 10 * (xg - m)).clamp(0, 1)
     torch.testing.assert_close(p10(x, keyed(3)), expected10)
     assert p10.last_steps.tolist() == [10, 10, 10]
+
+
+def test_shared_helpers_straight_through_and_chunks():
+    x = torch.rand(5, 1, 4, 4, dtype=torch.float64, requires_grad=True)
+    y = x.detach() ** 2
+    out = steps.straight_through(x, y)
+    torch.testing.assert_close(out, y)                          # forward: y (up to rounding)
+    (g,) = torch.autograd.grad((out * 3).sum(), x)
+    assert torch.equal(g, torch.full_like(x, 3.0))              # backward: identity
+    # chunks of 2 + 2 + 1 rows: same images, nfe per row is the max over chunks, not the sum
+    p = ADPPurifier(LinearScore(0.5, 0.5, repel_above=0.6), sigma=0.1, max_iter=4)
+    xs = torch.cat([torch.full((3, 1, 4, 4), 0.2), torch.full((2, 1, 4, 4), 0.9)]).double()
+    whole = p.purify(xs, keyed(5))
+    chunked = steps.purify_in_chunks(p.purify, xs, keyed(5), 2)
+    torch.testing.assert_close(chunked.images, whole.images, rtol=0, atol=0)
+    assert chunked.nfe == whole.nfe == 8
 
 
 def test_update_clips_to_unit_interval():
@@ -108,8 +124,9 @@ def test_stopped_rows_stay_fixed_while_others_move():
     assert p.last_steps.tolist() == [5, 5, 0, 0]
     # all rows stopped: the loop ends after the first iteration, output = input
     p_all = ADPPurifier(LinearScore(0.5, 0.5, repel_above=-1.0), sigma=0.0, max_iter=5)
-    torch.testing.assert_close(p_all(x, keyed(4)), x)
-    assert p_all.nfe == 2
+    out_all, nfe_all = p_all.purify(x, keyed(4))
+    torch.testing.assert_close(out_all, x)
+    assert nfe_all == 2
 
 
 def test_regrid_each_step_reproduces_reference_quirk():
@@ -172,11 +189,12 @@ def test_checkpointed_steps_give_the_same_gradient(small_net):
     net = small_net.double()
     try:
         grads = []
-        for ckpt in (False, True):
-            p = ADPPurifier(net, max_iter=3, checkpoint_steps=ckpt)
+        for segment in (0, 1, 2, -1):  # off, every step, 2 steps, √K steps
+            p = ADPPurifier(net, max_iter=3, checkpoint_segment=segment)
             (g,) = torch.autograd.grad((p(x, keyed(2)) ** 2).sum(), x)
             grads.append(g)
-        torch.testing.assert_close(grads[0], grads[1])
+        for g in grads[1:]:
+            torch.testing.assert_close(grads[0], g)
     finally:
         small_net.float()
 
@@ -232,29 +250,19 @@ def test_builder_loads_our_checkpoint(tmp_path, small_net):
 # training and denoising (slow, but run in CI)
 # ---------------------------------------------------------------------------------------
 
-def load_job(name: str):
-    """Import jobs/<name>.py by path (jobs/ is a folder of scripts, not a package)."""
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "jobs" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"advpure_job_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def trained_digits():
-    train_score = load_job("train_score")
+    from pipeline.purifiers.nets.score_nets import geometric_sigmas
+    from pipeline.train.recipes import train_score
+
     images, _ = datasets.load_digits()
     x = datasets.to_float_nchw(images)
     train_x, test_x = x[:1500], x[1500:1628]
     torch.manual_seed(0)
     net = SmallScoreNet(in_channels=1, width=8)
-    sigmas = train_score.sigma_levels(1.0, 0.01, 10)
-    model, losses = train_score.train(net, train_x, sigmas=sigmas, epochs=20, batch_size=128, lr=2e-3,
-                                      ema_rate=0.99, seed=0, max_steps=150, log_every=1000)
+    sigmas = geometric_sigmas(1.0, 0.01, 10)
+    model, losses = train_score(net, train_x, sigmas=sigmas, epochs=20, batch_size=128, lr=2e-3,
+                                ema_rate=0.99, seed=0, max_steps=150, log_every=1000)
     return model, losses, test_x
 
 
@@ -279,7 +287,7 @@ def test_trained_adp_denoises_digits(trained_digits):
 @pytest.mark.slow
 def test_adp_on_mnist_images(small_net):
     if not datasets.mnist_available():
-        pytest.skip("MNIST idx files not found (pipeline.datasets.mnist_available() is False)")
+        pytest.skip("MNIST idx files not found (pipeline.io.datasets.mnist_available() is False)")
     images, _ = datasets.load_mnist()
     x = datasets.to_float_nchw(images[:4].copy())
     p = ADPPurifier(small_net, max_iter=2)

@@ -8,15 +8,17 @@ import pytest
 import torch
 
 from jobs import calibrate_dae, train_dae
-from pipeline import checkpoints, datasets, storage
 from pipeline.attacks.pgd import PGD
 from pipeline.classifiers import small_cnn
-from pipeline.defense import Defense, honest_gradient_mode
-from pipeline.purifiers.apudae import APuDAE, CalibrationError, adam_update, calibrate, recon_error
+from pipeline.evaluation.defense import Defense, honest_gradient_mode
+from pipeline.io import checkpoints, datasets, storage
+from pipeline.purifiers.apudae import APuDAEPurifier, CalibrationError, calibrate, recon_error
 from pipeline.purifiers.nets import rednet
+from pipeline.purifiers.steps import adam_update
 from pipeline.registry import PURIFIERS
 from pipeline.seeding import Noise
-from pipeline.training import train_classifier, train_denoiser
+from pipeline.train.loops import train_classifier, train_denoiser
+from pipeline.train.recipes import holdout_split
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +31,7 @@ def keyed(n: int, context: str = "apudae-test", offset: int = 0) -> Noise:
 def digits():
     images, labels, _ = datasets.load_split("digits", "train")   # the split train_dae uses
     x, y = datasets.to_float_nchw(images), torch.from_numpy(labels)
-    train_idx, held_idx = train_dae.split_indices(len(x), 300, 0)
+    train_idx, held_idx = holdout_split(len(x), 300, 0)
     return x, y, train_idx, held_idx
 
 
@@ -103,7 +105,7 @@ def test_trained_dae_lowers_reconstruction_error_on_digits(dae_ckpt):
 
 
 @pytest.mark.skipif(not datasets.mnist_available(),
-                    reason="MNIST test set not found (pipeline.datasets.mnist_available() is False)")
+                    reason="MNIST test set not found (pipeline.io.datasets.mnist_available() is False)")
 def test_trained_dae_lowers_reconstruction_error_on_mnist():
     images, _ = datasets.load_mnist()
     x = datasets.to_float_nchw(images[:2300].copy())
@@ -158,9 +160,9 @@ def test_contract(dae_ckpt, digits, variant):
                          "test_time_optimization": True}
     x = digits[0][:6]
     noise = keyed(6)
-    out = p(x, noise)
+    out, nfe = p.purify(x, noise)
     assert out.shape == x.shape and out.min() >= 0 and out.max() <= 1
-    assert p.nfe == p.steps
+    assert nfe == p.steps
     assert torch.equal(out, p(x, keyed(6)))                      # same keys → same output
     part = p(x[[4, 1]], noise.select(torch.tensor([4, 1])))      # same rows, another batch
     torch.testing.assert_close(part, out[[4, 1]], rtol=0, atol=0)
@@ -231,7 +233,7 @@ def test_unrolled_gradient_matches_finite_differences(variant):
 
     torch.manual_seed(0)
     dae = SmallDAE(1, 4).double().eval().requires_grad_(False)
-    p = APuDAE(dae, variant, mu=0.1, sigma=1.0, steps=3, lr=0.05, noise_eps=0.05, unrolled=True)
+    p = APuDAEPurifier(dae, variant=variant, mu=0.1, sigma=1.0, steps=3, lr=0.05, noise_eps=0.05, unrolled=True)
     x = (0.3 + 0.4 * torch.rand(2, 1, 4, 4, dtype=torch.float64)).requires_grad_(True)
     noise = keyed(2)
     assert float(recon_error(dae, x.detach()).min()) > 0.1         # away from the r = μ kink
@@ -283,6 +285,6 @@ def test_recon_error_is_per_image_sum():
 
 def test_invalid_settings():
     with pytest.raises(ValueError):
-        APuDAE(torch.nn.Identity(), "adaptive")                   # no calibration
+        APuDAEPurifier(torch.nn.Identity(), variant="adaptive")  # no calibration
     with pytest.raises(ValueError):
-        APuDAE(torch.nn.Identity(), "nope", 1.0, 1.0)
+        APuDAEPurifier(torch.nn.Identity(), variant="nope", mu=1.0, sigma=1.0)

@@ -11,8 +11,9 @@ from torch import nn
 from pipeline.attacks.base import AttackResult, Goal, project, random_start
 from pipeline.attacks.eot import dlr_loss, eot_gradient, per_draw_loss
 from pipeline.attacks.recheck import make_defense_recheck
-from pipeline.defense import Defense
-from pipeline.purifiers.base import Identity, Purifier
+from pipeline.evaluation.defense import Defense
+from pipeline.purifiers.base import Purified, Purifier
+from pipeline.purifiers.identity import IdentityPurifier
 from pipeline.registry import ATTACKS
 from pipeline.seeding import Noise
 
@@ -23,8 +24,8 @@ torch.set_num_threads(1)
 
 def _digits(n_test: int = 120):
     from pipeline.classifiers.small_cnn import make
-    from pipeline.datasets import load_digits
-    from pipeline.training import train_classifier
+    from pipeline.io.datasets import load_digits
+    from pipeline.train.loops import train_classifier
 
     im, lab = load_digits()
     x = torch.tensor(im).permute(0, 3, 1, 2).float() / 255
@@ -47,7 +48,7 @@ def keys_for(n: int, offset: int = 0) -> list[str]:
 
 
 def target_for(model, keys, purifier=None, mode="full", eot=1):
-    return Defense(model, purifier or Identity()).attack_target(mode, 7, keys, "attack", eot)
+    return Defense(model, purifier or IdentityPurifier()).attack_target(mode, 7, keys, "attack", eot)
 
 
 def acc(model, x, y) -> float:
@@ -64,9 +65,9 @@ class NoisyPurifier(Purifier):
         super().__init__()
         self.sigma = sigma
 
-    def forward(self, x, noise=None):
+    def purify(self, x, noise=None):
         n = self._noise(noise, x).normal(tuple(x.shape[1:]), "noisy").to(x)
-        return (x + self.sigma * n).clamp(0, 1)
+        return Purified((x + self.sigma * n).clamp(0, 1), 0)
 
 
 class Linear2(nn.Module):
@@ -282,7 +283,7 @@ def test_eot_aggregations_compute_what_they_claim():
     assert torch.allclose(d, torch.autograd.grad(ref, xx)[0], atol=1e-6)
     assert torch.allclose(obj, F.cross_entropy(logits.mean(1), y, reduction="none"), atol=1e-6)
     # the attack uses them: one PGD step with sign_sum moves by step·sign(Σ sign g_r)
-    res = ATTACKS.build("pgd", eps=0.5, steps=1, step_size=0.01, random_start=False,
+    res = ATTACKS.build("pgd", eps=0.5, steps=1, step_size=0.01, random_start=False, keep_broken=False,
                         eot_reduction="sign_sum")(tgt, x, y, Noise.for_batch(0, keys_for(3), "n"))
     assert torch.allclose(res.x_adv, (x + 0.01 * grads.sign().sum(0).sign()).clamp(0, 1), atol=1e-7)
 

@@ -6,10 +6,12 @@ import json
 import torch
 from torch import nn
 
-from pipeline import checks
-from pipeline.defense import Defense
-from pipeline.purifiers.base import Identity, Purifier
+from pipeline.evaluation import checks
+from pipeline.evaluation.defense import Defense
+from pipeline.purifiers.base import Purified, Purifier
+from pipeline.purifiers.identity import IdentityPurifier
 from pipeline.registry import ATTACKS
+from pipeline.report import record_checks
 from pipeline.seeding import Noise
 
 torch.set_num_threads(1)
@@ -30,15 +32,15 @@ def _data():
 class Quantize(Purifier):
     """Rounds to 2 levels: a step function, zero gradient almost everywhere."""
 
-    def forward(self, x, noise=None):
-        return torch.round(x)
+    def purify(self, x, noise=None):
+        return Purified(torch.round(x), 0)
 
 
 class KeyedNoise(Purifier):
     stochastic = True
 
-    def forward(self, x, noise=None):
-        return (x + 0.2 * self._noise(noise, x).normal(tuple(x.shape[1:]), "n").to(x)).clamp(0, 1)
+    def purify(self, x, noise=None):
+        return Purified((x + 0.2 * self._noise(noise, x).normal(tuple(x.shape[1:]), "n").to(x)).clamp(0, 1), 0)
 
 
 class GlobalRNGNoise(Purifier):
@@ -46,8 +48,8 @@ class GlobalRNGNoise(Purifier):
 
     stochastic = True
 
-    def forward(self, x, noise=None):
-        return (x + 0.2 * torch.randn_like(x)).clamp(0, 1)
+    def purify(self, x, noise=None):
+        return Purified((x + 0.2 * torch.randn_like(x)).clamp(0, 1), 0)
 
 
 def _roundtrip(r):
@@ -59,7 +61,7 @@ def _roundtrip(r):
 def test_randomness_detection():
     x = _data()
     m = _model()
-    det = Defense(m, Identity()).attack_target("full", 0, KEYS, "c", 1)
+    det = Defense(m, IdentityPurifier()).attack_target("full", 0, KEYS, "c", 1)
     sto = Defense(m, KeyedNoise()).attack_target("full", 0, KEYS, "c", 2)
     bad = Defense(m, GlobalRNGNoise()).attack_target("full", 0, KEYS, "c", 2)
     with torch.no_grad():
@@ -88,7 +90,7 @@ def test_zero_and_nan_gradients():
 def test_run_gradient_checks_on_targets():
     x, m = _data(), _model()
     y = torch.zeros(16, dtype=torch.long)
-    ok = checks.run_gradient_checks(Defense(m, Identity()).attack_target("full", 0, KEYS, "c", 1), x, y)
+    ok = checks.run_gradient_checks(Defense(m, IdentityPurifier()).attack_target("full", 0, KEYS, "c", 1), x, y)
     assert [r["name"] for r in ok] == ["gradients", "randomness", "randomness", "output_range"]
     assert all(r["passed"] for r in ok), ok
     quant = checks.run_gradient_checks(Defense(m, Quantize()).attack_target("full", 0, KEYS, "c", 1), x, y)
@@ -103,11 +105,11 @@ def test_run_gradient_checks_on_targets():
 
 
 def test_eps_monotone():
-    r = _roundtrip(checks.check_eps_monotone({0.0: 0.95, 0.1: 0.5, 0.2: 0.6, 0.3: 0.1}))
+    r = _roundtrip(record_checks.check_eps_monotone({0.0: 0.95, 0.1: 0.5, 0.2: 0.6, 0.3: 0.1}))
     assert not r["passed"]
     assert r["values"]["offending"] == [{"eps_small": 0.1, "acc_small": 0.5, "eps_large": 0.2, "acc_large": 0.6}]
-    assert checks.check_eps_monotone({0.3: 0.0, 0.0: 0.9, 0.1: 0.5, 0.2: 0.5})["passed"]
-    assert checks.check_eps_monotone({0.1: 0.5, 0.2: 0.505}, tol=0.01)["passed"]
+    assert record_checks.check_eps_monotone({0.3: 0.0, 0.0: 0.9, 0.1: 0.5, 0.2: 0.5})["passed"]
+    assert record_checks.check_eps_monotone({0.1: 0.5, 0.2: 0.505}, tol=0.01)["passed"]
 
 
 def test_unbounded_eps_flags_masked_model():
@@ -122,13 +124,13 @@ def test_unbounded_eps_flags_masked_model():
     with torch.no_grad():
         acc = float((d.logits(r.x_adv, Noise.for_batch(0, KEYS, "e"), "full")[:, 0].argmax(1) == y).float().mean())
     assert acc == 1.0
-    masked = _roundtrip(checks.check_unbounded_eps(acc, eps=1.0))
+    masked = _roundtrip(record_checks.check_unbounded_eps(acc, eps=1.0))
     assert not masked["passed"] and "masked" in masked["detail"]
     # BPDA (straight-through) sees through the quantiser and breaks it
     r = pgd(d.attack_target("bpda", 0, KEYS, "c", 1), x, y, noise)
     with torch.no_grad():
         acc = float((d.logits(r.x_adv, Noise.for_batch(0, KEYS, "e"), "full")[:, 0].argmax(1) == y).float().mean())
-    assert checks.check_unbounded_eps(acc, eps=1.0)["passed"]
+    assert record_checks.check_unbounded_eps(acc, eps=1.0)["passed"]
 
 
 def test_flags_and_other_checks():
@@ -139,11 +141,11 @@ def test_flags_and_other_checks():
     assert not _roundtrip(checks.check_eot({"stochastic": True}, eot=1, gradient_mode="bpda"))["passed"]
     assert checks.check_eot({"stochastic": True}, eot=15)["passed"]
     assert checks.check_eot({"stochastic": True}, eot=1, gradient_mode="classifier")["passed"]
-    order = _roundtrip(checks.check_attack_ordering({"pgd": 0.4, "fgsm": 0.3, "transfer": 0.5}, "pgd",
+    order = _roundtrip(record_checks.check_attack_ordering({"pgd": 0.4, "fgsm": 0.3, "transfer": 0.5}, "pgd",
                                                     ["fgsm", "transfer"]))
     assert not order["passed"] and order["values"]["beating"] == {"fgsm": 0.3}
-    assert checks.check_attack_ordering({"pgd": 0.2, "fgsm": 0.3}, "pgd", ["fgsm"])["passed"]
+    assert record_checks.check_attack_ordering({"pgd": 0.2, "fgsm": 0.3}, "pgd", ["fgsm"])["passed"]
     probs = torch.softmax(torch.randn(8, 10), 1)
     assert not _roundtrip(checks.check_output_range(probs))["passed"]
     assert checks.check_output_range(torch.randn(8, 10) * 3)["passed"]
-    assert checks.check_unbounded_eps(float("nan"))["values"]["robust_accuracy"] is None
+    assert record_checks.check_unbounded_eps(float("nan"))["values"]["robust_accuracy"] is None

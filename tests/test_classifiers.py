@@ -7,12 +7,12 @@ and compute the same function from them.
 """
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
-import pytest
 
-from pipeline.checkpoints import CheckpointError
 from pipeline.classifiers import resnet, wideresnet
+from pipeline.io.checkpoints import CheckpointError
 from pipeline.registry import CLASSIFIERS
 
 torch.set_num_threads(1)

@@ -31,7 +31,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline import report, storage
+from pipeline.io import storage
+from pipeline.run import commit
 from tests import s3server
 from tests.conftest import ROOT, job_dict
 
@@ -224,7 +225,7 @@ def cluster(s3):
 @pytest.fixture(scope="module")
 def inputs(s3, digits_models) -> dict:
     """12 shards of 30 digits and the two checkpoints, all on S3."""
-    from pipeline.make_shards import make_shards
+    from pipeline.io.make_shards import make_shards
 
     root = s3.url("cluster-inputs")
     doc = make_shards("digits", storage.join(root, "shards"), split="test", samples_per_shard=30)
@@ -237,7 +238,7 @@ def inputs(s3, digits_models) -> dict:
 
 class Driver:
     """`python -m pipeline.cli run job.yaml` against the cluster; notes which node hosts each
-    ShardProcessor actor (a child of that node's raylet) while the job runs."""
+    ShardWorker actor (a child of that node's raylet) while the job runs."""
 
     def __init__(self, cluster: Cluster, job: dict, workdir: Path):
         self.cluster = cluster
@@ -249,7 +250,7 @@ class Driver:
                                      env=cluster.env, stdout=self._out, stderr=subprocess.STDOUT,
                                      stdin=subprocess.DEVNULL, start_new_session=True)
         self.actor_nodes: dict[int, str] = {}     # actor pid → node name
-        self.busy_nodes: set[str] = set()         # nodes seen running ShardProcessor.process
+        self.busy_nodes: set[str] = set()         # nodes seen running ShardWorker.process
         self._stop = threading.Event()
         self._raylets = {cluster.head.raylet_pid(): "head", cluster.worker.raylet_pid(): "worker"}
         self._watcher = threading.Thread(target=self._watch, daemon=True)
@@ -259,10 +260,10 @@ class Driver:
         while not self._stop.is_set():
             for raylet, name in self._raylets.items():
                 for pid in _descendants(raylet) if raylet else []:
-                    title = _cmdline(pid)      # Ray sets it: ray::ShardProcessor[.method]
-                    if title.startswith("ray::ShardProcessor"):
+                    title = _cmdline(pid)      # Ray sets it: ray::ShardWorker[.method]
+                    if title.startswith("ray::ShardWorker"):
                         self.actor_nodes[pid] = name
-                    if title.startswith("ray::ShardProcessor.process"):
+                    if title.startswith("ray::ShardWorker.process"):
                         self.busy_nodes.add(name)
             self._stop.wait(0.2)
 
@@ -297,7 +298,7 @@ def _markers(out: str) -> list[dict]:
 
 
 def _assert_exactly_once(out: str, n: int) -> None:
-    table = report.load_records(out)
+    table = commit.load_records(out)
     keys = list(zip(table.column("key").to_pylist(), table.column("attack_index").to_pylist()))
     assert len(keys) == n, f"{len(keys)} rows for {n} samples"
     assert len(set(keys)) == n, "duplicate rows"
@@ -320,6 +321,12 @@ def test_job_runs_on_both_nodes(cluster, inputs, s3, tmp_path):
     # node can leave it no work), so only placement is asserted, and that markers name a node
     assert sorted(set(driver.actor_nodes.values())) == ["head", "worker"], driver.actor_nodes
     assert all(m.get("node_id") for m in markers)
+    # provenance: the manifest names each actor's node, every record its node, host and device
+    workers = manifest["stages"]["evaluate"]["workers"]
+    assert len({w["node_id"] for w in workers}) == 2, workers
+    table = commit.load_records(out)
+    assert set(table.column("node_id").to_pylist()) <= {w["node_id"] for w in workers}
+    assert None not in table.column("host").to_pylist() and set(table.column("device").to_pylist()) == {"cpu"}
 
 
 def test_node_loss_mid_job_every_sample_exactly_once(cluster, inputs, s3, tmp_path):

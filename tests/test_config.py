@@ -1,3 +1,4 @@
+import dataclasses
 import textwrap
 
 import pytest
@@ -25,7 +26,7 @@ def good(tmp_path, digits_models, digits_shards):
 def test_good_config_loads_and_is_frozen(good):
     cfg = config.load(good)
     assert cfg.attacks[0].name == "pgd" and cfg.data.batch_size == 64
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.job.seed = 3
     again = config.from_dict(cfg.to_dict())
     assert again.hash() == cfg.hash()

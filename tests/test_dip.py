@@ -7,10 +7,9 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline import checkpoints, datasets
 from pipeline.classifiers import small_cnn
-from pipeline.purifiers.dip import (DIPDefense, DIPTrace, find_crossing, find_last_switch,
-                                    localize_boundary, push_away)
+from pipeline.io import checkpoints, datasets
+from pipeline.purifiers.dip import DIPPurifier, DIPTrace, find_crossing, find_last_switch, localize_boundary, push_away
 from pipeline.purifiers.nets.dip_nets import StackedSkipNet, group_conv
 from pipeline.registry import PURIFIERS
 from pipeline.seeding import Noise
@@ -119,7 +118,7 @@ def test_push_away_moves_against_adversarial_direction():
 def test_purify_trace_on_constructed_trajectory():
     """A trace whose crossing and boundary we know: check detection, bisection and stitching."""
     clf = TwoPixelLinear(w=(1.0, 1.0), c=1.0)
-    d = DIPDefense(clf, warmup=1, early_window=2, check_every=1, bisect_steps=10, push=1.0,
+    d = DIPPurifier(clf, warmup=1, early_window=2, check_every=1, bisect_steps=10, push=1.0,
                    stitch_window=1, code_channels=1, down=(1,), skip=0, pad_mode="zeros")
     x = torch.tensor([[0.9, 0.9], [0.1, 0.1], [0.8, 0.8]]).view(3, 1, 1, 2)  # labels 1, 0, 1
     # row 0: sums 0.2 (warm-up), 0.6, 0.6, 1.4, 1.8 → early label 0, crossing between records
@@ -175,18 +174,18 @@ def test_stacked_init_is_keyed_and_scaled():
 # ---------------------------------------------------------------- purifier contract
 
 def test_contract_shape_range_flags(digits, classifier):
-    d = DIPDefense(classifier, **TINY)
+    d = DIPPurifier(classifier, **TINY)
     assert d.flags() == {"stochastic": True, "differentiable": False, "test_time_optimization": True}
-    out = d(digits[:3], keyed(3))
+    out, nfe = d.purify(digits[:3], keyed(3))
     assert out.shape == digits[:3].shape
     assert out.min() >= 0 and out.max() <= 1
-    assert d.nfe > TINY["iterations"]
+    assert nfe > TINY["iterations"]
     assert set(d.params()) >= {"iterations", "lr", "warmup", "early_window", "push",
                                "stitch_window", "detection", "down"}
 
 
 def test_deterministic_for_same_keys(digits, classifier):
-    d = DIPDefense(classifier, **TINY)
+    d = DIPPurifier(classifier, **TINY)
     n1, n2 = keyed(3), keyed(3)
     t1, t2 = d.fit(digits[:3], n1), d.fit(digits[:3], n2)
     assert torch.equal(t1.iterates, t2.iterates) and torch.equal(t1.logits, t2.logits)
@@ -198,7 +197,7 @@ def test_deterministic_for_same_keys(digits, classifier):
 @pytest.mark.parametrize("which", ["threshold", "cnn"])
 def test_batched_equals_per_image(digits, classifier, which):
     clf = MeanThreshold() if which == "threshold" else classifier
-    d = DIPDefense(clf, **{**TINY, "early_window": 6})
+    d = DIPPurifier(clf, **{**TINY, "early_window": 6})
     x = digits[:4]
     noise = keyed(4)
     batched = d(x, noise)
@@ -215,7 +214,7 @@ def test_batched_equals_per_image(digits, classifier, which):
 
 
 def test_straight_through_gradient(digits, classifier):
-    d = DIPDefense(classifier, **{**TINY, "iterations": 6, "warmup": 0})
+    d = DIPPurifier(classifier, **{**TINY, "iterations": 6, "warmup": 0})
     x = digits[:2].clone().requires_grad_(True)
     d(x, keyed(2)).sum().backward()
     assert torch.equal(x.grad, torch.ones_like(x))
@@ -227,7 +226,7 @@ def test_builder_loads_classifier(tmp_path, classifier, digits):
                      classifier.state_dict())
     d = PURIFIERS.build("dip", classifier_checkpoint=ckpt, iterations=6, check_every=2, warmup=0,
                         down=[8, 8], skip=2, code_channels=4)
-    assert isinstance(d, DIPDefense)
+    assert isinstance(d, DIPPurifier)
     assert not any(p.requires_grad for p in d.classifier.parameters())
     out = d(digits[:2], keyed(2))
     assert out.shape == digits[:2].shape

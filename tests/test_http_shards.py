@@ -5,8 +5,8 @@ import threading
 
 import pytest
 
-from pipeline import shards, storage
-from pipeline.make_shards import make_shards
+from pipeline.io import shards, storage
+from pipeline.io.make_shards import make_shards
 
 
 @pytest.fixture

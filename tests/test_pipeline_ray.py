@@ -12,8 +12,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline import config, datasets, driver, report
+from pipeline import config, report
 from pipeline.config import ConfigError
+from pipeline.io import datasets
+from pipeline.run import commit, driver
 from tests.conftest import ROOT, job_dict
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
@@ -24,7 +26,7 @@ def _cfg(digits_shards, digits_models, tmp_path, **over):
 
 
 def _rows(output: str):
-    return report.load_records(output).to_pylist()
+    return commit.load_records(output).to_pylist()
 
 
 def _assert_exactly_once(output: str, n_samples: int, n_attacks: int = 1):
@@ -46,7 +48,7 @@ def test_job_end_to_end_then_resume_skips(ray_local, digits_shards, digits_model
     assert code == driver.EXIT_OK
     assert all(s["status"] == "skipped" for s in manifest["stages"]["evaluate"]["shards"].values())
     assert mtimes == {p: p.stat().st_mtime_ns for p in Path(cfg.job.output, "evaluate").glob("*.parquet")}
-    summary = report.summarize(report.load_records(cfg.job.output))
+    summary = report.summarize(commit.load_records(cfg.job.output))
     assert summary["samples"] == 360 and summary["attacks"][0]["clean_classifier"]["acc"] > 0.8
 
 
@@ -112,7 +114,7 @@ def _advpure(*args, **kw):
 
 def test_driver_sigkilled_mid_run_then_rerun_is_exactly_once(digits_shards, digits_models, tmp_path):
     """A real driver process (its own local Ray) killed with SIGKILL, then the same command."""
-    from pipeline.make_shards import make_shards
+    from pipeline.io.make_shards import make_shards
 
     doc = make_shards("digits", str(tmp_path / "sh"), split="test", samples_per_shard=30)   # 12 shards
     cfg = job_dict(doc["pattern"], digits_models, str(tmp_path / "out"),
@@ -142,8 +144,8 @@ def test_driver_sigkilled_mid_run_then_rerun_is_exactly_once(digits_shards, digi
                     reason="MNIST test set not found at ../shared/data/mnist (set ADVPURE_MNIST_DIR)")
 def test_real_mnist_shards_end_to_end(ray_local, tmp_path):
     """Real MNIST: a classifier fitted on the first 8,000 test images, evaluated on 1,000 held out."""
-    from pipeline import models
-    from pipeline.make_shards import make_shards
+    from pipeline.io.make_shards import make_shards
+    from pipeline.train import recipes as models
 
     doc = make_shards("mnist", str(tmp_path / "sh"), split="t10k-holdout", samples_per_shard=250, limit=1000)
     cnn = str(tmp_path / "cnn.pt")
@@ -158,13 +160,13 @@ def test_real_mnist_shards_end_to_end(ray_local, tmp_path):
     code, _ = driver.run(cfg)
     assert code == driver.EXIT_OK
     _assert_exactly_once(cfg.job.output, 1000)
-    s = report.summarize(report.load_records(cfg.job.output))["attacks"][0]
+    s = report.summarize(commit.load_records(cfg.job.output))["attacks"][0]
     assert s["clean_classifier"]["acc"] > 0.9
     assert s["adv_classifier"]["acc"] < s["clean_classifier"]["acc"] - 0.3
 
 
 def test_truncated_shard_in_a_job_is_quarantined_with_its_name(ray_local, digits_models, tmp_path):
-    from pipeline.make_shards import make_shards
+    from pipeline.io.make_shards import make_shards
 
     doc = make_shards("digits", str(tmp_path / "sh"), split="test", samples_per_shard=120)
     victim = tmp_path / "sh" / "shard-000001.tar"
@@ -176,3 +178,65 @@ def test_truncated_shard_in_a_job_is_quarantined_with_its_name(ray_local, digits
     assert st["quarantined"] == ["shard-000001"]
     assert "shard-000001.tar: truncated tar" in st["shards"]["shard-000001"]["errors"][-1]
     assert len(_rows(cfg.job.output)) == 240
+
+
+def test_sizer_grows_with_the_cluster(digits_shards, digits_models, tmp_path, monkeypatch):
+    cfg = _cfg(digits_shards, digits_models, tmp_path, cluster={"num_workers": "auto", "cpus_per_worker": 1})
+    views = iter([driver.ClusterView([{"CPU": 1}], []), driver.ClusterView([{"CPU": 1}, {"CPU": 4}], [])])
+    monkeypatch.setattr(driver, "cluster_view", lambda: next(views))
+    sizer = driver._Sizer(cfg, {"CPU": 1, "GPU": 0})
+    assert sizer.want(10) == 1
+    sizer._read = -1e9                                       # the next refresh: a 4-CPU node joined
+    assert sizer.want(10) == 5 and sizer.want(3) == 3 and sizer.want(0) == 0
+
+
+def test_unplaceable_workers_abort_at_once_naming_the_resources(ray_local, digits_shards, digits_models, tmp_path):
+    cfg = _cfg(digits_shards, digits_models, tmp_path, attacks=[],
+               cluster={"num_workers": 1, "gpus_per_worker": 1, "actor_start_timeout_s": 120})
+    t0 = time.time()
+    code, manifest = driver.run(cfg)
+    assert code == driver.EXIT_ABORTED and time.time() - t0 < 60
+    msg = manifest["stages"]["evaluate"]["aborted"]
+    assert "no node can host a worker (CPU 1, GPU 1)" in msg and "1 alive node(s)" in msg, msg
+
+
+# ---------------------------------------------------------------------------- placement (fake GPUs)
+# last in the module: it replaces the module's Ray with one that has two GPU resources
+
+@pytest.fixture
+def ray_fake_gpus():
+    """Ray with two GPU resources on this CPU machine: actors asking for GPUs are placed
+    and given CUDA_VISIBLE_DEVICES, but torch sees no GPU (the worker falls back to CPU)."""
+    import ray
+
+    ray.shutdown()
+    ray.init(address="local", num_cpus=2, num_gpus=2, include_dashboard=False, logging_level="ERROR",
+             log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+def test_actors_are_placed_per_gpu_and_records_say_where(ray_fake_gpus, digits_shards, digits_models, tmp_path):
+    # k = 2: four actors at half a GPU each, as many as the cluster hosts (num_workers auto)
+    cfg = _cfg(digits_shards, digits_models, tmp_path, attacks=[], data={"shards": digits_shards["pattern"],
+               "max_samples_per_shard": 30}, cluster={"num_workers": "auto", "workers_per_gpu": 2,
+                                                      "cpus_per_worker": 0.5})
+    assert driver.worker_resources(cfg) == {"CPU": 0.5, "GPU": 0.5}
+    code, manifest = driver.run(cfg)
+    assert code == driver.EXIT_OK
+    workers = manifest["stages"]["evaluate"]["workers"]
+    assert sorted(tuple(w["gpu_ids"]) for w in workers) == [("0",), ("0",), ("1",), ("1",)], workers
+    rows = _rows(cfg.job.output)
+    assert len(rows) == 120 and all(r["node_id"] and r["host"] and r["device"] == "cpu" for r in rows)
+    markers = commit.committed(cfg.job.output, "evaluate").values()
+    assert {m["pid"] for m in markers} <= {w["pid"] for w in workers}
+    # k = 1: one actor per GPU, each with its own CUDA_VISIBLE_DEVICES
+    one = _cfg(digits_shards, digits_models, tmp_path / "one", cluster={"workers_per_gpu": 1})
+    pool = driver.ActorPool(one)
+    assert pool.req == {"CPU": 1.0, "GPU": 1.0}
+    pool.start(2)
+    try:
+        infos = ray_fake_gpus.get(list(pool.starting), timeout=120)
+    finally:
+        pool.kill_all()
+    assert sorted(i["cuda_visible_devices"] for i in infos) == ["0", "1"], infos

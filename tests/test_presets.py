@@ -11,7 +11,9 @@ from pipeline.registry import ATTACKS
 
 
 def test_every_preset_builds():
-    assert {"hill2021", "adp2021", "lee_kim2023", "apgd_eot", "sanity_sweep"} <= set(preset_names())
+    assert {"hill2021", "adp2021", "lee_kim2023", "autoattack_rand", "autoattack_standard",
+            "advpure_apgd_eot", "sanity_sweep"} <= set(preset_names())
+    assert "apgd_eot" not in preset_names()  # renamed: our combination must say it is ours
     for name in preset_names():
         entries = expand_preset(name)
         assert entries
@@ -39,6 +41,32 @@ def test_published_settings():
     assert ATTACKS.build("pgd", **hill["params"]).recheck_draws == 150
 
 
+def test_autoattack_presets_match_autoattack_versions():
+    """AutoAttack's set_version (fra31/auto-attack, autoattack.py): 'rand' = apgd-ce + apgd-dlr,
+    n_restarts 1, eot_iter 20, n_iter 100; 'standard' = apgd-ce (1 restart), apgd-t (9 target
+    classes, 1 restart), fab-t, square (5,000 queries, p_init 0.8, no schedule rescaling)."""
+    common = {"eps": 8 / 255, "norm": "linf", "steps": 100, "restarts": 1, "rho": 0.75,
+              "schedule": "autoattack", "eot_reduction": "mean_loss"}
+    ce, dlr = expand_preset("autoattack_rand")
+    assert ce["params"] == {**common, "loss": "ce"} and dlr["params"] == {**common, "loss": "dlr"}
+    assert ce["eot"] == dlr["eot"] == 20 and ce["gradient"] == dlr["gradient"] == "auto"
+    apgd_ce, apgd_t, square = expand_preset("autoattack_standard")
+    assert apgd_ce["params"] == {**common, "loss": "ce"}
+    assert apgd_t["params"] == {**common, "loss": "dlr", "targeted": True, "target_mode": "top",
+                                "n_target_classes": 9, "targeted_success": "misclassified"}
+    assert square["name"] == "square" and square["params"] == {
+        "eps": 8 / 255, "norm": "linf", "n_queries": 5000, "p_init": 0.8, "rescale_schedule": False}
+    assert all(e["eot"] == 1 for e in (apgd_ce, apgd_t, square))
+    # the built APGD runs AutoAttack's checkpoints (N = 100)
+    a = ATTACKS.build("apgd", **apgd_t["params"])
+    assert a.checkpoints == [22, 41, 57, 70, 80, 87, 93, 99] and a.restarts == 1
+    assert "FAB-T" in get_preset("autoattack_standard").description  # the left-out attack is named
+    for name in ("autoattack_rand", "autoattack_standard"):
+        assert "auto-attack" in get_preset(name).reference and get_preset(name).ours
+    assert get_preset("advpure_apgd_eot").reference.startswith("ours")
+    assert get_preset("advpure_apgd_eot").description.startswith("Our combination")
+
+
 def test_overrides_and_sweeps():
     (e,) = expand_preset("hill2021", {"eps": 0.3, "eot": 5, "gradient": "full", "steps": 7})
     assert e["params"]["eps"] == 0.3 and e["params"]["steps"] == 7 and e["eot"] == 5 and e["gradient"] == "full"
@@ -46,7 +74,14 @@ def test_overrides_and_sweeps():
     assert [s["params"]["eps"] for s in sweep] == [2 / 255, 4 / 255, 8 / 255]
     (lk,) = expand_preset("lee_kim2023", {"surrogate": {"steps": 5}})
     assert lk["surrogate"] == {"steps": 5}
-    assert len(expand_preset("apgd_eot", {"eps": [0.1, 0.2]})) == 4
+    assert len(expand_preset("advpure_apgd_eot", {"eps": [0.1, 0.2]})) == 4
+    # a parameter reaches only the entries whose attack takes it, and must reach one
+    aa = expand_preset("autoattack_standard", {"steps": 10, "eps": 0.1, "eot": 3})
+    assert [e["params"].get("steps") for e in aa] == [10, 10, None]
+    assert all(e["params"]["eps"] == 0.1 and e["eot"] == 3 for e in aa)
+    assert expand_preset("autoattack_standard", {"n_queries": 100})[2]["params"]["n_queries"] == 100
+    with pytest.raises(ValueError, match="unexpected.*n_queries"):
+        expand_preset("autoattack_rand", {"n_queries": 100})
     with pytest.raises(ValueError, match="bad|unexpected|parameters"):
         expand_preset("hill2021", {"no_such_param": 1})
     with pytest.raises(ValueError):

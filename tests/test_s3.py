@@ -12,7 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import config, driver, report, storage
+from pipeline import config, report
+from pipeline.io import storage
+from pipeline.run import commit, driver
 from tests import s3server
 from tests.conftest import job_dict
 
@@ -71,6 +73,7 @@ def test_unreachable_endpoint_error_names_the_url(prefix, monkeypatch):
     (port,) = s3server.free_ports(1)          # nothing listens there
     monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{port}")
     monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    monkeypatch.setattr(storage, "RETRY_DEADLINE_S", 1.0)    # transient: retried, briefly here
     url = storage.join(prefix, "x")
     with pytest.raises(storage.StorageError, match=f"{url}.*127.0.0.1:{port}"):
         storage.put_text(url, "x")
@@ -110,6 +113,7 @@ def test_failed_multipart_put_keeps_old_object_and_leaves_no_upload(prefix, monk
 
     monkeypatch.setattr(storage, "MULTIPART_THRESHOLD", 5 * 2**20)
     monkeypatch.setattr(storage, "MULTIPART_CHUNKSIZE", 5 * 2**20)
+    monkeypatch.setattr(storage, "RETRY_DEADLINE_S", 1.0)    # every retry fails the same way
     url = storage.join(prefix, "out.parquet")
     storage.put_bytes(url, b"v1")
     calls = []
@@ -160,6 +164,76 @@ def test_forked_child_gets_its_own_working_client(prefix):
     assert storage.read_text(storage.join(prefix, "child")) == "pc"
 
 
+def test_conditional_writes_on_the_server(prefix, s3):
+    """The job lease's compare-and-swap: If-None-Match: * and If-Match on PUT and DELETE."""
+    url = storage.join(prefix, "lease.json")
+    v1 = storage.put_if_absent(url, b"one")
+    assert v1 and storage.read_versioned(url) == (b"one", v1)
+    if s3.kind != "seaweedfs" and storage.put_if_absent(url, b"again") is not None:
+        pytest.skip(f"{s3.kind} ignores If-None-Match (the lease is best effort there)")
+    assert storage.put_if_absent(url, b"two") is None and storage.read_text(url) == "one"
+    v2 = storage.put_if_match(url, b"two", v1)
+    assert v2 and storage.read_text(url) == "two"
+    assert storage.put_if_match(url, b"three", v1) is None and storage.read_text(url) == "two"
+    assert storage.remove_if_match(url, v1) is False and storage.exists(url)
+    assert storage.remove_if_match(url, v2) is True and not storage.exists(url)
+
+
+def test_lease_on_s3_refuses_a_second_driver_and_takes_over_a_stale_one(prefix):
+    import json
+    import time
+
+    from pipeline.run import lease
+
+    out = storage.join(prefix, "out")
+    with lease.acquire(out, "job", 30, 5) as held:
+        assert held.conditional
+        with pytest.raises(lease.LeaseHeld, match=f"holder {held.holder}"):
+            lease.acquire(out, "job", 30, 5)
+    assert not storage.exists(lease.lease_url(out))
+    stale = {"holder": "gone", "host": "h", "pid": 1, "machine": "m", "job": "job", "heartbeat": time.time() - 60}
+    storage.put_text(lease.lease_url(out), json.dumps(stale))
+    with lease.acquire(out, "job", 30, 5) as held:
+        assert held.took_over["holder"] == "gone"
+
+
+def test_puts_and_gets_ride_out_a_server_restart(prefix, s3):
+    """SeaweedFS stopped for 2 s and started again while objects are written and read:
+    every call succeeds after retries, and every object read back is whole."""
+    import threading
+
+    if s3.kind != "seaweedfs":
+        pytest.skip("restarting in place needs SeaweedFS")
+    import socket
+    import time
+    from urllib.parse import urlparse
+
+    def down() -> bool:
+        try:
+            socket.create_connection((s3server.HOST, urlparse(s3.endpoint).port), timeout=0.5).close()
+            return False
+        except OSError:
+            return True
+
+    payloads = {storage.join(prefix, "r", f"obj-{i}.bin"): os.urandom(200_000 + i) for i in range(6)}
+    storage.put_text(storage.join(prefix, "r", "before.txt"), "x")
+    restarter = threading.Thread(target=s3.restart, args=(0.5,))
+    restarter.start()
+    deadline = time.monotonic() + 15
+    while not down() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert down(), "the server did not stop"
+    t0 = time.monotonic()
+    for url, data in payloads.items():                       # the first waits out the restart
+        storage.put_bytes(url, data)
+        assert storage.read_bytes(url) == data
+    waited = time.monotonic() - t0
+    restarter.join(60)
+    assert not restarter.is_alive() and waited > 1.0
+    assert storage.read_text(storage.join(prefix, "r", "before.txt")) == "x"
+    assert len(storage.listdir(storage.join(prefix, "r"))) == 7
+
+
 # ---------------------------------------------------------------------------- a job on S3
 
 @pytest.fixture(scope="module")
@@ -180,7 +254,7 @@ def test_ray_workers_see_the_s3_environment(ray_s3, s3, prefix):
 
     @ray_s3.remote(num_cpus=1)
     def in_worker(u: str) -> tuple[str | None, str]:
-        from pipeline import storage as st
+        from pipeline.io import storage as st
 
         st.put_text(u + ".echo", st.read_text(u))
         return os.environ.get("AWS_ENDPOINT_URL"), st.read_text(u + ".echo")
@@ -200,8 +274,9 @@ def _objects(url: str) -> dict[str, str]:
 
 @pytest.mark.slow
 @pytest.mark.timeout(240)
-def test_job_with_shards_models_and_output_on_s3_then_resume(ray_s3, s3, digits_models, tmp_path, monkeypatch):
-    from pipeline.make_shards import make_shards
+def test_job_with_shards_models_and_output_on_s3_then_resume(ray_s3, s3, digits_models, tmp_path, monkeypatch,
+                                                             caplog, capfd):
+    from pipeline.io.make_shards import make_shards
 
     monkeypatch.chdir(tmp_path)                      # nothing may land in a local "s3:" folder
     root = s3.url("e2e", uuid.uuid4().hex[:6])
@@ -218,7 +293,7 @@ def test_job_with_shards_models_and_output_on_s3_then_resume(ray_s3, s3, digits_
     assert code == driver.EXIT_OK, manifest
     st = manifest["stages"]["evaluate"]["shards"]
     assert sorted(s["status"] for s in st.values()) == ["committed"] * 4
-    table = report.load_records(out)
+    table = commit.load_records(out)
     keys = [(k, a) for k, a in zip(table.column("key").to_pylist(), table.column("attack_index").to_pylist())]
     assert len(keys) == 360 and len(set(keys)) == 360
     assert report.summarize(table)["attacks"][0]["clean_classifier"]["acc"] > 0.8
@@ -240,6 +315,22 @@ def test_job_with_shards_models_and_output_on_s3_then_resume(ray_s3, s3, digits_
     st = manifest["stages"]["evaluate"]["shards"]
     assert st["shard-000002"]["status"] == "committed"
     assert [st[s]["status"] for s in ("shard-000000", "shard-000001", "shard-000003")] == ["skipped"] * 3
-    table = report.load_records(out)
+    table = commit.load_records(out)
     assert table.num_rows == 360 and len(set(table.column("key").to_pylist())) == 360
     assert len(_objects(storage.join(out, "evaluate"))) == 8   # the uncommitted attempt's file is gone
+    _assert_no_credentials(s3, out, ray_s3, caplog.text + "".join(capfd.readouterr()))
+
+
+def _assert_no_credentials(s3, out: str, ray, logs: str) -> None:
+    """Neither S3 key appears in any object of the job's output (records, markers, manifest,
+    saved config, lease), in what the driver logged, or in the Ray session's log files."""
+    bucket, prefix = storage._split(out)
+    texts = {"driver output": logs}
+    for page in s3.client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix + "/"):
+        for o in page.get("Contents", []):
+            texts[o["Key"]] = s3.client().get_object(Bucket=bucket, Key=o["Key"])["Body"].read().decode("latin-1")
+    session = Path(ray._private.worker._global_node.get_session_dir_path(), "logs")
+    texts.update({str(p): p.read_bytes().decode("latin-1") for p in session.rglob("*") if p.is_file()})
+    assert any(k.endswith("config.yaml") for k in texts) and any(k.endswith(".parquet") for k in texts)
+    leaks = [k for k, t in texts.items() for secret in (s3server.SECRET_KEY, s3server.ACCESS_KEY) if secret in t]
+    assert not leaks, f"credentials found in {leaks}"

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline import checkpoints
+from pipeline.io import checkpoints
 from pipeline.purifiers.adp import ADPPurifier
 from pipeline.purifiers.nets import score_nets
 from pipeline.purifiers.nets.ebm_nets import EBM

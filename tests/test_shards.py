@@ -6,9 +6,9 @@ import tarfile
 import numpy as np
 import pytest
 
-from pipeline import datasets, shards
-from pipeline.make_shards import make_shards
-from pipeline.shards import ShardError, ShardWriter
+from pipeline.io import datasets, shards
+from pipeline.io.make_shards import make_shards
+from pipeline.io.shards import ShardError, ShardWriter
 
 
 def _write(tmp_path, n=10, per_shard=4):

@@ -7,7 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline import config, driver, report, shards
+from pipeline import config, report
+from pipeline.io import shards
+from pipeline.run import commit, driver
 from tests.conftest import job_dict
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
@@ -50,8 +52,8 @@ def test_attack_then_purify_reproduces_evaluate(ray_local, digits_shards, digits
     # the same job as one evaluate stage: identical predictions, sample by sample
     whole = _cfg(digits_shards, digits_models, tmp_path / "whole")
     assert driver.run(whole)[0] == driver.EXIT_OK
-    ev = {(r["attack_index"], r["key"]): r for r in report.load_records(whole.job.output).to_pylist()}
-    pu = report.load_records(staged.job.output, "purify").to_pylist()
+    ev = {(r["attack_index"], r["key"]): r for r in commit.load_records(whole.job.output).to_pylist()}
+    pu = commit.load_records(staged.job.output, "purify").to_pylist()
     assert len(pu) == 720
     for r in pu:
         e = ev[(r["attack_index"], r["key"])]
@@ -86,10 +88,10 @@ def test_purify_stage_consumes_another_jobs_adversarial_set(ray_local, digits_sh
                                      job={"name": "user", "output": str(tmp_path / "user"), "stages": ["purify"]},
                                      evaluation={"runs": 2}))
     assert driver.run(user)[0] == driver.EXIT_OK
-    rows = report.load_records(user.job.output, "purify").to_pylist()
+    rows = commit.load_records(user.job.output, "purify").to_pylist()
     assert len(rows) == 360 and all(len(r["purified_preds"]) == 2 for r in rows)
     assert {r["attack_name"] for r in rows} == {"pgd"}           # lineage carried through
-    summary = report.summarize(report.load_records(user.job.output, "purify"))
+    summary = report.summarize(commit.load_records(user.job.output, "purify"))
     a = summary["attacks"][0]
     assert a["clean_defended"] is None                             # no clean images in this stage
     clean_acc = sum(r["clean_pred"] == r["label"] for r in rows) / 360  # from the lineage

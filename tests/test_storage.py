@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import storage
+from pipeline.io import storage
 
 pytestmark = pytest.mark.timeout(60)
 

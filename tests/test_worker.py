@@ -5,14 +5,17 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from pipeline import config, report, schema, shards
-from pipeline.worker import ShardProcessor, committed_parquet, marker_path
+from pipeline import config, report, schema
+from pipeline.io import shards
+from pipeline.run import commit
+from pipeline.run.commit import committed_parquet, marker_url
+from pipeline.run.worker import ShardWorker
 from tests.conftest import job_dict
 
 
 def _processor(digits_shards, digits_models, tmp_path, **over):
     cfg = job_dict(digits_shards["pattern"], digits_models, str(tmp_path / "out"), **over)
-    return ShardProcessor(config.from_dict(cfg).to_dict())
+    return ShardWorker(config.from_dict(cfg).to_dict())
 
 
 def test_one_shard_commits_parquet_then_marker(digits_shards, digits_models, tmp_path):
@@ -20,11 +23,11 @@ def test_one_shard_commits_parquet_then_marker(digits_shards, digits_models, tmp
     url = shards.expand(digits_shards["pattern"])[0]
     marker = proc.process(url, "shard-000000", "evaluate", expected=90)
     pq_url = committed_parquet(str(tmp_path / "out"), "evaluate", "shard-000000")
-    marker_url = marker_path(str(tmp_path / "out"), "evaluate", "shard-000000")
+    marker_file = marker_url(str(tmp_path / "out"), "evaluate", "shard-000000")
     table = pq.read_table(pq_url)
     assert table.schema.equals(schema.SCHEMA)
     assert marker["rows"] == table.num_rows == 90 and marker["samples"] == 90
-    assert json.loads(open(marker_url).read())["sha256"] == marker["sha256"]
+    assert json.loads(open(marker_file).read())["sha256"] == marker["sha256"]
     rows = table.to_pylist()
     assert len({r["key"] for r in rows}) == 90
     assert all(r["status"] == "ok" and r["linf"] <= 0.2 + 1e-6 for r in rows)
@@ -62,7 +65,7 @@ def test_decode_errors_become_status_rows(digits_models, tmp_path):
     assert by_key["a"]["status"] == "ok"
     assert by_key["b"]["status"] == "decode_error"
     assert "cannot identify image" in by_key["b"]["error"]
-    summary = report.summarize(report.load_records(str(tmp_path / "out")))
+    summary = report.summarize(commit.load_records(str(tmp_path / "out")))
     assert summary["failed_rows"] == 1 and summary["samples"] == 2
 
 
@@ -79,7 +82,7 @@ def test_report_wilson_interval():
 
 
 def test_vote_ties_go_to_lowest_class():
-    from pipeline.evaluate import vote
+    from pipeline.evaluation.stages import vote
 
     preds = torch.tensor([[2, 1, 2, 1], [3, 3, 0, 1]])
     assert vote(preds, 4).tolist() == [1, 3]

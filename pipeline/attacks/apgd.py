@@ -1,13 +1,23 @@
 """APGD — Croce & Hein, "Reliable evaluation of adversarial robustness with an ensemble of
 diverse parameter-free attacks", ICML 2020 (Algorithm 1).
 
-Step-size-free PGD: the step η starts at 2ε and is halved per sample at checkpoints
-w_j = ⌈p_j·N⌉, p_0 = 0, p_1 = 0.22, p_{j+1} = p_j + max(p_j − p_{j−1} − 0.03, 0.06), when
-  (1) the loss grew in fewer than ρ·(w_j − w_{j−1}) of the steps since the last checkpoint, or
+Step-size-free PGD: the step η starts at 2ε and is halved per sample at checkpoints when
+  (1) the loss grew in too few of the steps since the last checkpoint (oscillation), or
   (2) η was not halved at the last checkpoint and the best loss has not improved since;
 after a halving the iterate restarts from the best point found. Updates use momentum α:
   z = P(x_k + η·s(∇f(x_k))),  x_{k+1} = P(x_k + α(z − x_k) + (1 − α)(x_k − x_{k−1})),
 with s = sign (ℓ∞) or g/‖g‖₂ (ℓ2), α = 1 on the first step and 0.75 after.
+
+Two checkpoint schedules (`schedule`):
+  "autoattack" (default) — the schedule of AutoAttack's code (fra31/auto-attack,
+    autoattack/autopgd_base.py), which produced the published AutoAttack numbers: a counter
+    of steps since the last check; the check runs when it reaches k, k₁ = max(⌊0.22N⌋, 1),
+    then k ← max(k − max(⌊0.03N⌋, 1), max(⌊0.06N⌋, 1)). Test (1) is "increases ≤ ρ·k" over
+    exactly the last k steps; test (2) cannot fire at the first check.
+  "paper" — w_j = ⌈p_j·N⌉, p_0 = 0, p_1 = 0.22, p_{j+1} = p_j + max(p_j − p_{j−1} − 0.03, 0.06),
+    test (1) "increases < ρ·(w_j − w_{j−1})"; our implementation before issue 9, kept to
+    reproduce older records.
+They agree for N = 100 and 200 and differ for small N (N = 10: 2, 3, …, 10 vs 3, 5, 6, 7, 8, 9).
 """
 from __future__ import annotations
 
@@ -16,24 +26,99 @@ import math
 
 import torch
 
-from pipeline.attacks.base import (Attack, AttackResult, AttackTarget, BreakTracker, Goal, Recheck,
-                                   normalized_step, project, random_start)
+from pipeline.attacks.base import (
+    Attack,
+    AttackResult,
+    AttackTarget,
+    BreakTracker,
+    Goal,
+    Recheck,
+    normalized_step,
+    project,
+    random_start,
+)
 from pipeline.registry import ATTACKS
 from pipeline.seeding import Noise
 
 log = logging.getLogger(__name__)
 
+SCHEDULES = ("autoattack", "paper")
+TARGETED_SUCCESS = ("target", "misclassified")
 
-def checkpoints(steps: int) -> list[int]:
-    """Iterations w_1 < w_2 < … < N at which the step size is reconsidered (paper, §3.2)."""
+
+def autoattack_periods(steps: int) -> tuple[int, int, int]:
+    """(first period, minimum period, decrement) of AutoAttack's checkpoint counter.
+
+    Written as AutoAttack writes them, int() of a float product, so that any rounding
+    quirk of the float products is reproduced too (none occurs for N < 400).
+    """
+    return max(int(0.22 * steps), 1), max(int(0.06 * steps), 1), max(int(0.03 * steps), 1)
+
+
+def checkpoints(steps: int, schedule: str = "autoattack") -> list[int]:
+    """Iteration counts (1 … N) after which the step size is reconsidered.
+
+    "autoattack" lists every check AutoAttack runs, including one after the last step when the
+    counter lands on N (it cannot change the result). "paper" lists w_j < N (paper, §3.2).
+    """
+    if schedule == "autoattack":
+        k, k_min, decr = autoattack_periods(steps)
+        out, w = [], k
+        while w <= steps:
+            out.append(w)
+            k = max(k - decr, k_min)
+            w += k
+        return out
+    if schedule != "paper":
+        raise ValueError(f"unknown schedule {schedule!r}; expected one of {SCHEDULES}")
     p_prev, p = 0.0, 0.22
-    out: list[int] = []
+    out = []
     while p < 1.0:
         w = math.ceil(p * steps - 1e-9)  # p_j carries float error (0.41 + 0.16 = 0.5700…01)
         if 0 < w < steps and (not out or w > out[-1]):
             out.append(w)
         p_prev, p = p, p + max(p - p_prev - 0.03, 0.06)
     return out
+
+
+class StepSizeControl:
+    """APGD's per-sample halving test, fed the loss of every evaluated iterate in order.
+
+    `observe(f_new, f_max)` returns None between checkpoints and, at a checkpoint, the [B]
+    mask of samples whose step size halves. Kept apart from the update loop so the test can
+    be checked against a plain re-statement of AutoAttack's bookkeeping.
+    """
+
+    def __init__(self, f0: torch.Tensor, steps: int, rho: float, schedule: str = "autoattack"):
+        self.autoattack = schedule == "autoattack"
+        self.checks = set(checkpoints(steps, schedule))
+        self.rho = float(rho)
+        # AutoAttack compares the first iterate's loss with a zero-initialised slot of its loss
+        # history (loss_steps[-1]), not with the start point's loss; reproduced on purpose.
+        self.f_last = torch.zeros_like(f0) if self.autoattack else f0.clone()
+        self.increases = torch.zeros_like(f0)
+        self.f_max_at_check = f0.clone()
+        # AutoAttack starts with "reduced at the last check" set: test (2) waits a check.
+        self.halved_at_check = torch.full_like(f0, self.autoattack, dtype=torch.bool)
+        self.count = 0
+        self.last_check = 0
+
+    def observe(self, f_new: torch.Tensor, f_max: torch.Tensor) -> torch.Tensor | None:
+        self.increases += (f_new > self.f_last).float()
+        self.f_last = f_new
+        self.count += 1
+        if self.count not in self.checks:
+            return None
+        limit = self.rho * (self.count - self.last_check)
+        oscillating = self.increases <= limit if self.autoattack else self.increases < limit
+        stalled = ~self.halved_at_check & (f_max <= self.f_max_at_check)
+        halve = oscillating | stalled
+        if not self.autoattack:  # the old rule compared the next loss with the restart point's
+            self.f_last = torch.where(halve, f_max, self.f_last)
+        self.halved_at_check, self.f_max_at_check = halve, f_max.clone()
+        self.increases.zero_()
+        self.last_check = self.count
+        return halve
 
 
 def _bcast(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -44,15 +129,20 @@ def _bcast(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 class APGD(Attack):
     """Auto-PGD with the CE or DLR loss; APGD-T with targeted=True (DLR-targeted by default).
 
+    Paper: Croce & Hein, ICML 2020; checkpoint schedule of AutoAttack's code by default.
     Threat model: ℓ∞ or ℓ2 ball of radius eps (image units) ∩ [0, 1].
-    Arguments: eps; steps N (default 100; nfe = N + 1 per run: the start point and every
-    iterate are evaluated); norm ("linf" | "l2"); loss ("ce" | "dlr", default "ce");
-    targeted (False) with target_mode ("top" default: the n-th most likely wrong class of the
-    clean input, as APGD-T; "least_likely" | "random" | "given") and n_target_classes
-    (default 1; 9 in AutoAttack's APGD-T), one run per target class; restarts (default 1)
-    from independent keyed random starts; random_start (True; False starts at x);
-    rho (0.75), momentum (0.75), initial_step (2.0, in units of eps);
-    eot_reduction ("mean_loss" | "mean_logits" | "sign_sum"); recheck_draws (0).
+    Arguments:
+      eps; steps N (100; nfe = N + 1 per run: the start point and every iterate are evaluated);
+      norm ("linf" | "l2"); loss ("ce" | "dlr", default "ce");
+      targeted (False) with target_mode ("top" default: the n-th most likely wrong class of
+        the clean input, as APGD-T; "least_likely" | "random" | "given") and n_target_classes
+        (1; 9 in AutoAttack's APGD-T), one run per target class;
+      targeted_success ("target": a targeted run breaks a sample when it hits the target;
+        "misclassified": when it is misclassified at all, as AutoAttack's APGD-T counts);
+      restarts (1) from independent keyed random starts; random_start (True; False starts at x);
+      schedule ("autoattack" | "paper", see the module docstring); rho (0.75);
+      momentum (0.75); initial_step (2.0, in units of eps);
+      eot_reduction ("mean_loss" | "mean_logits" | "sign_sum"); recheck_draws (0).
     Runs stop early once every sample in the batch has met the goal.
     Returns, per sample, the first iterate that met the goal (confirmed by `recheck` if given),
     else the highest-loss point over all runs; `broken_step` counts target steps over runs,
@@ -64,7 +154,8 @@ class APGD(Attack):
     def __init__(self, eps: float, steps: int = 100, norm: str = "linf", loss: str = "ce",
                  targeted: bool = False, target_mode: str = "top", n_target_classes: int = 1,
                  restarts: int = 1, random_start: bool = True, rho: float = 0.75, momentum: float = 0.75,
-                 initial_step: float = 2.0, eot_reduction: str = "mean_loss", recheck_draws: int = 0):
+                 initial_step: float = 2.0, eot_reduction: str = "mean_loss", recheck_draws: int = 0,
+                 schedule: str = "autoattack", targeted_success: str = "target"):
         super().__init__(eps, norm, targeted, eot_reduction, loss, target_mode, recheck_draws)
         if steps < 1:
             raise ValueError(f"steps must be ≥ 1, got {steps}")
@@ -74,6 +165,12 @@ class APGD(Attack):
             raise ValueError("n_target_classes must be ≥ 1, and 1 for untargeted attacks")
         if not 0 < rho <= 1 or not 0 < momentum <= 1 or not initial_step > 0:
             raise ValueError("need 0 < rho ≤ 1, 0 < momentum ≤ 1, initial_step > 0")
+        if schedule not in SCHEDULES:
+            raise ValueError(f"unknown schedule {schedule!r}; expected one of {SCHEDULES}")
+        if targeted_success not in TARGETED_SUCCESS:
+            raise ValueError(f"unknown targeted_success {targeted_success!r}; expected one of {TARGETED_SUCCESS}")
+        if targeted and targeted_success == "misclassified" and target_mode == "given":
+            raise ValueError("targeted_success 'misclassified' needs the true label: target_mode ≠ 'given'")
         self.steps = int(steps)
         self.restarts = int(restarts)
         self.n_target_classes = int(n_target_classes)
@@ -81,84 +178,86 @@ class APGD(Attack):
         self.rho = float(rho)
         self.momentum = float(momentum)
         self.initial_step = float(initial_step)
-        self.checkpoints = checkpoints(self.steps)
+        self.schedule = schedule
+        self.targeted_success = targeted_success
+        self.checkpoints = checkpoints(self.steps, schedule)
 
     def params(self):
         p = {**super().params(), "steps": self.steps, "restarts": self.restarts,
              "random_start": self.random_start, "rho": self.rho, "momentum": self.momentum,
-             "initial_step": self.initial_step}
+             "initial_step": self.initial_step, "schedule": self.schedule}
         if self.targeted:
             p["n_target_classes"] = self.n_target_classes
+            p["targeted_success"] = self.targeted_success
         return p
 
     def perturb(self, target: AttackTarget, x: torch.Tensor, y: torch.Tensor,
                 noise: Noise, recheck: Recheck | None = None) -> AttackResult:
         goals = self.goals(target, x, y, noise, self.n_target_classes)
         tracker = BreakTracker(x, recheck)
+        B = x.shape[0]
         x_best = x.clone()
-        f_best = torch.full((x.shape[0],), -math.inf, device=x.device)
-        best_target = torch.full((x.shape[0],), -1, dtype=torch.int64, device=x.device)
+        f_best = torch.full((B,), -math.inf, device=x.device)
+        best_target = torch.full((B,), -1, dtype=torch.int64, device=x.device)
+        broke_on = best_target.clone()  # target of the run that broke the sample (misclassified mode)
         nfe, run = 0, 0
         for goal in goals:
+            # the loss follows `goal`; with "misclassified" any wrong class counts as a break
+            judge = Goal(goal.y_true, None, False) if self._any_wrong_class(goal) else goal
             for r in range(self.restarts):
                 if bool(tracker.broken.all()):
                     break
+                was_broken = tracker.broken.clone()
                 x0 = random_start(x, self.eps, self.norm, noise, index=r) if self.random_start else x.clone()
-                x_max, f_max = self._run(target, x, x0, goal, tracker, run * (self.steps + 1))
+                x_max, f_max = self._run(target, x, x0, goal, judge, tracker, run * (self.steps + 1))
                 better = f_max > f_best
                 x_best = torch.where(_bcast(better, x), x_max, x_best)
                 f_best = torch.where(better, f_max, f_best)
                 if goal.targeted:
-                    best_target = torch.where(better, goal.y_target.to(x.device), best_target)
+                    t = goal.y_target.to(x.device)
+                    best_target = torch.where(better, t, best_target)
+                    broke_on = torch.where(tracker.broken & ~was_broken, t, broke_on)
                 nfe += self.steps + 1
                 run += 1
                 log.debug("apgd run %d (restart %d): %d/%d samples met the goal", run, r,
-                          int(tracker.broken.sum()), x.shape[0])
-        x_adv = tracker.merge(x_best)
+                          int(tracker.broken.sum()), B)
         target_class = None
         if self.targeted:
-            target_class = torch.where(tracker.broken, tracker.target_class, best_target)
-        return AttackResult(x_adv.detach(), tracker.broken_step, nfe, target_class)
+            hit = broke_on if self.targeted_success == "misclassified" else tracker.target_class
+            target_class = torch.where(tracker.broken, hit, best_target)
+        return tracker.result(tracker.merge(x_best), nfe, target_class)
+
+    def _any_wrong_class(self, goal: Goal) -> bool:
+        return goal.targeted and self.targeted_success == "misclassified"
 
     def _step(self, x: torch.Tensor, x_k: torch.Tensor, x_prev: torch.Tensor, direction: torch.Tensor,
               eta: torch.Tensor, alpha: float) -> torch.Tensor:
         z = project(x_k + _bcast(eta, x) * normalized_step(direction, self.norm), x, self.eps, self.norm)
         return project(x_k + alpha * (z - x_k) + (1 - alpha) * (x_k - x_prev), x, self.eps, self.norm)
 
-    def _run(self, target: AttackTarget, x: torch.Tensor, x0: torch.Tensor, goal: Goal,
+    def _run(self, target: AttackTarget, x: torch.Tensor, x0: torch.Tensor, goal: Goal, judge: Goal,
              tracker: BreakTracker, step0: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """One APGD run from x0; returns (x_max, f_max)."""
-        B = x.shape[0]
+        """One APGD run from x0 on `goal`'s loss, breaks judged by `judge`; returns (x_max, f_max)."""
         f_k, g_k, logits = self.evaluate(target, x0, goal, step0)
-        tracker.update(x0, logits, goal, step0)
+        tracker.update(x0, logits, judge, step0)
         x_k, x_prev = x0, x0
         x_max, f_max, g_max = x0.clone(), f_k.clone(), g_k.clone()
-        eta = torch.full((B,), self.initial_step * self.eps, device=x.device)
-        increases = torch.zeros(B, device=x.device)
-        f_max_at_check = f_max.clone()
-        halved_at_check = torch.zeros(B, dtype=torch.bool, device=x.device)
-        last_check = 0
+        eta = torch.full((x.shape[0],), self.initial_step * self.eps, device=x.device)
+        control = StepSizeControl(f_k, self.steps, self.rho, self.schedule)
         for k in range(self.steps):
             x_new = self._step(x, x_k, x_prev, g_k, eta, 1.0 if k == 0 else self.momentum)
             f_new, g_new, logits = self.evaluate(target, x_new, goal, step0 + k + 1)
-            tracker.update(x_new, logits, goal, step0 + k + 1)
-            increases += (f_new > f_k).float()
+            tracker.update(x_new, logits, judge, step0 + k + 1)
             better = f_new > f_max
             x_max = torch.where(_bcast(better, x), x_new, x_max)
             g_max = torch.where(_bcast(better, x), g_new, g_max)
             f_max = torch.where(better, f_new, f_max)
-            x_prev, x_k, f_k, g_k = x_k, x_new, f_new, g_new
-            if k + 1 in self.checkpoints:
-                oscillating = increases < self.rho * (k + 1 - last_check)
-                stalled = ~halved_at_check & (f_max <= f_max_at_check)
-                halve = oscillating | stalled
+            x_prev, x_k, g_k = x_k, x_new, g_new
+            halve = control.observe(f_new, f_max)
+            if halve is not None:
                 eta = torch.where(halve, eta / 2, eta)
                 hb = _bcast(halve, x)
                 x_k = torch.where(hb, x_max, x_k)
                 g_k = torch.where(hb, g_max, g_k)
-                f_k = torch.where(halve, f_max, f_k)
-                x_prev = torch.where(hb, x_k, x_prev)  # restart: no momentum carried over
-                halved_at_check, f_max_at_check = halve, f_max.clone()
-                increases.zero_()
-                last_check = k + 1
+                x_prev = torch.where(hb, x_k, x_prev)  # restart: no momentum carried over (ours)
         return x_max, f_max

@@ -22,11 +22,11 @@ Template for an attack's docstring (after torchattacks):
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 import torch
 
-from pipeline.attacks.eot import EOT_REDUCTIONS, LOSSES, eot_gradient, eot_loss  # noqa: F401 (re-export)
+from pipeline.attacks.eot import EOT_REDUCTIONS, LOSSES, eot_gradient
 from pipeline.seeding import Noise
 
 NORMS = ("linf", "l2")
@@ -52,6 +52,8 @@ class AttackResult:
     broken_step: torch.Tensor    # [B] int64: first step whose forward pass met the goal, -1 never
     nfe: int                     # target evaluations (forward + backward) per sample
     target_class: torch.Tensor | None = None  # [B] int64 for targeted attacks, else None
+    candidate_step: torch.Tensor | None = None  # [B] first step the attack's own forward met the
+                                                # goal (None: same as broken_step)
 
 
 def project(x_adv: torch.Tensor, x: torch.Tensor, eps: float, norm: str) -> torch.Tensor:
@@ -125,16 +127,19 @@ class Goal:
 
 
 class BreakTracker:
-    """First step at which each sample's goal was met (confirmed by `recheck` if given), and
-    the iterate of that step: once broken, a sample stays broken (Hill et al. 2021)."""
+    """Per sample: the first step whose attack-time forward met the goal (a *candidate*),
+    and the first step a break was *confirmed* — by `recheck` (fresh draws of the real
+    defense) if given, else by that forward itself — with the iterate of that step. Once
+    confirmed, a sample stays broken (Hill et al. 2021); an unconfirmed candidate is not a
+    break: the attack keeps pushing it, and it is re-checked whenever it meets the goal again."""
 
     def __init__(self, x: torch.Tensor, recheck: Recheck | None = None):
         B = x.shape[0]
+        self.candidate_step = torch.full((B,), -1, dtype=torch.int64, device=x.device)
         self.broken_step = torch.full((B,), -1, dtype=torch.int64, device=x.device)
         self.x_broken = x.detach().clone()
         self.target_class = torch.full((B,), -1, dtype=torch.int64, device=x.device)
         self.recheck = recheck
-        self.rechecked_rows = 0
 
     @property
     def broken(self) -> torch.Tensor:
@@ -143,10 +148,11 @@ class BreakTracker:
     def update(self, x_adv: torch.Tensor, logits: torch.Tensor, goal: Goal, step: int) -> torch.Tensor:
         """Mark samples newly broken at this step; returns the [B] mask of new breaks."""
         new = goal.success(logits).to(self.broken_step.device) & ~self.broken
+        first = new & (self.candidate_step < 0)
+        self.candidate_step[first] = step
         if self.recheck is not None and bool(new.any()):
             idx = new.nonzero().squeeze(1)
             confirm_logits = self.recheck(x_adv[idx].detach(), idx, step)
-            self.rechecked_rows += int(idx.numel())
             ok = goal.success(confirm_logits, idx).to(new.device)
             new = torch.zeros_like(new)
             new[idx[ok]] = True
@@ -156,6 +162,10 @@ class BreakTracker:
             if goal.targeted:
                 self.target_class[new] = goal.y_target.to(new.device)[new]
         return new
+
+    def result(self, x_adv: torch.Tensor, nfe: int, target_class: torch.Tensor | None = None) -> AttackResult:
+        """The attack's result with this tracker's candidate and confirmed steps."""
+        return AttackResult(x_adv.detach(), self.broken_step, nfe, target_class, self.candidate_step)
 
     def merge(self, x_other: torch.Tensor) -> torch.Tensor:
         """The breaking iterate where broken, x_other elsewhere."""
@@ -224,7 +234,8 @@ class Attack:
                 f"attack {self.name!r} has recheck_draws={self.recheck_draws}: pass recheck= "
                 "(build it with pipeline.attacks.recheck.make_defense_recheck)")
         if self.eps == 0:
-            return AttackResult(x.detach().clone(), torch.full((x.shape[0],), -1, dtype=torch.int64), 0)
+            never = torch.full((x.shape[0],), -1, dtype=torch.int64)
+            return AttackResult(x.detach().clone(), never, 0, candidate_step=never)
         return self.perturb(target, x.detach(), y, noise, recheck)
 
     def perturb(self, target: AttackTarget, x: torch.Tensor, y: torch.Tensor,
@@ -269,12 +280,3 @@ class Attack:
         obj, direction = eot_gradient(logits, x_adv, goal.y_true, goal.y_target, self.loss,
                                       self.eot_reduction, goal.targeted)
         return obj.detach(), direction.detach(), logits.detach()
-
-    def loss_and_grad(self, target: AttackTarget, x_adv: torch.Tensor, y: torch.Tensor,
-                      step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(loss [B], ascent direction, logits) with y as in target_mode 'given' (first interface)."""
-        goal = Goal(None, y, True) if self.targeted else Goal(y, None, False)
-        return self.evaluate(target, x_adv, goal, step)
-
-
-AttackFactory = Callable[..., Attack]

@@ -113,11 +113,3 @@ def eot_gradient(logits: torch.Tensor, x: torch.Tensor, y_true: torch.Tensor | N
     (g,) = torch.autograd.grad(obj.sum(), x)
     return obj.detach(), g
 
-
-def eot_loss(logits: torch.Tensor, y: torch.Tensor, reduction: str = "mean_loss",
-             targeted: bool = False) -> torch.Tensor:
-    """Cross-entropy objective [B] over R draws (kept for callers of the first interface).
-
-    For targeted attacks y is the target class and the loss is −CE.
-    """
-    return eot_objective(logits, None if targeted else y, y if targeted else None, "ce", reduction, targeted)

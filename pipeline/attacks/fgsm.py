@@ -28,4 +28,4 @@ class FGSM(Attack):
         tracker = BreakTracker(x, recheck)
         tracker.update(x, logits, goal, 0)
         x_adv = project(x + self.eps * normalized_step(direction, self.norm), x, self.eps, self.norm)
-        return AttackResult(x_adv.detach(), tracker.broken_step, nfe=1, target_class=goal.y_target)
+        return tracker.result(x_adv, 1, goal.y_target)

@@ -9,8 +9,16 @@ from __future__ import annotations
 
 import torch
 
-from pipeline.attacks.base import (Attack, AttackResult, AttackTarget, BreakTracker, Recheck, normalized_step,
-                                   project, random_start)
+from pipeline.attacks.base import (
+    Attack,
+    AttackResult,
+    AttackTarget,
+    BreakTracker,
+    Recheck,
+    normalized_step,
+    project,
+    random_start,
+)
 from pipeline.registry import ATTACKS
 from pipeline.seeding import Noise
 
@@ -23,11 +31,12 @@ class PGD(Attack):
     Arguments: eps, steps (≥1, default 40), step_size (default 2.5·eps/steps),
     norm ("linf" | "l2"), random_start (True), targeted (False),
     eot_reduction ("mean_loss" | "mean_logits" | "sign_sum"), loss ("ce" | "dlr"),
-    target_mode ("given"), keep_broken (False), recheck_draws (0).
+    target_mode ("given"), keep_broken (True), recheck_draws (0).
     Iterate t (t = 0 … steps−1) is evaluated with target step t and then updated.
-    Returns the final iterate; `broken_step` records the first iterate that met the goal. With
-    keep_broken (implied by recheck_draws > 0) the final iterate is evaluated too (step
-    `steps`, nfe = steps + 1) and broken samples return their breaking iterate instead.
+    With keep_broken (the default; implied whenever breaks are re-checked) the final iterate
+    is evaluated too (step `steps`, nfe = steps + 1) and samples with a confirmed break return
+    their breaking iterate, the others the final iterate; keep_broken False returns the final
+    iterate always (nfe = steps), the textbook PGD.
     """
 
     name = "pgd"
@@ -35,7 +44,7 @@ class PGD(Attack):
     def __init__(self, eps: float, steps: int = 40, step_size: float | None = None,
                  norm: str = "linf", random_start: bool = True, targeted: bool = False,
                  eot_reduction: str = "mean_loss", loss: str = "ce", target_mode: str = "given",
-                 keep_broken: bool = False, recheck_draws: int = 0):
+                 keep_broken: bool = True, recheck_draws: int = 0):
         super().__init__(eps, norm, targeted, eot_reduction, loss, target_mode, recheck_draws)
         if steps < 1:
             raise ValueError(f"steps must be ≥ 1, got {steps}")
@@ -49,8 +58,8 @@ class PGD(Attack):
     def params(self):
         p = {**super().params(), "steps": self.steps, "step_size": self.step_size,
              "random_start": self.random_start}
-        if self.keep_broken:
-            p["keep_broken"] = True
+        if not self.keep_broken:
+            p["keep_broken"] = False
         return p
 
     def perturb(self, target: AttackTarget, x: torch.Tensor, y: torch.Tensor,
@@ -63,10 +72,10 @@ class PGD(Attack):
             tracker.update(x_adv, logits, goal, t)
             x_adv = project(x_adv + self.step_size * normalized_step(direction, self.norm), x, self.eps, self.norm)
         nfe = self.steps
-        if self.keep_broken:
+        if self.keep_broken or recheck is not None:
             with torch.no_grad():  # the last iterate's forward: no gradient needed
                 logits = target(x_adv, self.steps)
             tracker.update(x_adv, logits, goal, self.steps)
             x_adv = tracker.merge(x_adv)
             nfe += 1
-        return AttackResult(x_adv.detach(), tracker.broken_step, nfe, target_class=goal.y_target)
+        return tracker.result(x_adv, nfe, goal.y_target)

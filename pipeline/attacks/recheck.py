@@ -24,7 +24,7 @@ from pipeline.seeding import Noise
 
 
 def make_defense_recheck(defense: Any, seed: int, keys: Sequence[str], context: str, draws: int) -> Recheck:
-    """A `Recheck` from a `pipeline.defense.Defense` (its `logits(x, noise, mode)` method).
+    """A `Recheck` from a `pipeline.evaluation.defense.Defense` (its `logits(x, noise, mode)` method).
 
     The check is a plain forward (no gradient) through the real purifier with `draws`
     keyed purification runs per sample. `context` must differ from the evaluation's and the

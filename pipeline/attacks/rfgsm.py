@@ -3,8 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from pipeline.attacks.base import (Attack, AttackResult, AttackTarget, BreakTracker, Recheck, normalized_step,
-                                   project)
+from pipeline.attacks.base import Attack, AttackResult, AttackTarget, BreakTracker, Recheck, normalized_step, project
 from pipeline.registry import ATTACKS
 from pipeline.seeding import Noise
 
@@ -44,4 +43,4 @@ class RFGSM(Attack):
         tracker.update(x_rand, logits, goal, 0)
         x_adv = project(x_rand + (self.eps - self.alpha) * normalized_step(direction, self.norm),
                         x, self.eps, self.norm)
-        return AttackResult(x_adv.detach(), tracker.broken_step, nfe=1, target_class=goal.y_target)
+        return tracker.result(x_adv, 1, goal.y_target)

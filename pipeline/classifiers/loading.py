@@ -9,8 +9,8 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from pipeline import checkpoints
-from pipeline.checkpoints import CheckpointError
+from pipeline.io import checkpoints
+from pipeline.io.checkpoints import CheckpointError
 
 CONTAINER_KEYS = ("state_dict", "model_state_dict", "net", "model")
 _WHOLE_PREFIXES = ("model.", "_orig_mod.", "module.")

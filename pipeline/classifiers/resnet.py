@@ -25,7 +25,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.classifiers.base import Classifier
-from pipeline.classifiers.loading import load_into, load_published_state, random_init_net, require_checkpoint, resolve_norm
+from pipeline.classifiers.loading import (
+    load_into,
+    load_published_state,
+    random_init_net,
+    require_checkpoint,
+    resolve_norm,
+)
 from pipeline.classifiers.wideresnet import CIFAR10_MEAN, CIFAR10_STD
 from pipeline.registry import CLASSIFIERS
 

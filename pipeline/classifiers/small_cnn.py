@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from pipeline import checkpoints
 from pipeline.classifiers.base import Classifier
+from pipeline.io import checkpoints
 from pipeline.registry import CLASSIFIERS
 
 ARCH = "small_cnn"

@@ -21,7 +21,7 @@ layout + mean/std of a source, explicit `layout`/`mean`/`std` override it:
 
 | preset        | layout      | mean / std                                        | source |
 |---------------|-------------|---------------------------------------------------|--------|
-| `robustbench` | robustbench | 0 / 1 (inputs [0, 1] as is)                        | RobustBench `Standard`, TRADES, Carmon2019, … |
+| `robustbench` | robustbench | 0 / 1 (inputs [0, 1] as is)                        | RobustBench `Standard`, TRADES, … |
 | `hill`        | meliketoy   | 0.5 / 0.5 (the network sees [−1, 1])               | point0bar1/ebm-defense `clf.pth` |
 | `adp`         | meliketoy   | (0.4914, 0.4822, 0.4465) / (0.2023, 0.1994, 0.2010) | jmyoon1/adp, meliketoy CIFAR-10 |
 
@@ -42,8 +42,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.classifiers.base import Classifier
-from pipeline.classifiers.loading import (load_into, load_published_state, random_init_net, require_checkpoint,
-                                          resolve_norm)
+from pipeline.classifiers.loading import (
+    load_into,
+    load_published_state,
+    random_init_net,
+    require_checkpoint,
+    resolve_norm,
+)
 from pipeline.registry import CLASSIFIERS
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)

@@ -25,15 +25,15 @@ Differences from the reference code (jmyoon1/adp, purification/adp.py), on purpo
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from pipeline.purifiers import steps
-from pipeline.purifiers.base import Purifier
+from pipeline.purifiers.base import Purified, Purifier
 from pipeline.purifiers.nets import score_nets
 from pipeline.registry import PURIFIERS
 from pipeline.seeding import Noise
@@ -42,14 +42,39 @@ NOISE_TYPES = ("gaussian", "binary")
 
 
 class ADPPurifier(Purifier):
+    """ADP purification (Yoon et al. 2021, arXiv:2106.06041, Sec. 3.2–3.3): randomised
+    smoothing, then score ascent with an adaptive step size.
+
+    Stochastic (the smoothing noise), differentiable (full-gradient attack through both score
+    evaluations per step), no test-time optimisation (a fixed, short ascent). 2 score-network
+    evaluations per step and row; the loop ends early once every row has stopped.
+
+    Arguments:
+        score_net (nn.Module): s_θ on the score grid, [N, C, H, W] → [N, C, H, W], frozen.
+        sigma (float): std of the smoothing noise (≥ 0; 0 = none). (Default: 0.25)
+        max_iter (int): maximum number of ascent steps (≥ 0). (Default: 10)
+        delta (float): probe distance δ of the step-size rule (> 0). (Default: 1e-3)
+        lam (float): step-size factor λ. (Default: 0.05)
+        alpha_min (float): lower clip of the step size α (> 0). (Default: 1e-5)
+        alpha_max (float): upper clip of the step size α (≥ alpha_min). (Default: 1e-1)
+        stop_alpha (float): a row stops for good once its α ≤ stop_alpha. (Default: 1e-3)
+        noise_type (str): "gaussian" or "binary" (±σ·√(2/π)). (Default: "gaussian")
+        regrid_each_step (bool): reproduce the reference's per-step grid quirk. (Default: False)
+        checkpoint_segment (int): steps per gradient-checkpoint segment when a graph is
+            needed; 0 = off, −1 = memory-optimal (steps.auto_segment). Memory only, values
+            unchanged. (Default: 0)
+        info (dict | None): facts about the network for params() (format, arch, ema). (Default: None)
+    """
+
     stochastic = True
     differentiable = True
     test_time_optimization = False  # a fixed, short score ascent — no inner objective is optimised
+    autocast_safe = False  # evaluation.precision bf16 keeps ADP fp32: its secant 1 − z is below bf16 resolution
 
-    def __init__(self, score_net: nn.Module, sigma: float = 0.25, max_iter: int = 10,
+    def __init__(self, score_net: nn.Module, *, sigma: float = 0.25, max_iter: int = 10,
                  delta: float = 1e-3, lam: float = 0.05, alpha_min: float = 1e-5,
                  alpha_max: float = 1e-1, stop_alpha: float = 1e-3, noise_type: str = "gaussian",
-                 regrid_each_step: bool = False, checkpoint_steps: bool = False,
+                 regrid_each_step: bool = False, checkpoint_segment: int = 0,
                  info: dict | None = None):
         super().__init__()
         if noise_type not in NOISE_TYPES:
@@ -61,7 +86,7 @@ class ADPPurifier(Purifier):
         self.alpha_min, self.alpha_max, self.stop_alpha = float(alpha_min), float(alpha_max), float(stop_alpha)
         self.noise_type = noise_type
         self.regrid_each_step = bool(regrid_each_step)
-        self.checkpoint_steps = bool(checkpoint_steps)
+        self.checkpoint_segment = int(checkpoint_segment)
         self.info = dict(info or {})
         # diagnostics of the last call (detached): α per step [T, N] and steps taken per row [N]
         self.last_alphas: torch.Tensor | None = None
@@ -102,40 +127,72 @@ class ADPPurifier(Purifier):
             xg = steps.adp_update(xg, g, alpha, active, 0.0, 1.0)
         return xg, active, alpha
 
-    def _iterate(self, x: torch.Tensor, noise: Noise | None, keep_all: bool) -> list[torch.Tensor]:
-        noise = self._noise(noise, x)
-        x0 = self.smooth(x, noise)
-        xg = steps.to_score_grid(x0)
-        on_grid = True
-        active = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
-        out = [x0] if keep_all else []
-        alphas = []
-        use_ckpt = self.checkpoint_steps and steps.needs_graph(xg)
-        for _ in range(self.max_iter):
-            if use_ckpt:
-                new_x, new_active, alpha = checkpoint(self._step, xg, active, use_reentrant=False)
-            else:
-                new_x, new_active, alpha = self._step(xg, active)
-            self.nfe += 2
+    def _segment(self, xg: torch.Tensor, active: torch.Tensor, n: int, keep_all: bool
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Up to n iterations from (x, active) → (x, active, α [n', N], states [s, N, ...]).
+
+        An iteration after which no row is active any more is not applied (nothing moves, and
+        in regrid mode the reference would still map every row once); it ends the loop.
+        states holds the pixel image after each applied iteration when keep_all (else empty).
+        """
+        alphas, states = [], []
+        for _ in range(n):
+            new_x, new_active, alpha = self._step(xg, active)
             alphas.append(alpha.detach())
             active = new_active
             if not bool(active.any()):  # every row has stopped: nothing moves any more
                 break
             xg = new_x
-            on_grid = not self.regrid_each_step
             if keep_all:
-                out.append(self._to_pixels(xg, on_grid))
-        if alphas:
-            A = torch.stack(alphas)  # [T, N]
-            self.last_alphas = A
-            # steps taken per row: leading run of iterations with α > stop_alpha
-            self.last_steps = torch.cumprod((A > self.stop_alpha).to(torch.int64), 0).sum(0)
-        else:
-            self.last_alphas = None
-            self.last_steps = torch.zeros(x.shape[0], dtype=torch.int64, device=x.device)
+                states.append(self._to_pixels(xg, not self.regrid_each_step))
+        stacked = torch.stack(states) if states else xg.new_zeros((0, *xg.shape))
+        return xg, active, torch.stack(alphas), stacked
+
+    def _iterate(self, x: torch.Tensor, noise: Noise | None, keep_all: bool) -> tuple[list[torch.Tensor], int]:
+        """(images, nfe per row): [x₀, …, final] with keep_all, else [final]."""
+        x0 = self.smooth(x, self._noise(noise, x))
+        xg = steps.to_score_grid(x0)
+        active = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
+        out = [x0] if keep_all else []
+        size = self._segment_size(xg, active)
+        use_ckpt = size > 0
+        size = size or self.max_iter
+        alphas: list[torch.Tensor] = []
+        done, moved, stopped = 0, 0, False
+        while done < self.max_iter and not stopped:
+            n = min(size, self.max_iter - done)
+            if use_ckpt:  # steps.checkpoint_segment: keeps (x, active) only, recomputes in backward
+                seg = functools.partial(self._segment, n=n, keep_all=keep_all)
+                xg, active, A, S = steps.checkpoint_segment(seg, xg, active)
+            else:
+                xg, active, A, S = self._segment(xg, active, n, keep_all)
+            stopped = not bool(active.any())
+            done += A.shape[0]
+            moved += A.shape[0] - int(stopped)
+            alphas.append(A.detach())
+            out.extend(S.unbind(0))
+        self._record(torch.cat(alphas) if alphas else None, x)
         if not keep_all:
-            out.append(self._to_pixels(xg, on_grid))
-        return out
+            out.append(self._to_pixels(xg, moved == 0 or not self.regrid_each_step))
+        return out, 2 * done  # two score evaluations per iteration run
+
+    def _segment_size(self, xg: torch.Tensor, active: torch.Tensor) -> int:
+        """Iterations per checkpoint segment, 0 when not checkpointing (no graph needed or
+        checkpoint_segment 0); −1 picks the memory-optimal length (steps.auto_segment) from
+        the graph bytes of one iteration, measured once."""
+        if self.checkpoint_segment == 0 or self.max_iter == 0 or not steps.needs_graph(xg):
+            return 0
+        if self.checkpoint_segment > 0:
+            return self.checkpoint_segment
+        one = steps.step_graph_bytes(lambda x, _: self._step(x, active)[0], xg, 0)
+        return steps.auto_segment(self.max_iter, xg.numel() * xg.element_size(), one)
+
+    def _record(self, A: torch.Tensor | None, x: torch.Tensor) -> None:
+        self.last_alphas = A  # [T, N]
+        if A is None:
+            self.last_steps = torch.zeros(x.shape[0], dtype=torch.int64, device=x.device)
+        else:  # steps taken per row: leading run of iterations with α > stop_alpha
+            self.last_steps = torch.cumprod((A > self.stop_alpha).to(torch.int64), 0).sum(0)
 
     @staticmethod
     def _to_pixels(xg: torch.Tensor, on_grid: bool) -> torch.Tensor:
@@ -143,25 +200,34 @@ class ADPPurifier(Purifier):
 
     # -- interface ------------------------------------------------------------------------
 
-    def forward(self, x: torch.Tensor, noise: Noise | None = None) -> torch.Tensor:
-        return self._iterate(x, noise, keep_all=False)[-1]
+    def purify(self, x: torch.Tensor, noise: Noise | None = None) -> Purified:
+        images, nfe = self._iterate(x, noise, keep_all=False)
+        return Purified(images[-1], nfe)
 
     def trajectory(self, x: torch.Tensor, noise: Noise | None = None) -> list[torch.Tensor]:
         """[x₀ (smoothed input), x after step 1, …, final] in [0, 1]; the last entry equals
-        forward(x, noise). Its length is 1 + the number of iterations actually run (the
+        forward(x, noise). Its length is 1 + the number of iterations actually applied (the
         loop ends early once every row has stopped)."""
-        return self._iterate(x, noise, keep_all=True)
+        return self._iterate(x, noise, keep_all=True)[0]
 
 
 @PURIFIERS.register("adp")
 def build(checkpoint: str, sigma: float = 0.25, max_iter: int = 10, delta: float = 1e-3,
           lam: float = 0.05, alpha_min: float = 1e-5, alpha_max: float = 1e-1, stop_alpha: float = 1e-3,
-          noise_type: str = "gaussian", regrid_each_step: bool = False, checkpoint_steps: bool = False,
+          noise_type: str = "gaussian", regrid_each_step: bool = False, checkpoint_segment: int = 0,
           arch: str | None = None, net: dict | None = None, ema: bool = False) -> ADPPurifier:
     """ADP score-based purification (Yoon et al. 2021); checkpoint from jobs/train_score.py
-    or a published NCSNv2 checkpoint (arch/net give its architecture, ema picks EMA weights)."""
+    or a published NCSNv2 checkpoint (arch/net give its architecture, ema picks EMA weights).
+
+    Arguments:
+        checkpoint (str): our score-network checkpoint or a published NCSNv2 one.
+        arch (str | None): expected arch of ours / arch of a published one ("ncsnv2"). (Default: None)
+        net (dict | None): arch params of a published checkpoint (CIFAR-10 NCSNv2). (Default: None)
+        ema (bool): load the EMA weights of a published NCSNv2 list. (Default: False)
+        The other arguments are ADPPurifier's, with its defaults.
+    """
     score_net, info = score_nets.load_score_net(checkpoint, arch=arch, arch_params=net, ema=ema)
     return ADPPurifier(score_net, sigma=sigma, max_iter=max_iter, delta=delta, lam=lam,
                        alpha_min=alpha_min, alpha_max=alpha_max, stop_alpha=stop_alpha,
                        noise_type=noise_type, regrid_each_step=regrid_each_step,
-                       checkpoint_steps=checkpoint_steps, info=info)
+                       checkpoint_segment=checkpoint_segment, info=info)

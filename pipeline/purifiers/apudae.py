@@ -44,10 +44,11 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from pipeline import checkpoints, storage
-from pipeline.purifiers.base import Purifier
+from pipeline.io import checkpoints, storage
 from pipeline.purifiers import dae as dae_mod
+from pipeline.purifiers.base import Purified, Purifier
 from pipeline.purifiers.nets.dip_nets import batch_free_sigmoid
+from pipeline.purifiers.steps import adam_update, straight_through
 from pipeline.registry import PURIFIERS
 from pipeline.seeding import Noise
 
@@ -57,28 +58,10 @@ VARIANTS = ("adaptive", "simple", "distance")
 # (steps, Adam lr) per variant, from the authors' script
 VARIANT_DEFAULTS = {"adaptive": (13, 2.0 / 255), "simple": (12, 1.0 / 255), "distance": (16, 1.0 / 255)}
 CALIB_SUFFIX = ".calib.json"
-_SQRT_FLOOR = 1e-30  # keeps d√v/dv finite at v = 0 for the unrolled graph; √1e-30 ≪ adam_eps
 
 
 class CalibrationError(FileNotFoundError):
     pass
-
-
-def adam_update(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor, t: int,
-                lr: float, betas: Sequence[float] = (0.9, 0.999), eps: float = 1e-8
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One Adam step (Kingma & Ba), element-wise and out of place so it can be unrolled.
-
-    t counts from 1. Returns (p, m, v) after the step. Every operation is per element, so
-    stacked independent problems (rows, per-row networks) stay independent.
-    """
-    b1, b2 = betas
-    m = b1 * m + (1.0 - b1) * g
-    v = b2 * v + (1.0 - b2) * g * g
-    m_hat = m / (1.0 - b1 ** t)
-    v_hat = v / (1.0 - b2 ** t)
-    p = p - lr * m_hat / (torch.sqrt(v_hat + _SQRT_FLOOR) + eps)
-    return p, m, v
 
 
 def recon_error(dae: nn.Module, z: torch.Tensor, clip: bool = False) -> torch.Tensor:
@@ -97,10 +80,35 @@ def recon_error(dae: nn.Module, z: torch.Tensor, clip: bool = False) -> torch.Te
     return (z - recon).pow(2).flatten(1).sum(1)
 
 
-class APuDAE(Purifier):
+class APuDAEPurifier(Purifier):
+    """APuDAE (Kalaria et al. 2022, arXiv:2208.13838): Adam on δ against the DAE's
+    reconstruction error at x + δ, with adaptive kicks. One DAE evaluation per step and row.
+
+    Flags: test-time optimisation always; stochastic for the `adaptive` variant (the kicks);
+    differentiable only when `unrolled` (otherwise forward is straight-through, BPDA).
+
+    Arguments:
+        dae (nn.Module): the denoiser D, [N, C, H, W] → [N, C, H, W], frozen.
+        variant (str): "adaptive", "simple" or "distance" (see the module docstring). (Default: "adaptive")
+        mu (float | None): calibration mean of r(x); needed unless variant="simple". (Default: None)
+        sigma (float | None): calibration std of r(x) (> 0); needed unless "simple". (Default: None)
+        steps (int | None): Adam steps; None = the variant's (13 / 12 / 16). (Default: None)
+        lr (float | None): Adam learning rate; None = the variant's (2/255, 1/255, 1/255). (Default: None)
+        noise_eps (float): kick scale ε of the adaptive variant. (Default: 0.7/255)
+        noise_max_factor (float): cap of the kick factor ((r − μ)/(2σ))². (Default: 4.0)
+        noise_sigma_scale (float): the 2 in (r − μ)/(2σ). (Default: 2.0)
+        noise_clip (Sequence[float]): clip range of the kicked base image. (Default: (-1.0, 2.0))
+        clip_recon (bool): clip D(z) to [0, 1] inside the loop (as in calibration). (Default: False)
+        clip_output (bool): clip the output to [0, 1]. (Default: True)
+        unrolled (bool): keep the graph of every Adam step (exact gradient). (Default: False)
+        betas (Sequence[float]): Adam β₁, β₂. (Default: (0.9, 0.999))
+        adam_eps (float): Adam ε. (Default: 1e-8)
+        info (dict | None): facts about the DAE and calibration for params(). (Default: None)
+    """
+
     test_time_optimization = True
 
-    def __init__(self, dae: nn.Module, variant: str = "adaptive", mu: float | None = None,
+    def __init__(self, dae: nn.Module, *, variant: str = "adaptive", mu: float | None = None,
                  sigma: float | None = None, steps: int | None = None, lr: float | None = None,
                  noise_eps: float = 0.7 / 255, noise_max_factor: float = 4.0,
                  noise_sigma_scale: float = 2.0, noise_clip: Sequence[float] = (-1.0, 2.0),
@@ -134,9 +142,14 @@ class APuDAE(Purifier):
         self.betas = (float(betas[0]), float(betas[1]))
         self.adam_eps = float(adam_eps)
         self.info = dict(info or {})
-        # flags of this instance: the kicks make `adaptive` random; unrolling makes it differentiable
-        self.stochastic = variant == "adaptive"
-        self.differentiable = self.unrolled
+
+    @property
+    def stochastic(self) -> bool:  # the kicks of `adaptive` are random
+        return self.variant == "adaptive"
+
+    @property
+    def differentiable(self) -> bool:  # unrolled Adam: autograd is the true gradient
+        return self.unrolled
 
     def params(self) -> dict[str, Any]:
         return {"variant": self.variant, "steps": self.steps, "lr": self.lr, "mu": self.mu,
@@ -160,7 +173,7 @@ class APuDAE(Purifier):
         z = (r - self.mu) / (self.noise_sigma_scale * self.sigma)
         return self.noise_eps * z.pow(2).clamp(0.0, self.noise_max_factor)
 
-    def forward(self, x: torch.Tensor, noise: Noise | None = None) -> torch.Tensor:
+    def purify(self, x: torch.Tensor, noise: Noise | None = None) -> Purified:
         unroll = self.unrolled and torch.is_grad_enabled() and x.requires_grad
         keyed = self._noise(noise, x) if self.variant == "adaptive" else None
         base = x if unroll else x.detach()
@@ -176,7 +189,6 @@ class APuDAE(Purifier):
                     delta = delta.detach().requires_grad_(True)
                 z = base + delta
                 r = recon_error(self.dae, z, self.clip_recon)
-                self.nfe += 1
                 if keyed is not None:
                     u = keyed.uniform(tuple(x.shape[1:]), "apudae/adaptive", step=t,
                                       low=-1.0, high=1.0, dtype=x.dtype)
@@ -189,9 +201,7 @@ class APuDAE(Purifier):
         out = base + delta
         if self.clip_output:
             out = out.clamp(0.0, 1.0)
-        if unroll:
-            return out
-        return x + (out - x).detach()  # straight-through: identity backward (BPDA)
+        return Purified(out if unroll else straight_through(x, out), self.steps)  # one r(z) per step
 
 
 # ---------------------------------------------------------------------------- loading
@@ -253,11 +263,17 @@ def build(checkpoint: str, variant: str = "adaptive", calibration: str | None = 
           lr: float | None = None, noise_eps: float = 0.7 / 255, noise_max_factor: float = 4.0,
           noise_sigma_scale: float = 2.0, noise_clip: Sequence[float] = (-1.0, 2.0),
           clip_recon: bool = False, clip_output: bool = True, unrolled: bool = False,
-          betas: Sequence[float] = (0.9, 0.999), adam_eps: float = 1e-8) -> APuDAE:
+          betas: Sequence[float] = (0.9, 0.999), adam_eps: float = 1e-8) -> APuDAEPurifier:
     """APuDAE: DAE-guided test-time purification (Kalaria et al. 2022), adaptive by default.
 
     DAE from jobs/train_dae.py; μ/σ from jobs/calibrate_dae.py (<checkpoint>.calib.json)
-    unless mu and sigma are given (the simple variant needs neither)."""
+    unless mu and sigma are given (the simple variant needs neither).
+
+    Arguments:
+        checkpoint (str): our small_dae / rednet30 checkpoint (local path or URL).
+        calibration (str | None): μ/σ JSON; None = <checkpoint>.calib.json. (Default: None)
+        The other arguments are APuDAEPurifier's, with its defaults.
+    """
     dae, record = load_dae(checkpoint)
     info: dict[str, Any] = {"checkpoint": checkpoint, "arch": record["arch"]}
     if variant != "simple" and (mu is None or sigma is None):
@@ -267,6 +283,8 @@ def build(checkpoint: str, variant: str = "adaptive", calibration: str | None = 
         sigma = calib["sigma"] if sigma is None else sigma
         info["calibration"] = url
         log.info("APuDAE %s: μ=%.4g σ=%.4g from %s", variant, mu, sigma, url)
-    return APuDAE(dae, variant, mu, sigma, steps, lr, noise_eps, noise_max_factor,
-                  noise_sigma_scale, noise_clip, clip_recon, clip_output, unrolled, betas,
-                  adam_eps, info)
+    return APuDAEPurifier(dae, variant=variant, mu=mu, sigma=sigma, steps=steps, lr=lr,
+                          noise_eps=noise_eps, noise_max_factor=noise_max_factor,
+                          noise_sigma_scale=noise_sigma_scale, noise_clip=noise_clip,
+                          clip_recon=clip_recon, clip_output=clip_output, unrolled=unrolled,
+                          betas=betas, adam_eps=adam_eps, info=info)

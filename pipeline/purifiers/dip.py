@@ -42,9 +42,9 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
-from pipeline.purifiers.apudae import adam_update
-from pipeline.purifiers.base import Purifier
+from pipeline.purifiers.base import Purified, Purifier, freeze
 from pipeline.purifiers.nets.dip_nets import StackedSkipNet
+from pipeline.purifiers.steps import adam_update, purify_in_chunks, straight_through
 from pipeline.registry import CLASSIFIERS, PURIFIERS
 from pipeline.seeding import Noise
 
@@ -59,6 +59,7 @@ class DIPTrace:
     iterates: torch.Tensor   # [K, N, C, H, W] recorded reconstructions
     steps: torch.Tensor      # [K] iteration index (1-based) of each record
     logits: torch.Tensor     # [K, N, classes]
+    nfe: int = 0             # network evaluations per row: DIP fits + classifier calls
 
 
 def find_crossing(preds: torch.Tensor, y_adv: torch.Tensor, first: int = 0,
@@ -128,12 +129,45 @@ def push_away(x_on: torch.Tensor, x_adv: torch.Tensor, push: float) -> torch.Ten
     return x_on - push * (x_adv - x_on)
 
 
-class DIPDefense(Purifier):
+class DIPPurifier(Purifier):
+    """DIP defense with decision-boundary analysis (Ding et al. 2021, arXiv:2108.00180).
+
+    Stochastic (random code and init), not differentiable (forward is straight-through),
+    test-time optimisation: the honest attack is BPDA + EOT. nfe per row counts the DIP
+    network evaluations (`iterations`) and the classifier calls (records, y_adv, bisection).
+
+    Arguments:
+        classifier (nn.Module): logits of images in [0, 1], frozen (decision space, steps 2–4).
+        iterations (int): DIP fitting steps (≥ 1). (Default: 300)
+        lr (float): Adam learning rate of the fit. (Default: 0.01)
+        check_every (int): record and classify every this many iterations (≥ 1). (Default: 2)
+        warmup (int): records before this iteration are ignored by detection. (Default: 30)
+        code_channels (int): channels of the random code z. (Default: 16)
+        code_scale (float): z ~ U[0, code_scale). (Default: 0.1)
+        reg_noise_std (float): std of the per-iteration noise added to z. (Default: 1/30)
+        down (Sequence[int]): channels of the encoder levels. (Default: (16, 16, 16))
+        up (Sequence[int] | None): channels of the decoder levels; None = down. (Default: None)
+        skip (Sequence[int] | int): channels of the skip connections. (Default: 4)
+        kernel (int): convolution kernel size. (Default: 3)
+        upsample (str): "bilinear" or "nearest". (Default: "bilinear")
+        pad_mode (str): convolution padding mode. (Default: "reflect")
+        bisect_steps (int): bisection steps of the boundary localisation. (Default: 8)
+        push (float): x_push = x_on − push·(x − x_on). (Default: 0.5)
+        stitch_window (int): on-manifold reconstructions averaged with x_push. (Default: 2)
+        early_window (int): iterations after warmup whose records define y_early. (Default: 50)
+        fallback (str): output without a crossing, "last" or "input". (Default: "last")
+        detection (str): "early" or "last_switch". (Default: "early")
+        chunk_rows (int): rows fitted together (memory of the recorded trace). (Default: 64)
+        betas (Sequence[float]): Adam β₁, β₂. (Default: (0.9, 0.999))
+        adam_eps (float): Adam ε. (Default: 1e-8)
+        info (dict | None): facts about the classifier for params(). (Default: None)
+    """
+
     stochastic = True
     differentiable = False
     test_time_optimization = True
 
-    def __init__(self, classifier: nn.Module, iterations: int = 300, lr: float = 0.01,
+    def __init__(self, classifier: nn.Module, *, iterations: int = 300, lr: float = 0.01,
                  check_every: int = 2, warmup: int = 30, code_channels: int = 16,
                  code_scale: float = 0.1, reg_noise_std: float = 1.0 / 30,
                  down: Sequence[int] = (16, 16, 16), up: Sequence[int] | None = None,
@@ -180,7 +214,6 @@ class DIPDefense(Purifier):
                 "betas": list(self.betas), "adam_eps": self.adam_eps, **self.info}
 
     def _classify(self, z: torch.Tensor) -> torch.Tensor:
-        self.nfe += 1
         return self.classifier(z.detach())
 
     def network(self, channels: int) -> StackedSkipNet:
@@ -205,7 +238,6 @@ class DIPDefense(Purifier):
                     zin = z + self.reg_noise_std * noise.normal(code_shape, "dip/reg", step=t, dtype=x.dtype)
                 leaves = {k: params[k].detach().requires_grad_(True) for k in names}
                 out = net(leaves, zin)
-                self.nfe += 1
                 loss = (out - x).pow(2).flatten(1).mean(1).sum()
                 grads = torch.autograd.grad(loss, [leaves[k] for k in names])
                 for k, g in zip(names, grads):
@@ -216,10 +248,16 @@ class DIPDefense(Purifier):
                     iterates.append(rec)
                     steps.append(t + 1)
                     logits.append(self._classify(rec).detach())
-        return DIPTrace(torch.stack(iterates), torch.tensor(steps), torch.stack(logits))
+        # per row: one network evaluation per iteration, one classifier call per record
+        return DIPTrace(torch.stack(iterates), torch.tensor(steps), torch.stack(logits),
+                        nfe=self.iterations + len(steps))
 
     def purify_trace(self, x: torch.Tensor, trace: DIPTrace) -> torch.Tensor:
         """Steps 3–6 on a recorded trajectory: x [N, ...] → purified [N, ...] in [0, 1]."""
+        return self._resolve(x, trace).images
+
+    def _resolve(self, x: torch.Tensor, trace: DIPTrace) -> Purified:
+        """Steps 3–6 → Purified(x̂, classifier calls per row); sets last_stats."""
         x = x.detach()
         n = x.shape[0]
         rows = torch.arange(n, device=x.device)
@@ -251,26 +289,31 @@ class DIPDefense(Purifier):
         self.last_stats = {"crossed": crossed, "crossing_step": torch.where(
             crossed, trace.steps.to(j.device)[j.clamp(min=0)], torch.full_like(j, -1)),
             "alpha": alpha, "y_input": y_adv, "y_early": y_early}
-        return out.clamp(0.0, 1.0)
+        calls = 1 + (self.bisect_steps if bool(crossed.any()) else 0)  # y_adv, then the bisection
+        return Purified(out.clamp(0.0, 1.0), calls)
 
-    def forward(self, x: torch.Tensor, noise: Noise | None = None) -> torch.Tensor:
+    def _purify_rows(self, x: torch.Tensor, noise: Noise) -> Purified:
+        trace = self.fit(x, noise)
+        out = self._resolve(x, trace)
+        return Purified(out.images, trace.nfe + out.nfe)
+
+    def purify(self, x: torch.Tensor, noise: Noise | None = None) -> Purified:
         keyed = self._noise(noise, x)
         x0 = x.detach()
         if x0.shape[0] == 0:
-            return x
-        parts, stats, nfe0, per_row = [], [], self.nfe, 0
+            return Purified(x, 0)
+        stats: list[dict[str, torch.Tensor]] = []
+
+        def chunk(xc: torch.Tensor, nc: Noise) -> Purified:
+            out = self._purify_rows(xc, nc)
+            stats.append(self.last_stats)
+            return out
+
         # rows are independent and batch-free, so chunks (which bound the memory of the
         # recorded trajectory: records × rows × pixels) do not change the result
-        for i in range(0, x0.shape[0], self.chunk_rows):
-            rows = slice(i, i + self.chunk_rows)
-            before = self.nfe
-            parts.append(self.purify_trace(x0[rows], self.fit(x0[rows], keyed.select(rows))))
-            stats.append(self.last_stats)
-            per_row = max(per_row, self.nfe - before)
-        self.nfe = nfe0 + per_row
+        out = purify_in_chunks(chunk, x0, keyed, self.chunk_rows)
         self.last_stats = {k: torch.cat([st[k] for st in stats]) for k in stats[0]}
-        out = torch.cat(parts)
-        return x + (out - x).detach()  # straight-through: identity backward (BPDA)
+        return Purified(straight_through(x, out.images), out.nfe)  # identity backward (BPDA)
 
 
 @PURIFIERS.register("dip")
@@ -283,12 +326,20 @@ def build(classifier_checkpoint: str, classifier: str = "small_cnn",
           pad_mode: str = "reflect", bisect_steps: int = 8, push: float = 0.5,
           stitch_window: int = 2, early_window: int = 50, fallback: str = "last",
           detection: str = "early", chunk_rows: int = 64,
-          betas: Sequence[float] = (0.9, 0.999), adam_eps: float = 1e-8) -> DIPDefense:
-    """Deep Image Prior defense with boundary analysis (Ding et al. 2021); needs the classifier."""
-    clf = CLASSIFIERS.build(classifier, checkpoint=classifier_checkpoint, **(classifier_params or {}))
-    clf.eval().requires_grad_(False)
+          betas: Sequence[float] = (0.9, 0.999), adam_eps: float = 1e-8) -> DIPPurifier:
+    """Deep Image Prior defense with boundary analysis (Ding et al. 2021); needs the classifier.
+
+    Arguments:
+        classifier_checkpoint (str): checkpoint of the classifier under attack.
+        classifier (str): its registered classifier name. (Default: "small_cnn")
+        classifier_params (dict | None): extra classifier builder params. (Default: None)
+        The other arguments are DIPPurifier's, with its defaults.
+    """
+    clf = freeze(CLASSIFIERS.build(classifier, checkpoint=classifier_checkpoint, **(classifier_params or {})))
     info = {"classifier": classifier, "classifier_checkpoint": classifier_checkpoint}
-    return DIPDefense(clf, iterations, lr, check_every, warmup, code_channels, code_scale,
-                      reg_noise_std, down, up, skip, kernel, upsample, pad_mode, bisect_steps,
-                      push, stitch_window, early_window, fallback, detection, chunk_rows, betas,
-                      adam_eps, info)
+    return DIPPurifier(clf, iterations=iterations, lr=lr, check_every=check_every, warmup=warmup,
+                       code_channels=code_channels, code_scale=code_scale, reg_noise_std=reg_noise_std,
+                       down=down, up=up, skip=skip, kernel=kernel, upsample=upsample, pad_mode=pad_mode,
+                       bisect_steps=bisect_steps, push=push, stitch_window=stitch_window,
+                       early_window=early_window, fallback=fallback, detection=detection,
+                       chunk_rows=chunk_rows, betas=betas, adam_eps=adam_eps, info=info)

@@ -19,8 +19,11 @@ eot_defense_ave "logits"; "softmax" and "logsoftmax" are the other two options).
 Gradients: forward is differentiable (stochastic=True, differentiable=True,
 test_time_optimization=False: a sampler, not an optimiser), so a full-gradient attack can
 backpropagate through all K steps — second-order, through ∇U. With a graph needed, the
-chain runs in checkpointed segments (√K steps by default) so memory does not grow with
-K. The reference paper attacks it with BPDA+EOT; both are available to the pipeline.
+chain runs in checkpointed segments (steps.checkpoint_segment; by default of the
+memory-optimal length √(K·state/step graph)), so activation memory is one segment's graph
+plus one state per segment, and the compute overhead is one graph-free forward pass
+(docs/performance.md). The reference paper attacks it with BPDA+EOT; both are available to
+the pipeline.
 """
 from __future__ import annotations
 
@@ -30,18 +33,32 @@ import torch
 from torch import nn
 
 from pipeline.purifiers import steps
-from pipeline.purifiers.base import Purifier
+from pipeline.purifiers.base import Purified, Purifier
 from pipeline.purifiers.nets import ebm_nets
 from pipeline.registry import PURIFIERS
 from pipeline.seeding import Noise
 
 
 class LangevinEBMPurifier(Purifier):
+    """Long-run Langevin purification (Hill et al. 2021, arXiv:2005.13525, Eq. 2): K steps
+    X ← X − ∇U(X) + ε·Z on X = 2x − 1. One energy-gradient evaluation per step and row.
+
+    Arguments:
+        energy_net (nn.Module): U_θ, [N, C, H, W] on [−1, 1] → [N] (energy × ε²/2), frozen.
+        steps (int): Langevin steps K (≥ 0). (Default: 1500)
+        eps (float): noise scale ε (≥ 0). (Default: 0.01)
+        clip_output (bool): clip (X + 1)/2 to [0, 1]; False is the reference's input. (Default: True)
+        checkpoint_segment (int): steps per gradient-checkpoint segment when a graph is
+            needed; 0 = off, −1 = memory-optimal (steps.auto_segment). Memory only, values
+            unchanged. (Default: -1)
+        info (dict | None): facts about the network for params() (format, arch). (Default: None)
+    """
+
     stochastic = True
     differentiable = True
     test_time_optimization = False
 
-    def __init__(self, energy_net: nn.Module, steps: int = 1500, eps: float = 0.01,
+    def __init__(self, energy_net: nn.Module, *, steps: int = 1500, eps: float = 0.01,
                  clip_output: bool = True, checkpoint_segment: int = -1, info: dict | None = None):
         super().__init__()
         if steps < 0 or eps < 0:
@@ -68,17 +85,15 @@ class LangevinEBMPurifier(Purifier):
             z = noise.normal(shape, purpose="langevin_ebm/z", step=t).to(dtype=Xt.dtype)
             return steps.langevin_step(Xt, grad, self.eps, z)
 
-        X = steps.run_steps(step, X, n_steps, segment=self.checkpoint_segment, start=start)
-        self.nfe += n_steps
-        return X
+        return steps.run_steps(step, X, n_steps, segment=self.checkpoint_segment, start=start)
 
     def _to_pixels(self, X: torch.Tensor) -> torch.Tensor:
         x = (X + 1.0) * 0.5
         return torch.clamp(x, 0.0, 1.0) if self.clip_output else x
 
-    def forward(self, x: torch.Tensor, noise: Noise | None = None) -> torch.Tensor:
+    def purify(self, x: torch.Tensor, noise: Noise | None = None) -> Purified:
         noise = self._noise(noise, x)
-        return self._to_pixels(self._chain(2.0 * x - 1.0, noise, self.steps))
+        return Purified(self._to_pixels(self._chain(2.0 * x - 1.0, noise, self.steps)), self.steps)
 
     def trajectory(self, x: torch.Tensor, noise: Noise | None = None, every: int = 100) -> list[torch.Tensor]:
         """States after 0, every, 2·every, …, K steps (mapped to pixels); the last entry
@@ -98,7 +113,13 @@ class LangevinEBMPurifier(Purifier):
 def build(checkpoint: str, steps: int = 1500, eps: float = 0.01, clip_output: bool = True,
           checkpoint_segment: int = -1, net: dict | None = None) -> LangevinEBMPurifier:
     """Long-run Langevin EBM purification (Hill et al. 2021); checkpoint from
-    jobs/train_ebm.py or a published ebm.pth state dict (net: its architecture params)."""
+    jobs/train_ebm.py or a published ebm.pth state dict (net: its architecture params).
+
+    Arguments:
+        checkpoint (str): our EBM checkpoint or a published plain state dict.
+        net (dict | None): arch params of a published state dict (CIFAR-10 EBM). (Default: None)
+        The other arguments are LangevinEBMPurifier's, with its defaults.
+    """
     energy_net, info = ebm_nets.load_ebm(checkpoint, arch_params=net)
     return LangevinEBMPurifier(energy_net, steps=steps, eps=eps, clip_output=clip_output,
                                checkpoint_segment=checkpoint_segment, info=info)

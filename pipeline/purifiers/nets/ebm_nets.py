@@ -10,36 +10,48 @@ The same class scales down for digits: the last kernel is whatever spatial size 
 after the stride-2 convolutions (28 → 14 → 7 → 3: k3; 8 → 4 → 2 → 1: k1), so the layer
 list — and the key pattern — stays that of the published network.
 
+`act="silu"` (ours, for the digits / MNIST recipes) swaps every LeakyReLU for SiLU: the
+activations hold no weights, so the key names stay f.0 … f.8. A smooth energy has a smooth
+gradient, which the long-run chains and the recipe's denoising term (a gradient of ∇U)
+need; a LeakyReLU energy is piecewise linear, its ∇U piecewise constant.
+
 The network output is the energy already multiplied by ε²/2 (the reference trains it so),
 which is why the Langevin update is X − ∇U + ε·Z with no step-size factor.
 """
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 import torch
 from torch import nn
 
-from pipeline import checkpoints
-
-log = logging.getLogger(__name__)
+from pipeline.io import checkpoints
+from pipeline.purifiers.base import PublishedWeights, load_frozen
 
 ARCH = "ebm"
+ACTIVATIONS = ("leaky_relu", "silu")
 
 
 def _out_size(size: int) -> int:
     return (size + 2 - 4) // 2 + 1  # Conv k4 s2 p1
 
 
+def _activation(act: str, leak: float) -> nn.Module:
+    if act == "leaky_relu":
+        return nn.LeakyReLU(leak)
+    if act == "silu":
+        return nn.SiLU()
+    raise ValueError(f"act must be one of {ACTIVATIONS}, got {act!r}")
+
+
 class EBM(nn.Module):
     def __init__(self, n_c: int = 3, n_f: int = 32, leak: float = 0.05, image_size: int = 32,
-                 n_down: int = 3):
+                 n_down: int = 3, act: str = "leaky_relu"):
         super().__init__()
-        layers: list[nn.Module] = [nn.Conv2d(n_c, n_f, 3, 1, 1), nn.LeakyReLU(leak)]
+        layers: list[nn.Module] = [nn.Conv2d(n_c, n_f, 3, 1, 1), _activation(act, leak)]
         size, ch = image_size, n_f
         for _ in range(n_down):
-            layers += [nn.Conv2d(ch, ch * 2, 4, 2, 1), nn.LeakyReLU(leak)]
+            layers += [nn.Conv2d(ch, ch * 2, 4, 2, 1), _activation(act, leak)]
             ch, size = ch * 2, _out_size(size)
         if size < 1:
             raise ValueError(f"image_size {image_size} too small for {n_down} stride-2 convolutions")
@@ -57,26 +69,14 @@ def make_ebm(**params: Any) -> EBM:
 
 
 def load_ebm(checkpoint: str, arch_params: dict | None = None) -> tuple[EBM, dict]:
-    """Load an energy network, frozen and in eval mode, from our checkpoint
-    (jobs/train_ebm.py; arch params in the file) or a published plain state dict
-    (`ebm.pth`; arch_params default to the CIFAR-10 network)."""
-    raw = checkpoints.load_raw(checkpoint)
-    if isinstance(raw, dict) and "arch" in raw and "state_dict" in raw:
-        if raw["arch"] != ARCH:
-            raise checkpoints.CheckpointError(f"{checkpoint}: holds a {raw['arch']!r} network, expected {ARCH!r}")
-        params = dict(raw.get("arch_params", {}))
-        state = raw["state_dict"]
-        fmt = "advpure"
-    elif isinstance(raw, dict) and raw and all(isinstance(v, torch.Tensor) for v in raw.values()):
-        params = dict(arch_params or {})
+    """Load an energy network, frozen and in eval mode (`pipeline.purifiers.base.load_frozen`),
+    from our checkpoint (jobs/train_ebm.py; arch params in the file) or a published plain
+    state dict (`ebm.pth`; arch_params default to the CIFAR-10 network)."""
+    def published(raw: Any) -> PublishedWeights:
+        if not (isinstance(raw, dict) and raw and all(isinstance(v, torch.Tensor) for v in raw.values())):
+            raise checkpoints.CheckpointError(f"{checkpoint}: neither an advpure checkpoint nor an EBM state dict")
         state = checkpoints.strip_prefix(raw, "module.")
-        fmt = "state_dict"
-    else:
-        raise checkpoints.CheckpointError(f"{checkpoint}: neither an advpure checkpoint nor an EBM state dict")
-    net = EBM(**params)
-    checkpoints.load_state_strict(net, state, checkpoint)
-    net.eval()
-    for p in net.parameters():
-        p.requires_grad_(False)
-    log.info("loaded EBM from %s (%s)", checkpoint, fmt)
-    return net, {"format": fmt, "arch": ARCH, "arch_params": params}
+        return PublishedWeights("state_dict", ARCH, dict(arch_params or {}), state, {})
+
+    return load_frozen(checkpoint, lambda arch, params: EBM(**params), archs=[ARCH], published=published,
+                       kind="energy network")

@@ -20,7 +20,6 @@ or a plain state dict (with or without the prefix).
 """
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 import numpy as np
@@ -28,9 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline import checkpoints
-
-log = logging.getLogger(__name__)
+from pipeline.io import checkpoints
+from pipeline.purifiers.base import PublishedWeights, load_frozen
 
 SMALL_ARCH = "small_score"
 NCSNV2_ARCH = "ncsnv2"
@@ -375,28 +373,16 @@ def ncsnv2_state_from_raw(raw: Any, ema: bool = False, source: str = "checkpoint
 
 def load_score_net(checkpoint: str, arch: str | None = None, arch_params: dict | None = None,
                    ema: bool = False) -> tuple[nn.Module, dict]:
-    """Load a score network, frozen and in eval mode, from
-    - our checkpoint (pipeline.checkpoints.save, written by jobs/train_score.py): the
+    """Load a score network, frozen and in eval mode (`pipeline.purifiers.base.load_frozen`), from
+    - our checkpoint (pipeline.io.checkpoints.save, written by jobs/train_score.py): the
       arch and its params come from the file;
     - a published NCSNv2 checkpoint (list layout or plain state dict): arch defaults to
       "ncsnv2" and arch_params to the CIFAR-10 config.
     Returns (net, info) where info records the format for the purifier's params().
     """
-    raw = checkpoints.load_raw(checkpoint)
-    if isinstance(raw, dict) and "arch" in raw and "state_dict" in raw:
-        if arch is not None and raw["arch"] != arch:
-            raise checkpoints.CheckpointError(f"{checkpoint}: holds a {raw['arch']!r} network, expected {arch!r}")
-        net = make_score_net(raw["arch"], **raw.get("arch_params", {}))
-        checkpoints.load_state_strict(net, raw["state_dict"], checkpoint)
-        info = {"format": "advpure", "arch": raw["arch"], "arch_params": dict(raw.get("arch_params", {}))}
-    else:
-        arch = arch or NCSNV2_ARCH
-        params = dict(arch_params or {})
-        net = make_score_net(arch, **params)
-        checkpoints.load_state_strict(net, ncsnv2_state_from_raw(raw, ema=ema, source=checkpoint), checkpoint)
-        info = {"format": "ncsnv2", "arch": arch, "arch_params": params, "ema": bool(ema)}
-    net.eval()
-    for p in net.parameters():
-        p.requires_grad_(False)
-    log.info("loaded score network %s from %s (%s)", info["arch"], checkpoint, info["format"])
-    return net, info
+    def published(raw: Any) -> PublishedWeights:
+        state = ncsnv2_state_from_raw(raw, ema=ema, source=checkpoint)
+        return PublishedWeights("ncsnv2", arch or NCSNV2_ARCH, dict(arch_params or {}), state, {"ema": bool(ema)})
+
+    return load_frozen(checkpoint, lambda a, params: make_score_net(a, **params),
+                       archs=None if arch is None else [arch], published=published, kind="score network")

@@ -1,0 +1,196 @@
+"""The corpus job: `advpure purify SHARDS OUTPUT` as a config, a driver stage, indexes and a manifest.
+
+The job is one stage, `purify_corpus`, run by the evaluation driver (`run_stage` with
+`CorpusWorker` actors) under the same job lease and results protocol: a shard is done iff
+its commit marker exists, a re-run skips committed shards, a failing shard is retried and
+then quarantined with its reason. Output layout under OUTPUT:
+
+  <shard>.tar                 purified shards, the input's names, keys and fields
+  index.json                  advpure shard index (names, sample counts, sha256)
+  wids-index.json             wids shard index (url, nsamples, filesize, sha256)
+  purify_corpus/*.parquet     one record per sample (schema.CORPUS_SCHEMA), marker last
+  manifest.json               per shard: status, attempts, errors; samples ok / dropped and why
+  job.json, config.yaml       the job's identity (config hash) and its full config
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import Any
+
+import yaml
+
+from pipeline import config as config_mod
+from pipeline.config import Config, ConfigError
+from pipeline.corpus.worker import STAGE, CorpusWorker
+from pipeline.io import shards, storage
+from pipeline.run import commit, driver
+from pipeline.run import lease as lease_mod
+
+log = logging.getLogger(__name__)
+
+WIDS_INDEX = "wids-index.json"
+WIDS_KIND = "wids-shard-index-v1"
+
+
+def build_config(shard_pattern: str, output: str, *, config_path: str | None = None,
+                 overrides: list[str] | None = None, purifier: str | None = None,
+                 params: dict[str, Any] | None = None, classifier: str | None = None,
+                 classifier_params: dict[str, Any] | None = None,
+                 corpus: dict[str, Any] | None = None) -> Config:
+    """The job's Config: the YAML's sections (as for `advpure run`; no attacks), then the
+    command line on top. `corpus` holds the size-policy / encoding options given (None = unset)."""
+    data: dict[str, Any] = {}
+    if config_path is not None:
+        if not storage.exists(config_path):
+            raise ConfigError(f"config file not found: {config_path}")
+        try:
+            data = yaml.safe_load(storage.read_text(config_path)) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{config_path}: not valid YAML: {err}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{config_path}: top level must be a mapping of sections")
+    data = config_mod.apply_overrides(data, list(overrides or []))
+    source = config_path or "<advpure purify>"
+    if data.get("attacks"):
+        raise ConfigError(f"{source}: attacks: `advpure purify` runs no attacks (use `advpure run`)")
+    data["job"] = {"name": "purify", **(data.get("job") or {}), "output": output, "stages": ["purify"]}
+    data["data"] = {**(data.get("data") or {}), "shards": shard_pattern}
+    if data["data"].get("max_samples_per_shard") is not None:
+        raise ConfigError(f"{source}: data.max_samples_per_shard: a corpus job keeps every sample")
+    for key, name, given in (("purifier", purifier, params), ("classifier", classifier, classifier_params)):
+        section = dict(data.get(key) or {})
+        if name is not None and name != section.get("name"):
+            section = {"name": name, "params": {}}   # another component: the YAML's params were for the old one
+        if given:
+            section["params"] = {**(section.get("params") or {}), **given}
+        if section:
+            data[key] = section
+    data["corpus"] = {**(data.get("corpus") or {}), **{k: v for k, v in (corpus or {}).items() if v is not None}}
+    return config_mod.from_dict(data, source)
+
+
+def output_url(cfg: Config, sid: str) -> str:
+    return storage.join(cfg.job.output, f"{sid}.tar")
+
+
+def expected_counts(urls: list[str], index: str | None) -> dict[str, int | None]:
+    """Samples per shard from an index when there is one (advpure index.json or a wids
+    shard index); otherwise None: the worker counts while reading."""
+    if index is not None:
+        doc = json.loads(storage.read_text(index))
+        if isinstance(doc, dict) and "shardlist" in doc:
+            by_name = {storage.basename(e["url"]): int(e["nsamples"]) for e in doc["shardlist"]}
+            return {u: by_name.get(storage.basename(u)) for u in urls}
+        return shards.expected_counts(urls, index)
+    try:
+        return shards.expected_counts(urls)
+    except shards.ShardError as err:  # an index.json of some other tool: count while reading
+        log.warning("%s; counting samples while reading instead", err)
+        return {u: None for u in urls}
+
+
+def plan(cfg: Config) -> list[driver.ShardState]:
+    urls = shards.expand(cfg.data.shards)
+    missing = [u for u in urls if not storage.exists(u)]
+    if missing:
+        raise ConfigError(f"{cfg.source}: data.shards: {len(missing)} shard(s) not found, e.g. {missing[0]}")
+    sids = shards.unique_ids(urls)
+    clash = [u for u, sid in zip(urls, sids) if output_url(cfg, sid) == u]
+    if clash:
+        raise ConfigError(f"{cfg.source}: job.output {cfg.job.output} would overwrite input shard {clash[0]}")
+    counts = expected_counts(urls, cfg.data.index)
+    return [driver.ShardState(u, sid, counts[u]) for u, sid in zip(urls, sids)]
+
+
+def run(cfg: Config) -> tuple[int, dict[str, Any]]:
+    """Run (or resume) the corpus job; returns (exit code, manifest)."""
+    if cfg.corpus is None:
+        raise ConfigError(f"{cfg.source}: not a corpus job (no corpus section)")
+    states = plan(cfg)
+    c = cfg.cluster
+    with lease_mod.acquire(cfg.job.output, cfg.job.name, c.lease_timeout_s, c.lease_heartbeat_s) as lease:
+        if lease.took_over:
+            time.sleep(driver.TAKEOVER_GRACE_S)
+        driver.check_job_state(cfg)
+        try:
+            result = driver.run_stage(cfg, STAGE, states, worker_cls=CorpusWorker, lease=lease)
+        except (driver.DriverError, lease_mod.LeaseLost) as err:
+            log.error("%s aborted: %s", STAGE, err)
+            result = driver.StageResult(STAGE, {s.sid: s for s in states}, 0.0, aborted=str(err))
+            if isinstance(err, lease_mod.LeaseLost):  # the output is no longer ours to write
+                return driver.EXIT_ABORTED, {"stages": {STAGE: {"aborted": result.aborted}}}
+            return driver.EXIT_ABORTED, write_manifest(cfg, result, {})
+        markers = commit.committed(cfg.job.output, STAGE)
+        for sid in result.quarantined:  # a shard put by an attempt that never committed is no output
+            if sid not in markers:
+                storage.remove(output_url(cfg, sid))
+        write_indexes(cfg, markers)
+        manifest = write_manifest(cfg, result, markers)
+    return (driver.EXIT_QUARANTINED if result.quarantined else driver.EXIT_OK), manifest
+
+
+def write_indexes(cfg: Config, markers: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """index.json (advpure) and wids-index.json for the committed output shards."""
+    entries = sorted((e for m in markers.values() for e in m.get("outputs", [])), key=lambda e: e["name"])
+    shards.write_index(cfg.job.output, entries, {"stage": STAGE, "job": cfg.job.name, "config_hash": cfg.hash()})
+    wids = {"__kind__": WIDS_KIND, "wids_version": 1, "name": cfg.job.name,
+            # relative urls: wids resolves them against the index's own location
+            "shardlist": [{"url": e["name"], "nsamples": e["samples"], "filesize": e["bytes"], "sha256": e["sha256"]}
+                          for e in entries]}
+    storage.put_text(storage.join(cfg.job.output, WIDS_INDEX), json.dumps(wids, indent=1))
+    return entries
+
+
+def corpus_summary(cfg: Config, result: driver.StageResult, markers: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """What the output holds against what came in: per shard and in all, ok and dropped by reason."""
+    per_shard: dict[str, Any] = {}
+    dropped: dict[str, int] = {}
+    for sid, m in sorted(markers.items()):
+        out = (m.get("outputs") or [{}])[0]
+        per_shard[sid] = {"samples": m.get("samples", 0), "ok": m.get("ok", 0), "dropped": m.get("dropped", {}),
+                          "output": out.get("name"), "empty": m.get("samples", 0) == 0,
+                          "non_file_members": m.get("non_file_members", 0)}
+        for reason, n in m.get("dropped", {}).items():
+            dropped[reason] = dropped.get(reason, 0) + n
+    quarantined = {sid: (result.shards[sid].errors or [""])[-1] for sid in result.quarantined}
+    return {"output": cfg.job.output, "wids_index": storage.join(cfg.job.output, WIDS_INDEX),
+            "shards_in": len(result.shards), "shards_out": len(markers), "quarantined": quarantined,
+            "samples": sum(s["samples"] for s in per_shard.values()),
+            "ok": sum(s["ok"] for s in per_shard.values()), "dropped": dict(sorted(dropped.items())),
+            "shards": per_shard}
+
+
+def write_manifest(cfg: Config, result: driver.StageResult, markers: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    doc = driver.write_manifest(cfg, [result])
+    doc["corpus"] = corpus_summary(cfg, result, markers)
+    storage.put_text(storage.join(cfg.job.output, "manifest.json"), json.dumps(doc, indent=1))
+    return doc
+
+
+def key_values(items: list[str], flag: str) -> dict[str, Any]:
+    """`key=value` words → {key: value}, each value read as YAML (0.25 → float, true → bool)."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, eq, raw = item.partition("=")
+        if not eq or not key.strip():
+            raise ConfigError(f"{flag} {item!r}: expected key=value")
+        out[key.strip()] = yaml.safe_load(raw)
+    return out
+
+
+def format_outcome(manifest: dict[str, Any]) -> str:
+    """A few lines for the terminal: what was written, what was dropped and why, what failed."""
+    st = manifest.get("stages", {}).get(STAGE, {})
+    if st.get("aborted"):
+        return f"{STAGE} ABORTED: {st['aborted']}"
+    c = manifest["corpus"]
+    lines = [f"purified {c['ok']} of {c['samples']} samples into {c['shards_out']} of {c['shards_in']} shards: "
+             f"{c['output']}", f"indexes: {c['wids_index']}, {storage.join(c['output'], shards.INDEX_NAME)}"]
+    if c["dropped"]:
+        lines.append("dropped: " + ", ".join(f"{k} {v}" for k, v in c["dropped"].items())
+                     + f"  (why, per sample: the records under {storage.join(c['output'], STAGE)})")
+    for sid, reason in c["quarantined"].items():
+        lines.append(f"shard {sid} QUARANTINED: {reason}")
+    return "\n".join(lines)

@@ -1,0 +1,200 @@
+"""The three stages over one shard's decoded samples, as pure functions: samples in, rows
+(and images for the stages that write them) out. No I/O: the worker reads and writes.
+
+- evaluate: every attack on every sample (or, with `cascade`, each attack on the samples
+  every earlier one failed to break), one row per (sample, attack);
+- attack:   adversarial examples for every attack, with their rows;
+- purify:   given images purified R times and classified; the first run's images returned.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Sequence, TypeVar
+
+import numpy as np
+import torch
+
+from pipeline.evaluation.protocol import NO_ATTACK, Protocol
+from pipeline.evaluation.stages import (
+    CleanEval,
+    attack_batch,
+    attack_rows,
+    clean_eval,
+    eot_probe,
+    evaluate_batch,
+    gradient_checks,
+    is_broken,
+    purify_batch,
+)
+from pipeline.io.shards import Sample, ShardError, to_unit_float
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+CHECK_SAMPLES = 16   # samples of a shard's first batch used for the gradient-masking checks
+# what an adversarial sample's lineage carries into the purify stage's records
+LINEAGE_COLUMNS = (*NO_ATTACK.keys(), "clean_pred", "linf", "l2", "candidate_step", "broken_step", "attack_steps",
+                   "attack_nfe")
+
+
+@dataclass
+class Batch:
+    samples: list[Sample]
+    x: torch.Tensor          # [B, C, H, W] in [0, 1]
+    y: torch.Tensor          # [B]
+    keys: list[str]
+
+
+@dataclass
+class StageOutput:
+    rows: list[dict[str, Any]]
+    checks: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    # images to write, per output: {name: [(sample, image [H, W, C] float32, extra fields)]}
+    images: dict[str, list[tuple[Sample, np.ndarray, dict[str, Any]]]] = field(default_factory=dict)
+
+
+def batches(samples: Sequence[Sample], batch_size: int, device: torch.device) -> Iterator[Batch]:
+    shapes = {s.image.shape for s in samples}
+    if len(shapes) > 1:
+        raise ShardError(f"images of different shapes in one shard: {sorted(shapes)}")
+    for i in range(0, len(samples), batch_size):
+        part = list(samples[i:i + batch_size])
+        x = torch.from_numpy(np.stack([to_unit_float(s.image) for s in part])).permute(0, 3, 1, 2)
+        y = torch.tensor([s.label for s in part], dtype=torch.int64)
+        if device.type == "cuda":  # page-locked host copies: the copy overlaps compute
+            x, y = x.contiguous().pin_memory(), y.pin_memory()
+        yield Batch(part, x.contiguous().to(device, non_blocking=True), y.to(device, non_blocking=True),
+                    [s.key for s in part])
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+    """A device (torch.cuda.OutOfMemoryError) or host allocation failure."""
+    text = str(err).lower()
+    return isinstance(err, torch.cuda.OutOfMemoryError) or (
+        isinstance(err, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text))
+
+
+def adaptive(p: Protocol, samples: Sequence[Sample], work: Callable[[Batch], T]) -> Iterator[tuple[Batch, T]]:
+    """(batch, work(batch)) over consecutive batches of p.batch_size samples. On out of
+    memory the batch size is halved and the same samples retried; the protocol keeps the new
+    size, so this worker's later batches and shards start from what fits. Rows do not depend
+    on the batch they ran in (keyed noise), so the results are the same."""
+    i = 0
+    while i < len(samples):
+        b = next(batches(samples[i:i + p.batch_size], p.batch_size, p.device))
+        try:
+            out = work(b)
+        except RuntimeError as err:
+            if not is_out_of_memory(err) or len(b.keys) <= 1:
+                raise
+            p.batch_size = max(1, len(b.keys) // 2)
+            log.warning("out of memory at batch size %d; retrying with %d: %s", len(b.keys), p.batch_size,
+                        str(err).splitlines()[0][:200])
+            del b
+            if p.device.type == "cuda":
+                torch.cuda.empty_cache()
+            continue
+        yield b, out
+        i += len(b.keys)
+
+
+def _hwc(x: torch.Tensor) -> np.ndarray:
+    return x.permute(0, 2, 3, 1).cpu().numpy().astype(np.float32)
+
+
+def evaluate(p: Protocol, samples: Sequence[Sample]) -> StageOutput:
+    """Rows of every (sample, attack), and the checks on the shard's first batch."""
+    checks: dict[str, list[dict[str, Any]]] = {}
+    rows: list[dict[str, Any]] = []
+
+    def work(b: Batch) -> tuple[dict | None, list[dict[str, Any]]]:
+        first = None if checks else first_batch_checks(p, b)
+        return first, ([] if p.cascade else evaluate_batch(p, b.x, b.y, b.keys))
+
+    for _, (first, batch_rows) in adaptive(p, samples if not p.cascade else samples[:p.batch_size], work):
+        checks = checks or first or {}
+        rows += batch_rows
+    if p.cascade:
+        rows = cascade(p, samples)
+    return StageOutput(rows, checks)
+
+
+def first_batch_checks(p: Protocol, b: Batch) -> dict[str, list[dict[str, Any]]]:
+    """Gradient-masking checks per attack on a few samples, and the EOT probe if asked."""
+    k = min(CHECK_SAMPLES, len(b.keys))
+    checks = {str(a.index): gradient_checks(p, a, b.x[:k], b.y[:k], b.keys[:k]) for a in p.attacks}
+    if p.eot_probe:
+        n = min(p.eot_probe, len(b.keys))
+        for a in p.attacks:
+            if a.gradient != "classifier" and p.defense.purifier.stochastic:
+                checks[str(a.index)].append(eot_probe(p, a, b.x[:n], b.y[:n], b.keys[:n]))
+    return checks
+
+
+def cascade(p: Protocol, samples: Sequence[Sample]) -> list[dict[str, Any]]:
+    """Attacks in order, each on the survivors of the earlier ones, re-packed into full
+    batches across the shard (AutoAttack); a broken sample's row is carried to the later
+    attacks. Noise is keyed per sample, so the samples robust at the end are exactly those
+    robust under every attack run alone — at a fraction of the cost."""
+    clean: dict[str, CleanEval] = {}
+    for b, ce in adaptive(p, samples, lambda b: clean_eval(p, b.x, b.y, b.keys)):
+        clean.update({k: ce.take([i]) for i, k in enumerate(b.keys)})
+    if not p.attacks:
+        return [r for b in batches(samples, p.batch_size, p.device)
+                for r in attack_rows(p, None, b.x, b.y, b.keys, CleanEval.stack([clean[k] for k in b.keys]))]
+    rows: list[dict[str, Any]] = []
+    survivors = list(samples)
+    broken_rows: dict[str, dict[str, Any]] = {}
+    for plan in p.attacks:
+        for row in broken_rows.values():
+            rows.append({**row, **plan.info(), "cascade_from": row.get("cascade_from", row["attack_index"]),
+                         "attack_nfe": 0, "attack_steps": 0, "purify_nfe": 0, "seconds": 0.0})
+        still = []
+        work = functools.partial(_attack_rows, p, plan, clean)
+        for b, new in adaptive(p, survivors, work):
+            for r, s in zip(new, b.samples):
+                rows.append(r)
+                if is_broken(r):
+                    broken_rows[s.key] = r
+                else:
+                    still.append(s)
+        survivors = still
+    return rows
+
+
+def _attack_rows(p: Protocol, plan: Any, clean: dict[str, CleanEval], b: Batch) -> list[dict[str, Any]]:
+    return attack_rows(p, plan, b.x, b.y, b.keys, CleanEval.stack([clean[k] for k in b.keys]))
+
+
+def attack(p: Protocol, samples: Sequence[Sample]) -> StageOutput:
+    """Adversarial examples of every attack; images per attack index, with lineage columns."""
+    out = StageOutput([], images={str(a.index): [] for a in p.attacks})
+    for b, (rows, images) in adaptive(p, samples, lambda b: attack_batch(p, b.x, b.y, b.keys)):
+        out.rows += rows
+        by_key = {(r["attack_index"], r["key"]): r for r in rows}
+        for idx, x_adv in images.items():
+            hwc = _hwc(x_adv)
+            out.images[str(idx)] += [(s, hwc[j], {c: by_key[(idx, s.key)][c] for c in LINEAGE_COLUMNS})
+                                     for j, s in enumerate(b.samples)]
+    return out
+
+
+def purify(p: Protocol, samples: Sequence[Sample]) -> StageOutput:
+    """Purify given images (an adversarial set with lineage, or any corpus) R times; the
+    first run's purified images are returned under the name 'purified'."""
+    out = StageOutput([], images={"purified": []})
+
+    def work(b: Batch) -> tuple[list[dict[str, Any]], torch.Tensor]:
+        infos = [{**NO_ATTACK, **{k: s.meta[k] for k in LINEAGE_COLUMNS if k in s.meta}} for s in b.samples]
+        return purify_batch(p, b.x, b.y, b.keys, infos)
+
+    for b, (rows, purified) in adaptive(p, samples, work):
+        out.rows += rows
+        hwc = _hwc(purified)
+        out.images["purified"] += [(s, hwc[j], {}) for j, s in enumerate(b.samples)]
+    return out
+
+
+STAGES = {"evaluate": evaluate, "attack": attack, "purify": purify}

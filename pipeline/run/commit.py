@@ -1,0 +1,121 @@
+"""The results protocol: how a shard's records become a result, in one place.
+
+Invariant: **a shard's result exists if and only if its commit marker exists, and the marker
+names the one Parquet file it vouches for (by name and sha256).**
+
+- write (worker): the records go to `<output>/<stage>/<shard>.<attempt>.parquet`, a name of
+  its own per attempt, atomically (temporary name + fsync + rename locally, one PUT or a
+  completed multipart upload on S3); then the marker `<shard>.done.json` is written, last.
+  A worker given up for lost that finishes late can only overwrite the marker with one that
+  names its own, complete file, so a marker never disagrees with the file it names.
+- resume (driver): `committed()` lists the markers; those shards are skipped. Before any
+  worker of the stage starts, `clean_stage()` removes temporaries and every Parquet file no
+  marker names (attempts that never committed).
+- read (report): `load_records()` reads only marked files and checks their sha256.
+
+Pure I/O on top of `pipeline.io.storage` and `pipeline.schema`: no torch, no Ray.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import uuid
+from typing import Any
+
+import pyarrow as pa
+
+from pipeline import schema
+from pipeline.io import storage
+
+MARKER_SUFFIX = ".done.json"
+
+
+class CommitError(RuntimeError):
+    """Committed results that are missing or do not match their marker."""
+
+
+def marker_url(output: str, stage: str, sid: str) -> str:
+    return storage.join(output, stage, f"{sid}{MARKER_SUFFIX}")
+
+
+def commit_records(output: str, stage: str, sid: str, rows: list[dict[str, Any]],
+                   marker: dict[str, Any], table_schema: pa.Schema | None = None) -> dict[str, Any]:
+    """Write a shard's records, then its marker (the commit); returns the marker.
+
+    `marker` holds the caller's fields (source, samples, config hash, checks, outputs, …);
+    the file name, row count, checksum and schema version are added here. `table_schema`:
+    the records' schema (default schema.SCHEMA; the corpus job passes schema.CORPUS_SCHEMA).
+    """
+    table = schema.to_table(rows, table_schema or schema.SCHEMA)
+    data = schema.to_parquet_bytes(table)
+    name = f"{sid}.{uuid.uuid4().hex[:8]}.parquet"
+    storage.put_bytes(storage.join(output, stage, name), data)  # atomic
+    full = {"shard": sid, **marker, "parquet": name, "rows": table.num_rows,
+            "sha256": hashlib.sha256(data).hexdigest(), "schema_version": schema.schema_version(table.schema)}
+    storage.put_text(marker_url(output, stage, sid), json.dumps(full))  # the commit, last
+    return full
+
+
+def committed(output: str, stage: str) -> dict[str, dict[str, Any]]:
+    """{shard id: marker} of the shards of a stage whose commit marker exists."""
+    out = {}
+    for url in storage.listdir(storage.join(output, stage)):
+        name = storage.basename(url)
+        if name.endswith(MARKER_SUFFIX):
+            out[name[: -len(MARKER_SUFFIX)]] = json.loads(storage.read_text(url))
+    return out
+
+
+def committed_parquet(output: str, stage: str, sid: str) -> str:
+    """The records file a shard's commit marker names."""
+    marker = json.loads(storage.read_text(marker_url(output, stage, sid)))
+    return storage.join(output, stage, marker["parquet"])
+
+
+def clean_stage(output: str, stage: str, markers: dict[str, dict[str, Any]]) -> int:
+    """Remove temporaries and the records files no marker names. Only safe while no worker
+    of this job writes to the stage (the driver calls it before starting any)."""
+    folder = storage.join(output, stage)
+    storage.remove_stale_temporaries(folder)
+    named = {m.get("parquet") for m in markers.values()}
+    n = 0
+    for url in storage.listdir(folder):
+        name = storage.basename(url)
+        if name.endswith(".parquet") and name not in named:
+            storage.remove(url)
+            n += 1
+    return n
+
+
+def load_records(output: str, stage: str = "evaluate", verify: bool = True) -> pa.Table:
+    """Every committed record of a stage; files without a marker are not results."""
+    markers = committed(output, stage)
+    if not markers:
+        raise CommitError(f"no committed results under {storage.join(output, stage)}")
+    tables = []
+    for sid, meta in sorted(markers.items()):
+        data = storage.read_bytes(storage.join(output, stage, meta["parquet"]))
+        if verify and hashlib.sha256(data).hexdigest() != meta["sha256"]:
+            raise CommitError(f"{marker_url(output, stage, sid)}: the Parquet file does not match "
+                              "its commit marker's checksum")
+        tables.append(schema.read_parquet_bytes(data))
+    return pa.concat_tables(tables)
+
+
+def merge_shard_checks(markers: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """Per attack index, each check merged over shards: passed only if it passed everywhere;
+    the detail of the first failure, and in how many shards it failed."""
+    merged: dict[str, dict[str, dict[str, Any]]] = {}
+    for m in sorted(markers, key=lambda m: m["shard"]):
+        for idx, results in (m.get("checks") or {}).items():
+            slot = merged.setdefault(idx, {})
+            for r in results:
+                cur = slot.setdefault(r["name"], {"name": r["name"], "passed": True, "detail": r["detail"],
+                                                  "failed_shards": 0, "shards": 0})
+                cur["shards"] += 1
+                if not r["passed"]:
+                    if cur["passed"]:
+                        cur["detail"] = f"{m['shard']}: {r['detail']}"
+                    cur["passed"] = False
+                    cur["failed_shards"] += 1
+    return {idx: list(v.values()) for idx, v in merged.items()}

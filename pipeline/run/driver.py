@@ -1,0 +1,557 @@
+"""The driver: lists shards, skips committed ones, schedules them on worker actors, retries
+failures, quarantines what keeps failing, and writes the manifest. It never touches tensors.
+
+One stage = resume (`pending_shards`) → an `ActorPool` that starts, replaces, expires and
+kills actors → a loop over `ray.wait` that hands out shards and applies `retry_or_quarantine`.
+Scheduling is an explicit queue (not Ray's ActorPool, which loses track of failed work);
+actors run with max_restarts=0 and max_task_retries=0: every retry is decided here.
+"""
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from pipeline import config as config_mod
+from pipeline.config import Config, ConfigError
+from pipeline.io import shards, storage
+from pipeline.run import commit
+from pipeline.run import lease as lease_mod
+from pipeline.run.lease import Lease, LeaseLost
+from pipeline.run.worker import IMAGE_DIRS, ShardWorker
+
+log = logging.getLogger(__name__)
+
+EXIT_OK, EXIT_QUARANTINED, EXIT_ABORTED = 0, 3, 4
+
+
+class DriverError(RuntimeError):
+    pass
+
+
+@dataclass
+class ShardState:
+    url: str
+    sid: str
+    expected: int | None
+    attempts: int = 0
+    errors: list[str] = field(default_factory=list)
+    status: str = "pending"          # pending | committed | skipped | quarantined
+    rows: int = 0
+
+
+@dataclass
+class StageResult:
+    stage: str
+    shards: dict[str, ShardState]
+    seconds: float
+    aborted: str | None = None
+    checks: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    workers: list[dict[str, Any]] = field(default_factory=list)   # each actor's ready(): node, GPU, pid
+
+    @property
+    def quarantined(self) -> list[str]:
+        return [s.sid for s in self.shards.values() if s.status == "quarantined"]
+
+
+# ---------------------------------------------------------------------------- job state
+
+def check_job_state(cfg: Config) -> None:
+    """Refuse to mix results of a different configuration in the same output; record ours."""
+    out = cfg.job.output
+    job_url = storage.join(out, "job.json")
+    if storage.exists(job_url):
+        prev = json.loads(storage.read_text(job_url))
+        if prev.get("config_hash") != cfg.hash():
+            raise ConfigError(
+                f"{cfg.source}: output {out} holds results of config hash {prev.get('config_hash')} "
+                f"but this config hashes to {cfg.hash()}; use a new job.output (or delete the old one)")
+    else:
+        storage.put_text(job_url, json.dumps({"job": cfg.job.name, "config_hash": cfg.hash(),
+                                              "created": time.time()}))
+    storage.put_text(storage.join(out, "config.yaml"), config_mod.dump(cfg))
+
+
+def plan_shards(cfg: Config) -> list[ShardState]:
+    urls = shards.expand(cfg.data.shards)
+    missing = [u for u in urls if not storage.exists(u)]
+    if missing:
+        raise ConfigError(f"{cfg.source}: data.shards: {len(missing)} shard(s) not found, e.g. {missing[0]}")
+    counts = shards.expected_counts(urls, cfg.data.index)
+    return [ShardState(u, sid, counts[u]) for u, sid in zip(urls, shards.unique_ids(urls))]
+
+
+def pending_shards(cfg: Config, stage: str, states: list[ShardState]) -> dict[str, dict]:
+    """Resume: mark the committed shards skipped, remove what no marker names; returns the
+    markers. A shard committed under another config hash is refused."""
+    done = commit.committed(cfg.job.output, stage)
+    commit.clean_stage(cfg.job.output, stage, done)
+    for s in states:
+        if s.sid in done:
+            if done[s.sid].get("config_hash") != cfg.hash():
+                raise ConfigError(f"{cfg.source}: {stage}/{s.sid} was committed under config hash "
+                                  f"{done[s.sid].get('config_hash')}, not {cfg.hash()}")
+            s.status, s.rows = "skipped", int(done[s.sid].get("rows", 0))
+    return done
+
+
+def retry_or_quarantine(s: ShardState, err: str, max_attempts: int) -> bool:
+    """Record a failed attempt; True if the shard should be retried."""
+    s.attempts += 1
+    s.errors.append(err)
+    if s.attempts >= max_attempts:
+        s.status = "quarantined"
+        log.error("shard %s quarantined after %d attempts: %s", s.sid, s.attempts, err)
+        return False
+    log.warning("shard %s attempt %d failed, requeued: %s", s.sid, s.attempts, err)
+    return True
+
+
+# ---------------------------------------------------------------------------- ray
+
+def _private_cluster(cfg: Config) -> bool:
+    """True when this driver starts its own local Ray (nothing can add nodes to it)."""
+    return cfg.cluster.address in (None, "", "local") and not os.environ.get("RAY_ADDRESS")
+
+
+def _connect(cfg: Config) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    addr = cfg.cluster.address
+    if addr is None and os.environ.get("RAY_ADDRESS"):
+        addr = "auto"  # submitted with `ray job submit`: join that cluster
+    kwargs: dict[str, Any] = {"logging_level": logging.WARNING, "log_to_driver": True}
+    if addr in (None, "", "local"):
+        # a private local cluster, no dashboard; workers inherit this process's environment and sys.path
+        ray.init(address="local", include_dashboard=False, **kwargs)
+    else:
+        ray.init(address=addr, **kwargs)
+
+
+def worker_resources(cfg: Config) -> dict[str, float]:
+    """What one worker actor asks for: CPUs, and GPUs (1/k of one with workers_per_gpu k)."""
+    import ray
+
+    c = cfg.cluster
+    g = c.gpus_per_worker
+    if g == "auto":
+        g = 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
+    g = float(g) / c.workers_per_gpu if g else 0.0
+    return {"CPU": c.cpus_per_worker, "GPU": g}
+
+
+def _fmt(req: dict[str, float]) -> str:
+    return ", ".join(f"{k} {v:g}" for k, v in req.items() if v) or "no resources"
+
+
+@dataclass
+class ClusterView:
+    """The cluster's nodes as the GCS sees them: totals of the alive ones, deaths with reasons."""
+    alive: list[dict[str, float]]
+    dead: list[str]
+    error: str | None = None
+
+    def capacity(self, req: dict[str, float]) -> int:
+        """How many workers the alive nodes could host if nothing else ran (a worker never
+        spans nodes)."""
+        def fits(node: dict[str, float]) -> int:
+            need = [node.get(k, 0.0) / v for k, v in req.items() if v > 0]
+            return int(min(need) + 1e-9) if need else 1
+        return sum(fits(n) for n in self.alive)
+
+    def describe(self, req: dict[str, float]) -> str:
+        if self.error:
+            return f"cannot read the cluster's nodes: {self.error}"
+        text = f"{len(self.alive)} alive node(s)"
+        if self.alive and not self.capacity(req):
+            largest = max(self.alive, key=lambda n: (n.get("GPU", 0), n.get("CPU", 0)))
+            text += f", none with {_fmt(req)} (largest: {_fmt({k: largest.get(k, 0) for k in req})})"
+        if self.dead:
+            text += f"; {len(self.dead)} dead: {'; '.join(self.dead[-3:])}"
+        return text
+
+
+def cluster_view() -> ClusterView:
+    import ray
+
+    try:
+        nodes = ray.nodes()
+    except Exception as err:  # noqa: BLE001 - the GCS is unreachable: reported, judged by the caller
+        return ClusterView([], [], _short(err))
+    alive = [dict(n.get("Resources") or {}) for n in nodes if n.get("Alive")]
+    dead = [f"node {n.get('NodeID', '?')[:12]} ({n.get('NodeManagerAddress')}) died: "
+            f"{n.get('DeathReasonMessage') or n.get('DeathReason') or 'unknown reason'}"
+            for n in nodes if not n.get("Alive")]
+    return ClusterView(alive, dead)
+
+
+class ActorPool:
+    """Worker actors of one stage: starting (ready ref → actor, since), idle, and running
+    (task ref → actor, shard, start time). How many to keep is the caller's decision."""
+
+    def __init__(self, cfg: Config, worker_cls: type = ShardWorker):
+        import ray
+
+        c = cfg.cluster
+        self.req = worker_resources(cfg)
+        self._cls = ray.remote(worker_cls).options(num_cpus=self.req["CPU"], num_gpus=self.req["GPU"],
+                                                    max_restarts=0, max_task_retries=0)
+        self._args = (cfg.to_dict(), c.cpus_per_worker)
+        self.starting: dict[Any, tuple[Any, float]] = {}
+        self.idle: list[Any] = []
+        self.running: dict[Any, tuple[Any, ShardState, float]] = {}
+        self.start_failures = 0
+
+    def live(self) -> int:
+        return len(self.idle) + len(self.running)
+
+    def start(self, n: int = 1) -> None:
+        for _ in range(n):
+            a = self._cls.remote(*self._args)
+            self.starting[a.ready.remote()] = (a, time.monotonic())
+
+    def top_up(self, want: int) -> None:
+        """Start actors until live + starting reaches `want`."""
+        self.start(max(0, want - self.live() - len(self.starting)))
+
+    def submit(self, s: ShardState, stage: str) -> None:
+        a = self.idle.pop()
+        self.running[a.process.remote(s.url, s.sid, stage, s.expected)] = (a, s, time.time())
+
+    def refs(self) -> list[Any]:
+        return list(self.running) + list(self.starting)
+
+    def expired(self, timeout_s: float) -> list[tuple[Any, ShardState]]:
+        """Running tasks past their deadline, removed from the pool."""
+        now = time.time()
+        late = [ref for ref, (_, _, started) in self.running.items() if now - started > timeout_s]
+        return [self.running.pop(ref)[:2] for ref in late]
+
+    def kill_all(self) -> None:
+        for a in self.idle + [v[0] for v in self.running.values()] + [v[0] for v in self.starting.values()]:
+            _kill(a)
+
+
+def _kill(actor) -> None:
+    import ray
+
+    try:
+        ray.kill(actor, no_restart=True)
+    except Exception:  # already dead or unreachable
+        pass
+
+
+def _short(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    # Ray wraps the remote traceback; the last line names the original exception
+    return (text[-1] if text else type(err).__name__)[:500]
+
+
+class _Progress:
+    """samples/s (tqdm's rate) and model evaluations/s (the markers' nfe) side by side."""
+
+    def __init__(self, total: int | None, stage: str):
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=total, desc=stage, unit="sample", dynamic_ncols=True, mininterval=1.0)
+        self.text = ""
+        self._shown = 0.0
+        self.nfe, self._t0 = 0, time.monotonic()
+
+    def add(self, n: int, nfe: int = 0) -> None:
+        self.nfe += nfe
+        self.bar.update(n)
+
+    def rate(self) -> str:
+        """Model evaluations per second since the stage started ('' before the first marker)."""
+        return f"{self.nfe / max(1e-9, time.monotonic() - self._t0):,.0f} evals/s" if self.nfe else ""
+
+    def note(self, text: str) -> None:
+        """Shown at once when it changes, at most every 2 s (a wait has no samples to tick the bar)."""
+        text = " | ".join(filter(None, [self.rate(), text]))
+        if text == self.text:
+            return
+        self.text = text
+        due = time.monotonic() - self._shown >= 2.0
+        if due:
+            self._shown = time.monotonic()
+        self.bar.set_postfix_str(text, refresh=due)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+# ---------------------------------------------------------------------------- one stage
+
+def run_stage(cfg: Config, stage: str, states: list[ShardState], worker_cls: type = ShardWorker,
+              lease: Lease | None = None) -> StageResult:
+    """Run one stage over its shards; `worker_cls` is the actor class (constructor
+    `(cfg_dict, cpus)`, methods `ready()` and `process(url, sid, stage, expected)` returning
+    the commit marker). With a `lease`, the stage stops as soon as it is lost."""
+    t0 = time.time()
+    if lease is not None:
+        lease.check()  # clean-up of unmarked files only under the lease
+    done = pending_shards(cfg, stage, states)
+    todo = collections.deque(s for s in states if s.status == "pending")
+    result = StageResult(stage, {s.sid: s for s in states}, 0.0)
+    if not todo:
+        log.info("%s: all %d shards already committed", stage, len(states))
+    else:
+        log.info("%s: %d shards to run, %d already committed", stage, len(todo), len(states) - len(todo))
+        _connect(cfg)
+        _schedule(cfg, stage, todo, states, result, worker_cls, lease)
+        done = commit.committed(cfg.job.output, stage)
+    result.seconds = time.time() - t0
+    result.checks = commit.merge_shard_checks(list(done.values()))
+    return result
+
+
+class _Sizer:
+    """How many actors to keep: num_workers, or with `auto` what the alive nodes can host
+    (re-read every few seconds, so the pool grows when nodes join); never more than the
+    shards left, and at least one while work remains (it is the autoscaler's demand)."""
+
+    REFRESH_S = 5.0
+
+    def __init__(self, cfg: Config, req: dict[str, float]):
+        self.auto = cfg.cluster.num_workers == "auto"
+        self.fixed = 0 if self.auto else int(cfg.cluster.num_workers)
+        self.req = req
+        self._view: ClusterView | None = None
+        self._read = -1e9
+
+    def view(self) -> ClusterView:
+        if time.monotonic() - self._read > self.REFRESH_S / 2.5:
+            self._view, self._read = cluster_view(), time.monotonic()
+        return self._view
+
+    def want(self, remaining: int) -> int:
+        if not remaining:
+            return 0
+        limit = self.fixed
+        if self.auto:
+            if time.monotonic() - self._read > self.REFRESH_S:
+                self._view, self._read = cluster_view(), time.monotonic()
+            limit = self._view.capacity(self.req)
+        return max(1, min(limit, remaining))
+
+
+def _schedule(cfg: Config, stage: str, todo: collections.deque, states: list[ShardState],
+              result: StageResult, worker_cls: type, lease: Lease | None = None) -> None:
+    """Run the pending shards to commit or quarantine on a pool of actors."""
+    c = cfg.cluster
+    pool = ActorPool(cfg, worker_cls)
+    sizer = _Sizer(cfg, pool.req)
+    limit = cfg.data.max_samples_per_shard
+    total = sum(min(s.expected, limit or s.expected) for s in todo) if all(s.expected for s in todo) else None
+    progress = _Progress(total, stage)
+    waiting = _StartWait(cfg, pool, sizer, result)
+
+    def fail(s: ShardState, err: str) -> None:
+        if retry_or_quarantine(s, f"{err}", c.max_attempts):
+            todo.append(s)
+
+    try:
+        while todo or pool.running:
+            if lease is not None:
+                _check_lease(lease, result)
+            pool.top_up(sizer.want(len(todo) + len(pool.running)))
+            while pool.idle and todo:
+                pool.submit(todo.popleft(), stage)
+            ready, _ = _wait(pool.refs())
+            for ref in ready:
+                if ref in pool.starting:
+                    _on_started(pool, ref, c.max_actor_failures, result)
+                else:
+                    _on_finished(pool, ref, fail, progress)
+            for a, s in pool.expired(c.shard_timeout_s):
+                fail(s, f"timed out after {c.shard_timeout_s:.0f}s; worker killed")
+                _kill(a)
+            committed = sum(1 for x in states if x.status in ("committed", "skipped"))
+            note = f"shards {committed}/{len(states)} workers {pool.live()}"
+            progress.note(" | ".join(filter(None, [note, waiting.check()])))
+    finally:
+        progress.close()
+        pool.kill_all()
+
+
+def _check_lease(lease: Lease, result: StageResult) -> None:
+    try:
+        lease.check()
+    except LeaseLost as err:
+        result.aborted = str(err)
+        raise
+
+
+class _StartWait:
+    """The bounded wait for actors to start. While no actor is live and some wait to be
+    placed: abort at once if no alive node could ever host one on a cluster nothing can grow
+    (this driver's private Ray, or every node dead); otherwise wait up to
+    `cluster.actor_start_timeout_s` (an autoscaler may be adding nodes), then abort."""
+
+    def __init__(self, cfg: Config, pool: ActorPool, sizer: _Sizer, result: StageResult):
+        self.timeout_s = cfg.cluster.actor_start_timeout_s
+        self.private = _private_cluster(cfg)
+        self.pool, self.sizer, self.result = pool, sizer, result
+        self.since: float | None = None
+
+    def check(self) -> str:
+        """A progress note saying what the driver waits for ('' when it does not wait)."""
+        pool = self.pool
+        if pool.live() or not pool.starting:
+            self.since = None
+            return ""
+        if self.since is None:
+            self.since = time.monotonic()
+        waited = time.monotonic() - self.since
+        view = self.sizer.view()
+        what = (f"waiting {waited:.0f}s for {len(pool.starting)} worker(s) with {_fmt(pool.req)}: "
+                f"{view.describe(pool.req)}")
+        final = not view.error and not view.capacity(pool.req) and (self.private or not view.alive)
+        if final:
+            why = ("" if not self.private else "; this driver's local Ray cannot gain nodes" if view.alive
+                   else "; the local Ray node is gone (its raylet exited)")
+            self._abort(f"no node can host a worker ({_fmt(pool.req)}): {view.describe(pool.req)}{why}")
+        if waited > self.timeout_s:
+            self._abort(f"no worker started within cluster.actor_start_timeout_s ({self.timeout_s:.0f}s): {what}")
+        return what
+
+    def _abort(self, reason: str) -> None:
+        self.result.aborted = reason
+        raise DriverError(reason)
+
+
+def _wait(refs: list[Any]) -> tuple[list[Any], list[Any]]:
+    import ray
+
+    return ray.wait(refs, num_returns=1, timeout=1.0)
+
+
+def _on_started(pool: ActorPool, ref: Any, max_failures: int, result: StageResult) -> None:
+    import ray
+    from ray.exceptions import RayActorError, RayTaskError
+
+    a, _ = pool.starting.pop(ref)
+    try:
+        info = ray.get(ref)
+        log.info("worker ready: %s", info)
+        result.workers.append({k: info.get(k) for k in ("host", "pid", "node_id", "device", "gpu_ids")})
+        pool.idle.append(a)
+    except (RayActorError, RayTaskError) as err:
+        pool.start_failures += 1
+        log.error("worker failed to start (%d/%d): %s", pool.start_failures, max_failures, _short(err))
+        if pool.start_failures >= max_failures:
+            result.aborted = f"{pool.start_failures} worker start failures; last: {_short(err)}"
+            raise DriverError(result.aborted) from None
+        _kill(a)
+
+
+def _on_finished(pool: ActorPool, ref: Any, fail, progress: _Progress) -> None:
+    import ray
+    from ray.exceptions import RayActorError, RayTaskError
+
+    a, s, _ = pool.running.pop(ref)
+    try:
+        marker = ray.get(ref)
+        s.status, s.rows = "committed", int(marker["rows"])
+        s.attempts += 1
+        progress.add(int(marker["samples"]), int(marker.get("nfe", 0)))
+        pool.idle.append(a)
+    except RayTaskError as err:   # the shard raised; the actor is still healthy
+        fail(s, _short(err))
+        pool.idle.append(a)
+    except RayActorError as err:  # the actor died (os._exit, OOM) or is unreachable (node loss)
+        fail(s, f"worker died: {_short(err)}")
+        _kill(a)  # it may be unreachable but alive; top_up starts a replacement
+
+
+# ---------------------------------------------------------------------------- job
+
+def write_manifest(cfg: Config, results: list[StageResult]) -> dict[str, Any]:
+    doc = {
+        "job": cfg.job.name,
+        "config_hash": cfg.hash(),
+        "finished": time.time(),
+        "stages": {
+            r.stage: {
+                "seconds": r.seconds,
+                "aborted": r.aborted,
+                "quarantined": r.quarantined,
+                "checks": r.checks,
+                "workers": r.workers,
+                "shards": {s.sid: {"status": s.status, "attempts": s.attempts, "rows": s.rows,
+                                   "errors": s.errors, "source": s.url} for s in r.shards.values()},
+            } for r in results
+        },
+    }
+    try:
+        storage.put_text(storage.join(cfg.job.output, "manifest.json"), json.dumps(doc, indent=1))
+    except OSError as err:  # a full disk must not hide the outcome: the markers are the results
+        log.error("could not write the manifest of %s: %s", cfg.job.output, err)
+        doc["manifest_error"] = str(err)
+    return doc
+
+
+def publish_outputs(cfg: Config, stage: str) -> list[ShardState]:
+    """Index the shards a stage wrote (adversarial or purified images) from its commit
+    markers, and return them as the next stage's input."""
+    folder = storage.join(cfg.job.output, IMAGE_DIRS[stage])
+    entries = sorted((e for m in commit.committed(cfg.job.output, stage).values() for e in m.get("outputs", [])),
+                     key=lambda e: e["name"])
+    shards.write_index(folder, entries, {"stage": stage, "job": cfg.job.name, "config_hash": cfg.hash()})
+    return [ShardState(storage.join(folder, e["name"]), shards.shard_id(e["name"]), int(e["samples"]))
+            for e in entries]
+
+
+# a driver that took the lease from a dead process on this machine waits this long before
+# cleaning a stage, so that the dead driver's workers (killed by Ray when their owner dies)
+# cannot write a Parquet file after the clean-up and then a marker naming it
+TAKEOVER_GRACE_S = 3.0
+
+
+def run(cfg: Config) -> tuple[int, dict[str, Any]]:
+    """Run the job's stages in order, each resumed independently; returns (exit code, manifest).
+
+    evaluate and attack read data.shards; purify reads the adversarial shards of an attack
+    stage earlier in the same job, or data.shards (an adversarial set from another job, or
+    any corpus to purify offline). Everything that writes to job.output runs under the
+    job lease (`pipeline.run.lease`): a second driver on the same output raises LeaseHeld.
+    """
+    states = plan_shards(cfg)
+    c = cfg.cluster
+    try:
+        lease = lease_mod.acquire(cfg.job.output, cfg.job.name, c.lease_timeout_s, c.lease_heartbeat_s)
+    except storage.StorageError as err:  # the first write to the output: fail before any work
+        raise ConfigError(f"{cfg.source}: {err}") from None
+    with lease:
+        if lease.took_over:
+            time.sleep(TAKEOVER_GRACE_S)
+        check_job_state(cfg)
+        return _run_stages(cfg, states, lease)
+
+
+def _run_stages(cfg: Config, states: list[ShardState], lease: Lease) -> tuple[int, dict[str, Any]]:
+    results: list[StageResult] = []
+    code = EXIT_OK
+    for i, stage in enumerate(cfg.job.stages):
+        inputs = publish_outputs(cfg, "attack") if stage == "purify" and "attack" in cfg.job.stages[:i] else states
+        try:
+            r = run_stage(cfg, stage, [ShardState(s.url, s.sid, s.expected) for s in inputs], lease=lease)
+        except (DriverError, LeaseLost) as err:
+            results.append(StageResult(stage, {}, 0.0, aborted=str(err)))
+            log.error("%s aborted: %s", stage, err)
+            if isinstance(err, LeaseLost):  # the output is no longer ours to write: no manifest
+                return EXIT_ABORTED, {"stages": {r.stage: {"aborted": r.aborted} for r in results}}
+            return EXIT_ABORTED, write_manifest(cfg, results)
+        results.append(r)
+        if stage in IMAGE_DIRS:
+            publish_outputs(cfg, stage)
+        if r.quarantined:
+            code = EXIT_QUARANTINED
+    return code, write_manifest(cfg, results)

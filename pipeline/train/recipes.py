@@ -1,0 +1,143 @@
+"""Our training recipes: which objective, optimiser, batch order and EMA each model gets, all
+run through `pipeline.train.loops.fit` (used by jobs/train_*, the demo and the tests).
+
+- small CNN classifier: Adam on cross-entropy (`train_small_cnn`, `loops.train_classifier`)
+- denoising autoencoder: Adam on the Gaussian denoising MSE (`train_small_dae`,
+  `loops.train_denoiser`; jobs/train_dae.py adds REDNet and a held-out subset, `holdout_split`)
+- score network for ADP: noise-unconditional DSM, Adam, EMA of the weights (`train_score`)
+- EBM for long-run Langevin purification: ML with short-run chains (`train_ebm`)
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from typing import Any
+
+import torch
+from torch import nn
+
+from pipeline.classifiers import small_cnn
+from pipeline.purifiers import steps
+from pipeline.purifiers.nets import small_dae
+from pipeline.seeding import config_seed
+from pipeline.train import loops as training
+from pipeline.train import objectives
+from pipeline.train.common import load_images, save, seeded_init
+
+log = logging.getLogger(__name__)
+
+
+def train_small_cnn(out: str, source: str = "digits", split: str = "train", path: str | None = None,
+                    epochs: int = 30, seed: int = 0, width: int = 32, limit: int = 0) -> dict[str, Any]:
+    """A small CNN on a named split (its first `limit` images if > 0), saved to `out`."""
+    x, y = load_images(source, split, path)
+    if limit:
+        x, y = x[:limit], y[:limit]
+    model = seeded_init(small_cnn.make, seed, "init", "small_cnn", in_channels=x.shape[1], width=width)
+    t0 = time.time()
+    losses = training.train_classifier(model, x, y, epochs=epochs, seed=seed)
+    meta = {"source": source, "split": split, "epochs": epochs, "seed": seed, "loss": losses,
+            "train_accuracy": training.accuracy(model, x, y), "seconds": time.time() - t0}
+    if limit:
+        meta["limit"] = limit
+    save(out, small_cnn.ARCH, {"in_channels": x.shape[1], "width": width}, model, meta)
+    log.info("classifier → %s: train accuracy %.3f in %.1fs", out, meta["train_accuracy"], meta["seconds"])
+    return meta
+
+
+def train_small_dae(out: str, source: str = "digits", split: str = "train", path: str | None = None,
+                    epochs: int = 30, seed: int = 0, width: int = 32,
+                    sigmas: tuple[float, ...] = (0.1, 0.2, 0.3)) -> dict[str, Any]:
+    """A small DAE on a named split (every image), saved to `out` (the demo's purifier)."""
+    x, _ = load_images(source, split, path)
+    net = seeded_init(small_dae.SmallDAE, seed, "init", "small_dae", in_channels=x.shape[1], width=width)
+    t0 = time.time()
+    losses = training.train_denoiser(net, x, sigmas=sigmas, epochs=epochs, seed=seed)
+    meta = {"source": source, "split": split, "epochs": epochs, "seed": seed, "loss": losses,
+            "sigmas": list(sigmas), "seconds": time.time() - t0}
+    save(out, small_dae.ARCH, {"in_channels": x.shape[1], "width": width}, net, meta)
+    log.info("denoiser → %s: final loss %.5f in %.1fs", out, losses[-1], meta["seconds"])
+    return meta
+
+
+# ---------------------------------------------------------------------------- DAE (APuDAE)
+
+# noise levels per data set: ℓ∞ attacks use ε up to 0.3 on digits/MNIST, 8/255 on CIFAR-10
+DAE_SIGMAS = {"digits": (0.1, 0.2, 0.3), "mnist": (0.1, 0.2, 0.3), "cifar10": (0.02, 0.05, 0.1)}
+
+
+def holdout_split(n: int, holdout: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train, held-out) indices of a DAE's split: a seeded permutation, the first `holdout`
+    held out (never trained on; jobs/calibrate_dae.py recomputes the same subset)."""
+    if not 0 <= holdout < n:
+        raise ValueError(f"holdout must be in [0, {n}), got {holdout}")
+    gen = torch.Generator().manual_seed(config_seed(seed, "dae_holdout"))
+    perm = torch.randperm(n, generator=gen)
+    return perm[holdout:], perm[:holdout]
+
+
+# ---------------------------------------------------------------------------- score network (ADP)
+
+def train_score(net: nn.Module, images: torch.Tensor, *, sigmas: torch.Tensor, epochs: int, batch_size: int,
+                lr: float, ema_rate: float, seed: int, max_steps: int | None = None, log_every: int = 50,
+                grid: bool = True, ema_warmup: bool = True) -> tuple[nn.Module, list[float]]:
+    """Noise-unconditional DSM (`objectives.dsm_loss`) with Adam, data on the ADP score grid
+    x·255/256 + 1/512, an EMA of the weights (NCSNv2: rate 0.999; ours: warm-up).
+    Returns (the EMA network, or `net` itself when ema_rate == 0; per-step losses)."""
+    gen = torch.Generator().manual_seed(config_seed(seed, "train_score"))
+    data = steps.to_score_grid(images) if grid else images
+    opt = torch.optim.Adam(net.parameters(), lr=lr, betas=(0.9, 0.999), eps=1e-8)
+    ema = training.EMA(net, ema_rate, ema_warmup) if ema_rate > 0 else None
+
+    def step(idx: torch.Tensor) -> torch.Tensor:
+        return objectives.dsm_loss(net, data[idx], sigmas, gen)
+
+    hist = training.fit(net, step, training.epoch_batches(len(data), batch_size, epochs, gen), optimizer=opt,
+                        ema=ema, max_steps=max_steps, log_every=log_every, name="score")
+    return (ema.shadow if ema is not None else net), hist.losses
+
+
+# ---------------------------------------------------------------------------- EBM (long-run Langevin)
+
+def train_ebm(net: nn.Module, data: torch.Tensor, *, n_steps: int, batch_size: int = 100, lr_adam: float = 1e-4,
+              lr_sgd: float = 5e-5, switch_step: int | None = None, epsilon: float = 1e-2,
+              data_epsilon: float = 2e-2, shortrun_steps: int = 100, init: str = "persistent",
+              rejuvenate: float = 0.0, start_sigma: float = 0.0, bank_size: int | None = None,
+              ema: float = 0.0, max_chain_grad: float = math.inf, seed: int = 0, log_every: int = 50) -> dict:
+    """Maximum likelihood with short-run Langevin negatives (Hill et al. 2021); data [N, C, H, W]
+    on [−1, 1]. Per batch: X⁺ = data + data_epsilon·N(0, I); X⁻ = `shortrun_steps` Langevin
+    steps from `objectives.ChainStarts` (init, rejuvenate, start_sigma, bank_size); loss
+    `objectives.contrastive_loss` with scale ε²/2. Adam, then SGD at lr_sgd·ε²/2 from batch
+    `switch_step` (None: half of n_steps, as the reference; > n_steps: never).
+
+    Trains `net` in place; with ema > 0 its weights become the moving average at the end.
+    Stops early on a non-finite loss or a mean chain ‖∇U‖ ≥ max_chain_grad (diverged).
+    Returns {"d": per-step loss, "r": per-step mean ‖∇U‖, "seconds", "diverged"}."""
+    gen = torch.Generator().manual_seed(config_seed(seed, "train_ebm"))
+    starts = objectives.ChainStarts(init, data, gen, rejuvenate=rejuvenate, start_sigma=start_sigma,
+                                    bank_size=bank_size)
+    scale = epsilon ** 2 / 2.0
+    switch = n_steps // 2 if switch_step is None else switch_step
+    optimizer = training.OptimizerSwitch(torch.optim.Adam(net.parameters(), lr=lr_adam), switch,
+                                         lambda: torch.optim.SGD(net.parameters(), lr=lr_sgd * scale))
+    shadow = training.EMA(net, ema, warmup=False) if ema > 0 else None
+
+    def step(idx: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        x_q = data[idx] + data_epsilon * torch.randn(data[idx].shape, generator=gen)
+        x0, bank_idx = starts.draw(x_q)
+        x_s, r = objectives.langevin_chain(net, x0, shortrun_steps, epsilon, gen)
+        starts.put_back(bank_idx, x_s)
+        return objectives.contrastive_loss(net, x_q, x_s, scale), {"r": r}
+
+    def diverged(hist: training.History) -> str | None:
+        # a chain this steep has left any sensible region (normal runs: ‖∇U‖ 0.01–0.3)
+        r = hist.stats["r"][-1]
+        return training.nonfinite_loss(hist) or (f"mean chain ‖∇U‖ {r:.3g}" if r >= max_chain_grad else None)
+
+    hist = training.fit(net, step, training.random_batches(len(data), batch_size, n_steps, gen),
+                        optimizer=optimizer, ema=shadow, stop=diverged, log_every=log_every, name="ebm")
+    if shadow is not None:
+        net.load_state_dict(shadow.shadow.state_dict())
+    return {"d": hist.losses, "r": hist.stats.get("r", []), "seconds": hist.seconds,
+            "diverged": hist.stopped is not None}
