@@ -3,7 +3,7 @@
     python benchmarks/ebm_longrun.py --ebm runs/models/digits_ebm.pt --classifier runs/models/digits_cnn.pt \\
         --data digits [--count 200] [--chains 16] [--steps 1500] [--eps 0.01] [--threads 1] [--json out.json]
 
-Measures the two targets that need no attack (docs/adp_ebm.md, "Long-run targets"):
+Measures the two targets that need no attack (docs/adp_ebm.md, "Long-run stability"):
 
 (1) class retention: chains started at clean held-out images, K steps of the `langevin_ebm`
     purifier (ε = 0.01, keyed noise, clipped output as in the configs); the bare classifier's

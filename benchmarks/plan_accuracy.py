@@ -41,12 +41,14 @@ def _cases(models: Path, work: Path, mnist_dir: Path) -> dict[str, tuple[str, li
             "attacks.2.params.n_queries=200", "cluster.num_workers=1"]),
         "mnist_undefended_sweep": ("configs/mnist_undefended_sweep.yaml", [
             f"data.shards={mnist}", f"classifier.params.checkpoint={models / 'mnist_cnn.pt'}",
-            "data.max_samples_per_shard=250", "cluster.num_workers=1"]),
+            "data.max_samples_per_shard=100", "cluster.num_workers=1"]),
         "adp_mnist_cpu": ("configs/adp_mnist_cpu.yaml", [
-            f"data.shards={mnist}", f"classifier.params.checkpoint={models / 'mnist_cnn.pt'}",
-            f"purifier.params.checkpoint={models / 'mnist_score.pt'}", "data.max_samples_per_shard=10",
-            "evaluation.runs=4", "attacks.0.params.steps=10", "attacks.1.params.steps=5", "attacks.1.eot=2",
-            "attacks.2.params.steps=5", "attacks.2.eot=1", "cluster.num_workers=1"]),
+            f"data.shards={mnist_dir / 'shard-{000000..000001}.tar'}",
+            f"classifier.params.checkpoint={models / 'mnist_cnn.pt'}",
+            f"purifier.params.checkpoint={models / 'mnist_score.pt'}", "data.max_samples_per_shard=5",
+            "evaluation.runs=2", "evaluation.eot_probe=2", "attacks.0.params.steps=5", "attacks.1.params.steps=3",
+            "attacks.1.eot=2", "attacks.2.params.steps=3", "attacks.2.eot=1", "attacks.3.params.n_queries=20",
+            "attacks.3.eot=1", "cluster.num_workers=1"]),
     }
 
 

@@ -9,6 +9,9 @@
     local Ray (its start-up excluded, as on a real deployment; actor start-up included);
     also its steady state: samples over Σ of the markers' per-shard seconds (read → commit
     inside the worker), which leaves out actor start-up;
+(a') control: the bare loop again while the local Ray (driver, raylet, GCS, agents) is up
+    but idle — on a machine whose two vCPUs share one core's resources, Ray's background
+    processes slow the compute beside them, and this separates that from pipeline overhead;
 (c) keyed counter-based noise against torch.randn for the same number of normals.
 Prints samples/s and the ratios pipeline/bare (1.0 = no overhead). Both sides run one torch
 thread per worker. --models DIR reuses cnn.pt / dae.pt (else trains them, ~1 min).
@@ -108,6 +111,7 @@ def main() -> int:
     import ray
 
     pipe, inside = pipeline_run(cfg)
+    bare_ray = bare_loop(cfg, n)  # control: the same bare loop while Ray's processes are up (idle)
     ray.shutdown()
 
     noise = Noise.for_batch(0, [str(i) for i in range(1000)], "bench", replicas=15)
@@ -125,8 +129,10 @@ def main() -> int:
           f"commits, actor start-up)")
     print(f"    steady state      : {n / inside:8.1f} samples/s "
           f"(Σ per-shard seconds inside the worker: {inside:.1f} s)")
+    print(f"(a') bare loop, Ray up : {n / bare_ray:8.1f} samples/s ({bare_ray:.1f} s; Ray's processes idle beside it)")
     print(f"ratio pipeline/bare throughput: {bare / pipe:.2f} end to end, {bare / inside:.2f} steady state "
-          f"(× {args.workers} worker(s) compare to the one-process bare loop)")
+          f"(× {args.workers} worker(s) compare to the one-process bare loop); against (a'): "
+          f"{bare_ray / pipe:.2f} end to end, {bare_ray / inside:.2f} steady state")
     print(f"(c) keyed normal / torch.randn time for 11.76M normals: {keyed / plain:.1f}x "
           f"({keyed * 1e3:.0f} ms vs {plain * 1e3:.0f} ms)")
     return 0
