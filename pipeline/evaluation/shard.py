@@ -1,5 +1,6 @@
-"""The three stages over one shard's decoded samples, as pure functions: samples in, rows
-(and images for the stages that write them) out. No I/O: the worker reads and writes.
+"""The three stages over one shard's decoded samples, as pure functions: samples in (a list,
+or a stream taken batch by batch), rows (and images for the stages that write them) out.
+No I/O: the worker reads and writes.
 
 - evaluate: every attack on every sample (or, with `cascade`, each attack on the samples
   every earlier one failed to break), one row per (sample, attack);
@@ -9,9 +10,10 @@
 from __future__ import annotations
 
 import functools
+import itertools
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Sequence, TypeVar
+from typing import Any, Callable, Iterable, Iterator, Sequence, TypeVar
 
 import numpy as np
 import torch
@@ -32,6 +34,8 @@ from pipeline.io.shards import Sample, ShardError, to_unit_float
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+# where a stage hands its images as batches complete: (output name, [(sample, image, extra)])
+ImageSink = Callable[[str, list[tuple[Sample, np.ndarray, dict[str, Any]]]], None]
 
 CHECK_SAMPLES = 16   # samples of a shard's first batch used for the gradient-masking checks
 # what an adversarial sample's lineage carries into the purify stage's records
@@ -76,14 +80,19 @@ def is_out_of_memory(err: BaseException) -> bool:
         isinstance(err, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text))
 
 
-def adaptive(p: Protocol, samples: Sequence[Sample], work: Callable[[Batch], T]) -> Iterator[tuple[Batch, T]]:
-    """(batch, work(batch)) over consecutive batches of p.batch_size samples. On out of
+def adaptive(p: Protocol, samples: Iterable[Sample], work: Callable[[Batch], T]) -> Iterator[tuple[Batch, T]]:
+    """(batch, work(batch)) over consecutive batches of p.batch_size samples, taken from a
+    list or a stream as they are needed (at most one batch of samples held here). On out of
     memory the batch size is halved and the same samples retried; the protocol keeps the new
     size, so this worker's later batches and shards start from what fits. Rows do not depend
     on the batch they ran in (keyed noise), so the results are the same."""
-    i = 0
-    while i < len(samples):
-        b = next(batches(samples[i:i + p.batch_size], p.batch_size, p.device))
+    source = iter(samples)
+    pending: list[Sample] = []
+    while True:
+        pending += itertools.islice(source, max(0, p.batch_size - len(pending)))
+        if not pending:
+            return
+        b = next(batches(pending[:p.batch_size], p.batch_size, p.device))
         try:
             out = work(b)
         except RuntimeError as err:
@@ -97,15 +106,18 @@ def adaptive(p: Protocol, samples: Sequence[Sample], work: Callable[[Batch], T])
                 torch.cuda.empty_cache()
             continue
         yield b, out
-        i += len(b.keys)
+        del pending[:len(b.keys)]
 
 
 def _hwc(x: torch.Tensor) -> np.ndarray:
     return x.permute(0, 2, 3, 1).cpu().numpy().astype(np.float32)
 
 
-def evaluate(p: Protocol, samples: Sequence[Sample]) -> StageOutput:
-    """Rows of every (sample, attack), and the checks on the shard's first batch."""
+def evaluate(p: Protocol, samples: Iterable[Sample]) -> StageOutput:
+    """Rows of every (sample, attack), and the checks on the shard's first batch. Streams
+    batch by batch, except the cascade: it re-packs survivors across the whole shard."""
+    if p.cascade:
+        samples = list(samples)
     checks: dict[str, list[dict[str, Any]]] = {}
     rows: list[dict[str, Any]] = []
 
@@ -168,23 +180,32 @@ def _attack_rows(p: Protocol, plan: Any, clean: dict[str, CleanEval], b: Batch) 
     return attack_rows(p, plan, b.x, b.y, b.keys, CleanEval.stack([clean[k] for k in b.keys]))
 
 
-def attack(p: Protocol, samples: Sequence[Sample]) -> StageOutput:
-    """Adversarial examples of every attack; images per attack index, with lineage columns."""
+def _collect(out: StageOutput, emit: ImageSink | None) -> ImageSink:
+    """Where a stage's images go: `emit` (the worker encodes and writes them as batches
+    complete) or, without one, `out.images` (whole shard in memory)."""
+    return emit or (lambda name, items: out.images[name].extend(items))
+
+
+def attack(p: Protocol, samples: Iterable[Sample], emit: ImageSink | None = None) -> StageOutput:
+    """Adversarial examples of every attack; images per attack index, with lineage columns.
+    `out.images` names every output (empty lists when the images went to `emit`)."""
     out = StageOutput([], images={str(a.index): [] for a in p.attacks})
+    put = _collect(out, emit)
     for b, (rows, images) in adaptive(p, samples, lambda b: attack_batch(p, b.x, b.y, b.keys)):
         out.rows += rows
         by_key = {(r["attack_index"], r["key"]): r for r in rows}
         for idx, x_adv in images.items():
             hwc = _hwc(x_adv)
-            out.images[str(idx)] += [(s, hwc[j], {c: by_key[(idx, s.key)][c] for c in LINEAGE_COLUMNS})
-                                     for j, s in enumerate(b.samples)]
+            put(str(idx), [(s, hwc[j], {c: by_key[(idx, s.key)][c] for c in LINEAGE_COLUMNS})
+                           for j, s in enumerate(b.samples)])
     return out
 
 
-def purify(p: Protocol, samples: Sequence[Sample]) -> StageOutput:
+def purify(p: Protocol, samples: Iterable[Sample], emit: ImageSink | None = None) -> StageOutput:
     """Purify given images (an adversarial set with lineage, or any corpus) R times; the
-    first run's purified images are returned under the name 'purified'."""
+    first run's purified images go out under the name 'purified'."""
     out = StageOutput([], images={"purified": []})
+    put = _collect(out, emit)
 
     def work(b: Batch) -> tuple[list[dict[str, Any]], torch.Tensor]:
         infos = [{**NO_ATTACK, **{k: s.meta[k] for k in LINEAGE_COLUMNS if k in s.meta}} for s in b.samples]
@@ -193,7 +214,7 @@ def purify(p: Protocol, samples: Sequence[Sample]) -> StageOutput:
     for b, (rows, purified) in adaptive(p, samples, work):
         out.rows += rows
         hwc = _hwc(purified)
-        out.images["purified"] += [(s, hwc[j], {}) for j, s in enumerate(b.samples)]
+        put("purified", [(s, hwc[j], {}) for j, s in enumerate(b.samples)])
     return out
 
 

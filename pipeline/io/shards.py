@@ -6,6 +6,12 @@ adversarial / purified sets `<key>.npy` (float32 [H, W, C] in [0, 1], exact: an 
 would round the perturbation away), which takes precedence over the PNG when present.
 Reading checks what a cut-short copy would hide: the end-of-archive blocks and, where
 an index exists, the sample count.
+
+Two ways to read: `read_shard` (the whole file in memory, then every sample decoded: fine for
+small shards, the report and the planner) and `ShardStream` (members as they arrive, decoded
+in a background thread into a bounded queue of chunks: what the evaluation worker uses, so its
+memory depends on the batch and queue sizes, not the shard's). `TarStream` is the streaming tar
+reader both the worker and the corpus reader (pipeline/corpus/reader.py) build on.
 """
 from __future__ import annotations
 
@@ -13,7 +19,10 @@ import hashlib
 import io
 import json
 import logging
+import queue
 import tarfile
+import tempfile
+import threading
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator, Sequence
 
@@ -24,6 +33,10 @@ from pipeline.io import storage
 log = logging.getLogger(__name__)
 
 INDEX_NAME = "index.json"
+BLOCK = 512
+STREAM_READ = 1 << 16            # bytes per read from the raw stream (tarfile's buffer size)
+_TAIL = 4 * STREAM_READ          # raw bytes kept for the end check: more than tarfile's read-ahead
+SPOOL_BYTES = 32 * 2**20         # an image shard being built stays in memory up to this, then on disk
 INDEX_FORMAT = "advpure-shards/1"
 IMAGE_EXTS = ("png", "jpg", "jpeg", "ppm", "pgm", "bmp", "webp")
 
@@ -180,6 +193,208 @@ def read_shard(url: str, expected_samples: int | None = None) -> list[Sample]:
     return samples
 
 
+# ---------------------------------------------------------------------------- stream
+
+class TrackedStream:
+    """A raw byte stream that counts what was read and keeps the last `_TAIL` bytes, so the
+    end of the archive can be checked after tarfile (which buffers) has stopped."""
+
+    def __init__(self, raw: Any, url: str):
+        self.raw, self.url = raw, url
+        self.pos = 0
+        self.tail = bytearray()
+
+    def read(self, n: int = -1) -> bytes:
+        try:
+            data = self.raw.read(n) if n is not None and n >= 0 else self.raw.read()
+        except Exception as err:  # boto3 / urllib / OS errors mid-stream: the shard is retried
+            raise ShardError(f"{self.url}: read failed after {self.pos} bytes: {err}") from err
+        self.pos += len(data)
+        self.tail += data
+        if len(self.tail) > 2 * _TAIL:  # trim now and then, not on every read
+            del self.tail[:-_TAIL]
+        return data
+
+    def check_end(self, end: int) -> None:
+        """The archive proper ends at `end`; from there on only zero blocks, at least two."""
+        start = self.pos - len(self.tail)
+        if end < start:
+            raise ShardError(f"{self.url}: cannot check the end of the archive (stopped at {end}, "
+                             f"tracked from {start})")
+        after = bytes(self.tail[end - start:])
+        clean = after.count(0) == len(after)
+        while clean:  # what tarfile did not read: padding up to the record size, or junk
+            chunk = self.read(STREAM_READ)
+            if not chunk:
+                break
+            clean = chunk.count(0) == len(chunk)
+        if not clean:
+            raise ShardError(f"{self.url}: corrupt tar: non-zero bytes from byte {end} on, where the archive "
+                             "stopped (a broken member header, or data after the end-of-archive blocks)")
+        if self.pos - end < 2 * BLOCK:
+            raise ShardError(f"{self.url}: truncated tar: no end-of-archive blocks after byte {end} "
+                             f"({self.pos} bytes in all; file cut short?)")
+
+
+class TarStream:
+    """The members of one tar as they arrive: tarfile's stream mode 'r|' over
+    `storage.open_read` (local, s3:// and https:// alike), never more than a read buffer ahead.
+
+    In stream mode tarfile stops quietly at a missing, cut-short or broken header, so a
+    truncated archive would look complete: once it stops, the raw bytes must hold at least two
+    zero blocks where it stopped and nothing but zeros after them. Iterating yields
+    (member, its bytes) — None for what is not a regular file or is over `max_member_bytes`
+    (its data is skipped, not read) — and raises ShardError naming the shard for what makes
+    it unusable, a member's data cut short included."""
+
+    def __init__(self, url: str, max_member_bytes: int | None = None):
+        self.url = url
+        self.max_member_bytes = max_member_bytes
+        self._src: TrackedStream | None = None
+
+    @property
+    def bytes_read(self) -> int:
+        return self._src.pos if self._src is not None else 0
+
+    def __iter__(self) -> Iterator[tuple[tarfile.TarInfo, bytes | None]]:
+        try:
+            raw = storage.open_read(self.url)
+        except FileNotFoundError:
+            raise ShardError(f"{self.url}: shard not found") from None
+        except OSError as err:
+            raise ShardError(f"{self.url}: cannot read shard: {err}") from err
+        src = self._src = TrackedStream(raw, self.url)
+        try:
+            with tarfile.open(fileobj=src, mode="r|", bufsize=STREAM_READ) as tar:
+                for m in tar:
+                    if not m.isfile() or (self.max_member_bytes is not None and m.size > self.max_member_bytes):
+                        yield m, None
+                        continue
+                    f = tar.extractfile(m)  # read here: a cut-short member is the shard's error
+                    yield m, (f.read() if f else b"")
+                end = tar.offset
+            src.check_end(end)
+        except tarfile.TarError as err:
+            what = "empty file (0 bytes), not a tar" if src.pos == 0 else f"corrupt or truncated tar: {err}"
+            raise ShardError(f"{self.url}: {what}") from err
+        finally:
+            raw.close()
+
+
+def iter_shard(url: str, expected_samples: int | None = None, limit: int | None = None) -> Iterator[Sample]:
+    """The samples of one shard, decoded as their members arrive (one sample's bytes held at a
+    time). Only the first `limit` are decoded and yielded, but every one is read and counted.
+    The same checks as `read_shard` — end-of-archive blocks, adjacent keys, the index's count —
+    raise ShardError naming the shard; they end the iteration, so a caller that consumed it to
+    the end has a validated shard."""
+    stream = TarStream(url)
+
+    def members() -> Iterator[tuple[str, bytes]]:
+        for m, data in stream:
+            if data is not None:
+                yield m.name, data
+
+    seen: set[str] = set()
+    for key, parts in _group(members(), url):
+        if key in seen:
+            raise ShardError(f"{url}: duplicate sample keys (members of a sample must be adjacent)")
+        seen.add(key)
+        if limit is None or len(seen) <= limit:
+            yield decode_sample(key, parts)
+    if expected_samples is not None and len(seen) != expected_samples:
+        raise ShardError(f"{url}: holds {len(seen)} samples, the index says {expected_samples} (truncated?)")
+
+
+_END = object()
+
+
+class _Failed:
+    def __init__(self, err: BaseException):
+        self.err = err
+
+
+class ShardStream:
+    """One shard's samples, decoded by a background thread into a bounded queue of chunks.
+
+    Decoded samples alive at once: at most `depth` chunks queued, one being filled and what
+    the consumer holds — so memory follows chunk and depth, not the shard. Iterating yields
+    the good samples (decode errors are kept aside in `errors`, they become status rows);
+    it ends only after the whole archive was read and validated, and a ShardError from the
+    reader is raised in the consumer. `finish()` says whether that happened: call it before
+    committing anything."""
+
+    def __init__(self, url: str, expected_samples: int | None = None, limit: int | None = None,
+                 chunk: int = 64, depth: int = 2):
+        if chunk < 1 or depth < 1:
+            raise ValueError("chunk and depth must be ≥ 1")
+        self.url, self.chunk, self.depth = url, chunk, depth
+        self.errors: list[Sample] = []
+        self.samples = 0          # samples handed out (good and failed): the shard's sample count
+        self.produced = 0         # decoded by the thread
+        self.consumed = 0         # taken from the queue by the consumer
+        self.max_queued = 0       # most chunks seen waiting in the queue (≤ depth)
+        self._done = False
+        self._q: queue.Queue = queue.Queue(depth)
+        self._stop = threading.Event()
+        self._source = iter_shard(url, expected_samples, limit)
+        self._thread = threading.Thread(target=self._run, daemon=True, name=f"decode-{storage.basename(url)}")
+        self._thread.start()
+
+    def _put(self, obj: Any) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._q.put(obj, timeout=0.1)
+            except queue.Full:
+                continue
+            self.max_queued = max(self.max_queued, self._q.qsize())
+            return True
+        return False
+
+    def _run(self) -> None:
+        buf: list[Sample] = []
+        try:
+            for s in self._source:
+                buf.append(s)
+                self.produced += 1
+                if len(buf) == self.chunk:
+                    if not self._put(buf):
+                        return
+                    buf = []
+            if (not buf or self._put(buf)) and self._put(_END):
+                return
+        except BaseException as err:  # the consumer raises it: the shard fails as a whole
+            self._put(_Failed(err))
+        finally:
+            self._source.close()  # closes the raw stream when the consumer stopped early
+
+    def __iter__(self) -> Iterator[Sample]:
+        while True:
+            item = self._q.get()
+            if item is _END:
+                self._done = True
+                return
+            if isinstance(item, _Failed):
+                raise item.err
+            self.consumed += len(item)
+            for s in item:
+                self.samples += 1
+                if s.error is None:
+                    yield s
+                else:
+                    self.errors.append(s)
+
+    def finish(self) -> None:
+        """Raise unless every sample was consumed and the archive validated."""
+        if not self._done:
+            raise RuntimeError(f"{self.url}: the stage stopped before the end of the shard; nothing committed")
+        self._thread.join()
+
+    def close(self) -> None:
+        """Stop the decode thread (after a failure); it closes the shard's stream."""
+        self._stop.set()
+        self._thread.join(timeout=30.0)
+
+
 # ---------------------------------------------------------------------------- index
 
 def index_url_for(shard_url: str) -> str:
@@ -215,10 +430,11 @@ def expected_counts(urls: Sequence[str], index_url: str | None = None) -> dict[s
 # ---------------------------------------------------------------------------- write
 
 class TarBuilder:
-    """One shard's bytes, built in memory with reproducible headers (mtime 0)."""
+    """One shard's bytes, built with reproducible headers (mtime 0)."""
 
     def __init__(self) -> None:
-        self._buf = io.BytesIO()
+        # spooled: a large image shard goes to local disk while built, not held twice in memory
+        self._buf = tempfile.SpooledTemporaryFile(max_size=SPOOL_BYTES)
         self._tar = tarfile.open(fileobj=self._buf, mode="w", format=tarfile.USTAR_FORMAT)
         self.keys: set[str] = set()
 
@@ -252,7 +468,14 @@ class TarBuilder:
 
     def finish(self) -> bytes:
         self._tar.close()  # writes the end-of-archive blocks
-        return self._buf.getvalue()
+        self._buf.seek(0)
+        data = self._buf.read()
+        self._buf.close()
+        return data
+
+    def discard(self) -> None:
+        self._tar.close()
+        self._buf.close()
 
 
 def index_entry(name: str, samples: int, data: bytes) -> dict[str, Any]:

@@ -1,14 +1,20 @@
 """ShardWorker: one per GPU (or CPU slot). Builds its models once; turns one shard into one
 committed result: read → stage → write images → commit records. It never decides what
 runs next: the driver does.
+
+The shard streams through three threads on bounded queues — decode (shards.ShardStream),
+compute (this thread, the stage), encode (ImageWriter, attack / purify stages) — so a worker's
+memory follows its batch size, not its shard's size; records are still committed per shard.
 """
 from __future__ import annotations
 
 import json
 import os
+import queue
 import socket
+import threading
 import time
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -22,6 +28,8 @@ from pipeline.run import commit, faults
 
 # where the attack and purify stages write their image shards, under the job's output
 IMAGE_DIRS = {"attack": "adversarial", "purify": "purified"}
+DECODE_QUEUE_CHUNKS = 2      # decoded batches waiting for compute (each of the protocol's batch size)
+ENCODE_QUEUE_BATCHES = 2     # computed batches of images waiting for the encoder
 
 
 def _versions() -> dict[str, str]:
@@ -100,40 +108,114 @@ class ShardWorker:
                 "flags": p.defense.purifier.flags(), "gradients": {a.index: a.gradient for a in p.attacks}}
 
     def process(self, url: str, sid: str, stage: str = "evaluate", expected: int | None = None) -> dict[str, Any]:
-        """One shard → image shards (attack / purify stages), then records, then the marker."""
+        """One shard → image shards (attack / purify stages), then records, then the marker.
+        The shard streams through: decoded in a background thread into a bounded queue
+        (shards.ShardStream), computed here batch by batch, images encoded and spooled by
+        another thread (ImageWriter). Nothing is written before the whole archive has been
+        read and validated, so a truncated or corrupt shard commits nothing."""
         t0 = time.time()
         faults.inject(self.cfg.faults, sid)
-        samples = shards.read_shard(url, expected)[: self.cfg.data.max_samples_per_shard]
         if stage not in stages.STAGES:
             raise ValueError(f"unknown stage {stage!r}")
-        good = [s for s in samples if s.error is None]
-        result = stages.STAGES[stage](self.protocol, good)
-        outputs = [self._write_images(stage, sid, url, name, items) for name, items in result.images.items()]
+        source = shards.ShardStream(url, expected, self.cfg.data.max_samples_per_shard,
+                                    chunk=self.protocol.batch_size, depth=DECODE_QUEUE_CHUNKS)
+        writer = ImageWriter(self._image_member(stage, sid, url)) if stage in IMAGE_DIRS else None
+        try:
+            result = (stages.STAGES[stage](self.protocol, source, emit=writer.put) if writer
+                      else stages.STAGES[stage](self.protocol, source))
+            source.finish()  # the archive was read to its end blocks and counted: now it may commit
+            built = writer.finish() if writer else {}
+        except BaseException:
+            source.close()
+            if writer:
+                writer.discard()
+            raise
+        outputs = [self._put_images(stage, sid, name, built[name]) for name in result.images]
+        return self._commit(stage, sid, url, source, result, outputs, t0)
+
+    def _commit(self, stage: str, sid: str, url: str, source: shards.ShardStream, result: stages.StageOutput,
+                outputs: list[dict[str, Any]], t0: float) -> dict[str, Any]:
         common = {**self.protocol.provenance, "schema_version": schema.SCHEMA_VERSION, "stage": stage, "shard": sid,
                   "node_id": _node_id(), "host": socket.gethostname(), "device": _device_name(self.protocol.device)}
         rows = [{**common, "key": s.key, "label": s.label, "status": schema.Status.DECODE_ERROR.value,
-                 "error": s.error} for s in samples if s.error is not None]
+                 "error": s.error} for s in source.errors]
         rows += [_mark_nonfinite({**common, **r, "status": schema.Status.OK.value, "error": None})
                  for r in result.rows]
         return commit.commit_records(self.cfg.job.output, stage, sid, rows, {
-            "source": url, "samples": len(samples), "config_hash": self.protocol.provenance["config_hash"],
+            "source": url, "samples": source.samples, "config_hash": self.protocol.provenance["config_hash"],
             "seconds": time.time() - t0, "host": socket.gethostname(), "device": str(self.protocol.device),
             "node_id": _node_id(), "gpu_ids": _gpu_ids(), "pid": os.getpid(), "checks": result.checks,
             "outputs": outputs, "versions": _versions(), "nfe": _total_nfe(result.rows)})
 
-    def _write_images(self, stage: str, sid: str, url: str, name: str, items: list) -> dict[str, Any]:
-        """One image shard with the input's keys; each sample's json carries its lineage."""
+    def _image_member(self, stage: str, sid: str, url: str) -> Callable[..., tuple]:
+        """(sample, image, extra) → TarBuilder.add_sample arguments: the input's key, and a
+        json member carrying the sample's lineage."""
         prov = self.protocol.provenance
-        builder = shards.TarBuilder()
-        for sample, image, extra in items:
+
+        def member(sample: shards.Sample, image: np.ndarray, extra: dict[str, Any]) -> tuple:
             if stage == "attack":
                 meta = {"source_shard": url, "source_key": sample.key, "shard": sid,
                         "config_hash": prov["config_hash"], "seed": prov["seed"], **extra}
             else:
                 meta = {**sample.meta, "purifier": prov["purifier"], "purifier_params": prov["purifier_params"],
                         "purify_config_hash": prov["config_hash"]}
-            builder.add_sample(sample.key, image, sample.label, {"json": json.dumps(meta).encode()})
+            return sample.key, image, sample.label, {"json": json.dumps(meta).encode()}
+        return member
+
+    def _put_images(self, stage: str, sid: str, name: str, builder: shards.TarBuilder | None) -> dict[str, Any]:
+        """One image shard with the input's keys, put atomically (an output with no samples is
+        still written, empty)."""
+        builder = builder or shards.TarBuilder()
         file = f"{sid}-a{name}.tar" if stage == "attack" else f"{sid}.tar"
+        n = len(builder)
         data = builder.finish()
         storage.put_bytes(storage.join(self.cfg.job.output, IMAGE_DIRS[stage], file), data)
-        return shards.index_entry(file, len(builder), data)
+        return shards.index_entry(file, n, data)
+
+
+class ImageWriter:
+    """Encodes a stage's images (PNG + exact .npy) into spooled tar builders on a background
+    thread, fed through a bounded queue, so encoding overlaps compute and the shard's images
+    are never all held in memory as arrays. `finish()` returns the builders by output name;
+    the worker puts them only after the input shard validated."""
+
+    def __init__(self, member: Callable[..., tuple], depth: int = ENCODE_QUEUE_BATCHES):
+        self._member = member
+        self._q: queue.Queue = queue.Queue(depth)
+        self._builders: dict[str, shards.TarBuilder] = {}
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, daemon=True, name="encode-images")
+        self._thread.start()
+
+    def put(self, name: str, items: list) -> None:
+        if self._error is not None:
+            raise RuntimeError(f"writing images failed: {self._error}") from self._error
+        self._q.put((name, items))
+
+    def _run(self) -> None:
+        while (job := self._q.get()) is not None:
+            if self._error is not None:
+                continue  # drain: the compute thread learns of the failure at its next put
+            name, items = job
+            try:
+                builder = self._builders.setdefault(name, shards.TarBuilder())
+                for item in items:
+                    builder.add_sample(*self._member(*item))
+            except BaseException as err:
+                self._error = err
+
+    def finish(self) -> dict[str, shards.TarBuilder]:
+        self._q.put(None)
+        self._thread.join()
+        if self._error is not None:
+            self.discard()
+            raise RuntimeError(f"writing images failed: {self._error}") from self._error
+        return self._builders
+
+    def discard(self) -> None:
+        if self._thread.is_alive():
+            self._q.put(None)
+            self._thread.join()
+        for b in self._builders.values():
+            b.discard()
+        self._builders = {}
