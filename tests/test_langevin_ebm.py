@@ -294,5 +294,5 @@ def test_energy_dsm_loss_is_zero_exactly_for_the_ideal_energy():
     x = mu.expand(16, 1, 8, 8)
     ideal = energy_dsm_loss(Quadratic(sigma), x, (sigma, sigma), scale, torch.Generator().manual_seed(0))
     wrong = energy_dsm_loss(Quadratic(2 * sigma), x, (sigma, sigma), scale, torch.Generator().manual_seed(0))
-    assert float(ideal) < 1e-6
-    assert float(wrong) > 1.0  # ½‖n/2 − n‖² ≈ 64/8 = 8 per image
+    assert float(ideal.detach()) < 1e-6
+    assert float(wrong.detach()) > 1.0  # ½‖n/2 − n‖² ≈ 64/8 = 8 per image
