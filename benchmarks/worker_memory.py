@@ -10,8 +10,8 @@
 2. for each shard and each read path, runs in a fresh subprocess (so ru_maxrss is its own)
    the evaluate stage with cheap compute — an untrained small CNN (width 1), purifier none,
    no attack, R = 1, CPU:
-   - whole: `ShardWorker.process` as it was: `shards.read_shard` (the tar's bytes, every
-     member's bytes, every decoded image), then the stage on the list, then the commit;
+   - whole: `ShardWorker.process` as it was: the tar's bytes in memory and every sample
+     decoded into a list (`shards.read_shard`), then the stage on the list, then the commit;
    - stream: `ShardWorker.process` (decode thread → bounded queue → stage → commit);
 3. prints a table: samples, shard MB, seconds, peak RSS and the peak above the process's
    RSS once its models were built (the part the shard costs).
@@ -78,12 +78,13 @@ def write_index(folder: Path, counts: dict[str, int]) -> None:
 
 
 class WholeShard:
-    """The former read path behind ShardStream's interface: the whole tar in memory
-    (`read_shard`), every sample decoded, then handed out."""
+    """The former read path behind ShardStream's interface: the whole tar in memory (held
+    here as the former reader held it), every sample decoded (`read_shard`), then handed out."""
 
     def __init__(self, url: str, expected_samples: int | None = None, limit: int | None = None, **_):
-        from pipeline.io import shards
+        from pipeline.io import shards, storage
 
+        self._tar_bytes = storage.read_bytes(url)
         self.all = shards.read_shard(url, expected_samples)[:limit]
         self.samples = len(self.all)
         self.errors = [s for s in self.all if s.error is not None]

@@ -7,11 +7,11 @@ would round the perturbation away), which takes precedence over the PNG when pre
 Reading checks what a cut-short copy would hide: the end-of-archive blocks and, where
 an index exists, the sample count.
 
-Two ways to read: `read_shard` (the whole file in memory, then every sample decoded: fine for
-small shards, the report and the planner) and `ShardStream` (members as they arrive, decoded
-in a background thread into a bounded queue of chunks: what the evaluation worker uses, so its
-memory depends on the batch and queue sizes, not the shard's). `TarStream` is the streaming tar
-reader both the worker and the corpus reader (pipeline/corpus/reader.py) build on.
+Two ways to read, one reader underneath (`iter_shard` over `TarStream`): `read_shard` (every
+sample decoded into a list: fine for small shards, the report and the planner) and
+`ShardStream` (decoded in a background thread into a bounded queue of chunks: what the
+evaluation worker uses, so its memory depends on the batch and queue sizes, not the shard's).
+`TarStream` is the streaming tar reader the corpus reader (pipeline/corpus/reader.py) uses too.
 """
 from __future__ import annotations
 
@@ -124,14 +124,6 @@ def encode_png(image: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def _check_trailer(data: bytes, url: str) -> None:
-    """A complete tar ends with at least two 512-byte zero blocks after the last member."""
-    if len(data) < 1024 or len(data) % 512:
-        raise ShardError(f"{url}: truncated tar ({len(data)} bytes is not a whole number of 512-byte blocks)")
-    if data[-1024:] != b"\0" * 1024:
-        raise ShardError(f"{url}: truncated tar: no end-of-archive blocks (file cut short?)")
-
-
 def _group(members: Iterable[tuple[str, bytes]], url: str) -> Iterator[tuple[str, dict[str, bytes]]]:
     key, parts = None, {}
     for name, data in members:
@@ -167,30 +159,9 @@ def decode_sample(key: str, parts: dict[str, bytes]) -> Sample:
 
 
 def read_shard(url: str, expected_samples: int | None = None) -> list[Sample]:
-    """All samples of one shard, validated; raises ShardError naming the shard."""
-    try:
-        data = storage.read_bytes(url)
-    except FileNotFoundError:
-        raise ShardError(f"{url}: shard not found") from None
-    except OSError as err:
-        raise ShardError(f"{url}: cannot read shard: {err}") from err
-    _check_trailer(data, url)
-    members = []
-    try:
-        with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
-            for m in tar:
-                if m.isfile():
-                    f = tar.extractfile(m)
-                    members.append((m.name, f.read() if f else b""))
-    except tarfile.TarError as err:
-        raise ShardError(f"{url}: corrupt tar: {err}") from err
-    samples = [decode_sample(k, parts) for k, parts in _group(members, url)]
-    keys = [s.key for s in samples]
-    if len(set(keys)) != len(keys):
-        raise ShardError(f"{url}: duplicate sample keys (members of a sample must be adjacent)")
-    if expected_samples is not None and len(samples) != expected_samples:
-        raise ShardError(f"{url}: holds {len(samples)} samples, the index says {expected_samples} (truncated?)")
-    return samples
+    """All samples of one shard, decoded and validated (`iter_shard`'s checks); raises
+    ShardError naming the shard. For small reads: the report's images, the planner."""
+    return list(iter_shard(url, expected_samples))
 
 
 # ---------------------------------------------------------------------------- stream
@@ -284,9 +255,9 @@ class TarStream:
 def iter_shard(url: str, expected_samples: int | None = None, limit: int | None = None) -> Iterator[Sample]:
     """The samples of one shard, decoded as their members arrive (one sample's bytes held at a
     time). Only the first `limit` are decoded and yielded, but every one is read and counted.
-    The same checks as `read_shard` — end-of-archive blocks, adjacent keys, the index's count —
-    raise ShardError naming the shard; they end the iteration, so a caller that consumed it to
-    the end has a validated shard."""
+    Its checks — end-of-archive blocks, adjacent keys, the index's count — raise ShardError
+    naming the shard; they end the iteration, so a caller that consumed it to the end has a
+    validated shard."""
     stream = TarStream(url)
 
     def members() -> Iterator[tuple[str, bytes]]:

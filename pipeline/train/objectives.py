@@ -45,14 +45,10 @@ def dsm_loss(net: nn.Module, x: torch.Tensor, sigmas: torch.Tensor, gen: torch.G
     return 0.5 * ((f + n) ** 2).flatten(1).sum(1).mean()
 
 
-def contrastive_loss(net: nn.Module, positives: torch.Tensor, negatives: torch.Tensor, scale: float) -> torch.Tensor:
-    """Maximum-likelihood EBM loss d = (mean U(X⁺) − mean U(X⁻)) / scale (Hill et al. 2021;
-    scale = ε²/2, absorbed into U so that Langevin needs no step size)."""
-    return ml_loss(net(positives), net(negatives), scale)
-
-
 def ml_loss(u_pos: torch.Tensor, u_neg: torch.Tensor, scale: float) -> torch.Tensor:
-    """`contrastive_loss` from energies already computed ([N⁺], [N⁻])."""
+    """Maximum-likelihood EBM loss d = (mean U(X⁺) − mean U(X⁻)) / scale from the energies
+    ([N⁺], [N⁻]) (Hill et al. 2021; scale = ε²/2, absorbed into U so that Langevin needs no
+    step size)."""
     return (u_pos.mean() - u_neg.mean()) / scale
 
 

@@ -144,7 +144,7 @@ def train_ebm(net: nn.Module, data: torch.Tensor, *, n_steps: int, batch_size: i
     """Maximum likelihood with short-run Langevin negatives (Hill et al. 2021); data [N, C, H, W]
     on [−1, 1]. Per batch: X⁺ = data + data_epsilon·N(0, I); X⁻ = `shortrun_steps` Langevin
     steps from `objectives.ChainStarts` (init, rejuvenate, start_sigma, bank_size); loss
-    `objectives.contrastive_loss` with scale ε²/2. Adam (its rate decayed exponentially to
+    `objectives.ml_loss` with scale ε²/2. Adam (its rate decayed exponentially to
     `lr_final` over the Adam phase when given), then SGD at lr_sgd·ε²/2 from batch
     `switch_step` (None: half of n_steps, as the reference; > n_steps: never). With
     dsm_weight > 0 (ours) `objectives.energy_dsm_loss` on the clean batch, σ log-uniform on
