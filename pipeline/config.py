@@ -96,6 +96,9 @@ class ClusterConfig:
     workers_per_gpu: int = 1
     max_attempts: int = 3
     shard_timeout_s: float = 3600.0
+    # give a busy worker its next shard with the current one, so it starts reading and
+    # decoding it before the current shard ends (a hint: an idle worker may take it instead)
+    prefetch_shards: bool = True
     max_actor_failures: int = 3
     # no live worker for this long while actors wait to be placed → abort (exit code 4)
     actor_start_timeout_s: float = 600.0

@@ -43,6 +43,8 @@ def test_job_end_to_end_then_resume_skips(ray_local, digits_shards, digits_model
     _assert_exactly_once(cfg.job.output, 360)
     st = manifest["stages"]["evaluate"]["shards"]
     assert all(s["status"] == "committed" for s in st.values())
+    # 4 shards on 2 workers: the first worker ready is given a second shard to prefetch
+    assert sum(m["prefetched"] for m in commit.committed(cfg.job.output, "evaluate").values()) >= 1
     mtimes = {p: p.stat().st_mtime_ns for p in Path(cfg.job.output, "evaluate").glob("*.parquet")}
     code, manifest = driver.run(cfg)                      # the same command again
     assert code == driver.EXIT_OK

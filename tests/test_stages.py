@@ -38,6 +38,10 @@ def test_attack_then_purify_reproduces_evaluate(ray_local, digits_shards, digits
         "name": "staged", "output": str(tmp_path / "staged"), "stages": ["attack", "purify"]})
     code, manifest = driver.run(staged)
     assert code == driver.EXIT_OK
+    # one pool of actors serves both stages: the purify stage starts no new worker
+    pids = {st: {w["pid"] for w in manifest["stages"][st]["workers"]} for st in ("attack", "purify")}
+    assert pids["attack"] == pids["purify"] and len(pids["attack"]) == 2
+    assert {m["pid"] for m in commit.committed(staged.job.output, "purify").values()} <= pids["attack"]
     adv = _adversarial(staged.job.output)
     assert len(adv) == 360 * 2
     image, lineage = adv[("shard-000000-a0.tar", "digits-0000")]

@@ -147,3 +147,28 @@ def test_limit_decodes_only_the_first_samples_but_counts_all(digits_shards):
     stream.finish()
     with pytest.raises(ShardError, match="the index says 89"):
         list(ShardStream(url, 89, limit=10))
+
+
+def test_prefetched_shard_is_taken_by_the_next_call_with_the_same_results(digits_shards, cnn, tmp_path):
+    urls = shards.expand(digits_shards["pattern"])
+    plain = _worker(digits_shards, cnn, tmp_path / "plain")
+    plain.process(urls[1], "s1", "evaluate", expected=90)
+    w = _worker(digits_shards, cnn, tmp_path / "out")
+    assert w.process(urls[0], "s0", "evaluate", 90, prefetch=(urls[1], 90))["prefetched"] is False
+    stream = w._next[2]
+    assert w._next[:2] == (urls[1], 90) and stream.produced > 0   # decoding began during shard 0
+    marker = w.process(urls[1], "s1", "evaluate", 90)
+    assert marker["prefetched"] is True and w._next is None and stream._done
+    rows = [pq.read_table(committed_parquet(str(o), "evaluate", "s1")).to_pylist() for o in
+            (tmp_path / "plain", tmp_path / "out")]
+    assert _timeless(rows[0]) == _timeless(rows[1]) and len(rows[1]) == 180
+
+
+def test_a_prefetch_for_another_shard_is_closed_and_not_used(digits_shards, cnn, tmp_path):
+    urls = shards.expand(digits_shards["pattern"])
+    w = _worker(digits_shards, cnn, tmp_path / "out")
+    w.process(urls[0], "s0", "evaluate", 90, prefetch=(urls[1], 90))
+    stale = w._next[2]
+    marker = w.process(urls[2], "s2", "evaluate", 90)   # the driver gave shard 1 to another worker
+    assert marker["prefetched"] is False and marker["samples"] == 90
+    assert not stale._thread.is_alive() and w._next is None

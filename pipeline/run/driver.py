@@ -1,8 +1,10 @@
 """The driver: lists shards, skips committed ones, schedules them on worker actors, retries
 failures, quarantines what keeps failing, and writes the manifest. It never touches tensors.
 
-One stage = resume (`pending_shards`) → an `ActorPool` that starts, replaces, expires and
-kills actors → a loop over `ray.wait` that hands out shards and applies `retry_or_quarantine`.
+One stage = resume (`pending_shards`) → the job's `ActorPool` (started with the first stage
+that has work, kept across stages) that starts, replaces and expires actors → a loop over
+`ray.wait` that hands out shards, each with the next one reserved to the same actor so it
+prefetches it, and applies `retry_or_quarantine`.
 Scheduling is an explicit queue (not Ray's ActorPool, which loses track of failed work);
 actors run with max_restarts=0 and max_task_retries=0: every retry is decided here.
 """
@@ -191,9 +193,19 @@ def cluster_view() -> ClusterView:
     return ClusterView(alive, dead)
 
 
+@dataclass
+class _Task:
+    """A shard running on an actor, and the shard reserved to follow it there (prefetched)."""
+    actor: Any
+    shard: ShardState
+    started: float
+    reserved: ShardState | None = None
+
+
 class ActorPool:
-    """Worker actors of one stage: starting (ready ref → actor, since), idle, and running
-    (task ref → actor, shard, start time). How many to keep is the caller's decision."""
+    """Worker actors: starting (ready ref → actor, since), idle, and running (task ref →
+    _Task). One pool serves every stage of a job (an actor's models are built once); how
+    many to keep is the caller's decision."""
 
     def __init__(self, cfg: Config, worker_cls: type = ShardWorker):
         import ray
@@ -203,13 +215,18 @@ class ActorPool:
         self._cls = ray.remote(worker_cls).options(num_cpus=self.req["CPU"], num_gpus=self.req["GPU"],
                                                     max_restarts=0, max_task_retries=0)
         self._args = (cfg.to_dict(), c.cpus_per_worker)
+        self.prefetch = c.prefetch_shards and getattr(worker_cls, "PREFETCH", False)
         self.starting: dict[Any, tuple[Any, float]] = {}
         self.idle: list[Any] = []
-        self.running: dict[Any, tuple[Any, ShardState, float]] = {}
+        self.running: dict[Any, _Task] = {}
+        self.info: dict[int, dict[str, Any]] = {}   # id(actor) → its ready() answer
         self.start_failures = 0
 
     def live(self) -> int:
         return len(self.idle) + len(self.running)
+
+    def reserved(self) -> int:
+        return sum(t.reserved is not None for t in self.running.values())
 
     def start(self, n: int = 1) -> None:
         for _ in range(n):
@@ -220,22 +237,39 @@ class ActorPool:
         """Start actors until live + starting reaches `want`."""
         self.start(max(0, want - self.live() - len(self.starting)))
 
-    def submit(self, s: ShardState, stage: str) -> None:
+    def submit(self, s: ShardState, stage: str, reserve: ShardState | None = None) -> None:
+        """Run `s` on an idle actor; with `reserve` (only when the worker class prefetches),
+        that shard is named to the actor as its next one (it starts decoding it) and goes back
+        to the queue's front when `s` ends."""
         a = self.idle.pop()
-        self.running[a.process.remote(s.url, s.sid, stage, s.expected)] = (a, s, time.time())
+        if reserve is not None:
+            ref = a.process.remote(s.url, s.sid, stage, s.expected, (reserve.url, reserve.expected))
+        else:
+            ref = a.process.remote(s.url, s.sid, stage, s.expected)
+        self.running[ref] = _Task(a, s, time.time(), reserve)
+
+    def steal(self) -> ShardState | None:
+        """A shard reserved behind a running one, taken back for an idle actor (the end of
+        a stage: better another actor computes it now than it waits its turn)."""
+        for t in self.running.values():
+            if t.reserved is not None:
+                s, t.reserved = t.reserved, None
+                return s
+        return None
 
     def refs(self) -> list[Any]:
         return list(self.running) + list(self.starting)
 
-    def expired(self, timeout_s: float) -> list[tuple[Any, ShardState]]:
+    def expired(self, timeout_s: float) -> list[_Task]:
         """Running tasks past their deadline, removed from the pool."""
         now = time.time()
-        late = [ref for ref, (_, _, started) in self.running.items() if now - started > timeout_s]
-        return [self.running.pop(ref)[:2] for ref in late]
+        late = [ref for ref, t in self.running.items() if now - t.started > timeout_s]
+        return [self.running.pop(ref) for ref in late]
 
     def kill_all(self) -> None:
-        for a in self.idle + [v[0] for v in self.running.values()] + [v[0] for v in self.starting.values()]:
+        for a in self.idle + [t.actor for t in self.running.values()] + [v[0] for v in self.starting.values()]:
             _kill(a)
+        self.idle, self.running, self.starting = [], {}, {}
 
 
 def _kill(actor) -> None:
@@ -290,10 +324,12 @@ class _Progress:
 # ---------------------------------------------------------------------------- one stage
 
 def run_stage(cfg: Config, stage: str, states: list[ShardState], worker_cls: type = ShardWorker,
-              lease: Lease | None = None) -> StageResult:
+              lease: Lease | None = None, pool: ActorPool | None = None) -> StageResult:
     """Run one stage over its shards; `worker_cls` is the actor class (constructor
     `(cfg_dict, cpus)`, methods `ready()` and `process(url, sid, stage, expected)` returning
-    the commit marker). With a `lease`, the stage stops as soon as it is lost."""
+    the commit marker). With a `lease`, the stage stops as soon as it is lost. With a `pool`
+    (the job's), its actors are used and left alive for the next stage; without, the stage
+    starts its own and kills them at its end."""
     t0 = time.time()
     if lease is not None:
         lease.check()  # clean-up of unmarked files only under the lease
@@ -305,7 +341,16 @@ def run_stage(cfg: Config, stage: str, states: list[ShardState], worker_cls: typ
     else:
         log.info("%s: %d shards to run, %d already committed", stage, len(todo), len(states) - len(todo))
         _connect(cfg)
-        _schedule(cfg, stage, todo, states, result, worker_cls, lease)
+        own = pool is None
+        pool = pool or ActorPool(cfg, worker_cls)
+        try:
+            _schedule(cfg, stage, todo, states, result, pool, lease)
+        finally:
+            if own:
+                pool.kill_all()
+        lost = [s.sid for s in states if s.status == "pending"]
+        if lost:  # the scheduler's own invariant: a shard ends committed or quarantined, never silently
+            raise DriverError(f"{stage}: shards neither committed nor quarantined: {', '.join(lost[:5])}")
         done = commit.committed(cfg.job.output, stage)
     result.seconds = time.time() - t0
     result.checks = commit.merge_shard_checks(list(done.values()))
@@ -343,42 +388,53 @@ class _Sizer:
 
 
 def _schedule(cfg: Config, stage: str, todo: collections.deque, states: list[ShardState],
-              result: StageResult, worker_cls: type, lease: Lease | None = None) -> None:
-    """Run the pending shards to commit or quarantine on a pool of actors."""
+              result: StageResult, pool: ActorPool, lease: Lease | None = None) -> None:
+    """Run the pending shards to commit or quarantine on the pool's actors."""
     c = cfg.cluster
-    pool = ActorPool(cfg, worker_cls)
     sizer = _Sizer(cfg, pool.req)
     limit = cfg.data.max_samples_per_shard
     total = sum(min(s.expected, limit or s.expected) for s in todo) if all(s.expected for s in todo) else None
     progress = _Progress(total, stage)
     waiting = _StartWait(cfg, pool, sizer, result)
+    result.workers.extend(pool.info[id(a)] for a in pool.idle)  # the actors kept from earlier stages
 
     def fail(s: ShardState, err: str) -> None:
         if retry_or_quarantine(s, f"{err}", c.max_attempts):
             todo.append(s)
 
+    def requeue(task: _Task) -> None:  # a reserved shard never started: back first, no attempt counted
+        if task.reserved is not None:
+            todo.appendleft(task.reserved)
+
     try:
         while todo or pool.running:
             if lease is not None:
                 _check_lease(lease, result)
-            pool.top_up(sizer.want(len(todo) + len(pool.running)))
-            while pool.idle and todo:
-                pool.submit(todo.popleft(), stage)
+            pool.top_up(sizer.want(len(todo) + len(pool.running) + pool.reserved()))
+            while pool.idle and (todo or pool.reserved()):
+                s = todo.popleft() if todo else pool.steal()
+                # reserve only what no other idle or starting actor is about to take
+                spare = pool.prefetch and len(todo) > len(pool.idle) - 1 + len(pool.starting)
+                pool.submit(s, stage, todo.popleft() if spare else None)
             ready, _ = _wait(pool.refs())
             for ref in ready:
                 if ref in pool.starting:
                     _on_started(pool, ref, c.max_actor_failures, result)
                 else:
-                    _on_finished(pool, ref, fail, progress)
-            for a, s in pool.expired(c.shard_timeout_s):
-                fail(s, f"timed out after {c.shard_timeout_s:.0f}s; worker killed")
-                _kill(a)
+                    _on_finished(pool, ref, fail, requeue, progress)
+            for task in pool.expired(c.shard_timeout_s):
+                fail(task.shard, f"timed out after {c.shard_timeout_s:.0f}s; worker killed")
+                requeue(task)
+                pool.info.pop(id(task.actor), None)
+                _kill(task.actor)
             committed = sum(1 for x in states if x.status in ("committed", "skipped"))
             note = f"shards {committed}/{len(states)} workers {pool.live()}"
             progress.note(" | ".join(filter(None, [note, waiting.check()])))
+    except BaseException:
+        pool.kill_all()  # an aborted stage leaves no actor computing for a job that ends
+        raise
     finally:
         progress.close()
-        pool.kill_all()
 
 
 def _check_lease(lease: Lease, result: StageResult) -> None:
@@ -441,7 +497,8 @@ def _on_started(pool: ActorPool, ref: Any, max_failures: int, result: StageResul
     try:
         info = ray.get(ref)
         log.info("worker ready: %s", info)
-        result.workers.append({k: info.get(k) for k in ("host", "pid", "node_id", "device", "gpu_ids")})
+        pool.info[id(a)] = {k: info.get(k) for k in ("host", "pid", "node_id", "device", "gpu_ids")}
+        result.workers.append(pool.info[id(a)])
         pool.idle.append(a)
     except (RayActorError, RayTaskError) as err:
         pool.start_failures += 1
@@ -452,11 +509,13 @@ def _on_started(pool: ActorPool, ref: Any, max_failures: int, result: StageResul
         _kill(a)
 
 
-def _on_finished(pool: ActorPool, ref: Any, fail, progress: _Progress) -> None:
+def _on_finished(pool: ActorPool, ref: Any, fail, requeue, progress: _Progress) -> None:
     import ray
     from ray.exceptions import RayActorError, RayTaskError
 
-    a, s, _ = pool.running.pop(ref)
+    task = pool.running.pop(ref)
+    a, s = task.actor, task.shard
+    requeue(task)  # first in the queue: the next submit gives it back to this (idle) actor
     try:
         marker = ray.get(ref)
         s.status, s.rows = "committed", int(marker["rows"])
@@ -468,6 +527,7 @@ def _on_finished(pool: ActorPool, ref: Any, fail, progress: _Progress) -> None:
         pool.idle.append(a)
     except RayActorError as err:  # the actor died (os._exit, OOM) or is unreachable (node loss)
         fail(s, f"worker died: {_short(err)}")
+        pool.info.pop(id(a), None)
         _kill(a)  # it may be unreachable but alive; top_up starts a replacement
 
 
@@ -539,19 +599,28 @@ def run(cfg: Config) -> tuple[int, dict[str, Any]]:
 def _run_stages(cfg: Config, states: list[ShardState], lease: Lease) -> tuple[int, dict[str, Any]]:
     results: list[StageResult] = []
     code = EXIT_OK
-    for i, stage in enumerate(cfg.job.stages):
-        inputs = publish_outputs(cfg, "attack") if stage == "purify" and "attack" in cfg.job.stages[:i] else states
-        try:
-            r = run_stage(cfg, stage, [ShardState(s.url, s.sid, s.expected) for s in inputs], lease=lease)
-        except (DriverError, LeaseLost) as err:
-            results.append(StageResult(stage, {}, 0.0, aborted=str(err)))
-            log.error("%s aborted: %s", stage, err)
-            if isinstance(err, LeaseLost):  # the output is no longer ours to write: no manifest
-                return EXIT_ABORTED, {"stages": {r.stage: {"aborted": r.aborted} for r in results}}
-            return EXIT_ABORTED, write_manifest(cfg, results)
-        results.append(r)
-        if stage in IMAGE_DIRS:
-            publish_outputs(cfg, stage)
-        if r.quarantined:
-            code = EXIT_QUARANTINED
+    pool: ActorPool | None = None  # started with the first stage that has work, kept for the others
+    try:
+        for i, stage in enumerate(cfg.job.stages):
+            inputs = publish_outputs(cfg, "attack") if stage == "purify" and "attack" in cfg.job.stages[:i] else states
+            if pool is None and any(s.sid not in commit.committed(cfg.job.output, stage) for s in inputs):
+                _connect(cfg)
+                pool = ActorPool(cfg)
+            try:
+                r = run_stage(cfg, stage, [ShardState(s.url, s.sid, s.expected) for s in inputs], lease=lease,
+                              pool=pool)
+            except (DriverError, LeaseLost) as err:
+                results.append(StageResult(stage, {}, 0.0, aborted=str(err)))
+                log.error("%s aborted: %s", stage, err)
+                if isinstance(err, LeaseLost):  # the output is no longer ours to write: no manifest
+                    return EXIT_ABORTED, {"stages": {r.stage: {"aborted": r.aborted} for r in results}}
+                return EXIT_ABORTED, write_manifest(cfg, results)
+            results.append(r)
+            if stage in IMAGE_DIRS:
+                publish_outputs(cfg, stage)
+            if r.quarantined:
+                code = EXIT_QUARANTINED
+    finally:
+        if pool is not None:
+            pool.kill_all()
     return code, write_manifest(cfg, results)

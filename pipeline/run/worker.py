@@ -96,10 +96,14 @@ class ShardWorker:
     """The worker's logic without Ray (the driver wraps it in `ray.remote`), so it can be
     tested and run in-process."""
 
+    # process() takes `prefetch`: the driver may name the next shard it will send
+    PREFETCH = True
+
     def __init__(self, cfg_dict: dict[str, Any], cpus: float = 1.0):
         self.cfg = config_mod.from_dict(cfg_dict, source="<worker>")
         torch.set_num_threads(max(1, int(cpus)))
         self.protocol = build_protocol(self.cfg)
+        self._next: tuple[str, int | None, shards.ShardStream] | None = None  # the prefetched shard
 
     def ready(self) -> dict[str, Any]:
         p = self.protocol
@@ -107,18 +111,24 @@ class ShardWorker:
                 "gpu_ids": _gpu_ids(), "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
                 "flags": p.defense.purifier.flags(), "gradients": {a.index: a.gradient for a in p.attacks}}
 
-    def process(self, url: str, sid: str, stage: str = "evaluate", expected: int | None = None) -> dict[str, Any]:
+    def process(self, url: str, sid: str, stage: str = "evaluate", expected: int | None = None,
+                prefetch: tuple[str, int | None] | None = None) -> dict[str, Any]:
         """One shard → image shards (attack / purify stages), then records, then the marker.
         The shard streams through: decoded in a background thread into a bounded queue
         (shards.ShardStream), computed here batch by batch, images encoded and spooled by
         another thread (ImageWriter). Nothing is written before the whole archive has been
-        read and validated, so a truncated or corrupt shard commits nothing."""
+        read and validated, so a truncated or corrupt shard commits nothing.
+
+        `prefetch` = (url, expected) of the shard the driver means to send next: its stream
+        opens now and decodes its first batches (at most the decode queue) while this shard
+        computes, so the next call starts on decoded samples."""
         t0 = time.time()
         faults.inject(self.cfg.faults, sid)
         if stage not in stages.STAGES:
             raise ValueError(f"unknown stage {stage!r}")
-        source = shards.ShardStream(url, expected, self.cfg.data.max_samples_per_shard,
-                                    chunk=self.protocol.batch_size, depth=DECODE_QUEUE_CHUNKS)
+        source, prefetched = self._stream(url, expected)
+        if prefetch is not None and self.cfg.cluster.prefetch_shards:
+            self._next = (*prefetch, self._open(*prefetch))
         writer = ImageWriter(self._image_member(stage, sid, url)) if stage in IMAGE_DIRS else None
         try:
             result = (stages.STAGES[stage](self.protocol, source, emit=writer.put) if writer
@@ -131,10 +141,24 @@ class ShardWorker:
                 writer.discard()
             raise
         outputs = [self._put_images(stage, sid, name, built[name]) for name in result.images]
-        return self._commit(stage, sid, url, source, result, outputs, t0)
+        return self._commit(stage, sid, url, source, result, outputs, t0, prefetched)
+
+    def _open(self, url: str, expected: int | None) -> shards.ShardStream:
+        return shards.ShardStream(url, expected, self.cfg.data.max_samples_per_shard,
+                                  chunk=self.protocol.batch_size, depth=DECODE_QUEUE_CHUNKS)
+
+    def _stream(self, url: str, expected: int | None) -> tuple[shards.ShardStream, bool]:
+        """(the prefetched stream when it is this shard's, else a new one; prefetched?). A
+        prefetched stream of another shard (the driver gave it to another worker) is closed."""
+        nxt, self._next = self._next, None
+        if nxt is not None:
+            if nxt[:2] == (url, expected):
+                return nxt[2], True
+            nxt[2].close()
+        return self._open(url, expected), False
 
     def _commit(self, stage: str, sid: str, url: str, source: shards.ShardStream, result: stages.StageOutput,
-                outputs: list[dict[str, Any]], t0: float) -> dict[str, Any]:
+                outputs: list[dict[str, Any]], t0: float, prefetched: bool) -> dict[str, Any]:
         common = {**self.protocol.provenance, "schema_version": schema.SCHEMA_VERSION, "stage": stage, "shard": sid,
                   "node_id": _node_id(), "host": socket.gethostname(), "device": _device_name(self.protocol.device)}
         rows = [{**common, "key": s.key, "label": s.label, "status": schema.Status.DECODE_ERROR.value,
@@ -145,7 +169,8 @@ class ShardWorker:
             "source": url, "samples": source.samples, "config_hash": self.protocol.provenance["config_hash"],
             "seconds": time.time() - t0, "host": socket.gethostname(), "device": str(self.protocol.device),
             "node_id": _node_id(), "gpu_ids": _gpu_ids(), "pid": os.getpid(), "checks": result.checks,
-            "outputs": outputs, "versions": _versions(), "nfe": _total_nfe(result.rows)})
+            "outputs": outputs, "versions": _versions(), "nfe": _total_nfe(result.rows),
+            "prefetched": prefetched})
 
     def _image_member(self, stage: str, sid: str, url: str) -> Callable[..., tuple]:
         """(sample, image, extra) → TarBuilder.add_sample arguments: the input's key, and a
