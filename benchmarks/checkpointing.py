@@ -1,7 +1,7 @@
 """Gradient checkpointing through K purification steps: peak memory and time, side by side.
 
     python benchmarks/checkpointing.py [--purifier ebm adp] [--ks 10 100 1000] [--images 8]
-                                       [--threads 2] [--max-none-k 1000] [--max-legacy-k 100]
+                                       [--threads 2] [--max-none-k 1000] [--max-legacy-k 100] [--reps 1]
 
 One full gradient d(Σ ŷ²)/dx through K steps (one forward + one backward) of
 - ebm: the CIFAR-10 Langevin EBM (Hill et al. layout, random init, 3×32×32), K Langevin steps;
@@ -21,6 +21,7 @@ import json
 import math
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -145,6 +146,7 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--max-none-k", type=int, default=1000, help="skip `none` above this K")
     ap.add_argument("--max-legacy-k", type=int, default=100, help="skip `legacy` above this K")
+    ap.add_argument("--reps", type=int, default=1, help="run each K's modes this many times, alternately")
     ap.add_argument("--child", nargs=3, metavar=("PURIFIER", "K", "MODE"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -154,16 +156,24 @@ def main() -> int:
           f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
     print("pur       K mode      wall s     cpu s   peak MiB  before MiB  cpu/none mem/none grad diff")
     results = []
+    pairs: dict[tuple[str, int], list[float]] = {}
     for purifier in args.purifier:
         for k in args.ks:
-            base = None
-            for mode in _modes(args, purifier, k):
-                r = _run_cell(args, purifier, k, mode)
-                if r is None:
-                    continue
-                base = r if mode == "none" else base
-                _print_row(r, base)
-                results.append(r)
+            for _ in range(args.reps):  # the modes alternate: drift of a shared machine hits both
+                base = None
+                for mode in _modes(args, purifier, k):
+                    r = _run_cell(args, purifier, k, mode)
+                    if r is None:
+                        continue
+                    base = r if mode == "none" else base
+                    _print_row(r, base)
+                    results.append(r)
+                    if mode == "auto" and base is not None:
+                        pairs.setdefault((purifier, k), []).append(r["cpu_seconds"] / base["cpu_seconds"])
+    for (purifier, k), ratios in pairs.items():
+        ratios.sort()
+        print(f"{purifier} K={k}: auto/none CPU over {len(ratios)} pair(s): median {statistics.median(ratios):.2f} "
+              f"(range {ratios[0]:.2f}–{ratios[-1]:.2f})")
     for purifier in args.purifier:
         auto = [r for r in results if r["purifier"] == purifier and r["mode"] == "auto"]
         if len(auto) > 1:

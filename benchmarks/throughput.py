@@ -1,6 +1,6 @@
 """End-to-end throughput against a bare compute loop, measured in one run.
 
-    python benchmarks/throughput.py [--samples 1797] [--steps 40] [--workers 1] [--models DIR]
+    python benchmarks/throughput.py [--samples 1797] [--steps 40] [--workers 1] [--models DIR] [--ab-prefetch N]
 
 (a) bare loop: the same models, attack and purifier over the same images in one process
     (`evaluate_batch(proc.protocol, x, y, keys)` per batch of 180), no Ray, no shards, no
@@ -12,6 +12,8 @@
 (a') control: the bare loop again while the local Ray (driver, raylet, GCS, agents) is up
     but idle — on a machine whose two vCPUs share one core's resources, Ray's background
     processes slow the compute beside them, and this separates that from pipeline overhead;
+(b±) with --ab-prefetch N: the pipeline again N times with cluster.prefetch_shards off and on,
+    in ABBA order (the next shard decoded while the current one computes, or not);
 (c) keyed counter-based noise against torch.randn for the same number of normals.
 Prints samples/s and the ratios pipeline/bare (1.0 = no overhead). Both sides run one torch
 thread per worker. --models DIR reuses cnn.pt / dae.pt (else trains them, ~1 min).
@@ -101,6 +103,8 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--models", default=None, help="folder with cnn.pt and dae.pt to reuse")
+    p.add_argument("--ab-prefetch", type=int, default=0, metavar="N",
+                   help="also run the pipeline N times each with cluster.prefetch_shards off and on, alternately")
     args = p.parse_args()
     torch.set_num_threads(1)
     tmp = Path(tempfile.mkdtemp(prefix="advpure-bench-"))
@@ -112,6 +116,14 @@ def main() -> int:
 
     pipe, inside = pipeline_run(cfg)
     bare_ray = bare_loop(cfg, n)  # control: the same bare loop while Ray's processes are up (idle)
+    ab = []
+    if args.ab_prefetch:  # prefetch off / on alternately, each into a fresh output
+        for i in range(args.ab_prefetch):
+            for on in ((False, True) if i % 2 == 0 else (True, False)):  # ABBA: drift cancels
+                d = cfg.to_dict()
+                d["cluster"]["prefetch_shards"] = on
+                d["job"]["output"] = str(tmp / f"out-ab{i}-{'on' if on else 'off'}")
+                ab.append((on, *pipeline_run(config.from_dict(d))))
     ray.shutdown()
 
     noise = Noise.for_batch(0, [str(i) for i in range(1000)], "bench", replicas=15)
@@ -133,6 +145,9 @@ def main() -> int:
     print(f"ratio pipeline/bare throughput: {bare / pipe:.2f} end to end, {bare / inside:.2f} steady state "
           f"(× {args.workers} worker(s) compare to the one-process bare loop); against (a'): "
           f"{bare_ray / pipe:.2f} end to end, {bare_ray / inside:.2f} steady state")
+    for on, wall, inside_ab in ab:
+        print(f"(b{'+' if on else '-'}) prefetch {'on ' if on else 'off'}     : {n / wall:8.1f} samples/s end to end "
+              f"({bare / wall:.2f} of bare), steady {n / inside_ab:8.1f} ({bare / inside_ab:.2f})")
     print(f"(c) keyed normal / torch.randn time for 11.76M normals: {keyed / plain:.1f}x "
           f"({keyed * 1e3:.0f} ms vs {plain * 1e3:.0f} ms)")
     return 0
