@@ -282,6 +282,9 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, RuntimeError, ValueError, KeyError) as err:
         print(f"error: {type(err).__name__}: {err}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # Ctrl-C: workers are killed and the job lease released on the way out
+        print("interrupted: committed shards are kept; the same command resumes from them", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

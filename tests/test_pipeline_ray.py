@@ -142,6 +142,33 @@ def test_driver_sigkilled_mid_run_then_rerun_is_exactly_once(digits_shards, digi
     _assert_exactly_once(cfg["job"]["output"], 360)
 
 
+def test_ctrl_c_stops_the_driver_at_once_with_a_message_and_a_consistent_output(digits_models, tmp_path):
+    """SIGINT (Ctrl-C) while a shard computes: exit 130 within seconds, no traceback, the
+    lease released, and every marker beside its Parquet file (nothing half-committed)."""
+    from pipeline.io.make_shards import make_shards
+
+    doc = make_shards("digits", str(tmp_path / "sh"), split="test", samples_per_shard=30)
+    cfg = job_dict(doc["pattern"], digits_models, str(tmp_path / "out"),
+                   attacks=[{"name": "pgd", "params": {"eps": 0.2, "steps": 40}}], cluster={"num_workers": 1})
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    # a shell's background job ignores SIGINT; a terminal's foreground one does not
+    proc = _advpure("run", str(path), preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    out = Path(cfg["job"]["output"], "evaluate")
+    deadline = time.time() + 150
+    while time.time() < deadline and not list(out.glob("*.done.json")):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    t0 = time.time()
+    output, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and time.time() - t0 < 30, output
+    assert "interrupted: committed shards are kept" in output and "Traceback" not in output, output
+    assert not Path(cfg["job"]["output"], "lease.json").exists(), "the lease was not released"
+    markers = commit.committed(cfg["job"]["output"], "evaluate")
+    assert 1 <= len(markers) < 12
+    assert all(Path(cfg["job"]["output"], "evaluate", m["parquet"]).exists() for m in markers.values())
+
+
 @pytest.mark.skipif(not datasets.mnist_available(),
                     reason="MNIST test set not found at ../shared/data/mnist (set ADVPURE_MNIST_DIR)")
 def test_real_mnist_shards_end_to_end(ray_local, tmp_path):
