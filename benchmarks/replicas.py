@@ -1,6 +1,6 @@
 """Replica batching: R draws as one [B·R, ...] tensor against a Python loop over the draws.
 
-    python benchmarks/replicas.py [--samples 16] [--draws 16] [--threads 1] [--repeats 3]
+    python benchmarks/replicas.py [--samples 16] [--draws 16] [--threads 1] [--repeats 3] [--adp-rows 256 64 32 16]
 
 Same networks, same keyed noise rows (draw r of sample b is row b·R + r either way), so the
 outputs agree; what differs is one call on B·R rows against R calls on B rows:
@@ -57,15 +57,19 @@ def case_eot(b: int, draws: int):
     return batched, loop
 
 
-def case_adp(b: int, draws: int):
+def _adp_parts(b: int, draws: int):
     from pipeline.purifiers.adp import ADPPurifier
     from pipeline.purifiers.nets.score_nets import SmallScoreNet
 
     torch.manual_seed(0)
     p = ADPPurifier(SmallScoreNet(in_channels=1, width=16), max_iter=10, stop_alpha=0.0).eval()
-    x = torch.rand(b, 1, 28, 28)
     noise = Noise.for_batch(0, [f"k{i}" for i in range(b)], "adp", draws)
-    xr = x.repeat_interleave(draws, 0)
+    return p, torch.rand(b, 1, 28, 28, generator=torch.Generator().manual_seed(0)).repeat_interleave(draws, 0), noise
+
+
+def case_adp(b: int, draws: int):
+    p, xr, noise = _adp_parts(b, draws)
+    x = xr[::draws]
     batched = lambda: p(xr, noise)  # noqa: E731
     loop = lambda: torch.stack([p(x, _rows(noise, r, draws)) for r in range(draws)], 1).flatten(0, 1)  # noqa: E731
     return batched, loop
@@ -102,6 +106,8 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--only", nargs="+", default=["eot", "adp", "langevin"])
+    ap.add_argument("--adp-rows", nargs="*", type=int, default=[], metavar="N",
+                    help="also time batched ADP cut into chunks of N rows (evaluation.max_rows)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     cases = {"eot": case_eot, "adp": case_adp, "langevin": case_langevin}
@@ -117,6 +123,14 @@ def main() -> int:
             cl, wl, ol = _time(loop, args.repeats)
         diff = float((ob - ol).abs().max())
         print(f"{name:9s} {cb:14.3f} {cl:11.3f} {cl / cb:12.1f}x {wl / wb:10.1f}x {diff:11.1e}", flush=True)
+    if args.adp_rows:  # the batched ADP case cut into chunks of at most N rows (evaluation.max_rows)
+        from pipeline.purifiers import steps
+
+        p, xr, noise = _adp_parts(args.samples, args.draws)
+        with torch.no_grad():
+            for rows in args.adp_rows:
+                cpu, _, _ = _time(lambda: steps.purify_in_chunks(p.purify, xr, noise, rows), args.repeats)  # noqa: B023
+                print(f"adp in chunks of {rows:4d} rows: {cpu:.3f} cpu s", flush=True)
     print(f"load average at the end {os.getloadavg()[0]:.1f}")
     return 0
 
