@@ -323,13 +323,30 @@ class _Progress:
 
 # ---------------------------------------------------------------------------- one stage
 
+class JobActors:
+    """A job's actor pool: started by the first stage that has work (after Ray is up), kept
+    for the stages after it, killed by `close()` at the job's end."""
+
+    def __init__(self) -> None:
+        self.pool: ActorPool | None = None
+
+    def get(self, cfg: Config, worker_cls: type) -> ActorPool:
+        if self.pool is None:
+            self.pool = ActorPool(cfg, worker_cls)
+        return self.pool
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.kill_all()
+
+
 def run_stage(cfg: Config, stage: str, states: list[ShardState], worker_cls: type = ShardWorker,
-              lease: Lease | None = None, pool: ActorPool | None = None) -> StageResult:
+              lease: Lease | None = None, actors: JobActors | None = None) -> StageResult:
     """Run one stage over its shards; `worker_cls` is the actor class (constructor
     `(cfg_dict, cpus)`, methods `ready()` and `process(url, sid, stage, expected)` returning
-    the commit marker). With a `lease`, the stage stops as soon as it is lost. With a `pool`
-    (the job's), its actors are used and left alive for the next stage; without, the stage
-    starts its own and kills them at its end."""
+    the commit marker). With a `lease`, the stage stops as soon as it is lost. With `actors`
+    (the job's), their pool is used and left alive for the next stage; without, the stage
+    starts its own actors and kills them at its end."""
     t0 = time.time()
     if lease is not None:
         lease.check()  # clean-up of unmarked files only under the lease
@@ -341,12 +358,11 @@ def run_stage(cfg: Config, stage: str, states: list[ShardState], worker_cls: typ
     else:
         log.info("%s: %d shards to run, %d already committed", stage, len(todo), len(states) - len(todo))
         _connect(cfg)
-        own = pool is None
-        pool = pool or ActorPool(cfg, worker_cls)
+        pool = actors.get(cfg, worker_cls) if actors is not None else ActorPool(cfg, worker_cls)
         try:
             _schedule(cfg, stage, todo, states, result, pool, lease)
         finally:
-            if own:
+            if actors is None:
                 pool.kill_all()
         lost = [s.sid for s in states if s.status == "pending"]
         if lost:  # the scheduler's own invariant: a shard ends committed or quarantined, never silently
@@ -599,16 +615,13 @@ def run(cfg: Config) -> tuple[int, dict[str, Any]]:
 def _run_stages(cfg: Config, states: list[ShardState], lease: Lease) -> tuple[int, dict[str, Any]]:
     results: list[StageResult] = []
     code = EXIT_OK
-    pool: ActorPool | None = None  # started with the first stage that has work, kept for the others
+    actors = JobActors()
     try:
         for i, stage in enumerate(cfg.job.stages):
             inputs = publish_outputs(cfg, "attack") if stage == "purify" and "attack" in cfg.job.stages[:i] else states
-            if pool is None and any(s.sid not in commit.committed(cfg.job.output, stage) for s in inputs):
-                _connect(cfg)
-                pool = ActorPool(cfg)
             try:
                 r = run_stage(cfg, stage, [ShardState(s.url, s.sid, s.expected) for s in inputs], lease=lease,
-                              pool=pool)
+                              actors=actors)
             except (DriverError, LeaseLost) as err:
                 results.append(StageResult(stage, {}, 0.0, aborted=str(err)))
                 log.error("%s aborted: %s", stage, err)
@@ -621,6 +634,5 @@ def _run_stages(cfg: Config, states: list[ShardState], lease: Lease) -> tuple[in
             if r.quarantined:
                 code = EXIT_QUARANTINED
     finally:
-        if pool is not None:
-            pool.kill_all()
+        actors.close()
     return code, write_manifest(cfg, results)
