@@ -51,6 +51,23 @@ def test_round_trip(prefix, tmp_path):
     storage.remove(url)  # removing a missing object is not an error (as locally)
 
 
+def test_a_resumed_read_continues_the_same_version_or_fails(prefix):
+    """What ResumableRead asks of the server after a dropped connection: the rest from a byte,
+    pinned to the first response's ETag (the connection drop itself: test_http_shards.py)."""
+    url = storage.join(prefix, "v.bin")
+    storage.put_bytes(url, b"0123456789")
+    body, etag, length = storage._s3_open_at(url, 0, None)
+    assert body.read() == b"0123456789" and length == 10 and etag
+    body, _, length = storage._s3_open_at(url, 4, etag)
+    assert body.read() == b"456789" and length == 6
+    assert storage._s3_open_at(url, 10, etag)[0].read() == b""      # dropped right at the end
+    storage.put_bytes(url, b"replaced!!")
+    with pytest.raises(storage.StorageError, match="the object changed while it was read"):
+        storage._s3_open_at(url, 4, etag)
+    with storage.open_read(url) as f:                                  # the whole path, buffered
+        assert f.read(3) == b"rep" and f.read() == b"laced!!"
+
+
 def test_missing_object_is_file_not_found_naming_the_url(prefix):
     url = storage.join(prefix, "missing.parquet")
     assert not storage.exists(url)

@@ -4,7 +4,8 @@ Local: write to a unique temporary name in the target directory, fsync, os.repla
 S3: an object becomes visible whole or not at all, both for a single PUT and for a
 multipart upload (visible only once CompleteMultipartUpload succeeds; a failed upload
 is aborted). Large puts therefore go multipart without weakening the commit protocol.
-https:// is readable (shards) but not writable.
+https:// is readable (shards) but not writable. Streamed reads of s3 and https objects resume
+after a dropped connection from the byte reached, pinned to the object's ETag (ResumableRead).
 
 S3 settings come from the usual AWS environment: AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL
 for S3-compatible servers (SeaweedFS, MinIO, Ceph), AWS_ACCESS_KEY_ID /
@@ -231,15 +232,129 @@ def read_bytes(url: str) -> bytes:
 
 
 def open_read(url: str):
-    """A binary file-like object for reading (streamed for s3 and https)."""
+    """A binary file-like object for reading (streamed for s3 and https, resumed where a
+    dropped connection left it: `ResumableRead`)."""
     if is_s3(url):
-        return _s3_call(_s3().get_object, url)["Body"]
+        return io.BufferedReader(ResumableRead(url, _s3_open_at), STREAM_BUFFER)
     if is_http(url):
-        return urllib.request.urlopen(url, timeout=60)
+        return io.BufferedReader(ResumableRead(url, _http_open_at), STREAM_BUFFER)
     try:
         return open(url, "rb")
     except FileNotFoundError:
         raise FileNotFoundError(f"no such file: {url}") from None
+
+
+STREAM_BUFFER = 1 << 20
+RESUME_ATTEMPTS = 5   # consecutive failed reads at one byte before the read fails
+
+
+def _dropped() -> tuple[type[BaseException], ...]:
+    """What a read raises when its connection dropped or stalled (socket errors, a body cut
+    short, urllib3's and botocore's wrappers of both)."""
+    import http.client
+
+    kinds: list[type[BaseException]] = [OSError, http.client.HTTPException]
+    try:
+        import urllib3.exceptions
+        from botocore.exceptions import BotoCoreError
+
+        kinds += [urllib3.exceptions.HTTPError, BotoCoreError]
+    except ImportError:  # boto3 is a dependency; this only keeps https reads importable alone
+        pass
+    return tuple(kinds)
+
+
+class ResumableRead(io.RawIOBase):
+    """A streamed GET that survives a dropped connection. A worker holds its shard's stream
+    open while it computes (and a prefetched shard's while it computes the one before), so
+    the connection can sit idle long enough for a server or proxy to close it. After a failed
+    read the rest of the object is asked for again from the byte reached — a ranged GET
+    pinned to the first response's ETag, so an object replaced meanwhile fails instead of
+    mixing two versions — at most RESUME_ATTEMPTS times in a row.
+
+    `open_at(url, offset, etag)` → (body with read(n), etag or None, the body's length or
+    None). A body that ends before its announced length counts as dropped too (http.client's
+    read(n) returns b"" then, without an error)."""
+
+    def __init__(self, url: str, open_at: Callable[[str, int, str | None], tuple]):
+        self.url, self._open_at, self.pos = url, open_at, 0
+        self._body, self._etag, length = open_at(url, 0, None)
+        self._end = length
+        self._errors = _dropped()
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buf) -> int:
+        failures = 0
+        while True:
+            try:
+                data = self._body.read(len(buf))
+                if data or not buf or self._end is None or self.pos >= self._end:
+                    break
+                raise ConnectionError(f"the body ended {self._end - self.pos} bytes short")
+            except self._errors as err:
+                failures += 1
+                if failures > RESUME_ATTEMPTS:
+                    raise StorageError(f"{self.url}: reading failed {failures} times at byte {self.pos}: "
+                                       f"{err}") from err
+                delay = min(5.0, RETRY_BASE_S * 2 ** (failures - 1))
+                log.warning("%s: read failed at byte %d (%s); resuming in %.1fs", self.url, self.pos,
+                            type(err).__name__, delay)
+                self._close_body()
+                time.sleep(delay)
+                try:
+                    self._body, _, length = self._open_at(self.url, self.pos, self._etag)
+                    self._end = None if length is None else self.pos + length
+                except StorageError:
+                    raise
+                except OSError as reopen:
+                    raise StorageError(f"{self.url}: cannot resume at byte {self.pos}: {reopen}") from reopen
+        n = len(data)
+        buf[:n] = data
+        self.pos += n
+        return n
+
+    def _close_body(self) -> None:
+        try:
+            self._body.close()
+        except Exception:  # noqa: BLE001 - a dead connection may fail to close; it is dropped anyway
+            pass
+
+    def close(self) -> None:
+        if not self.closed:
+            self._close_body()
+        super().close()
+
+
+def _s3_open_at(url: str, offset: int, etag: str | None) -> tuple:
+    from botocore.exceptions import ClientError
+
+    kw = {"Range": f"bytes={offset}-"} if offset else {}
+    if etag:
+        kw["IfMatch"] = etag
+    try:
+        r = _s3_call(_s3().get_object, url, **kw)
+    except StorageError as err:
+        code = err.__cause__.response.get("Error", {}).get("Code") if isinstance(err.__cause__, ClientError) else ""
+        if code == "InvalidRange":  # the connection dropped exactly at the end: nothing is left
+            return io.BytesIO(b""), etag, 0
+        if code == "PreconditionFailed":
+            raise StorageError(f"{url}: the object changed while it was read (ETag {etag})") from err
+        raise
+    return r["Body"], r.get("ETag"), r.get("ContentLength")
+
+
+def _http_open_at(url: str, offset: int, etag: str | None) -> tuple:
+    headers = {"Range": f"bytes={offset}-"} if offset else {}
+    if etag and offset:
+        headers["If-Match"] = etag
+    r = urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=60)
+    if offset and r.status != 206:
+        r.close()
+        raise StorageError(f"{url}: the server does not resume at byte {offset} (HTTP {r.status}, no range support)")
+    length = r.headers.get("Content-Length")
+    return r, r.headers.get("ETag"), int(length) if length is not None and length.isdigit() else None
 
 
 def put_bytes(url: str, data: bytes) -> None:
