@@ -401,12 +401,15 @@ def expected_counts(urls: Sequence[str], index_url: str | None = None) -> dict[s
 # ---------------------------------------------------------------------------- write
 
 class TarBuilder:
-    """One shard's bytes, built with reproducible headers (mtime 0)."""
+    """One shard's bytes, built with reproducible headers (mtime 0). `pax`: names that ustar
+    cannot hold (long, non-ASCII: a web corpus's keys) get an extended header; plain names
+    stay plain ustar."""
 
-    def __init__(self) -> None:
+    def __init__(self, pax: bool = False) -> None:
         # spooled: a large image shard goes to local disk while built, not held twice in memory
         self._buf = tempfile.SpooledTemporaryFile(max_size=SPOOL_BYTES)
-        self._tar = tarfile.open(fileobj=self._buf, mode="w", format=tarfile.USTAR_FORMAT)
+        self._tar = tarfile.open(fileobj=self._buf, mode="w",
+                                 format=tarfile.PAX_FORMAT if pax else tarfile.USTAR_FORMAT)
         self.keys: set[str] = set()
 
     def add_member(self, name: str, data: bytes) -> None:

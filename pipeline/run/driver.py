@@ -446,11 +446,8 @@ def _schedule(cfg: Config, stage: str, todo: collections.deque, states: list[Sha
             committed = sum(1 for x in states if x.status in ("committed", "skipped"))
             note = f"shards {committed}/{len(states)} workers {pool.live()}"
             progress.note(" | ".join(filter(None, [note, waiting.check()])))
-    except BaseException:
-        pool.kill_all()  # an aborted stage leaves no actor computing for a job that ends
-        raise
     finally:
-        progress.close()
+        progress.close()  # the pool's owner (run_stage or the job's JobActors) kills its actors
 
 
 def _check_lease(lease: Lease, result: StageResult) -> None:

@@ -127,7 +127,7 @@ class ShardWorker:
         if stage not in stages.STAGES:
             raise ValueError(f"unknown stage {stage!r}")
         source, prefetched = self._stream(url, expected)
-        if prefetch is not None and self.cfg.cluster.prefetch_shards:
+        if prefetch is not None:
             self._next = (*prefetch, self._open(*prefetch))
         writer = ImageWriter(self._image_member(stage, sid, url)) if stage in IMAGE_DIRS else None
         try:
