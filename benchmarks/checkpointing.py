@@ -2,6 +2,7 @@
 
     python benchmarks/checkpointing.py [--purifier ebm adp] [--ks 10 100 1000] [--images 8]
                                        [--threads 2] [--max-none-k 1000] [--max-legacy-k 100] [--reps 1]
+                                       [--allocator worker|glibc|both]
 
 One full gradient d(Σ ŷ²)/dx through K steps (one forward + one backward) of
 - ebm: the CIFAR-10 Langevin EBM (Hill et al. layout, random init, 3×32×32), K Langevin steps;
@@ -12,7 +13,10 @@ checkpointing, memory-optimal segments) and `legacy` (torch.utils.checkpoint, no
 √K segments — what the project used before; shows the cost this benchmark was written for).
 Every cell runs in its own subprocess, so peak RSS (ru_maxrss) is that cell's alone (after a
 K=2 warm-up pass of the same mode); time is the process's CPU time (wall time too, which a
-loaded machine inflates); the gradients of every mode are compared with `none` where both ran.
+loaded machine inflates); the gradients of every mode are compared with `none` where both ran. --allocator: each cell's
+process keeps freed memory as a worker does (`worker`, pipeline.run.host.keep_freed_memory),
+or runs on glibc's defaults (`glibc`), or both alternately (`both`: the pair's ratio shows
+what kept memory is worth).
 """
 from __future__ import annotations
 
@@ -84,12 +88,15 @@ def _build(purifier: str, k: int, mode: str):
     return p.eval()
 
 
-def child(purifier: str, k: int, mode: str, images: int, threads: int) -> dict:
+def child(purifier: str, k: int, mode: str, images: int, threads: int, allocator: str) -> dict:
     import torch
 
+    from pipeline.run import host
     from pipeline.seeding import Noise
 
     torch.set_num_threads(threads)
+    if allocator == "worker" and not host.keep_freed_memory():
+        raise SystemExit("could not set the worker's allocator (not glibc, or MALLOC_* set in the environment)")
     p = _build(purifier, k, mode)
     x = torch.rand(images, 3, 32, 32, generator=torch.Generator().manual_seed(1)).requires_grad_(True)
     noise = Noise.for_batch(0, [f"k{i}" for i in range(images)], "bench")
@@ -100,14 +107,14 @@ def child(purifier: str, k: int, mode: str, images: int, threads: int) -> dict:
     y = p(x, noise)
     (g,) = torch.autograd.grad((y ** 2).sum(), x)
     seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
-    return {"purifier": purifier, "k": k, "mode": mode, "seconds": seconds, "cpu_seconds": cpu,
+    return {"purifier": purifier, "k": k, "mode": mode, "allocator": allocator, "seconds": seconds, "cpu_seconds": cpu,
             "peak_rss_mib": _rss_mib(),
             "rss_before_mib": before, "grad": g.flatten()[:4096].tolist()}
 
 
-def _run_cell(args, purifier: str, k: int, mode: str) -> dict | None:
+def _run_cell(args, purifier: str, k: int, mode: str, allocator: str) -> dict | None:
     cmd = [sys.executable, __file__, "--child", purifier, str(k), mode, "--images", str(args.images),
-           "--threads", str(args.threads)]
+           "--threads", str(args.threads), "--allocator", allocator]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=os.environ.copy())
     if proc.returncode != 0:
         print(f"{purifier} K={k} {mode}: failed\n{proc.stderr[-2000:]}", file=sys.stderr)
@@ -133,7 +140,7 @@ def _print_row(r: dict, base: dict | None) -> None:
         diff = max(abs(a - b) for a, b in zip(r["grad"], base["grad"]))
         scale = max(abs(b) for b in base["grad"]) or 1.0
         agree = f"{diff / scale:.1e}"
-    print(f"{r['purifier']:4s} {r['k']:6d} {r['mode']:7s} {r['seconds']:9.2f} {r['cpu_seconds']:9.2f} "
+    print(f"{r['purifier']:4s} {r['allocator']:6s} {r['k']:6d} {r['mode']:7s} {r['seconds']:9.2f} {r['cpu_seconds']:9.2f} "
           f"{r['peak_rss_mib']:10.0f} "
           f"{r['rss_before_mib']:10.0f} {ratio_t:>8s} {ratio_m:>8s} {agree:>9s}", flush=True)
 
@@ -147,38 +154,44 @@ def main() -> int:
     ap.add_argument("--max-none-k", type=int, default=1000, help="skip `none` above this K")
     ap.add_argument("--max-legacy-k", type=int, default=100, help="skip `legacy` above this K")
     ap.add_argument("--reps", type=int, default=1, help="run each K's modes this many times, alternately")
+    ap.add_argument("--allocator", choices=["worker", "glibc", "both"], default="worker",
+                    help="freed memory kept as in a worker, glibc's defaults, or both alternately")
     ap.add_argument("--child", nargs=3, metavar=("PURIFIER", "K", "MODE"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        print(json.dumps(child(args.child[0], int(args.child[1]), args.child[2], args.images, args.threads)))
+        print(json.dumps(child(args.child[0], int(args.child[1]), args.child[2], args.images, args.threads,
+                               args.allocator)))
         return 0
     print(f"{args.images} images 3x32x32, {args.threads} threads, one forward + backward per cell; "
           f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
-    print("pur       K mode      wall s     cpu s   peak MiB  before MiB  cpu/none mem/none grad diff")
+    print("pur  alloc       K mode      wall s     cpu s   peak MiB  before MiB  cpu/none mem/none grad diff")
     results = []
-    pairs: dict[tuple[str, int], list[float]] = {}
+    pairs: dict[tuple[str, str, int], list[float]] = {}
+    allocators = ["worker", "glibc"] if args.allocator == "both" else [args.allocator]
     for purifier in args.purifier:
         for k in args.ks:
             for _ in range(args.reps):  # the modes alternate: drift of a shared machine hits both
-                base = None
-                for mode in _modes(args, purifier, k):
-                    r = _run_cell(args, purifier, k, mode)
-                    if r is None:
-                        continue
-                    base = r if mode == "none" else base
-                    _print_row(r, base)
-                    results.append(r)
-                    if mode == "auto" and base is not None:
-                        pairs.setdefault((purifier, k), []).append(r["cpu_seconds"] / base["cpu_seconds"])
-    for (purifier, k), ratios in pairs.items():
+                for allocator in allocators:
+                    base = None
+                    for mode in _modes(args, purifier, k):
+                        r = _run_cell(args, purifier, k, mode, allocator)
+                        if r is None:
+                            continue
+                        base = r if mode == "none" else base
+                        _print_row(r, base)
+                        results.append(r)
+                        if mode == "auto" and base is not None:
+                            ratio = r["cpu_seconds"] / base["cpu_seconds"]
+                            pairs.setdefault((purifier, allocator, k), []).append(ratio)
+    for (purifier, allocator, k), ratios in pairs.items():
         ratios.sort()
-        print(f"{purifier} K={k}: auto/none CPU over {len(ratios)} pair(s): median {statistics.median(ratios):.2f} "
-              f"(range {ratios[0]:.2f}–{ratios[-1]:.2f})")
-    for purifier in args.purifier:
-        auto = [r for r in results if r["purifier"] == purifier and r["mode"] == "auto"]
+        print(f"{purifier} K={k} ({allocator} allocator): auto/none CPU over {len(ratios)} pair(s): "
+              f"median {statistics.median(ratios):.2f} (range {ratios[0]:.2f}–{ratios[-1]:.2f})")
+    for purifier, allocator in ((p, a) for p in args.purifier for a in allocators):
+        auto = [r for r in results if r["purifier"] == purifier and r["mode"] == "auto" and r["allocator"] == allocator]
         if len(auto) > 1:
             peaks = [r["peak_rss_mib"] for r in auto]
-            print(f"{purifier}: checkpointed peak RSS over K={[r['k'] for r in auto]}: "
+            print(f"{purifier} ({allocator} allocator): checkpointed peak RSS over K={[r['k'] for r in auto]}: "
                   f"max/min {max(peaks) / min(peaks):.2f}")
     print(f"load average at the end {os.getloadavg()[0]:.1f}")
     return 0

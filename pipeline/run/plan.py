@@ -32,6 +32,7 @@ from pipeline.evaluation import shard as shard_mod
 from pipeline.evaluation import stages
 from pipeline.evaluation.protocol import NO_ATTACK, Protocol, build_protocol
 from pipeline.io import shards
+from pipeline.run import host
 
 log = logging.getLogger(__name__)
 
@@ -199,7 +200,7 @@ def calibrate_purify(p: Protocol, b: shard_mod.Batch, inputs: dict[int, torch.Te
 
 def calibrate(cfg: Config, batches: int = 1) -> tuple[Calibration, Protocol]:
     """Build the protocol, read the first shard, run each stage on the calibration batch."""
-    torch.set_num_threads(max(1, int(cfg.cluster.cpus_per_worker)))
+    host.prepare_compute_process(cfg.cluster.cpus_per_worker)  # as the worker does
     t0 = time.perf_counter()
     p = build_protocol(cfg)
     build = time.perf_counter() - t0

@@ -24,7 +24,7 @@ from pipeline import schema
 from pipeline.evaluation import shard as stages
 from pipeline.evaluation.protocol import build_protocol
 from pipeline.io import shards, storage
-from pipeline.run import commit, faults
+from pipeline.run import commit, faults, host
 
 # where the attack and purify stages write their image shards, under the job's output
 IMAGE_DIRS = {"attack": "adversarial", "purify": "purified"}
@@ -101,7 +101,7 @@ class ShardWorker:
 
     def __init__(self, cfg_dict: dict[str, Any], cpus: float = 1.0):
         self.cfg = config_mod.from_dict(cfg_dict, source="<worker>")
-        torch.set_num_threads(max(1, int(cpus)))
+        host.prepare_compute_process(cpus)
         self.protocol = build_protocol(self.cfg)
         self._next: tuple[str, int | None, shards.ShardStream] | None = None  # the prefetched shard
 

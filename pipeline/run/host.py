@@ -1,0 +1,45 @@
+"""Set-up of a process that computes (an evaluation worker, `advpure plan`'s calibration):
+torch's thread count and the C allocator's handling of freed memory.
+
+Why the allocator: a purification step allocates and frees the same large buffers again and
+again (a checkpointed segment's graph, a batch's activations). glibc by default gives freed
+buffers back to the kernel — large ones are mmap'd and unmapped, the heap's top is trimmed —
+so every step faults its pages in afresh; on a CPU that costs about as much as the recomputation
+checkpointing adds (BENCHMARKS.md, "Gradient checkpointing"). A worker's peak recurs at every
+batch, so keeping freed memory costs it nothing at its peak. Only this process is affected.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+
+import torch
+
+# glibc's mallopt parameters (malloc.h)
+M_TRIM_THRESHOLD = -1
+M_MMAP_THRESHOLD = -3
+MMAP_THRESHOLD = 32 * 1024 * 1024      # glibc's largest: buffers below it come from the heap
+TRIM_THRESHOLD = 2**31 - 1              # the heap's free top is returned only beyond this (mallopt takes an int)
+USER_SETTINGS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
+
+
+def keep_freed_memory() -> bool:
+    """Tell glibc to keep freed buffers of up to 32 MiB in the heap and not to trim it below
+    2 GiB of free top. True when set; False on another C library, or when the environment
+    sets either threshold (the user's setting wins, and is how to opt out)."""
+    if any(os.environ.get(name) for name in USER_SETTINGS):
+        return False
+    try:
+        libc = ctypes.CDLL(None)
+    except OSError:
+        return False
+    if not hasattr(libc, "gnu_get_libc_version") or not hasattr(libc, "mallopt"):
+        return False  # not glibc (musl, macOS): its allocator has no such knobs
+    libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]   # an out-of-range value raises, not wraps
+    return bool(libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+
+
+def prepare_compute_process(cpus: float) -> None:
+    """torch's intra-op threads to the CPUs this process was given; freed memory kept."""
+    torch.set_num_threads(max(1, int(cpus)))
+    keep_freed_memory()
