@@ -140,8 +140,8 @@ def _print_row(r: dict, base: dict | None) -> None:
         diff = max(abs(a - b) for a, b in zip(r["grad"], base["grad"]))
         scale = max(abs(b) for b in base["grad"]) or 1.0
         agree = f"{diff / scale:.1e}"
-    print(f"{r['purifier']:4s} {r['allocator']:6s} {r['k']:6d} {r['mode']:7s} {r['seconds']:9.2f} {r['cpu_seconds']:9.2f} "
-          f"{r['peak_rss_mib']:10.0f} "
+    print(f"{r['purifier']:4s} {r['allocator']:6s} {r['k']:6d} {r['mode']:7s} {r['seconds']:9.2f} "
+          f"{r['cpu_seconds']:9.2f} {r['peak_rss_mib']:10.0f} "
           f"{r['rss_before_mib']:10.0f} {ratio_t:>8s} {ratio_m:>8s} {agree:>9s}", flush=True)
 
 

@@ -1,6 +1,14 @@
 """End-to-end throughput against a bare compute loop, measured in one run.
 
     python benchmarks/throughput.py [--samples 1797] [--steps 40] [--workers 1] [--models DIR] [--ab-prefetch N]
+    python benchmarks/throughput.py --imagenet N [--workers 1] [--ab-prefetch N]
+
+The digits job (default): PGD-`steps` with the full gradient through the DAE, shards of 180.
+--imagenet N: N generated 224 px images (JPEGs of 256–512 px a side in WordNet-id folders,
+`make_shards("imagenet")`: resize 256, centre crop 224, PNG, shards of 32) through
+configs/imagenet_resnet50.yaml with a random-weight ResNet-50 on CPU, fp32: the clean
+prediction and R = 2 runs of the Gaussian purifier (σ 0.25), no attack, batches of 16 —
+decoding a 224 px shard is real work here, which the streaming worker overlaps with compute.
 
 (a) bare loop: the same models, attack and purifier over the same images in one process
     (`evaluate_batch(proc.protocol, x, y, keys)` per batch of 180), no Ray, no shards, no
@@ -28,7 +36,9 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 import torch  # noqa: E402
@@ -44,7 +54,10 @@ from pipeline.train import recipes as models  # noqa: E402
 BATCH = 180
 
 
-def prepare(samples: int, steps: int, workers: int, tmp: Path, models_dir: str | None) -> tuple[config.Config, int]:
+Inputs = tuple[torch.Tensor, torch.Tensor, list[str]]
+
+
+def prepare(samples: int, steps: int, workers: int, tmp: Path, models_dir: str | None) -> tuple[config.Config, Inputs]:
     """Digits shards of 180 samples, the small CNN and DAE, a PGD job through the DAE."""
     doc = make_shards("digits", str(tmp / "shards"), split="all", samples_per_shard=BATCH, limit=samples)
     if models_dir:
@@ -61,21 +74,40 @@ def prepare(samples: int, steps: int, workers: int, tmp: Path, models_dir: str |
         "attacks": [{"name": "pgd", "params": {"eps": 0.2, "steps": steps}}],
         "cluster": {"num_workers": workers, "cpus_per_worker": 1},
     })
-    return cfg, doc["total_samples"]
+    n = doc["total_samples"]
+    images, labels, idx = datasets.load_split("digits", "all")
+    keys = [f"digits-{i:04d}" for i in idx[:n]]
+    return cfg, (datasets.to_float_nchw(images[:n]), torch.from_numpy(labels[:n]), keys)
 
 
-def bare_loop(cfg: config.Config, n: int) -> float:
-    """Seconds for the worker's own math over the same images, in this process."""
+def prepare_imagenet(images: int, workers: int, tmp: Path) -> tuple[config.Config, Inputs]:
+    """224 px shards of 32 generated images; ResNet-50 (random weights), Gaussian purifier, R = 2."""
+    from imagenet import generate
+
+    from pipeline.io import shards as shard_io
+
+    generate(tmp / "val", images, classes=10)
+    doc = make_shards("imagenet", str(tmp / "shards"), path=str(tmp / "val"), samples_per_shard=32)
+    cfg = config.load(str(ROOT / "configs/imagenet_resnet50.yaml"), [
+        f"job.output={tmp / 'out'}", f"data.shards={doc['pattern']}", "data.batch_size=16",
+        "classifier.params={random_init: true}", "attacks=[]", "evaluation.runs=2", "evaluation.device=cpu",
+        "evaluation.precision=fp32", "evaluation.channels_last=false", f"cluster.num_workers={workers}",
+        "cluster.cpus_per_worker=1", "cluster.gpus_per_worker=0"])
+    samples = [s for url in shard_io.expand(doc["pattern"]) for s in shard_io.read_shard(url)]
+    x = torch.stack([torch.from_numpy(shard_io.to_unit_float(s.image)).permute(2, 0, 1) for s in samples])
+    return cfg, (x, torch.tensor([s.label for s in samples]), [s.key for s in samples])
+
+
+def bare_loop(cfg: config.Config, inputs: Inputs) -> float:
+    """Seconds for the worker's own math over the same images (decoded beforehand), in this process."""
     from pipeline.evaluation.stages import evaluate_batch
 
     proc = ShardWorker(cfg.to_dict(), cpus=1)
-    images, labels, idx = datasets.load_split("digits", "all")
-    x = datasets.to_float_nchw(images[:n])
-    y = torch.from_numpy(labels[:n])
-    keys = [f"digits-{i:04d}" for i in idx[:n]]
+    x, y, keys = inputs
+    b = cfg.data.batch_size
     t0 = time.perf_counter()
-    for i in range(0, n, BATCH):
-        evaluate_batch(proc.protocol, x[i:i + BATCH], y[i:i + BATCH], keys[i:i + BATCH])
+    for i in range(0, len(keys), b):
+        evaluate_batch(proc.protocol, x[i:i + b], y[i:i + b], keys[i:i + b])
     return time.perf_counter() - t0
 
 
@@ -103,19 +135,26 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--models", default=None, help="folder with cnn.pt and dae.pt to reuse")
+    p.add_argument("--imagenet", type=int, default=0, metavar="N", help="the 224 px ResNet-50 job on N images instead")
     p.add_argument("--ab-prefetch", type=int, default=0, metavar="N",
                    help="also run the pipeline N times each with cluster.prefetch_shards off and on, alternately")
     args = p.parse_args()
     torch.set_num_threads(1)
     tmp = Path(tempfile.mkdtemp(prefix="advpure-bench-"))
-    cfg, n = prepare(args.samples, args.steps, args.workers, tmp, args.models)
+    if args.imagenet:
+        cfg, inputs = prepare_imagenet(args.imagenet, args.workers, tmp)
+        job = "224 px ResNet-50 (random weights), clean + Gaussian purifier R = 2, fp32"
+    else:
+        cfg, inputs = prepare(args.samples, args.steps, args.workers, tmp, args.models)
+        job = f"PGD-{args.steps} full gradient through the DAE"
+    n = len(inputs[2])
     load0 = os.getloadavg()[0]
-    bare = bare_loop(cfg, n)
+    bare = bare_loop(cfg, inputs)
     start_ray(args.workers)
     import ray
 
     pipe, inside = pipeline_run(cfg)
-    bare_ray = bare_loop(cfg, n)  # control: the same bare loop while Ray's processes are up (idle)
+    bare_ray = bare_loop(cfg, inputs)  # control: the same bare loop while Ray's processes are up (idle)
     ab = []
     if args.ab_prefetch:  # prefetch off / on alternately, each into a fresh output
         for i in range(args.ab_prefetch):
@@ -134,7 +173,7 @@ def main() -> int:
     torch.randn(15000, 1, 28, 28)
     plain = time.perf_counter() - t0
 
-    print(f"samples {n}, PGD-{args.steps} full gradient through the DAE, torch threads 1 per worker; "
+    print(f"samples {n}, {job}, torch threads 1 per worker; "
           f"load average {load0:.1f} → {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
     print(f"(a) bare compute loop : {n / bare:8.1f} samples/s ({bare:.1f} s)")
     print(f"(b) pipeline, {args.workers} worker : {n / pipe:8.1f} samples/s ({pipe:.1f} s: shards, Ray actor, Parquet "

@@ -14,7 +14,6 @@ file, marker last). A shard that fails writes nothing and is retried or quaranti
 """
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
 import queue
@@ -34,7 +33,7 @@ from pipeline.corpus.engine import Batcher, Engine, Outcome
 from pipeline.corpus.reader import RawSample, ShardReader
 from pipeline.corpus.writer import TarSink
 from pipeline.io import shards, storage
-from pipeline.run import commit, faults
+from pipeline.run import commit, faults, host
 from pipeline.schema import CorpusStatus
 
 log = logging.getLogger(__name__)
@@ -96,15 +95,6 @@ class _Channel:
                 continue
 
 
-def _release_free_memory() -> None:
-    """Hand memory freed by the last shard back to the OS (glibc keeps freed blocks of the
-    threads' arenas otherwise, and RSS would creep up with the number of shards)."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: nothing to do
-        pass
-
-
 def _node_id() -> str | None:
     try:
         import ray
@@ -150,7 +140,7 @@ class CorpusWorker:
             data = run.sink.finish()
         except BaseException:
             run.sink.discard()
-            _release_free_memory()
+            host.release_freed_memory()
             raise
         name = f"{sid}.tar"
         storage.put_bytes(storage.join(self.cfg.job.output, name), data)  # atomic: whole or absent
@@ -166,7 +156,7 @@ class CorpusWorker:
             "input_bytes": run.reader.bytes_read, "non_file_members": run.reader.non_file_members,
         }, table_schema=schema.CORPUS_SCHEMA)
         del run, data
-        _release_free_memory()
+        host.release_freed_memory()
         return marker
 
 

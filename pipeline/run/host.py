@@ -1,5 +1,5 @@
-"""Set-up of a process that computes (an evaluation worker, `advpure plan`'s calibration):
-torch's thread count and the C allocator's handling of freed memory.
+"""The C allocator and torch threads of a process that computes (an evaluation or corpus
+worker, `advpure plan`'s calibration).
 
 Why the allocator: a purification step allocates and frees the same large buffers again and
 again (a checkpointed segment's graph, a batch's activations). glibc by default gives freed
@@ -7,6 +7,8 @@ buffers back to the kernel — large ones are mmap'd and unmapped, the heap's to
 so every step faults its pages in afresh; on a CPU that costs about as much as the recomputation
 checkpointing adds (BENCHMARKS.md, "Gradient checkpointing"). A worker's peak recurs at every
 batch, so keeping freed memory costs it nothing at its peak. Only this process is affected.
+Between shards the worker hands what it holds back (`release_freed_memory`), so its resident
+memory does not creep up with the number of shards it has run.
 """
 from __future__ import annotations
 
@@ -43,3 +45,13 @@ def prepare_compute_process(cpus: float) -> None:
     """torch's intra-op threads to the CPUs this process was given; freed memory kept."""
     torch.set_num_threads(max(1, int(cpus)))
     keep_freed_memory()
+
+
+def release_freed_memory() -> None:
+    """Hand memory freed so far back to the OS (glibc's malloc_trim; nothing on another C
+    library). Called between shards: glibc keeps freed blocks of every thread's arena
+    otherwise, and resident memory would creep up with the number of shards."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass

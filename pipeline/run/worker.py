@@ -139,9 +139,13 @@ class ShardWorker:
             source.close()
             if writer:
                 writer.discard()
+            host.release_freed_memory()
             raise
         outputs = [self._put_images(stage, sid, name, built[name]) for name in result.images]
-        return self._commit(stage, sid, url, source, result, outputs, t0, prefetched)
+        marker = self._commit(stage, sid, url, source, result, outputs, t0, prefetched)
+        del result, built
+        host.release_freed_memory()  # kept within a shard (host.keep_freed_memory), handed back after it
+        return marker
 
     def _open(self, url: str, expected: int | None) -> shards.ShardStream:
         return shards.ShardStream(url, expected, self.cfg.data.max_samples_per_shard,
