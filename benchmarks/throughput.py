@@ -1,7 +1,7 @@
 """End-to-end throughput against a bare compute loop, measured in one run.
 
-    python benchmarks/throughput.py [--samples 1797] [--steps 40] [--workers 1] [--models DIR] [--ab-prefetch N]
-    python benchmarks/throughput.py --imagenet N [--workers 1] [--ab-prefetch N]
+    python benchmarks/throughput.py [--samples 1797] [--steps 40] [--workers 1] [--models DIR] [--ab-prefetch N] [--pairs N]
+    python benchmarks/throughput.py --imagenet N [--workers 1] [--ab-prefetch N] [--pairs N]
 
 The digits job (default): PGD-`steps` with the full gradient through the DAE, shards of 180.
 --imagenet N: N generated 224 px images (JPEGs of 256–512 px a side in WordNet-id folders,
@@ -22,6 +22,9 @@ decoding a 224 px shard is real work here, which the streaming worker overlaps w
     processes slow the compute beside them, and this separates that from pipeline overhead;
 (b±) with --ab-prefetch N: the pipeline again N times with cluster.prefetch_shards off and on,
     in ABBA order (the next shard decoded while the current one computes, or not);
+(p) with --pairs N: N more (bare, pipeline) pairs in alternating order (ABBA), the bare loop
+    with Ray shut down and the pipeline on a Ray started just before it (not timed); each
+    pair's ratio and their median — on a shared 2-vCPU machine single runs drift by ±10 %;
 (c) keyed counter-based noise against torch.randn for the same number of normals.
 Prints samples/s and the ratios pipeline/bare (1.0 = no overhead). Both sides run one torch
 thread per worker. --models DIR reuses cnn.pt / dae.pt (else trains them, ~1 min).
@@ -31,6 +34,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -105,6 +109,7 @@ def bare_loop(cfg: config.Config, inputs: Inputs) -> float:
     proc = ShardWorker(cfg.to_dict(), cpus=1)
     x, y, keys = inputs
     b = cfg.data.batch_size
+    evaluate_batch(proc.protocol, x[:b], y[:b], keys[:b])  # warm-up, untimed: the floor is the warm loop
     t0 = time.perf_counter()
     for i in range(0, len(keys), b):
         evaluate_batch(proc.protocol, x[i:i + b], y[i:i + b], keys[i:i + b])
@@ -136,6 +141,8 @@ def main() -> int:
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--models", default=None, help="folder with cnn.pt and dae.pt to reuse")
     p.add_argument("--imagenet", type=int, default=0, metavar="N", help="the 224 px ResNet-50 job on N images instead")
+    p.add_argument("--pairs", type=int, default=0, metavar="N",
+                   help="also N (bare, pipeline) pairs in alternating order, Ray down for the bare loop")
     p.add_argument("--ab-prefetch", type=int, default=0, metavar="N",
                    help="also run the pipeline N times each with cluster.prefetch_shards off and on, alternately")
     args = p.parse_args()
@@ -164,6 +171,19 @@ def main() -> int:
                 d["job"]["output"] = str(tmp / f"out-ab{i}-{'on' if on else 'off'}")
                 ab.append((on, *pipeline_run(config.from_dict(d))))
     ray.shutdown()
+    pairs = []
+    for i in range(args.pairs):  # ABBA: drift of a shared machine hits both sides
+        got = {}
+        for side in (("bare", "pipeline") if i % 2 == 0 else ("pipeline", "bare")):
+            if side == "bare":
+                got[side] = bare_loop(cfg, inputs)
+                continue
+            start_ray(args.workers)
+            d = cfg.to_dict()
+            d["job"]["output"] = str(tmp / f"out-pair{i}")
+            got[side] = pipeline_run(config.from_dict(d))[0]
+            ray.shutdown()
+        pairs.append((got["bare"], got["pipeline"]))
 
     noise = Noise.for_batch(0, [str(i) for i in range(1000)], "bench", replicas=15)
     t0 = time.perf_counter()
@@ -187,6 +207,13 @@ def main() -> int:
     for on, wall, inside_ab in ab:
         print(f"(b{'+' if on else '-'}) prefetch {'on ' if on else 'off'}     : {n / wall:8.1f} samples/s end to end "
               f"({bare / wall:.2f} of bare), steady {n / inside_ab:8.1f} ({bare / inside_ab:.2f})")
+    for i, (b, w) in enumerate(pairs):
+        print(f"(p{i + 1}) pair {'bare first' if i % 2 == 0 else 'pipeline first'}: bare {b:.1f} s, pipeline {w:.1f} s "
+              f"end to end → {b / w:.2f}")
+    if pairs:
+        ratios = sorted(b / w for b, w in pairs)
+        print(f"pairs: median pipeline/bare end to end {statistics.median(ratios):.2f} over {len(ratios)} "
+              f"(range {ratios[0]:.2f}–{ratios[-1]:.2f})")
     print(f"(c) keyed normal / torch.randn time for 11.76M normals: {keyed / plain:.1f}x "
           f"({keyed * 1e3:.0f} ms vs {plain * 1e3:.0f} ms)")
     return 0

@@ -127,8 +127,8 @@ class Defense(nn.Module):
         keys = list(keys)
 
         def target(x: torch.Tensor, step: int) -> torch.Tensor:
-            if mode == "classifier":
-                return self.logits(x, Noise.for_batch(seed, keys, context, 1, x.device), mode)
+            if mode == "classifier":  # no draws: building keyed noise would only cost hashes and a copy
+                return self.classify(x).unsqueeze(1)
             noise = Noise.for_batch(seed, keys, f"{context}/step{step}", eot, x.device)
             return self.logits(x, noise, mode)
 
