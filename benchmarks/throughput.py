@@ -11,11 +11,12 @@ configs/imagenet_resnet50.yaml with a random-weight ResNet-50 on CPU, fp32: the 
 prediction and R = 2 runs of the Gaussian purifier (σ 0.25), no attack, batches of 16 —
 decoding a 224 px shard is real work here, which the streaming worker overlaps with compute.
 
-(a) bare loop: the same models, attack and purifier over the same images, decoded
-    beforehand, in a fresh process (`evaluate_batch(proc.protocol, x, y, keys)` per batch;
-    models built before the clock starts), no Ray, no shards, no Parquet — the compute floor.
-    Its first pass is the figure: like a new worker actor it pays first-touch memory and
-    kernel set-up; a second pass in the same process is printed beside it;
+(a) bare loop: the worker's own math — `shard.evaluate` per shard: every batch's clean and
+    attacked evaluation, and the gradient-masking checks on each shard's first batch — over
+    the same shards decoded beforehand, in a fresh process (models built before the clock
+    starts), no Ray, no reading, no Parquet: the compute floor. Its first pass is the figure:
+    like a new worker actor it pays first-touch memory and kernel set-up; a second pass in the
+    same process is printed beside it;
 (b) the pipeline: shards → Ray actor(s) → Parquet commits, through `driver.run` on a warm
     local Ray (its start-up excluded, as on a real deployment; actor start-up included);
     also its steady state: samples over Σ of the markers' per-shard seconds (read → commit
@@ -52,7 +53,6 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 import torch  # noqa: E402
 
 from pipeline import config  # noqa: E402
-from pipeline.io import datasets  # noqa: E402
 from pipeline.io.make_shards import make_shards  # noqa: E402
 from pipeline.run import driver  # noqa: E402
 from pipeline.run.worker import ShardWorker  # noqa: E402
@@ -62,10 +62,7 @@ from pipeline.train import recipes as models  # noqa: E402
 BATCH = 180
 
 
-Inputs = tuple[torch.Tensor, torch.Tensor, list[str]]
-
-
-def prepare(samples: int, steps: int, workers: int, tmp: Path, models_dir: str | None) -> tuple[config.Config, Inputs]:
+def prepare(samples: int, steps: int, workers: int, tmp: Path, models_dir: str | None) -> tuple[config.Config, int]:
     """Digits shards of 180 samples, the small CNN and DAE, a PGD job through the DAE."""
     doc = make_shards("digits", str(tmp / "shards"), split="all", samples_per_shard=BATCH, limit=samples)
     if models_dir:
@@ -82,17 +79,12 @@ def prepare(samples: int, steps: int, workers: int, tmp: Path, models_dir: str |
         "attacks": [{"name": "pgd", "params": {"eps": 0.2, "steps": steps}}],
         "cluster": {"num_workers": workers, "cpus_per_worker": 1},
     })
-    n = doc["total_samples"]
-    images, labels, idx = datasets.load_split("digits", "all")
-    keys = [f"digits-{i:04d}" for i in idx[:n]]
-    return cfg, (datasets.to_float_nchw(images[:n]), torch.from_numpy(labels[:n]), keys)
+    return cfg, doc["total_samples"]
 
 
-def prepare_imagenet(images: int, workers: int, tmp: Path) -> tuple[config.Config, Inputs]:
+def prepare_imagenet(images: int, workers: int, tmp: Path) -> tuple[config.Config, int]:
     """224 px shards of 32 generated images; ResNet-50 (random weights), Gaussian purifier, R = 2."""
     from imagenet import generate
-
-    from pipeline.io import shards as shard_io
 
     generate(tmp / "val", images, classes=10)
     doc = make_shards("imagenet", str(tmp / "shards"), path=str(tmp / "val"), samples_per_shard=32)
@@ -101,38 +93,35 @@ def prepare_imagenet(images: int, workers: int, tmp: Path) -> tuple[config.Confi
         "classifier.params={random_init: true}", "attacks=[]", "evaluation.runs=2", "evaluation.device=cpu",
         "evaluation.precision=fp32", "evaluation.channels_last=false", f"cluster.num_workers={workers}",
         "cluster.cpus_per_worker=1", "cluster.gpus_per_worker=0"])
-    samples = [s for url in shard_io.expand(doc["pattern"]) for s in shard_io.read_shard(url)]
-    x = torch.stack([torch.from_numpy(shard_io.to_unit_float(s.image)).permute(2, 0, 1) for s in samples])
-    return cfg, (x, torch.tensor([s.label for s in samples]), [s.key for s in samples])
+    return cfg, doc["total_samples"]
 
 
-def bare_loop(cfg: config.Config, inputs: Inputs) -> tuple[float, float]:
-    """(cold, warm) seconds of the worker's own math over the same images (decoded beforehand)
-    in a fresh process, as a script would run it: the first pass pays what any new process
-    pays (first-touch memory, oneDNN primitives) — so does a new worker actor — the second
-    pass over the same images shows how much that is."""
-    work = Path(tempfile.mkdtemp(prefix="advpure-bare-"))
-    (work / "cfg.json").write_text(json.dumps(cfg.to_dict()))
-    torch.save(inputs, work / "inputs.pt")
-    out = subprocess.run([sys.executable, __file__, "--bare-child", str(work)], capture_output=True, text=True)
+def bare_loop(cfg: config.Config) -> tuple[float, float]:
+    """(cold, warm) seconds of the worker's own math — `shard.evaluate` per shard, the
+    gradient-masking checks of each shard's first batch included — over the job's shards
+    decoded beforehand, in a fresh process, as a script would run it: the first pass pays
+    what any new process pays (first-touch memory, oneDNN primitives), and so does a new
+    worker actor; a second pass over the same shards shows how much that is."""
+    out = subprocess.run([sys.executable, __file__, "--bare-child", json.dumps(cfg.to_dict())],
+                         capture_output=True, text=True)
     if out.returncode != 0:
         raise SystemExit(f"bare loop failed:\n{out.stderr[-3000:]}")
     cold, warm = json.loads(out.stdout.strip().splitlines()[-1])
     return cold, warm
 
 
-def bare_child(work: Path) -> tuple[float, float]:
-    from pipeline.evaluation.stages import evaluate_batch
+def bare_child(cfg_json: str) -> tuple[float, float]:
+    from pipeline.evaluation import shard
+    from pipeline.io import shards as shard_io
 
-    cfg = config.from_dict(json.loads((work / "cfg.json").read_text()))
+    cfg = config.from_dict(json.loads(cfg_json))
     proc = ShardWorker(cfg.to_dict(), cpus=1)  # the worker's models, threads and allocator
-    x, y, keys = torch.load(work / "inputs.pt", weights_only=True)
-    b = cfg.data.batch_size
+    decoded = [shard_io.read_shard(url) for url in shard_io.expand(cfg.data.shards)]
     seconds = []
     for _ in range(2):
         t0 = time.perf_counter()
-        for i in range(0, len(keys), b):
-            evaluate_batch(proc.protocol, x[i:i + b], y[i:i + b], keys[i:i + b])
+        for samples in decoded:
+            shard.evaluate(proc.protocol, samples)
         seconds.append(time.perf_counter() - t0)
     return seconds[0], seconds[1]
 
@@ -169,24 +158,23 @@ def main() -> int:
                    help="also run the pipeline N times each with cluster.prefetch_shards off and on, alternately")
     args = p.parse_args()
     if args.bare_child:
-        print(json.dumps(bare_child(Path(args.bare_child))))
+        print(json.dumps(bare_child(args.bare_child)))
         return 0
     torch.set_num_threads(1)
     tmp = Path(tempfile.mkdtemp(prefix="advpure-bench-"))
     if args.imagenet:
-        cfg, inputs = prepare_imagenet(args.imagenet, args.workers, tmp)
+        cfg, n = prepare_imagenet(args.imagenet, args.workers, tmp)
         job = "224 px ResNet-50 (random weights), clean + Gaussian purifier R = 2, fp32"
     else:
-        cfg, inputs = prepare(args.samples, args.steps, args.workers, tmp, args.models)
+        cfg, n = prepare(args.samples, args.steps, args.workers, tmp, args.models)
         job = f"PGD-{args.steps} full gradient through the DAE"
-    n = len(inputs[2])
     load0 = os.getloadavg()[0]
-    bare, bare_warm = bare_loop(cfg, inputs)
+    bare, bare_warm = bare_loop(cfg)
     start_ray(args.workers)
     import ray
 
     pipe, inside = pipeline_run(cfg)
-    bare_ray, _ = bare_loop(cfg, inputs)  # control: the same bare loop while Ray's processes are up (idle)
+    bare_ray, _ = bare_loop(cfg)  # control: the same bare loop while Ray's processes are up (idle)
     ab = []
     if args.ab_prefetch:  # prefetch off / on alternately, each into a fresh output
         for i in range(args.ab_prefetch):
@@ -201,7 +189,7 @@ def main() -> int:
         got = {}
         for side in (("bare", "pipeline") if i % 2 == 0 else ("pipeline", "bare")):
             if side == "bare":
-                got[side] = bare_loop(cfg, inputs)[0]
+                got[side] = bare_loop(cfg)[0]
                 continue
             start_ray(args.workers)
             d = cfg.to_dict()
