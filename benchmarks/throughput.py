@@ -26,9 +26,9 @@ decoding a 224 px shard is real work here, which the streaming worker overlaps w
     processes slow the compute beside them, and this separates that from pipeline overhead;
 (b±) with --ab-prefetch N: the pipeline again N times with cluster.prefetch_shards off and on,
     in ABBA order (the next shard decoded while the current one computes, or not);
-(p) with --pairs N: N more (bare, pipeline) pairs in alternating order (ABBA), the bare loop
-    with Ray shut down and the pipeline on a Ray started just before it (not timed); each
-    pair's ratio and their median — on a shared 2-vCPU machine single runs drift by ±10 %;
+(p) with --pairs N: N more (bare, pipeline) pairs in alternating order (ABBA) on the same
+    warm Ray (idle during the bare loop: ≈ 0.05 CPU); each pair's ratio and their median —
+    on a shared 2-vCPU machine single runs drift by ±10 %;
 (c) keyed counter-based noise against torch.randn for the same number of normals.
 Prints samples/s and the ratios pipeline/bare (1.0 = no overhead). Both sides run one torch
 thread per worker. --models DIR reuses cnn.pt / dae.pt (else trains them, ~1 min).
@@ -96,21 +96,20 @@ def prepare_imagenet(images: int, workers: int, tmp: Path) -> tuple[config.Confi
     return cfg, doc["total_samples"]
 
 
-def bare_loop(cfg: config.Config) -> tuple[float, float]:
-    """(cold, warm) seconds of the worker's own math — `shard.evaluate` per shard, the
+def bare_loop(cfg: config.Config, passes: int = 1) -> list[float]:
+    """Seconds of each pass (the first cold, then warm) of the worker's own math — `shard.evaluate` per shard, the
     gradient-masking checks of each shard's first batch included — over the job's shards
     decoded beforehand, in a fresh process, as a script would run it: the first pass pays
     what any new process pays (first-touch memory, oneDNN primitives), and so does a new
     worker actor; a second pass over the same shards shows how much that is."""
-    out = subprocess.run([sys.executable, __file__, "--bare-child", json.dumps(cfg.to_dict())],
+    out = subprocess.run([sys.executable, __file__, "--bare-child", json.dumps(cfg.to_dict()), "--passes", str(passes)],
                          capture_output=True, text=True)
     if out.returncode != 0:
         raise SystemExit(f"bare loop failed:\n{out.stderr[-3000:]}")
-    cold, warm = json.loads(out.stdout.strip().splitlines()[-1])
-    return cold, warm
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def bare_child(cfg_json: str) -> tuple[float, float]:
+def bare_child(cfg_json: str, passes: int) -> list[float]:
     from pipeline.evaluation import shard
     from pipeline.io import shards as shard_io
 
@@ -118,12 +117,12 @@ def bare_child(cfg_json: str) -> tuple[float, float]:
     proc = ShardWorker(cfg.to_dict(), cpus=1)  # the worker's models, threads and allocator
     decoded = [shard_io.read_shard(url) for url in shard_io.expand(cfg.data.shards)]
     seconds = []
-    for _ in range(2):
+    for _ in range(passes):
         t0 = time.perf_counter()
         for samples in decoded:
             shard.evaluate(proc.protocol, samples)
         seconds.append(time.perf_counter() - t0)
-    return seconds[0], seconds[1]
+    return seconds
 
 
 def pipeline_run(cfg: config.Config) -> tuple[float, float]:
@@ -152,13 +151,14 @@ def main() -> int:
     p.add_argument("--models", default=None, help="folder with cnn.pt and dae.pt to reuse")
     p.add_argument("--imagenet", type=int, default=0, metavar="N", help="the 224 px ResNet-50 job on N images instead")
     p.add_argument("--bare-child", help=argparse.SUPPRESS)
+    p.add_argument("--passes", type=int, default=1, help=argparse.SUPPRESS)
     p.add_argument("--pairs", type=int, default=0, metavar="N",
-                   help="also N (bare, pipeline) pairs in alternating order, Ray down for the bare loop")
+                   help="also N (bare, pipeline) pairs in alternating order")
     p.add_argument("--ab-prefetch", type=int, default=0, metavar="N",
                    help="also run the pipeline N times each with cluster.prefetch_shards off and on, alternately")
     args = p.parse_args()
     if args.bare_child:
-        print(json.dumps(bare_child(args.bare_child)))
+        print(json.dumps(bare_child(args.bare_child, args.passes)))
         return 0
     torch.set_num_threads(1)
     tmp = Path(tempfile.mkdtemp(prefix="advpure-bench-"))
@@ -169,12 +169,12 @@ def main() -> int:
         cfg, n = prepare(args.samples, args.steps, args.workers, tmp, args.models)
         job = f"PGD-{args.steps} full gradient through the DAE"
     load0 = os.getloadavg()[0]
-    bare, bare_warm = bare_loop(cfg)
+    bare, bare_warm = bare_loop(cfg, passes=2)
     start_ray(args.workers)
     import ray
 
     pipe, inside = pipeline_run(cfg)
-    bare_ray, _ = bare_loop(cfg)  # control: the same bare loop while Ray's processes are up (idle)
+    (bare_ray,) = bare_loop(cfg)  # control: the same bare loop while Ray's processes are up (idle)
     ab = []
     if args.ab_prefetch:  # prefetch off / on alternately, each into a fresh output
         for i in range(args.ab_prefetch):
@@ -183,20 +183,18 @@ def main() -> int:
                 d["cluster"]["prefetch_shards"] = on
                 d["job"]["output"] = str(tmp / f"out-ab{i}-{'on' if on else 'off'}")
                 ab.append((on, *pipeline_run(config.from_dict(d))))
-    ray.shutdown()
     pairs = []
     for i in range(args.pairs):  # ABBA: drift of a shared machine hits both sides
         got = {}
         for side in (("bare", "pipeline") if i % 2 == 0 else ("pipeline", "bare")):
             if side == "bare":
-                got[side] = bare_loop(cfg)[0]
+                (got[side],) = bare_loop(cfg)
                 continue
-            start_ray(args.workers)
             d = cfg.to_dict()
             d["job"]["output"] = str(tmp / f"out-pair{i}")
             got[side] = pipeline_run(config.from_dict(d))[0]
-            ray.shutdown()
         pairs.append((got["bare"], got["pipeline"]))
+    ray.shutdown()
 
     noise = Noise.for_batch(0, [str(i) for i in range(1000)], "bench", replicas=15)
     t0 = time.perf_counter()
