@@ -13,6 +13,7 @@ memory does not creep up with the number of shards it has run.
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 
 import torch
@@ -25,19 +26,26 @@ TRIM_THRESHOLD = 2**31 - 1              # the heap's free top is returned only b
 USER_SETTINGS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
 
 
+@functools.cache
+def _glibc() -> ctypes.CDLL | None:
+    """This process's C library when it is glibc (musl and macOS have no such knobs), else None."""
+    try:
+        libc = ctypes.CDLL(None)
+    except OSError:
+        return None
+    if not hasattr(libc, "gnu_get_libc_version"):
+        return None
+    libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]   # an out-of-range value raises, not wraps
+    return libc
+
+
 def keep_freed_memory() -> bool:
     """Tell glibc to keep freed buffers of up to 32 MiB in the heap and not to trim it below
     2 GiB of free top. True when set; False on another C library, or when the environment
     sets either threshold (the user's setting wins, and is how to opt out)."""
-    if any(os.environ.get(name) for name in USER_SETTINGS):
+    libc = _glibc()
+    if libc is None or any(os.environ.get(name) for name in USER_SETTINGS):
         return False
-    try:
-        libc = ctypes.CDLL(None)
-    except OSError:
-        return False
-    if not hasattr(libc, "gnu_get_libc_version") or not hasattr(libc, "mallopt"):
-        return False  # not glibc (musl, macOS): its allocator has no such knobs
-    libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]   # an out-of-range value raises, not wraps
     return bool(libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
 
 
@@ -51,7 +59,6 @@ def release_freed_memory() -> None:
     """Hand memory freed so far back to the OS (glibc's malloc_trim; nothing on another C
     library). Called between shards: glibc keeps freed blocks of every thread's arena
     otherwise, and resident memory would creep up with the number of shards."""
-    try:
-        ctypes.CDLL(None).malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc
-        pass
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
