@@ -190,6 +190,14 @@ def test_score_sde_checkpoint_loads_frozen_with_ema_weights(tmp_path):
     with pytest.raises(ValueError, match="dtype must be one of"):
         load_score_sde(str(path), dtype="float16")
 
+    exported = {f"module.{k}": v for k, v in net.state_dict().items()}  # a plain state dict, e.g. exported EMA
+    torch.save(exported, path)
+    plain, info = load_score_sde(str(path), arch_params=TINY_NCSNPP)
+    assert info["format"] == "state_dict"
+    xg = x.clone().requires_grad_(True)
+    plain(xg, labels).square().sum().backward()   # frozen weights, gradients to the input
+    assert xg.grad is not None and float(xg.grad.abs().sum()) > 0
+
 
 def test_guided_reader_at_the_published_shapes():
     doc = _fixture("guided_unet_256_uncond_keys.json")

@@ -304,25 +304,26 @@ def read_score_sde_checkpoint(raw: Any, *, arch_params: dict | None = None, ema:
     """
     params = {**PUBLISHED_CIFAR10, **(arch_params or {})}
     config = _config_text(params)
+    template = on_meta(NCSNpp, **params)
     if is_state_dict(raw):
-        return PublishedWeights("state_dict", ARCH, params, checkpoints.strip_prefix(dict(raw), "module."), {})
-    if not (isinstance(raw, dict) and "model" in raw and "ema" in raw):
+        fmt, state, info = "state_dict", checkpoints.strip_prefix(dict(raw), "module."), {}
+    elif isinstance(raw, dict) and "model" in raw and "ema" in raw:
+        if not is_state_dict(raw["model"]):
+            raise checkpoints.CheckpointError(f"{source}: `model` is not a state dict")
+        state = checkpoints.strip_prefix(dict(raw["model"]), "module.")
+        if ema:
+            state.update(_ema_state(raw, template, config, source))
+        step = raw.get("step")
+        step = int(step) if isinstance(step, (int, torch.Tensor)) else None
+        fmt, info = "score_sde", {"ema": bool(ema), "step": step}
+    else:
         got = sorted(map(str, raw))[:8] if isinstance(raw, dict) else type(raw).__name__
         raise checkpoints.CheckpointError(
             f"{source}: not a score_sde checkpoint: expected top-level keys optimizer, model, ema, step; got {got}")
-    if not is_state_dict(raw["model"]):
-        raise checkpoints.CheckpointError(f"{source}: `model` is not a state dict")
-    template = on_meta(NCSNpp, **params)
-    state = checkpoints.strip_prefix(dict(raw["model"]), "module.")
-    if ema:
-        state.update(_ema_state(raw, template, config, source))
-    expected = {k: v.shape for k, v in template.state_dict().items()}
-    mismatch = first_shape_mismatch(expected, state, config)
+    mismatch = first_shape_mismatch({k: v.shape for k, v in template.state_dict().items()}, state, config)
     if mismatch:
         raise checkpoints.CheckpointError(f"{source}: {mismatch}")
-    step = raw.get("step")
-    info = {"ema": bool(ema), "step": int(step) if isinstance(step, (int, torch.Tensor)) else None}
-    return PublishedWeights("score_sde", ARCH, params, state, info)
+    return PublishedWeights(fmt, ARCH, params, state, info)
 
 
 def load_score_sde(checkpoint: str, *, arch_params: dict | None = None, ema: bool = True,
