@@ -118,14 +118,17 @@ def test_ncsnpp_matches_the_published_layout():
     doc = _fixture("ncsnpp_cifar10_keys.json")
     assert doc["config"] == json.loads(json.dumps(PUBLISHED_CIFAR10))
     _assert_layout(on_meta(NCSNpp), doc)   # the defaults are the published configuration
-    assert doc["num_parameters"] == 106_632_579
+    # the official code's counts at configs/vp/cifar10_ddpmpp_deep_continuous.py (the score_sde paper
+    # gives none for this model): 957 state-dict entries = 956 parameters + the `sigmas` buffer
+    assert (len(doc["state_dict"]), len(doc["parameters"]), doc["num_parameters"]) == (957, 956, 106_632_579)
 
 
 def test_guided_unet_matches_the_published_layout():
     doc = _fixture("guided_unet_256_uncond_keys.json")
     assert doc["config"] == json.loads(json.dumps(PUBLISHED_256_UNCOND))
     _assert_layout(on_meta(GuidedUNet), doc)
-    assert doc["num_parameters"] == 552_814_086
+    # the official code's counts at DiffPure's configs/imagenet.yml: no buffers, 552.8 M parameters
+    assert (len(doc["state_dict"]), len(doc["parameters"]), doc["num_parameters"]) == (566, 566, 552_814_086)
 
 
 # ---------------------------------------------------------------------------------------
@@ -197,6 +200,32 @@ def test_score_sde_checkpoint_loads_frozen_with_ema_weights(tmp_path):
     xg = x.clone().requires_grad_(True)
     plain(xg, labels).square().sum().backward()   # frozen weights, gradients to the input
     assert xg.grad is not None and float(xg.grad.abs().sum()) > 0
+
+
+class _PickledConfig:  # an arbitrary Python object, as a careless torch.save(…) of a whole config stores
+    nf = 8
+
+
+@pytest.mark.parametrize("load, arch_params", [(load_score_sde, TINY_NCSNPP), (load_guided_diffusion, TINY_GUIDED)])
+def test_checkpoints_are_read_with_weights_only(tmp_path, load, arch_params):
+    """torch.load(weights_only=True): a file that would need arbitrary unpickling is refused, naming it,
+    although the readers would accept its tensors (weights_only=False would load it)."""
+    net = (NCSNpp if load is load_score_sde else GuidedUNet)(**arch_params)
+    state = net.state_dict()
+    raw = (_score_sde_layout(state, [p.detach() for p in net.parameters()]) if load is load_score_sde
+           else state)
+    path = tmp_path / "published.pt"
+    torch.save(raw, path)
+    load(str(path), arch_params=arch_params)   # the same layout without the object loads
+    if load is load_score_sde:
+        raw["config"] = _PickledConfig()
+    else:
+        state["config"] = _PickledConfig()
+    torch.save(raw, path)
+    assert isinstance(torch.load(path, weights_only=False)["config"], _PickledConfig)
+    with pytest.raises(checkpoints.CheckpointError, match=rf"cannot load checkpoint {path}: it pickles "
+                       rf"{__name__}._PickledConfig besides tensors.*weights_only=True"):
+        load(str(path), arch_params=arch_params)
 
 
 def test_guided_reader_at_the_published_shapes():

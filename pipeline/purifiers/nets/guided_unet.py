@@ -34,12 +34,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.io import checkpoints
-from pipeline.purifiers.base import PublishedWeights, load_frozen
+from pipeline.purifiers.base import PublishedWeights
 from pipeline.purifiers.nets.ncsnpp import (
     Float32GroupNorm,
-    empty_on_cpu,
     first_shape_mismatch,
     is_state_dict,
+    load_frozen_safely,
     on_meta,
     parse_dtype,
 )
@@ -247,7 +247,6 @@ def load_guided_diffusion(checkpoint: str, *, arch_params: dict | None = None,
     def published(raw: Any) -> PublishedWeights:
         return read_guided_state_dict(raw, arch_params=arch_params, source=checkpoint)
 
-    net, info = load_frozen(checkpoint, lambda arch, p: empty_on_cpu(GuidedUNet, **p), archs=[ARCH],
-                            published=published, kind="guided-diffusion network")
+    net, info = load_frozen_safely(checkpoint, GuidedUNet, ARCH, published, "guided-diffusion network")
     info["dtype"] = str(torch_dtype).removeprefix("torch.")
     return net.to(torch_dtype), info

@@ -27,6 +27,7 @@ are always taken in float32.
 from __future__ import annotations
 
 import math
+import re
 from typing import Any, Sequence
 
 import torch
@@ -94,6 +95,23 @@ def first_shape_mismatch(expected: dict[str, torch.Size], state: dict, config: s
 def is_state_dict(obj: Any) -> bool:
     return isinstance(obj, dict) and bool(obj) and all(isinstance(k, str) for k in obj) \
         and all(isinstance(v, torch.Tensor) for v in obj.values())
+
+
+def load_frozen_safely(checkpoint: str, make: Any, arch: str, published: Any, kind: str) -> tuple[nn.Module, dict]:
+    """load_frozen (torch.load with weights_only=True) for a published network; a file that pickles
+    Python objects besides tensors is refused with what to do instead of torch's advice to unpickle it."""
+    try:
+        return load_frozen(checkpoint, lambda a, p: empty_on_cpu(make, **p), archs=[arch],
+                           published=published, kind=kind)
+    except checkpoints.CheckpointError as err:
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
+        if not found:
+            raise
+        raise checkpoints.CheckpointError(
+            f"cannot load checkpoint {checkpoint}: it pickles {found.group(1)} besides tensors, and "
+            "checkpoints are read with torch.load(weights_only=True), which never runs code from a file. "
+            "The published files hold tensors only; re-save this one's tensors once, where you trust it "
+            "(its state dict, or the score_sde dict of model/ema/step).") from None
 
 
 # ---------------------------------------------------------------------------------------
@@ -338,7 +356,6 @@ def load_score_sde(checkpoint: str, *, arch_params: dict | None = None, ema: boo
     def published(raw: Any) -> PublishedWeights:
         return read_score_sde_checkpoint(raw, arch_params=arch_params, ema=ema, source=checkpoint)
 
-    net, info = load_frozen(checkpoint, lambda arch, p: empty_on_cpu(NCSNpp, **p), archs=[ARCH],
-                            published=published, kind="score_sde network")
+    net, info = load_frozen_safely(checkpoint, NCSNpp, ARCH, published, "score_sde network")
     info["dtype"] = str(torch_dtype).removeprefix("torch.")
     return net.to(torch_dtype), info
