@@ -118,8 +118,8 @@ def test_ncsnpp_matches_the_published_layout():
     doc = _fixture("ncsnpp_cifar10_keys.json")
     assert doc["config"] == json.loads(json.dumps(PUBLISHED_CIFAR10))
     _assert_layout(on_meta(NCSNpp), doc)   # the defaults are the published configuration
-    # the official code's counts at configs/vp/cifar10_ddpmpp_deep_continuous.py (the score_sde paper
-    # gives none for this model): 957 state-dict entries = 956 parameters + the `sigmas` buffer
+    # the official code's counts at configs/vp/cifar10_ddpmpp_deep_continuous.py (no published count
+    # found to check against): 957 state-dict entries = 956 parameters + the `sigmas` buffer
     assert (len(doc["state_dict"]), len(doc["parameters"]), doc["num_parameters"]) == (957, 956, 106_632_579)
 
 
@@ -208,8 +208,8 @@ class _PickledConfig:  # an arbitrary Python object, as a careless torch.save(â€
 
 @pytest.mark.parametrize("load, arch_params", [(load_score_sde, TINY_NCSNPP), (load_guided_diffusion, TINY_GUIDED)])
 def test_checkpoints_are_read_with_weights_only(tmp_path, load, arch_params):
-    """torch.load(weights_only=True): a file that would need arbitrary unpickling is refused, naming it,
-    although the readers would accept its tensors (weights_only=False would load it)."""
+    """torch.load(weights_only=True): a file that would need arbitrary unpickling is refused before any
+    reader sees it, naming the pickled class (weights_only=False would unpickle it)."""
     net = (NCSNpp if load is load_score_sde else GuidedUNet)(**arch_params)
     state = net.state_dict()
     raw = (_score_sde_layout(state, [p.detach() for p in net.parameters()]) if load is load_score_sde
@@ -217,10 +217,7 @@ def test_checkpoints_are_read_with_weights_only(tmp_path, load, arch_params):
     path = tmp_path / "published.pt"
     torch.save(raw, path)
     load(str(path), arch_params=arch_params)   # the same layout without the object loads
-    if load is load_score_sde:
-        raw["config"] = _PickledConfig()
-    else:
-        state["config"] = _PickledConfig()
+    raw["config"] = _PickledConfig()
     torch.save(raw, path)
     assert isinstance(torch.load(path, weights_only=False)["config"], _PickledConfig)
     with pytest.raises(checkpoints.CheckpointError, match=rf"cannot load checkpoint {path}: it pickles "
