@@ -25,7 +25,7 @@ from pipeline import config as config_mod
 from pipeline.config import Config, ConfigError
 from pipeline.corpus.worker import STAGE, CorpusWorker
 from pipeline.io import shards, storage
-from pipeline.run import commit, driver
+from pipeline.run import commit, data_identity, driver
 from pipeline.run import lease as lease_mod
 
 log = logging.getLogger(__name__)
@@ -75,20 +75,25 @@ def output_url(cfg: Config, sid: str) -> str:
     return storage.join(cfg.job.output, f"{sid}.tar")
 
 
-def expected_counts(urls: list[str], index: str | None) -> dict[str, int | None]:
-    """Samples per shard from an index when there is one (advpure index.json or a wids
-    shard index); otherwise None: the worker counts while reading."""
+def index_entries(urls: list[str], index: str | None) -> dict[str, dict[str, Any] | None]:
+    """{shard URL: its index entry} from `index` (advpure index.json or a wids shard index)
+    or the index.json beside each shard; None where none names it (the worker counts while
+    reading, the data's identity comes from the file)."""
     if index is not None:
         doc = json.loads(storage.read_text(index))
         if isinstance(doc, dict) and "shardlist" in doc:
-            by_name = {storage.basename(e["url"]): int(e["nsamples"]) for e in doc["shardlist"]}
+            by_name = {storage.basename(e["url"]): e for e in doc["shardlist"]}
             return {u: by_name.get(storage.basename(u)) for u in urls}
-        return shards.expected_counts(urls, index)
-    try:
-        return shards.expected_counts(urls)
-    except shards.ShardError as err:  # an index.json of some other tool: count while reading
-        log.warning("%s; counting samples while reading instead", err)
-        return {u: None for u in urls}
+    return data_identity.index_entries(urls, index)
+
+
+def expected_counts(urls: list[str], index: str | None) -> dict[str, int | None]:
+    """Samples per shard from an index when there is one (advpure `samples` or wids
+    `nsamples`); otherwise None: the worker counts while reading."""
+    def count(e: dict[str, Any] | None) -> int | None:
+        n = (e or {}).get("samples", (e or {}).get("nsamples"))
+        return int(n) if n is not None else None
+    return {u: count(e) for u, e in index_entries(urls, index).items()}
 
 
 def plan(cfg: Config) -> list[driver.ShardState]:
@@ -113,7 +118,7 @@ def run(cfg: Config) -> tuple[int, dict[str, Any]]:
     with lease_mod.acquire(cfg.job.output, cfg.job.name, c.lease_timeout_s, c.lease_heartbeat_s) as lease:
         if lease.took_over:
             time.sleep(driver.TAKEOVER_GRACE_S)
-        driver.check_job_state(cfg)
+        driver.check_job_state(cfg, states, index_entries([s.url for s in states], cfg.data.index))
         try:
             result = driver.run_stage(cfg, STAGE, states, worker_cls=CorpusWorker, lease=lease)
         except (driver.DriverError, lease_mod.LeaseLost) as err:
