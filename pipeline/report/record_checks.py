@@ -237,6 +237,8 @@ def run_data_checks(clean: Mapping[str, Any] | None, per_class: Sequence[Mapping
         return []
     counts = {c["label"]: (c.get("clean_classifier") or {}).get("n", 0) for c in per_class}
     counts = {label: n for label, n in counts.items() if n}
+    if len(counts) < 2:   # one label: a constant guess is always right, chance says nothing
+        return []
     out = []
     for which in ("classifier", "defended"):
         acc = clean.get(which)
