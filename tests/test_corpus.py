@@ -394,6 +394,10 @@ def test_indexes_yaml_and_command_line_make_the_config(tmp_path):
                             corpus={"resize": 16, "max_batch_pixels": 1000})
     other = job.build_config(url, str(tmp_path / "o"), config_path=str(yml), purifier="none", corpus={"resize": 32})
     assert cfg.hash() == same.hash() != other.hash()                   # batching is not part of the results
+    yml.write_text("purifier: {name: none}\n")
+    assert job.build_config(url, "o", config_path=str(yml)).purifier.name == "none"   # named by the YAML
+    with pytest.raises(ConfigError, match=r"no purifier: give --purifier NAME .*`--purifier none` re-encodes"):
+        job.build_config(url, "o")
     yml.write_text("attacks: [{name: pgd}]\n")
     with pytest.raises(ConfigError, match="runs no attacks"):
         job.build_config(url, str(tmp_path / "o"), config_path=str(yml), purifier="none")

@@ -142,6 +142,8 @@ def test_purify_refuses_bad_requests_before_work(tmp_path, capsys):
     pattern, _ = _corpus(tmp_path, truncated=False)
     assert _purify(pattern, str(tmp_path / "o"), "--purifier", "no-such") == 2
     assert "purifier.name" in capsys.readouterr().err
+    assert _purify(pattern, str(tmp_path / "o")) == 2   # no --purifier: not silently `none`
+    assert "no purifier: give --purifier NAME" in capsys.readouterr().err
     assert _purify(pattern, str(tmp_path / "corpus"), "--purifier", "none") == 2   # would overwrite the input
     assert "would overwrite input shard" in capsys.readouterr().err
     assert _purify(pattern, str(tmp_path / "o"), "--purifier", "none", "--crop") == 2

@@ -67,6 +67,9 @@ def build_config(shard_pattern: str, output: str, *, config_path: str | None = N
             section["params"] = {**(section.get("params") or {}), **given}
         if section:
             data[key] = section
+    if not (data.get("purifier") or {}).get("name"):   # the config's default, `none`, would only re-encode
+        raise ConfigError(f"{source}: no purifier: give --purifier NAME (registered ones: `advpure list`) "
+                          "or a purifier: section in --config; `--purifier none` re-encodes and validates only")
     data["corpus"] = {**(data.get("corpus") or {}), **{k: v for k, v in (corpus or {}).items() if v is not None}}
     return config_mod.from_dict(data, source)
 
