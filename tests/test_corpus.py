@@ -314,6 +314,23 @@ def test_a_size_the_purifier_cannot_take_names_the_constraint_and_the_resize(tmp
     assert len(errors) == 1 and "this image is 30×30; corpus.resize 30 does not fit it; purify at" in errors.pop()
 
 
+def test_end_of_run_lines_name_the_dropped_keys_and_why(tmp_path):
+    from pipeline.run import driver
+
+    odd = _png(synth.smooth_image(RNG, 30, 30, 1))
+    urls = [_shard(tmp_path, [m for i in range(4) for m in synth.sample_members(f"a{i}", odd, "png")]
+                   + [("broken.png", b"no image")], "in-000000.tar"),
+            _shard(tmp_path, [m for i in range(3) for m in synth.sample_members(f"b{i}", odd, "png")], "in-000001.tar")]
+    w = _worker(tmp_path, purifier="dae", params={"checkpoint": _dae(tmp_path, 1)})
+    markers = {sid: w.process(url, sid, STAGE) for url, sid in zip(urls, ("in-000000", "in-000001"))}
+    assert markers["in-000000"]["dropped_examples"]["purify_error"]["keys"] == ["a0", "a1", "a2", "a3"]
+    result = driver.StageResult(STAGE, {sid: driver.ShardState(u, sid, None) for u, sid in zip(urls, markers)}, 1.0)
+    lines = job.format_outcome({"stages": {}, "corpus": job.corpus_summary(w.cfg, result, markers)}).splitlines()
+    assert lines[2].startswith("dropped: decode_error 1, purify_error 7  (why, per sample: the records under ")
+    assert lines[3].startswith("  decode_error 1: broken — broken: UnidentifiedImageError: ")
+    assert lines[4].startswith("  purify_error 7: a0, a1, a2, a3, b0 and 2 more — a0: InputSizeError: small_dae needs")
+
+
 def test_networks_name_the_sizes_they_take():
     from pipeline.purifiers.nets import InputSizeError
     from pipeline.purifiers.nets.ebm_nets import EBM

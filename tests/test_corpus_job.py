@@ -61,6 +61,7 @@ def test_purify_quarantines_resumes_and_reads_back(ray_local, tmp_path, capsys):
     text = capsys.readouterr().out
     assert "purified 11 of 13 samples into 2 of 3 shards" in text
     assert "dropped: decode_error 1, no_image 1" in text and "train-000002 QUARANTINED" in text
+    assert "\n  decode_error 1: broken — broken: " in text and "\n  no_image 1: textonly — textonly: " in text
     manifest = json.loads((out / "manifest.json").read_text())
     c = manifest["corpus"]
     assert c["quarantined"]["train-000002"].count("truncated") == 1

@@ -23,7 +23,7 @@ import yaml
 
 from pipeline import config as config_mod
 from pipeline.config import Config, ConfigError
-from pipeline.corpus.worker import STAGE, CorpusWorker
+from pipeline.corpus.worker import EXAMPLE_KEYS, STAGE, CorpusWorker
 from pipeline.io import shards, storage
 from pipeline.run import commit, data_identity, driver
 from pipeline.run import lease as lease_mod
@@ -155,6 +155,7 @@ def corpus_summary(cfg: Config, result: driver.StageResult, markers: dict[str, d
     """What the output holds against what came in: per shard and in all, ok and dropped by reason."""
     per_shard: dict[str, Any] = {}
     dropped: dict[str, int] = {}
+    examples: dict[str, dict[str, Any]] = {}   # per reason: the first keys in shard order and the first error
     for sid, m in sorted(markers.items()):
         out = (m.get("outputs") or [{}])[0]
         per_shard[sid] = {"samples": m.get("samples", 0), "ok": m.get("ok", 0), "dropped": m.get("dropped", {}),
@@ -162,12 +163,15 @@ def corpus_summary(cfg: Config, result: driver.StageResult, markers: dict[str, d
                           "non_file_members": m.get("non_file_members", 0)}
         for reason, n in m.get("dropped", {}).items():
             dropped[reason] = dropped.get(reason, 0) + n
+        for reason, ex in m.get("dropped_examples", {}).items():
+            into = examples.setdefault(reason, {"keys": [], "error": ex.get("error")})
+            into["keys"] += ex["keys"][:EXAMPLE_KEYS - len(into["keys"])]
     quarantined = {sid: (result.shards[sid].errors or [""])[-1] for sid in result.quarantined}
     return {"output": cfg.job.output, "wids_index": storage.join(cfg.job.output, WIDS_INDEX),
             "shards_in": len(result.shards), "shards_out": len(markers), "quarantined": quarantined,
             "samples": sum(s["samples"] for s in per_shard.values()),
             "ok": sum(s["ok"] for s in per_shard.values()), "dropped": dict(sorted(dropped.items())),
-            "shards": per_shard}
+            "dropped_examples": dict(sorted(examples.items())), "shards": per_shard}
 
 
 def write_manifest(cfg: Config, result: driver.StageResult, markers: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -199,6 +203,16 @@ def format_outcome(manifest: dict[str, Any]) -> str:
     if c["dropped"]:
         lines.append("dropped: " + ", ".join(f"{k} {v}" for k, v in c["dropped"].items())
                      + f"  (why, per sample: the records under {storage.join(c['output'], STAGE)})")
+        examples = c.get("dropped_examples", {})
+        lines += [_dropped_line(reason, n, examples.get(reason)) for reason, n in c["dropped"].items()]
     for sid, reason in c["quarantined"].items():
         lines.append(f"shard {sid} QUARANTINED: {reason}")
     return "\n".join(lines)
+
+
+def _dropped_line(reason: str, n: int, example: dict[str, Any] | None) -> str:
+    """`  reason n: key, key, … and k more — first key: its error` (the keys a user looks up)."""
+    if not example or not example.get("keys"):
+        return f"  {reason} {n}"
+    keys = ", ".join(example["keys"]) + (f" and {n - len(example['keys'])} more" if n > len(example["keys"]) else "")
+    return f"  {reason} {n}: {keys}" + (f" — {example['keys'][0]}: {example['error']}" if example.get("error") else "")
