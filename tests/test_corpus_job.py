@@ -74,7 +74,7 @@ def test_purify_quarantines_resumes_and_reads_back(ray_local, tmp_path, capsys):
 
     assert _purify(*args) == 3                                   # resume: committed shards are skipped
     assert _markers(out) == first
-    pattern, _ = _corpus(tmp_path, truncated=False)              # the shard is repaired
+    (tmp_path / "corpus" / "train-000002.tar").write_bytes(synth.tar_bytes(shards["train-000002"]))   # repaired
     assert _purify(*args) == 0
     after = _markers(out)
     assert {k: after[k] for k in first} == first and set(after) == set(shards)

@@ -61,8 +61,24 @@ def test_other_images_under_the_same_shard_names_are_refused(two_sets, tmp_path)
         _start(_cfg(two_sets[1], tmp_path / "out"))
     msg = str(err.value)
     assert msg.startswith("job.yaml: output ") and "holds results for other data than data.shards names" in msg
-    assert "3 shard(s) changed (other bytes under the same name): shard-000000, shard-000001, shard-000002" in msg
+    # only the committed shard holds results of the old data: the others would be run anew
+    assert "1 shard(s) changed (other bytes under the same name): shard-000000; resume with the data" in msg
     assert f"remove {tmp_path / 'out'} to start over" in msg
+
+
+def test_a_repaired_shard_without_results_resumes(two_sets, tmp_path):
+    ours, a, b = tmp_path / "ours", Path(two_sets[0]).parent, Path(two_sets[1]).parent
+    shutil.copytree(a, ours)
+    (ours / "index.json").unlink()          # the files identify themselves
+    shutil.copy(b / "shard-000002.tar", ours / "shard-000002.tar")   # a damaged shard, quarantined
+    cfg = _cfg(str(ours / Path(two_sets[0]).name), tmp_path / "out")
+    _start(cfg)
+    _commit_one(cfg)
+    shutil.copy(a / "shard-000002.tar", ours / "shard-000002.tar")   # repaired: no results of it to mix
+    _start(cfg)
+    shutil.copy(b / "shard-000000.tar", ours / "shard-000000.tar")
+    with pytest.raises(ConfigError, match=r"1 shard\(s\) changed \(other bytes under the same name\): shard-000000;"):
+        _start(cfg)
 
 
 def test_added_and_removed_shards_are_named(two_sets, tmp_path):

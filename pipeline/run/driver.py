@@ -99,6 +99,9 @@ def _job_mismatch(cfg: Config, prev: dict[str, Any], data: dict[str, dict[str, A
     if "data" not in prev:   # written before data was recorded: nothing to compare
         return None
     changes = data_identity.diff(prev["data"], data)
+    if changes.changed:   # new bytes for a shard with no committed results: a repaired (quarantined) shard
+        held = set().union(*(commit.committed(out, stage) for stage in commit.RESULT_STAGES))
+        changes.changed = [sid for sid in changes.changed if sid in held]
     if changes:
         return (f"output {out} holds results for other data than data.shards names: {changes.describe()}; "
                 f"resume with the data it was made from, or {fix}")
