@@ -22,7 +22,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from pipeline.report import aggregate, build, summary, tables
+from pipeline.report import aggregate, build, corpus, summary, tables
 from pipeline.report.summary import wilson  # noqa: F401  (public: the interval every figure uses)
 
 FORMATS = ("text", "markdown", "html", "json", "robustbench")
@@ -50,6 +50,8 @@ def render(runs: list[str], fmt: str = "text", stage: str = "evaluate", dataset:
     if fmt not in FORMATS:
         raise ValueError(f"unknown report format {fmt!r}; expected one of {FORMATS}")
     doc = build.report(runs, stage)
+    if doc.get("kind") == "corpus":   # advpure purify's output: samples, quality, predictions
+        return corpus.render(doc, fmt)
     if fmt == "json":
         return json.dumps(doc, indent=1)
     if fmt == "markdown":
