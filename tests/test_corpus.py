@@ -314,6 +314,22 @@ def test_a_size_the_purifier_cannot_take_names_the_constraint_and_the_resize(tmp
     assert len(errors) == 1 and "this image is 30×30; corpus.resize 30 does not fit it; purify at" in errors.pop()
 
 
+def test_a_resize_the_purifier_cannot_take_is_refused_before_work(tmp_path):
+    url = _shard(tmp_path, _good_members(2))
+    ckpt = _dae(tmp_path, 1, {checkpoints.INPUT_SHAPE: [1, 8, 8]})
+    cfg = job.build_config(url, str(tmp_path / "out"), purifier="dae", params={"checkpoint": ckpt},
+                           corpus={"resize": 30})
+    with pytest.raises(ConfigError) as err:
+        job.run(cfg)
+    assert str(err.value) == (
+        f"<advpure purify>: corpus.resize 30: the purifier's small_dae network (purifier.params.checkpoint: {ckpt}) "
+        "needs height and width divisible by 4 (it down-samples by 4 and up-samples back); purify at a size it "
+        "takes: --resize N (corpus.resize) with N divisible by 4, e.g. --resize 8, the size its checkpoint was "
+        "trained on; add --restore-size to write the input's size back")
+    assert not (tmp_path / "out").exists()
+    job.check_resize(job.build_config(url, "o", purifier="dae", params={"checkpoint": ckpt}, corpus={"resize": 28}))
+
+
 def test_end_of_run_lines_name_the_dropped_keys_and_why(tmp_path):
     from pipeline.run import driver
 

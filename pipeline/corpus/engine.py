@@ -117,18 +117,7 @@ class Engine:
         return self._trained[0]
 
     def size_hint(self, err: InputSizeError) -> str:
-        """What to do about images the purifier's network cannot take: the size policy's side N."""
-        trained = self.trained_shape()
-        if trained is not None and trained[1] == trained[2] and err.fits(trained[1]):
-            example, why = trained[1], ", the size its checkpoint was trained on"
-        else:
-            example = err.size or err.multiple * max(1, round(min(err.hw) / err.multiple))
-            why = "" if trained is None else f" (its checkpoint was trained on {trained[1]}×{trained[2]})"
-        need = f"N = {err.size}" if err.size else f"N divisible by {err.multiple}"
-        given = self.cfg.corpus.resize if self.cfg.corpus is not None else None
-        now = f"corpus.resize {given} does not fit it; " if given is not None and not err.fits(given) else ""
-        return (f"{now}purify at a size it takes: --resize N (corpus.resize) with {need}, e.g. --resize {example}"
-                f"{why}; add --restore-size to write the input's size back")
+        return size_hint(err, self.trained_shape(), self.cfg.corpus.resize if self.cfg.corpus is not None else None)
 
     def _batch(self, x: torch.Tensor, keys: list[str]) -> list[Outcome]:
         t0 = time.perf_counter()
@@ -181,6 +170,20 @@ class Engine:
                     "vote_after": vote.tolist()}
         except Exception as err:  # the classifier is optional: its failure is noted per row
             return {"classifier_error": [f"classifier: {type(err).__name__}: {err}"] * B}
+
+
+def size_hint(err: InputSizeError, trained: tuple[int, int, int] | None, given: int | None) -> str:
+    """What to do about images a purifier's network cannot take: the size policy's side N
+    (`trained`: the (C, H, W) its checkpoint records; `given`: corpus.resize)."""
+    if trained is not None and trained[1] == trained[2] and err.fits(trained[1]):
+        example, why = trained[1], ", the size its checkpoint was trained on"
+    else:
+        example = err.size or err.multiple * max(1, round(min(err.hw) / err.multiple))
+        why = "" if trained is None else f" (its checkpoint was trained on {trained[1]}×{trained[2]})"
+    need = f"N = {err.size}" if err.size else f"N divisible by {err.multiple}"
+    now = f"corpus.resize {given} does not fit it; " if given is not None and not err.fits(given) else ""
+    return (f"{now}purify at a size it takes: --resize N (corpus.resize) with {need}, e.g. --resize {example}"
+            f"{why}; add --restore-size to write the input's size back")
 
 
 class Batcher:

@@ -23,8 +23,11 @@ import yaml
 
 from pipeline import config as config_mod
 from pipeline.config import Config, ConfigError
+from pipeline.corpus import engine
 from pipeline.corpus.worker import EXAMPLE_KEYS, STAGE, CorpusWorker
-from pipeline.io import shards, storage
+from pipeline.evaluation import preflight
+from pipeline.io import checkpoints, shards, storage
+from pipeline.purifiers import nets
 from pipeline.run import commit, data_identity, driver
 from pipeline.run import lease as lease_mod
 
@@ -74,6 +77,26 @@ def build_config(shard_pattern: str, output: str, *, config_path: str | None = N
     return config_mod.from_dict(data, source)
 
 
+def check_resize(cfg: Config) -> None:
+    """corpus.resize must be a size the purifier's networks take (known from the arch our
+    checkpoints record): refused before any work rather than found out sample by sample."""
+    side = cfg.corpus.resize if cfg.corpus is not None else None
+    for role, key, url in preflight.model_files(cfg) if side is not None else []:
+        raw = checkpoints.load_raw(url) if role == "purifier" else None
+        if not (isinstance(raw, dict) and "arch" in raw):
+            continue   # not ours (a published format): the worker names what fails
+        arch, params, meta = raw["arch"], raw.get("arch_params") or {}, raw.get("meta") or {}
+        size = int(params.get("image_size", 32)) if arch == "ebm" else None
+        if arch not in nets.SIDE_MULTIPLE and size is None:
+            continue
+        err = nets.InputSizeError(arch, (side, side), multiple=nets.SIDE_MULTIPLE.get(arch), size=size)
+        if not err.fits(side):
+            shape = meta.get(checkpoints.INPUT_SHAPE)
+            trained = tuple(int(v) for v in shape) if isinstance(shape, (list, tuple)) and len(shape) == 3 else None
+            raise ConfigError(f"{cfg.source}: corpus.resize {side}: the purifier's {arch} network ({key}: {url}) "
+                              f"needs {err.need}; {engine.size_hint(err, trained, None)}")
+
+
 def output_url(cfg: Config, sid: str) -> str:
     return storage.join(cfg.job.output, f"{sid}.tar")
 
@@ -117,6 +140,7 @@ def run(cfg: Config) -> tuple[int, dict[str, Any]]:
     if cfg.corpus is None:
         raise ConfigError(f"{cfg.source}: not a corpus job (no corpus section)")
     states = plan(cfg)
+    check_resize(cfg)
     c = cfg.cluster
     with lease_mod.acquire(cfg.job.output, cfg.job.name, c.lease_timeout_s, c.lease_heartbeat_s) as lease:
         if lease.took_over:

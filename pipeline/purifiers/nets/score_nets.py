@@ -29,7 +29,7 @@ from torch import nn
 
 from pipeline.io import checkpoints
 from pipeline.purifiers.base import PublishedWeights, load_frozen
-from pipeline.purifiers.nets import check_multiple
+from pipeline.purifiers.nets import SIDE_MULTIPLE, check_multiple
 
 SMALL_ARCH = "small_score"
 NCSNV2_ARCH = "ncsnv2"
@@ -83,7 +83,7 @@ class SmallScoreNet(nn.Module):
         self.out = nn.Conv2d(w, in_channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        check_multiple(x, 4, SMALL_ARCH)
+        check_multiple(x, SIDE_MULTIPLE[SMALL_ARCH], SMALL_ARCH)
         h = self.inp(2.0 * x - 1.0)
         e1 = self.enc1(h)
         e2 = self.enc2(self.down1(e1))
