@@ -11,6 +11,7 @@ ModelInfo files (docs/report.md).
   tables       text / Markdown / HTML tables;  html: the self-contained page (matplotlib)
   images       example images from the job's image shards;  robustbench: ModelInfo export
   build        one run's document, or a comparison of several
+  corpus       an `advpure purify` output's document: samples and drops, quality, predictions, cost
 
 The entry points are below: summarize, summarize_run, format_table, render. Nothing here
 imports torch.
