@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> dict:
             "holdout": args.holdout, "seed": args.seed, "limit": args.limit, "n_train": len(train_idx),
             "sigmas": list(sigmas), "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
             "history": history, **report}
-    common.save(args.out, args.arch, arch_params, net, meta)
+    common.save(args.out, args.arch, arch_params, net, meta, input_shape=images.shape[1:])
     log.info("saved %s: %s", args.out, report)
     return meta
 

@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
             "d_curve": d[::every], "r_curve": hist["r"][::every], "energy_pos_curve": hist["energy_pos"][::every]}
     if len(held_out):
         meta["check"] = report_check(args, net, held_out, held_labels, cfg["epsilon"])
-    common.save(args.out, ebm_nets.ARCH, arch_params, net, meta)
+    common.save(args.out, ebm_nets.ARCH, arch_params, net, meta, input_shape=data.shape[1:])
     print(f"saved {args.out}: {json.dumps({k2: meta[k2] for k2 in ('data', 'count', 'steps', 'recipe')})}")
     return 1 if hist["diverged"] else 0
 

@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         meta["adp_psnr"] = {"images": len(held_out), "per_step": curve}
         print(f"ADP (σ 0.25, ≤10 steps, λ 0.05) on {len(held_out)} held-out images: PSNR {curve[0]:.2f} dB "
               f"(smoothed input) → {curve[-1]:.2f} dB (purified) after {len(curve) - 1} steps")
-    common.save(args.out, args.arch, arch_params, model, meta)
+    common.save(args.out, args.arch, arch_params, model, meta, input_shape=images.shape[1:])
     print(f"saved {args.out}: {json.dumps({k: meta[k] for k in ('data', 'count', 'epochs', 'loss_last')})}")
     return 1 if math.isnan(last) else 0
 

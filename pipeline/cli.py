@@ -114,7 +114,8 @@ def _purify_parser(sub) -> None:
                                        "(docs/corpus.md)")
     pu.add_argument("shards", help="input shards: a brace pattern, local, s3:// or https://")
     pu.add_argument("output", help="output folder (local or s3://): purified shards, indexes, records")
-    pu.add_argument("--purifier", help="registered purifier (advpure list); `none` re-encodes and validates")
+    pu.add_argument("--purifier", help="registered purifier (advpure list), required unless --config names one; "
+                                       "`none` re-encodes and validates")
     pu.add_argument("--params", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
                     help="purifier parameters, e.g. checkpoint=s3://models/score.pt sigma=0.25")
     pu.add_argument("--classifier", help="optional classifier: predictions before and after purification")

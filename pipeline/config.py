@@ -10,9 +10,11 @@ import dataclasses
 import hashlib
 import inspect
 import json
+import re
 import types
 import typing
 from dataclasses import dataclass, field
+from fractions import Fraction
 from pathlib import Path
 from typing import Any, Literal, Union
 
@@ -230,6 +232,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             raise ConfigError(f"{where}: expected an integer, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str) and parse_fraction(value, where) is not None:
+            return parse_fraction(value, where)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}: expected a number, got {value!r}")
         return float(value)
@@ -238,6 +242,21 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             raise ConfigError(f"{where}: expected a string, got {value!r}")
         return value
     raise ConfigError(f"{where}: unsupported type {tp}")
+
+
+_FRACTION = re.compile(r"\s*([+-]?\d+(?:\.\d*)?)\s*/\s*(\d+(?:\.\d*)?)\s*")
+
+
+def parse_fraction(value: str, where: str = "") -> float | None:
+    """`8/255` (or `0.5/255`) → the nearest float to the exact quotient; None when `value` is
+    not a fraction. YAML reads `8/255` as a string; ε is conventionally written so."""
+    m = _FRACTION.fullmatch(value)
+    if m is None:
+        return None
+    den = Fraction(m[2])
+    if den == 0:
+        raise ConfigError(f"{where}: {value!r} divides by zero")
+    return float(Fraction(m[1]) / den)
 
 
 def _build(cls: type, data: Any, where: str) -> Any:
@@ -345,6 +364,83 @@ def _check_components(cfg: Config) -> None:
                 raise ConfigError(f"{key}.params.{pname}: file not found: {value}")
 
 
+def _takes_float(annotation: Any) -> bool:
+    if annotation is float:
+        return True
+    if typing.get_origin(annotation) in (Union, types.UnionType):
+        return float in typing.get_args(annotation)
+    return isinstance(annotation, str) and re.search(r"\bfloat\b", annotation) is not None
+
+
+def _numbers_in(params: dict[str, Any], ctor: Any, where: str) -> dict[str, Any]:
+    """`params` with fractions (`8/255`) read as numbers wherever the constructor takes a float."""
+    try:
+        sig = inspect.signature(ctor, eval_str=True)
+    except (NameError, TypeError):
+        sig = inspect.signature(ctor)
+    out = dict(params)
+    for name, value in params.items():
+        p = sig.parameters.get(name)
+        if not isinstance(value, str) or p is None or not _takes_float(p.annotation):
+            continue
+        parsed = parse_fraction(value, f"{where}.{name}")
+        if parsed is None:
+            raise ConfigError(f"{where}.{name}: expected a number or a fraction such as 8/255, got {value!r}")
+        out[name] = parsed
+    return out
+
+
+# ℓ∞ budgets and step sizes are in image units (pixels in [0, 1]): above 1 they mean x/255
+LINF_UNIT_PARAMS = ("eps", "step_size", "alpha")
+
+
+def _check_attack(i: int, a: AttackConfig, ctor: Any) -> None:
+    """The attack's parameters as its constructor judges them, and ℓ∞ sizes read as 0–255."""
+    default = inspect.signature(ctor).parameters.get("norm")
+    norm = a.params.get("norm", default.default if default is not None else "linf")
+    for name in LINF_UNIT_PARAMS:
+        v = a.params.get(name)
+        if norm == "linf" and isinstance(v, (int, float)) and not isinstance(v, bool) and v > 1:
+            raise ConfigError(f"attacks[{i}].params.{name}: {v:g} is outside [0, 1] (an ℓ∞ {name} is in "
+                              f"image units, pixels in [0, 1]); did you mean {v:g}/255? (write {name}: {v:g}/255)")
+    try:
+        ctor(**a.params)
+    except (ValueError, TypeError) as err:
+        raise ConfigError(f"attacks[{i}].params: {err}") from None
+
+
+def _resolve_params(cfg: Config) -> Config:
+    """Component parameters as the constructors take them (fractions → floats), and every
+    attack's parameters checked by building it (cheap: attacks hold no tensors). Unknown
+    names are left to `_check_components`."""
+    from pipeline.registry import ATTACKS, CLASSIFIERS, PURIFIERS
+
+    def ctor(registry: Any, name: str) -> Any:
+        try:
+            return registry.get(name)
+        except KeyError:
+            return None
+
+    def model(key: str, m: ModelConfig | None, registry: Any) -> ModelConfig | None:
+        c = ctor(registry, m.name) if m is not None else None
+        return m if c is None else dataclasses.replace(m, params=_numbers_in(m.params, c, f"{key}.params"))
+
+    purifier_ctor = ctor(PURIFIERS, cfg.purifier.name)
+    attacks = []
+    for i, a in enumerate(cfg.attacks):
+        c = ctor(ATTACKS, a.name)
+        if c is None:
+            attacks.append(a)
+            continue
+        surrogate = (_numbers_in(a.surrogate, purifier_ctor, f"attacks[{i}].surrogate")
+                     if purifier_ctor is not None else a.surrogate)
+        a = dataclasses.replace(a, params=_numbers_in(a.params, c, f"attacks[{i}].params"), surrogate=surrogate)
+        _check_attack(i, a, c)
+        attacks.append(a)
+    return dataclasses.replace(cfg, classifier=model("classifier", cfg.classifier, CLASSIFIERS),
+                               purifier=model("purifier", cfg.purifier, PURIFIERS), attacks=tuple(attacks))
+
+
 def _expand_presets(data: dict[str, Any]) -> dict[str, Any]:
     """`attacks: [{preset: hill2021, overrides: {...}}, ...]` → the preset's attack entries."""
     attacks = data.get("attacks")
@@ -375,6 +471,7 @@ def from_dict(data: dict[str, Any], source: str = "<dict>", check_components: bo
         _check_ranges(cfg)
         if check_components:
             _check_components(cfg)
+        cfg = _resolve_params(cfg)
     except ConfigError as err:
         raise ConfigError(f"{source}: {err}") from None
     return cfg

@@ -84,6 +84,40 @@ def test_attack_eps_in_pixel_units_is_refused(good):
 
     with pytest.raises(ValueError, match="did you mean"):
         ATTACKS.build("pgd", eps=8)
+    # the loader refuses it before any work starts, naming the key and the fix
+    with pytest.raises(ConfigError) as err:
+        config.load(good, ["attacks.0.params.eps=8"])
+    assert str(err.value) == (f"{good}: attacks[0].params.eps: 8 is outside [0, 1] (an ℓ∞ eps is in image units, "
+                              "pixels in [0, 1]); did you mean 8/255? (write eps: 8/255)")
+    with pytest.raises(ConfigError, match=r"attacks\[0\].params.step_size: 2 is outside .* did you mean 2/255"):
+        config.load(good, ["attacks.0.params.step_size=2"])
+    assert config.load(good, ["attacks.0.params.eps=8", "attacks.0.params.norm=l2"]).attacks[0].params["eps"] == 8
+    # every other value the attack's constructor refuses is a ConfigError naming the attack
+    with pytest.raises(ConfigError, match=r"attacks\[0\].params: steps must be ≥ 1, got 0"):
+        config.load(good, ["attacks.0.params.steps=0"])
+
+
+def test_fractions_are_read_exactly_in_yaml_and_set(good, tmp_path):
+    import yaml
+
+    by_set = config.load(good, ["attacks.0.params.eps=8/255", "attacks.0.params.step_size= 2 / 255"])
+    assert by_set.attacks[0].params == {"eps": 8 / 255, "steps": 3, "step_size": 2 / 255}
+    decimal = config.load(good, [f"attacks.0.params.eps={8 / 255!r}", f"attacks.0.params.step_size={2 / 255!r}"])
+    assert by_set.hash() == decimal.hash()
+    doc = yaml.safe_load(good.read_text())
+    doc["attacks"] = [{"name": "rfgsm", "params": {"eps": "8/255", "alpha": "0.5/255"}},
+                      {"name": "pgd", "params": {"eps": "8/255"}, "surrogate": {"sigma": "1/10"}}]
+    doc["purifier"] = {"name": "gaussian", "params": {"sigma": "1/4"}}
+    p = tmp_path / "fractions.yaml"
+    p.write_text(yaml.safe_dump(doc))
+    cfg = config.load(p)
+    assert cfg.attacks[0].params == {"eps": 8 / 255, "alpha": 0.5 / 255}
+    assert cfg.purifier.params == {"sigma": 0.25} and cfg.attacks[1].surrogate == {"sigma": 0.1}
+    assert config.load(good, ["cluster.shard_timeout_s=120/2"]).cluster.shard_timeout_s == 60.0
+    for value, message in (("8/0", "'8/0' divides by zero"), ("eight", "expected a number or a fraction such as "
+                                                                        "8/255, got 'eight'")):
+        with pytest.raises(ConfigError, match=f"attacks\\[0\\].params.eps: {message}"):
+            config.load(good, [f"attacks.0.params.eps={value}"])
 
 
 def test_override_syntax_errors(good):

@@ -273,11 +273,11 @@ def test_resize_restore_writes_the_input_size_and_measures_against_the_input(tmp
 
 # ---------------------------------------------------------------------------- purifiers
 
-def _dae(tmp_path, channels: int) -> str:
+def _dae(tmp_path, channels: int, meta: dict | None = None) -> str:
     torch.manual_seed(0)
     path = str(tmp_path / f"dae{channels}.pt")
     checkpoints.save(path, "small_dae", {"in_channels": channels, "width": 4},
-                     SmallDAE(in_channels=channels, width=4).state_dict())
+                     SmallDAE(in_channels=channels, width=4).state_dict(), meta)
     return path
 
 
@@ -294,6 +294,68 @@ def test_channels_adapt_and_a_failing_sample_spares_its_batch(tmp_path):
     assert rows["rgb"]["output_mode"] == "RGB" and rows["grey"]["output_mode"] == "L"
     assert rows["one"]["status"] == "purify_error" and "Error" in rows["one"]["error"]
     assert rows["rgb"]["psnr"] < 40                                         # an untrained DAE changes the image
+
+
+def test_a_size_the_purifier_cannot_take_names_the_constraint_and_the_resize(tmp_path):
+    members = synth.sample_members("fits", _png(synth.smooth_image(RNG, 8, 12, 1)), "png")
+    members += synth.sample_members("odd", _png(synth.smooth_image(RNG, 30, 30, 1)), "png")
+    url = _shard(tmp_path, members)
+    ckpt = _dae(tmp_path, 1, {checkpoints.INPUT_SHAPE: [1, 8, 8]})
+    _worker(tmp_path, purifier="dae", params={"checkpoint": ckpt}).process(url, "in-000000", STAGE)
+    rows = _rows(tmp_path)
+    assert rows["fits"]["status"] == "ok" and rows["odd"]["status"] == "purify_error"
+    assert rows["odd"]["error"] == (
+        "InputSizeError: small_dae needs height and width divisible by 4 (it down-samples by 4 and up-samples "
+        "back); this image is 30×30; purify at a size it takes: --resize N (corpus.resize) with N divisible by 4, "
+        "e.g. --resize 8, the size its checkpoint was trained on; add --restore-size to write the input's size back")
+    w = _worker(tmp_path / "r", purifier="dae", params={"checkpoint": ckpt}, resize=30)
+    w.process(url, "in-000000", STAGE)
+    errors = {r["error"] for r in _rows(tmp_path / "r").values()}
+    assert len(errors) == 1 and "this image is 30×30; corpus.resize 30 does not fit it; purify at" in errors.pop()
+
+
+def test_a_resize_the_purifier_cannot_take_is_refused_before_work(tmp_path):
+    url = _shard(tmp_path, _good_members(2))
+    ckpt = _dae(tmp_path, 1, {checkpoints.INPUT_SHAPE: [1, 8, 8]})
+    cfg = job.build_config(url, str(tmp_path / "out"), purifier="dae", params={"checkpoint": ckpt},
+                           corpus={"resize": 30})
+    with pytest.raises(ConfigError) as err:
+        job.run(cfg)
+    assert str(err.value) == (
+        f"<advpure purify>: corpus.resize 30: the purifier's small_dae network (purifier.params.checkpoint: {ckpt}) "
+        "needs height and width divisible by 4 (it down-samples by 4 and up-samples back); purify at a size it "
+        "takes: --resize N (corpus.resize) with N divisible by 4, e.g. --resize 8, the size its checkpoint was "
+        "trained on; add --restore-size to write the input's size back")
+    assert not (tmp_path / "out").exists()
+    job.check_resize(job.build_config(url, "o", purifier="dae", params={"checkpoint": ckpt}, corpus={"resize": 28}))
+
+
+def test_end_of_run_lines_name_the_dropped_keys_and_why(tmp_path):
+    from pipeline.run import driver
+
+    odd = _png(synth.smooth_image(RNG, 30, 30, 1))
+    urls = [_shard(tmp_path, [m for i in range(4) for m in synth.sample_members(f"a{i}", odd, "png")]
+                   + [("broken.png", b"no image")], "in-000000.tar"),
+            _shard(tmp_path, [m for i in range(3) for m in synth.sample_members(f"b{i}", odd, "png")], "in-000001.tar")]
+    w = _worker(tmp_path, purifier="dae", params={"checkpoint": _dae(tmp_path, 1)})
+    markers = {sid: w.process(url, sid, STAGE) for url, sid in zip(urls, ("in-000000", "in-000001"))}
+    assert markers["in-000000"]["dropped_examples"]["purify_error"]["keys"] == ["a0", "a1", "a2", "a3"]
+    result = driver.StageResult(STAGE, {sid: driver.ShardState(u, sid, None) for u, sid in zip(urls, markers)}, 1.0)
+    lines = job.format_outcome({"stages": {}, "corpus": job.corpus_summary(w.cfg, result, markers)}).splitlines()
+    assert lines[2].startswith("dropped: decode_error 1, purify_error 7  (why, per sample: the records under ")
+    assert lines[3].startswith("  decode_error 1: broken — broken: UnidentifiedImageError: ")
+    assert lines[4].startswith("  purify_error 7: a0, a1, a2, a3, b0 and 2 more — a0: InputSizeError: small_dae needs")
+
+
+def test_networks_name_the_sizes_they_take():
+    from pipeline.purifiers.nets import InputSizeError
+    from pipeline.purifiers.nets.ebm_nets import EBM
+    from pipeline.purifiers.nets.rednet import make
+
+    with pytest.raises(InputSizeError, match=r"ebm needs 8×8 images .*; this image is 9×9"):
+        EBM(n_c=1, n_f=4, image_size=8)(torch.zeros(2, 1, 9, 9))   # the last kernel would still fit: a wrong energy
+    with pytest.raises(InputSizeError, match="rednet30 needs height and width divisible by 2"):
+        make(1, 3, 4)(torch.zeros(2, 1, 7, 8))
 
 
 def test_keyed_noise_output_does_not_depend_on_the_batch(tmp_path):
@@ -394,6 +456,10 @@ def test_indexes_yaml_and_command_line_make_the_config(tmp_path):
                             corpus={"resize": 16, "max_batch_pixels": 1000})
     other = job.build_config(url, str(tmp_path / "o"), config_path=str(yml), purifier="none", corpus={"resize": 32})
     assert cfg.hash() == same.hash() != other.hash()                   # batching is not part of the results
+    yml.write_text("purifier: {name: none}\n")
+    assert job.build_config(url, "o", config_path=str(yml)).purifier.name == "none"   # named by the YAML
+    with pytest.raises(ConfigError, match=r"no purifier: give --purifier NAME .*`--purifier none` re-encodes"):
+        job.build_config(url, "o")
     yml.write_text("attacks: [{name: pgd}]\n")
     with pytest.raises(ConfigError, match="runs no attacks"):
         job.build_config(url, str(tmp_path / "o"), config_path=str(yml), purifier="none")

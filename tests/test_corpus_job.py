@@ -61,6 +61,7 @@ def test_purify_quarantines_resumes_and_reads_back(ray_local, tmp_path, capsys):
     text = capsys.readouterr().out
     assert "purified 11 of 13 samples into 2 of 3 shards" in text
     assert "dropped: decode_error 1, no_image 1" in text and "train-000002 QUARANTINED" in text
+    assert "\n  decode_error 1: broken — broken: " in text and "\n  no_image 1: textonly — textonly: " in text
     manifest = json.loads((out / "manifest.json").read_text())
     c = manifest["corpus"]
     assert c["quarantined"]["train-000002"].count("truncated") == 1
@@ -73,7 +74,7 @@ def test_purify_quarantines_resumes_and_reads_back(ray_local, tmp_path, capsys):
 
     assert _purify(*args) == 3                                   # resume: committed shards are skipped
     assert _markers(out) == first
-    pattern, _ = _corpus(tmp_path, truncated=False)              # the shard is repaired
+    (tmp_path / "corpus" / "train-000002.tar").write_bytes(synth.tar_bytes(shards["train-000002"]))   # repaired
     assert _purify(*args) == 0
     after = _markers(out)
     assert {k: after[k] for k in first} == first and set(after) == set(shards)
@@ -142,6 +143,8 @@ def test_purify_refuses_bad_requests_before_work(tmp_path, capsys):
     pattern, _ = _corpus(tmp_path, truncated=False)
     assert _purify(pattern, str(tmp_path / "o"), "--purifier", "no-such") == 2
     assert "purifier.name" in capsys.readouterr().err
+    assert _purify(pattern, str(tmp_path / "o")) == 2   # no --purifier: not silently `none`
+    assert "no purifier: give --purifier NAME" in capsys.readouterr().err
     assert _purify(pattern, str(tmp_path / "corpus"), "--purifier", "none") == 2   # would overwrite the input
     assert "would overwrite input shard" in capsys.readouterr().err
     assert _purify(pattern, str(tmp_path / "o"), "--purifier", "none", "--crop") == 2

@@ -112,3 +112,9 @@ def test_reads_that_keep_failing_give_up_naming_the_byte(monkeypatch):
     with pytest.raises(storage.StorageError, match=r"x://y: reading failed 6 times at byte 0: reset by peer"):
         storage.ResumableRead("x://y", open_at).read(10)
     assert opened == [(0, None)] + [(0, "e1")] * storage.RESUME_ATTEMPTS
+
+
+def test_identity_over_http_is_a_head_request(http_dir):
+    root, base = http_dir
+    (root / "x.tar").write_bytes(b"0123456789")
+    assert storage.identities([f"{base}/x.tar"]) == {f"{base}/x.tar": {"bytes": 10}}   # no ETag from this server

@@ -351,3 +351,16 @@ def _assert_no_credentials(s3, out: str, ray, logs: str) -> None:
     assert any(k.endswith("config.yaml") for k in texts) and any(k.endswith(".parquet") for k in texts)
     leaks = [k for k, t in texts.items() for secret in (s3server.SECRET_KEY, s3server.ACCESS_KEY) if secret in t]
     assert not leaks, f"credentials found in {leaks}"
+
+
+def test_identities_come_from_one_listing_and_follow_the_bytes(prefix, monkeypatch):
+    a, b = storage.join(prefix, "d", "a.tar"), storage.join(prefix, "d", "b.tar")
+    storage.put_bytes(a, b"same bytes")
+    storage.put_bytes(b, b"same bytes")
+    calls = []
+    real = storage._s3_pages
+    monkeypatch.setattr(storage, "_s3_pages", lambda *args, **kw: calls.append(args) or real(*args, **kw))
+    ids = storage.identities([a, b])
+    assert len(calls) == 1 and ids[a] == ids[b] and ids[a]["bytes"] == 10 and ids[a]["etag"]
+    storage.put_bytes(b, b"other byte")
+    assert storage.identities([a, b])[b]["etag"] != ids[a]["etag"]

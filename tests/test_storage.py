@@ -168,3 +168,16 @@ def test_s3_client_is_per_process(monkeypatch):
     # another endpoint (another server) → another client
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:10")
     assert storage._s3() is not parent
+
+
+def test_local_identity_ignores_mtime_and_follows_the_ends(tmp_path, monkeypatch):
+    monkeypatch.setattr(storage, "SAMPLE_BYTES", 4)
+    p = tmp_path / "x.tar"
+    p.write_bytes(b"head" + b"middle" + b"tail")
+    first = storage.identities([str(p)])[str(p)]
+    os.utime(p, (1, 1))
+    assert storage.identities([str(p)])[str(p)] == first and first["bytes"] == 14
+    p.write_bytes(b"HEAD" + b"middle" + b"tail")
+    assert storage.identities([str(p)])[str(p)]["ends_sha256"] != first["ends_sha256"]
+    p.write_bytes(b"head" + b"MIDDLE" + b"tail")   # only the ends are read: a documented blind spot
+    assert storage.identities([str(p)])[str(p)] == first

@@ -27,6 +27,7 @@ from pipeline.evaluation.defense import Defense
 from pipeline.evaluation.protocol import pick_device
 from pipeline.io import checkpoints, storage
 from pipeline.purifiers import steps
+from pipeline.purifiers.nets import InputSizeError
 from pipeline.registry import CLASSIFIERS, PURIFIERS
 from pipeline.seeding import Noise
 
@@ -76,6 +77,8 @@ class Engine:
     def __init__(self, cfg: Config):
         self.device = pick_device(cfg.evaluation.device)
         self.seed, self.runs = cfg.job.seed, cfg.evaluation.runs
+        self.cfg = cfg
+        self._trained: list[tuple[int, int, int] | None] = []   # the purifier's training shape, read once when needed
         purifier = _frozen(PURIFIERS.build(cfg.purifier.name, **cfg.purifier.params))
         classifier = None
         if cfg.classifier is not None:
@@ -100,9 +103,21 @@ class Engine:
             return self._batch(torch.stack(list(xs)), list(keys))
         except Exception as err:  # purifier code can raise anything (shape, OOM, NaN checks)
             if len(xs) == 1:
-                return [Outcome(error=f"{type(err).__name__}: {err}")]
+                hint = f"; {self.size_hint(err)}" if isinstance(err, InputSizeError) else ""
+                return [Outcome(error=f"{type(err).__name__}: {err}{hint}")]
             log.warning("batch of %d failed (%s: %s); retrying one by one", len(xs), type(err).__name__, err)
             return [self.run([x], [k])[0] for x, k in zip(xs, keys)]
+
+    def trained_shape(self) -> tuple[int, int, int] | None:
+        """(C, H, W) the purifier's checkpoint was trained on, when it records one."""
+        if not self._trained:
+            urls = [v for k, v in sorted(self.cfg.purifier.params.items())
+                    if config_mod.is_file_param(k) and isinstance(v, str) and storage.exists(v)]
+            self._trained.append(checkpoints.input_shape(urls[0]) if urls else None)
+        return self._trained[0]
+
+    def size_hint(self, err: InputSizeError) -> str:
+        return size_hint(err, self.trained_shape(), self.cfg.corpus.resize if self.cfg.corpus is not None else None)
 
     def _batch(self, x: torch.Tensor, keys: list[str]) -> list[Outcome]:
         t0 = time.perf_counter()
@@ -155,6 +170,20 @@ class Engine:
                     "vote_after": vote.tolist()}
         except Exception as err:  # the classifier is optional: its failure is noted per row
             return {"classifier_error": [f"classifier: {type(err).__name__}: {err}"] * B}
+
+
+def size_hint(err: InputSizeError, trained: tuple[int, int, int] | None, given: int | None) -> str:
+    """What to do about images a purifier's network cannot take: the size policy's side N
+    (`trained`: the (C, H, W) its checkpoint records; `given`: corpus.resize)."""
+    if trained is not None and trained[1] == trained[2] and err.fits(trained[1]):
+        example, why = trained[1], ", the size its checkpoint was trained on"
+    else:
+        example = err.size or err.multiple * max(1, round(min(err.hw) / err.multiple))
+        why = "" if trained is None else f" (its checkpoint was trained on {trained[1]}×{trained[2]})"
+    need = f"N = {err.size}" if err.size else f"N divisible by {err.multiple}"
+    now = f"corpus.resize {given} does not fit it; " if given is not None and not err.fits(given) else ""
+    return (f"{now}purify at a size it takes: --resize N (corpus.resize) with {need}, e.g. --resize {example}"
+            f"{why}; add --restore-size to write the input's size back")
 
 
 class Batcher:

@@ -23,9 +23,12 @@ import yaml
 
 from pipeline import config as config_mod
 from pipeline.config import Config, ConfigError
-from pipeline.corpus.worker import STAGE, CorpusWorker
-from pipeline.io import shards, storage
-from pipeline.run import commit, driver
+from pipeline.corpus import engine
+from pipeline.corpus.worker import EXAMPLE_KEYS, STAGE, CorpusWorker
+from pipeline.evaluation import preflight
+from pipeline.io import checkpoints, shards, storage
+from pipeline.purifiers import nets
+from pipeline.run import commit, data_identity, driver
 from pipeline.run import lease as lease_mod
 
 log = logging.getLogger(__name__)
@@ -67,28 +70,56 @@ def build_config(shard_pattern: str, output: str, *, config_path: str | None = N
             section["params"] = {**(section.get("params") or {}), **given}
         if section:
             data[key] = section
+    if not (data.get("purifier") or {}).get("name"):   # the config's default, `none`, would only re-encode
+        raise ConfigError(f"{source}: no purifier: give --purifier NAME (registered ones: `advpure list`) "
+                          "or a purifier: section in --config; `--purifier none` re-encodes and validates only")
     data["corpus"] = {**(data.get("corpus") or {}), **{k: v for k, v in (corpus or {}).items() if v is not None}}
     return config_mod.from_dict(data, source)
+
+
+def check_resize(cfg: Config) -> None:
+    """corpus.resize must be a size the purifier's networks take (known from the arch our
+    checkpoints record): refused before any work rather than found out sample by sample."""
+    side = cfg.corpus.resize if cfg.corpus is not None else None
+    for role, key, url in preflight.model_files(cfg) if side is not None else []:
+        raw = checkpoints.load_raw(url) if role == "purifier" else None
+        if not (isinstance(raw, dict) and "arch" in raw):
+            continue   # not ours (a published format): the worker names what fails
+        arch, params, meta = raw["arch"], raw.get("arch_params") or {}, raw.get("meta") or {}
+        size = int(params.get("image_size", 32)) if arch == "ebm" else None
+        if arch not in nets.SIDE_MULTIPLE and size is None:
+            continue
+        err = nets.InputSizeError(arch, (side, side), multiple=nets.SIDE_MULTIPLE.get(arch), size=size)
+        if not err.fits(side):
+            shape = meta.get(checkpoints.INPUT_SHAPE)
+            trained = tuple(int(v) for v in shape) if isinstance(shape, (list, tuple)) and len(shape) == 3 else None
+            raise ConfigError(f"{cfg.source}: corpus.resize {side}: the purifier's {arch} network ({key}: {url}) "
+                              f"needs {err.need}; {engine.size_hint(err, trained, None)}")
 
 
 def output_url(cfg: Config, sid: str) -> str:
     return storage.join(cfg.job.output, f"{sid}.tar")
 
 
-def expected_counts(urls: list[str], index: str | None) -> dict[str, int | None]:
-    """Samples per shard from an index when there is one (advpure index.json or a wids
-    shard index); otherwise None: the worker counts while reading."""
+def index_entries(urls: list[str], index: str | None) -> dict[str, dict[str, Any] | None]:
+    """{shard URL: its index entry} from `index` (advpure index.json or a wids shard index)
+    or the index.json beside each shard; None where none names it (the worker counts while
+    reading, the data's identity comes from the file)."""
     if index is not None:
         doc = json.loads(storage.read_text(index))
         if isinstance(doc, dict) and "shardlist" in doc:
-            by_name = {storage.basename(e["url"]): int(e["nsamples"]) for e in doc["shardlist"]}
+            by_name = {storage.basename(e["url"]): e for e in doc["shardlist"]}
             return {u: by_name.get(storage.basename(u)) for u in urls}
-        return shards.expected_counts(urls, index)
-    try:
-        return shards.expected_counts(urls)
-    except shards.ShardError as err:  # an index.json of some other tool: count while reading
-        log.warning("%s; counting samples while reading instead", err)
-        return {u: None for u in urls}
+    return data_identity.index_entries(urls, index)
+
+
+def expected_counts(urls: list[str], index: str | None) -> dict[str, int | None]:
+    """Samples per shard from an index when there is one (advpure `samples` or wids
+    `nsamples`); otherwise None: the worker counts while reading."""
+    def count(e: dict[str, Any] | None) -> int | None:
+        n = (e or {}).get("samples", (e or {}).get("nsamples"))
+        return int(n) if n is not None else None
+    return {u: count(e) for u, e in index_entries(urls, index).items()}
 
 
 def plan(cfg: Config) -> list[driver.ShardState]:
@@ -109,11 +140,12 @@ def run(cfg: Config) -> tuple[int, dict[str, Any]]:
     if cfg.corpus is None:
         raise ConfigError(f"{cfg.source}: not a corpus job (no corpus section)")
     states = plan(cfg)
+    check_resize(cfg)
     c = cfg.cluster
     with lease_mod.acquire(cfg.job.output, cfg.job.name, c.lease_timeout_s, c.lease_heartbeat_s) as lease:
         if lease.took_over:
             time.sleep(driver.TAKEOVER_GRACE_S)
-        driver.check_job_state(cfg)
+        driver.check_job_state(cfg, states, index_entries([s.url for s in states], cfg.data.index))
         try:
             result = driver.run_stage(cfg, STAGE, states, worker_cls=CorpusWorker, lease=lease)
         except (driver.DriverError, lease_mod.LeaseLost) as err:
@@ -147,6 +179,7 @@ def corpus_summary(cfg: Config, result: driver.StageResult, markers: dict[str, d
     """What the output holds against what came in: per shard and in all, ok and dropped by reason."""
     per_shard: dict[str, Any] = {}
     dropped: dict[str, int] = {}
+    examples: dict[str, dict[str, Any]] = {}   # per reason: the first keys in shard order and the first error
     for sid, m in sorted(markers.items()):
         out = (m.get("outputs") or [{}])[0]
         per_shard[sid] = {"samples": m.get("samples", 0), "ok": m.get("ok", 0), "dropped": m.get("dropped", {}),
@@ -154,12 +187,15 @@ def corpus_summary(cfg: Config, result: driver.StageResult, markers: dict[str, d
                           "non_file_members": m.get("non_file_members", 0)}
         for reason, n in m.get("dropped", {}).items():
             dropped[reason] = dropped.get(reason, 0) + n
+        for reason, ex in m.get("dropped_examples", {}).items():
+            into = examples.setdefault(reason, {"keys": [], "error": ex.get("error")})
+            into["keys"] += ex["keys"][:EXAMPLE_KEYS - len(into["keys"])]
     quarantined = {sid: (result.shards[sid].errors or [""])[-1] for sid in result.quarantined}
     return {"output": cfg.job.output, "wids_index": storage.join(cfg.job.output, WIDS_INDEX),
             "shards_in": len(result.shards), "shards_out": len(markers), "quarantined": quarantined,
             "samples": sum(s["samples"] for s in per_shard.values()),
             "ok": sum(s["ok"] for s in per_shard.values()), "dropped": dict(sorted(dropped.items())),
-            "shards": per_shard}
+            "dropped_examples": dict(sorted(examples.items())), "shards": per_shard}
 
 
 def write_manifest(cfg: Config, result: driver.StageResult, markers: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -191,6 +227,16 @@ def format_outcome(manifest: dict[str, Any]) -> str:
     if c["dropped"]:
         lines.append("dropped: " + ", ".join(f"{k} {v}" for k, v in c["dropped"].items())
                      + f"  (why, per sample: the records under {storage.join(c['output'], STAGE)})")
+        examples = c.get("dropped_examples", {})
+        lines += [_dropped_line(reason, n, examples.get(reason)) for reason, n in c["dropped"].items()]
     for sid, reason in c["quarantined"].items():
         lines.append(f"shard {sid} QUARANTINED: {reason}")
     return "\n".join(lines)
+
+
+def _dropped_line(reason: str, n: int, example: dict[str, Any] | None) -> str:
+    """`  reason n: key, key, … and k more — first key: its error` (the keys a user looks up)."""
+    if not example or not example.get("keys"):
+        return f"  {reason} {n}"
+    keys = ", ".join(example["keys"]) + (f" and {n - len(example['keys'])} more" if n > len(example["keys"]) else "")
+    return f"  {reason} {n}: {keys}" + (f" — {example['keys'][0]}: {example['error']}" if example.get("error") else "")

@@ -39,6 +39,7 @@ from pipeline.schema import CorpusStatus
 log = logging.getLogger(__name__)
 
 STAGE = "purify_corpus"
+EXAMPLE_KEYS = 5          # dropped samples named per reason in the commit marker (all are in the records)
 QUEUE_ITEMS = 32          # decoded items waiting for the purifier
 QUEUE_BATCHES = 1         # purified batches waiting for the encoder
 WINDOW_BATCHES = 4        # an item waits at most this many batches' worth of samples for its shape's batch
@@ -146,13 +147,19 @@ class CorpusWorker:
         storage.put_bytes(storage.join(self.cfg.job.output, name), data)  # atomic: whole or absent
         entry = shards.index_entry(name, run.sink.samples, data)
         counts: dict[str, int] = {}
+        examples: dict[str, dict[str, Any]] = {}   # per reason: the first keys and the first error
         for r in run.rows:
             counts[r["status"]] = counts.get(r["status"], 0) + 1
+            if r["status"] != CorpusStatus.OK.value:
+                ex = examples.setdefault(r["status"], {"keys": [], "error": r.get("error")})
+                if len(ex["keys"]) < EXAMPLE_KEYS:
+                    ex["keys"].append(r["key"])
         marker = commit.commit_records(self.cfg.job.output, stage, sid, run.rows, {
             "source": url, "samples": len(run.rows), "config_hash": self.cfg.hash(),
             "seconds": time.time() - t0, "host": socket.gethostname(), "device": str(self.engine.device),
             "node_id": _node_id(), "outputs": [entry], "ok": counts.get(CorpusStatus.OK.value, 0),
             "dropped": {k: v for k, v in sorted(counts.items()) if k != CorpusStatus.OK.value},
+            "dropped_examples": dict(sorted(examples.items())),
             "input_bytes": run.reader.bytes_read, "non_file_members": run.reader.non_file_members,
         }, table_schema=schema.CORPUS_SCHEMA)
         del run, data

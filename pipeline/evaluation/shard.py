@@ -18,6 +18,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence, TypeVar
 import numpy as np
 import torch
 
+from pipeline.evaluation import preflight
 from pipeline.evaluation.protocol import NO_ATTACK, Protocol
 from pipeline.evaluation.stages import (
     CleanEval,
@@ -93,6 +94,9 @@ def adaptive(p: Protocol, samples: Iterable[Sample], work: Callable[[Batch], T])
         if not pending:
             return
         b = next(batches(pending[:p.batch_size], p.batch_size, p.device))
+        k = getattr(p.defense.classifier, "num_classes", None)
+        if k is not None:   # a label the classifier cannot predict would count as a wrong answer
+            preflight.check_labels([s.label for s in b.samples], int(k), f"samples {b.keys[0]} … {b.keys[-1]}")
         try:
             out = work(b)
         except RuntimeError as err:

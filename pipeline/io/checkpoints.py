@@ -1,8 +1,9 @@
 """Loading and saving network weights, local or s3://, always with weights_only=True.
 
 Our own checkpoints are plain dicts: {"arch": str, "arch_params": dict, "state_dict": ...,
-"meta": dict}. Published formats (plain state dicts, NCSNv2 lists) have loaders next to
-the networks that read them.
+"meta": dict}; meta["input_shape"] is [C, H, W] of the training images (recorded since
+checkpoints were checked against the data; older ones lack it). Published formats (plain
+state dicts, NCSNv2 lists) have loaders next to the networks that read them.
 """
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ from typing import Any
 import torch
 
 from pipeline.io import storage
+
+INPUT_SHAPE = "input_shape"   # meta key: [C, H, W] of the images the network was trained on
 
 
 class CheckpointError(RuntimeError):
@@ -65,3 +68,12 @@ def load_state_strict(module: torch.nn.Module, state_dict: dict, source: str) ->
         raise CheckpointError(
             f"{source}: state dict does not match {type(module).__name__}: "
             f"missing {list(missing)[:5]}, unexpected {list(unexpected)[:5]}")
+
+
+def input_shape(url: str) -> tuple[int, int, int] | None:
+    """(C, H, W) the network at `url` was trained on, from an advpure checkpoint's meta;
+    None for published formats and older checkpoints that do not record it."""
+    ckpt = load_raw(url)
+    meta = ckpt.get("meta") if isinstance(ckpt, dict) else None
+    shape = meta.get(INPUT_SHAPE) if isinstance(meta, dict) else None
+    return tuple(int(v) for v in shape) if isinstance(shape, (list, tuple)) and len(shape) == 3 else None

@@ -11,6 +11,7 @@ ModelInfo files (docs/report.md).
   tables       text / Markdown / HTML tables;  html: the self-contained page (matplotlib)
   images       example images from the job's image shards;  robustbench: ModelInfo export
   build        one run's document, or a comparison of several
+  corpus       an `advpure purify` output's document: samples and drops, quality, predictions, cost
 
 The entry points are below: summarize, summarize_run, format_table, render. Nothing here
 imports torch.
@@ -22,7 +23,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from pipeline.report import aggregate, build, summary, tables
+from pipeline.report import aggregate, build, corpus, summary, tables
 from pipeline.report.summary import wilson  # noqa: F401  (public: the interval every figure uses)
 
 FORMATS = ("text", "markdown", "html", "json", "robustbench")
@@ -50,6 +51,8 @@ def render(runs: list[str], fmt: str = "text", stage: str = "evaluate", dataset:
     if fmt not in FORMATS:
         raise ValueError(f"unknown report format {fmt!r}; expected one of {FORMATS}")
     doc = build.report(runs, stage)
+    if doc.get("kind") == "corpus":   # advpure purify's output: samples, quality, predictions
+        return corpus.render(doc, fmt)
     if fmt == "json":
         return json.dumps(doc, indent=1)
     if fmt == "markdown":

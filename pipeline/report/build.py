@@ -9,7 +9,7 @@ from typing import Any
 import pyarrow as pa
 import yaml
 
-from pipeline.report import compare, load, summary
+from pipeline.report import compare, corpus, load, summary
 from pipeline.run import commit
 
 VERSIONED = ("advpure", "pyarrow", "numpy", "scipy", "matplotlib", "torch", "ray")
@@ -47,6 +47,10 @@ def provenance(doc: dict[str, Any], markers: list[dict[str, Any]], docs: dict[st
 def run_report(output: str, stage: str = "evaluate", keep_samples: bool = False,
                ) -> tuple[dict[str, Any], pa.Table | None]:
     """(report document, per-sample worst case if asked) of one run."""
+    if stage == corpus.STAGE:   # a corpus job's records: a document of their own
+        if keep_samples:
+            raise ValueError(f"{output}: corpus jobs ({stage}) are reported one at a time, not compared")
+        return corpus.run_report(output), None
     agg, markers = load.aggregate_run(output, stage, keep_samples)
     doc = summary.document(agg, markers)
     doc["run"] = output

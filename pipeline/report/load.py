@@ -19,6 +19,7 @@ from pipeline.run.commit import CommitError
 
 log = logging.getLogger(__name__)
 COMBINE_EVERY = 16   # files whose partials are held before they are folded into one
+CORPUS_STAGE = "purify_corpus"   # the corpus job's records (pipeline.corpus.worker.STAGE; that module brings torch)
 
 
 def _read_marked(output: str, stage: str, sid: str, marker: dict[str, Any], columns: list[str]) -> pa.Table:
@@ -27,10 +28,12 @@ def _read_marked(output: str, stage: str, sid: str, marker: dict[str, Any], colu
     if hashlib.sha256(data).hexdigest() != marker["sha256"]:
         raise CommitError(f"{commit.marker_url(output, stage, sid)}: the Parquet file does not match "
                           "its commit marker's checksum")
-    version = marker.get("schema_version", schema.SCHEMA_VERSION)
-    if version != schema.SCHEMA_VERSION:
-        raise ValueError(f"{url}: records have schema version {version}; this advpure reads {schema.SCHEMA_VERSION}")
-    pf = pq.ParquetFile(io.BytesIO(data), read_dictionary=aggregate.DICTIONARY_COLUMNS)
+    expected = schema.CORPUS_SCHEMA_VERSION if stage == CORPUS_STAGE else schema.SCHEMA_VERSION  # a schema each
+    version = marker.get("schema_version", expected)
+    if version != expected:
+        raise ValueError(f"{url}: {stage} records have schema version {version}; this advpure reads {expected}")
+    dictionary = None if stage == CORPUS_STAGE else aggregate.DICTIONARY_COLUMNS   # columns of the evaluation schema
+    pf = pq.ParquetFile(io.BytesIO(data), read_dictionary=dictionary)
     return pf.read(columns=[c for c in columns if c in pf.schema_arrow.names])
 
 

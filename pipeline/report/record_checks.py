@@ -172,3 +172,76 @@ def sweep_key(attack_params: str | None) -> str:
     """Attacks whose parameters differ only in ε share a sweep key."""
     params = json.loads(attack_params or "{}")
     return json.dumps({k: v for k, v in params.items() if k != "eps"}, sort_keys=True)
+
+
+# ---------------------------------------------------------------------------- the data against the models
+
+CHANCE_ALPHA = 1e-3   # a model that guesses exceeds the flag's bound with at most this probability
+_CHANCE_CAUSE = {
+    "classifier": "the classifier is most likely fed images unlike its training data (another size, data set "
+                  "or label order): every figure of this report is meaningless",
+    "defended": "the purifier destroys what the classifier needs (too strong a setting?), or the models are fed "
+                "images unlike their training data",
+}
+
+
+def chance_bound(n: int, chance: float, alpha: float = CHANCE_ALPHA) -> int:
+    """The most correct answers out of n that guessing at rate `chance` reaches with
+    probability ≥ 1 − alpha (binomial upper quantile): at or below it, a model is
+    indistinguishable from guessing on this many samples."""
+    from scipy.stats import binom
+
+    return int(binom.ppf(1.0 - alpha, n, chance))
+
+
+def accuracy_upper(k: int, n: int, alpha: float = CHANCE_ALPHA) -> float:
+    """One-sided Clopper-Pearson upper bound (confidence 1 − alpha) of an accuracy k/n."""
+    from scipy.stats import beta
+
+    return 1.0 if k >= n else float(beta.ppf(1.0 - alpha, k + 1, n - k))
+
+
+def check_clean_above_chance(k: int, n: int, class_counts: Mapping[int, int], which: str = "classifier",
+                             alpha: float = CHANCE_ALPHA) -> dict[str, Any]:
+    """Clean accuracy must be clearly above chance: the rate of the best constant guess (the
+    most frequent label's share, 1/K on balanced data). Flagged when both hold: k is within
+    what guessing reaches (≤ `chance_bound`), and the accuracy's upper confidence bound is
+    below halfway from chance to 100 % (the samples rule out a working model). On few samples
+    the second fails, so a real model on a small job is never flagged, only left undecided.
+    A flag means the model most likely sees images unlike its training data (another size,
+    data set or label order): every robustness figure is meaningless."""
+    total = sum(class_counts.values()) or n
+    chance = max(class_counts.values()) / total if class_counts else 0.0
+    bound = chance_bound(n, chance, alpha) if n else 0
+    upper = accuracy_upper(k, n, alpha) if n else 1.0
+    working = chance + (1.0 - chance) / 2
+    values = {"k": int(k), "n": int(n), "accuracy": k / n if n else None, "chance": chance, "bound": bound,
+              "upper": upper, "working": working, "classes_seen": len(class_counts), "alpha": alpha, "which": which}
+    if n and k <= bound and upper < working:
+        return _result("clean_above_chance", False,
+                       f"clean accuracy of the {which} {k}/{n} ({100 * k / n:.1f} %) is not above chance "
+                       f"({100 * chance:.1f} %, the most frequent of {len(class_counts)} labels; guessing reaches "
+                       f"{bound}/{n} with probability {1 - alpha:.1%}): {_CHANCE_CAUSE[which]}", values)
+    if n and k <= bound:
+        return _result("clean_above_chance", True, f"clean accuracy of the {which} {k}/{n} is within chance "
+                       f"({100 * chance:.1f} %), but {n} samples are too few to tell", values)
+    return _result("clean_above_chance", True, f"clean accuracy of the {which} {k}/{n} is above chance "
+                   f"({100 * chance:.1f} %)", values)
+
+
+def run_data_checks(clean: Mapping[str, Any] | None, per_class: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Clean accuracy (bare classifier, and the defended model when it differs) against
+    chance. `clean`: the report's {"classifier": {k, n}, "defended": {k, n}}; `per_class`:
+    its rows with each label's clean_classifier {n}."""
+    if not clean:
+        return []
+    counts = {c["label"]: (c.get("clean_classifier") or {}).get("n", 0) for c in per_class}
+    counts = {label: n for label, n in counts.items() if n}
+    if len(counts) < 2:   # one label: a constant guess is always right, chance says nothing
+        return []
+    out = []
+    for which in ("classifier", "defended"):
+        acc = clean.get(which)
+        if acc and acc.get("n") and not (which == "defended" and acc == clean.get("classifier")):
+            out.append(check_clean_above_chance(acc["k"], acc["n"], counts, which))
+    return out

@@ -257,16 +257,18 @@ def document(agg: dict[str, Any], markers: list[dict[str, Any]] | None = None) -
     meta = {k: _single(v) for k, v in agg["meta"].items()}
     totals = agg["totals"].to_pylist()[0] if agg.get("totals") is not None else {"rows": 0, "samples": 0}
     failed = {r["status"]: r["rows"] for r in agg["failed"].to_pylist()} if agg.get("failed") is not None else {}
+    clean = None if src is None else {"from_attack_index": src["attack_index"], "classifier": src["clean_classifier"],
+                                      "defended": src["clean_defended"]}
+    classes = per_class(agg, attacks, worst_by_class)
     doc = {
         "version": REPORT_VERSION, "kind": "run", "job": meta["job"], "stage": meta["stage"],
         "config_hash": meta["config_hash"], "purifier": meta["purifier"], "classifier": meta["classifier"],
         "decision": meta["decision"] or "mean_logit", "samples": totals["samples"], "rows": totals["rows"],
         "failed_rows": sum(failed.values()), "failed": failed,
-        "clean": None if src is None else {"from_attack_index": src["attack_index"],
-                                           "classifier": src["clean_classifier"], "defended": src["clean_defended"]},
-        "worst_case": worst, "attacks": attacks, "per_class": per_class(agg, attacks, worst_by_class),
+        "clean": clean, "worst_case": worst, "attacks": attacks, "per_class": classes,
         "cost": cost(agg, attacks, markers), "curves": curves(agg, attacks, worst),
-        "checks": {"record": record_checks.run_record_checks(attacks), "shard": {}},
+        "checks": {"record": record_checks.run_record_checks(attacks) + record_checks.run_data_checks(clean, classes),
+                   "shard": {}},
         "models": {"classifier": meta["classifier"], "classifier_sha256": meta["classifier_sha256"],
                    "purifier": meta["purifier"], "purifier_params": meta["purifier_params"],
                    "purifier_sha256": meta["purifier_sha256"], "seed": meta["seed"],

@@ -66,6 +66,16 @@ def committed(output: str, stage: str) -> dict[str, dict[str, Any]]:
     return out
 
 
+# every stage that writes results under an output: the evaluation stages and the corpus job's
+RESULT_STAGES = ("evaluate", "attack", "purify", "purify_corpus")
+
+
+def committed_counts(output: str) -> dict[str, int]:
+    """{stage: committed shards} over every stage that writes results: an output where all
+    are 0 holds no results (a job that aborted before its first commit)."""
+    return {stage: len(committed(output, stage)) for stage in RESULT_STAGES}
+
+
 def committed_parquet(output: str, stage: str, sid: str) -> str:
     """The records file a shard's commit marker names."""
     marker = json.loads(storage.read_text(marker_url(output, stage, sid)))

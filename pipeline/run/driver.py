@@ -21,7 +21,7 @@ from typing import Any
 from pipeline import config as config_mod
 from pipeline.config import Config, ConfigError
 from pipeline.io import shards, storage
-from pipeline.run import commit
+from pipeline.run import commit, data_identity
 from pipeline.run import lease as lease_mod
 from pipeline.run.lease import Lease, LeaseLost
 from pipeline.run.worker import IMAGE_DIRS, ShardWorker
@@ -62,20 +62,50 @@ class StageResult:
 
 # ---------------------------------------------------------------------------- job state
 
-def check_job_state(cfg: Config) -> None:
-    """Refuse to mix results of a different configuration in the same output; record ours."""
+def check_job_state(cfg: Config, states: list[ShardState],
+                    entries: dict[str, dict[str, Any] | None] | None = None) -> None:
+    """Refuse to mix results of another configuration or other data in the same output;
+    record ours. The data is identified per shard (`data_identity`; `entries`: the shards'
+    index entries when the caller read them, else the index beside the shards). An output
+    where nothing was committed holds no results: a new config or data takes it over."""
     out = cfg.job.output
     job_url = storage.join(out, "job.json")
-    if storage.exists(job_url):
-        prev = json.loads(storage.read_text(job_url))
-        if prev.get("config_hash") != cfg.hash():
-            raise ConfigError(
-                f"{cfg.source}: output {out} holds results of config hash {prev.get('config_hash')} "
-                f"but this config hashes to {cfg.hash()}; use a new job.output (or delete the old one)")
-    else:
+    urls = [s.url for s in states]
+    if entries is None:
+        entries = data_identity.index_entries(urls, cfg.data.index)
+    data = data_identity.shard_identities(urls, [s.sid for s in states], entries)
+    prev = json.loads(storage.read_text(job_url)) if storage.exists(job_url) else None
+    if prev is not None:
+        problem = _job_mismatch(cfg, prev, data)
+        held = commit.committed_counts(out) if problem else {}
+        if problem and any(held.values()):
+            raise ConfigError(f"{cfg.source}: {problem}")
+        if problem:
+            log.warning("output %s: %s; no shard was committed there, so this job takes it over", out, problem)
+    if prev is None or prev.get("config_hash") != cfg.hash() or prev.get("data") != data:
+        created = prev.get("created") if prev is not None and prev.get("config_hash") == cfg.hash() else None
         storage.put_text(job_url, json.dumps({"job": cfg.job.name, "config_hash": cfg.hash(),
-                                              "created": time.time()}))
+                                              "created": created or time.time(), "data": data}))
     storage.put_text(storage.join(out, "config.yaml"), config_mod.dump(cfg))
+
+
+def _job_mismatch(cfg: Config, prev: dict[str, Any], data: dict[str, dict[str, Any]]) -> str | None:
+    """Why an output's job.json does not describe this job (None when it does)."""
+    out = cfg.job.output
+    fix = f"use a new job.output, or remove {out} to start over"
+    if prev.get("config_hash") != cfg.hash():
+        return (f"output {out} holds results of config hash {prev.get('config_hash')} but this config "
+                f"hashes to {cfg.hash()}; {fix}")
+    if "data" not in prev:   # written before data was recorded: nothing to compare
+        return None
+    changes = data_identity.diff(prev["data"], data)
+    if changes.changed:   # new bytes for a shard with no committed results: a repaired (quarantined) shard
+        held = set().union(*(commit.committed(out, stage) for stage in commit.RESULT_STAGES))
+        changes.changed = [sid for sid in changes.changed if sid in held]
+    if changes:
+        return (f"output {out} holds results for other data than data.shards names: {changes.describe()}; "
+                f"resume with the data it was made from, or {fix}")
+    return None
 
 
 def plan_shards(cfg: Config) -> list[ShardState]:
@@ -597,6 +627,9 @@ def run(cfg: Config) -> tuple[int, dict[str, Any]]:
     job lease (`pipeline.run.lease`): a second driver on the same output raises LeaseHeld.
     """
     states = plan_shards(cfg)
+    from pipeline.evaluation import preflight  # torch: the data against the models, once, before any work
+
+    preflight.check(cfg, states[0].url)
     c = cfg.cluster
     try:
         lease = lease_mod.acquire(cfg.job.output, cfg.job.name, c.lease_timeout_s, c.lease_heartbeat_s)
@@ -605,7 +638,7 @@ def run(cfg: Config) -> tuple[int, dict[str, Any]]:
     with lease:
         if lease.took_over:
             time.sleep(TAKEOVER_GRACE_S)
-        check_job_state(cfg)
+        check_job_state(cfg, states)
         return _run_stages(cfg, states, lease)
 
 

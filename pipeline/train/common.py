@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 import torch
@@ -107,9 +107,13 @@ def seeded_init(ctor: Callable[..., M], seed: int, *purpose: object, **kwargs: A
         return ctor(**kwargs)
 
 
-def save(out: str, arch: str, arch_params: dict, net: nn.Module, meta: dict) -> None:
+def save(out: str, arch: str, arch_params: dict, net: nn.Module, meta: dict,
+         input_shape: Sequence[int] | None = None) -> None:
     """An advpure checkpoint (pipeline.io.checkpoints: arch, params, weights, meta) at a local
-    path or s3:// URL; the registry builders load it by `arch`."""
+    path or s3:// URL; the registry builders load it by `arch`. `input_shape` (C, H, W) of
+    the training images goes into meta["input_shape"]: jobs check their data against it."""
+    if input_shape is not None:
+        meta = {**meta, checkpoints.INPUT_SHAPE: [int(v) for v in input_shape]}
     checkpoints.save(out, arch, arch_params, net.state_dict(), meta)
     log.info("saved %s (%s %s)", out, arch, arch_params)
 

@@ -41,7 +41,7 @@ def train_small_cnn(out: str, source: str = "digits", split: str = "train", path
             "train_accuracy": training.accuracy(model, x, y), "seconds": time.time() - t0}
     if limit:
         meta["limit"] = limit
-    save(out, small_cnn.ARCH, {"in_channels": x.shape[1], "width": width}, model, meta)
+    save(out, small_cnn.ARCH, {"in_channels": x.shape[1], "width": width}, model, meta, input_shape=x.shape[1:])
     log.info("classifier → %s: train accuracy %.3f in %.1fs", out, meta["train_accuracy"], meta["seconds"])
     return meta
 
@@ -56,7 +56,7 @@ def train_small_dae(out: str, source: str = "digits", split: str = "train", path
     losses = training.train_denoiser(net, x, sigmas=sigmas, epochs=epochs, seed=seed)
     meta = {"source": source, "split": split, "epochs": epochs, "seed": seed, "loss": losses,
             "sigmas": list(sigmas), "seconds": time.time() - t0}
-    save(out, small_dae.ARCH, {"in_channels": x.shape[1], "width": width}, net, meta)
+    save(out, small_dae.ARCH, {"in_channels": x.shape[1], "width": width}, net, meta, input_shape=x.shape[1:])
     log.info("denoiser → %s: final loss %.5f in %.1fs", out, losses[-1], meta["seconds"])
     return meta
 

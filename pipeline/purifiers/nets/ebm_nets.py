@@ -27,6 +27,7 @@ from torch import nn
 
 from pipeline.io import checkpoints
 from pipeline.purifiers.base import PublishedWeights, load_frozen
+from pipeline.purifiers.nets import InputSizeError
 
 ARCH = "ebm"
 ACTIVATIONS = ("leaky_relu", "silu")
@@ -60,6 +61,8 @@ class EBM(nn.Module):
         self.n_c, self.image_size = n_c, image_size
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if tuple(x.shape[-2:]) != (self.image_size, self.image_size):   # the last kernel spans exactly that
+            raise InputSizeError(ARCH, tuple(x.shape[-2:]), size=self.image_size)
         # the reference squeezes [N, 1, 1, 1] → [N]; view keeps [1] for a batch of one
         return self.f(x).view(x.shape[0])
 

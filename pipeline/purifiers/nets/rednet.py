@@ -19,6 +19,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from pipeline.purifiers.nets import SIDE_MULTIPLE, check_multiple
+
 ARCH = "rednet30"
 
 
@@ -47,8 +49,7 @@ class REDNet(nn.Module):
         self._skip_from = {L - 2 - j: j for j in range(1, L - 1, 2)}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[-1] % 2 or x.shape[-2] % 2:
-            raise ValueError(f"REDNet needs even height and width, got {tuple(x.shape[-2:])}")
+        check_multiple(x, SIDE_MULTIPLE[ARCH], ARCH)   # an odd side comes back one pixel larger
         saved: dict[int, torch.Tensor] = {}
         keep = set(self._skip_from.values())
         h = x

@@ -29,6 +29,7 @@ from torch import nn
 
 from pipeline.io import checkpoints
 from pipeline.purifiers.base import PublishedWeights, load_frozen
+from pipeline.purifiers.nets import SIDE_MULTIPLE, check_multiple
 
 SMALL_ARCH = "small_score"
 NCSNV2_ARCH = "ncsnv2"
@@ -82,8 +83,7 @@ class SmallScoreNet(nn.Module):
         self.out = nn.Conv2d(w, in_channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[-1] % 4 or x.shape[-2] % 4:
-            raise ValueError(f"SmallScoreNet needs H, W divisible by 4, got {tuple(x.shape[-2:])}")
+        check_multiple(x, SIDE_MULTIPLE[SMALL_ARCH], SMALL_ARCH)
         h = self.inp(2.0 * x - 1.0)
         e1 = self.enc1(h)
         e2 = self.enc2(self.down1(e1))

@@ -4,6 +4,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from pipeline.purifiers.nets import SIDE_MULTIPLE, check_multiple
+
 ARCH = "small_dae"
 
 
@@ -27,4 +29,5 @@ class SmallDAE(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_multiple(x, SIDE_MULTIPLE[ARCH], ARCH)   # other sides come back another size
         return torch.sigmoid(self.decoder(self.encoder(x)))
