@@ -87,7 +87,7 @@ class Engine:
         self.channels = given or input_channels(purifier)
         self.provenance = {
             "purifier": cfg.purifier.name, "purifier_sha256": _checksum(cfg.purifier.params),
-            "purifier_params": json.dumps({**cfg.purifier.params, **purifier.params()}, sort_keys=True, default=str),
+            "purifier_params": json.dumps({**cfg.purifier.params, **purifier.record()}, sort_keys=True, default=str),
             "classifier": cfg.classifier.name if cfg.classifier else None,
             "classifier_sha256": _checksum(cfg.classifier.params) if cfg.classifier else None,
             "seed": self.seed, "runs": self.runs,

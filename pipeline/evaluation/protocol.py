@@ -34,7 +34,7 @@ class PlannedAttack:
         """The attack's columns of a record."""
         params = self.attack.params()
         if self.surrogate is not None:
-            params = {**params, "surrogate": self.surrogate.purifier.params()}
+            params = {**params, "surrogate": self.surrogate.purifier.record()}
         eps = float(params.get("eps", 0.0))
         return {"attack_index": self.index, "attack_name": self.name,
                 "attack_params": json.dumps(params, sort_keys=True), "gradient_mode": self.gradient,
@@ -110,7 +110,9 @@ def _plan_attacks(cfg: Config, defense: Defense) -> list[PlannedAttack]:
     for i, a in enumerate(cfg.attacks):
         surrogate = None
         if a.surrogate:  # the gradient goes through a cheaper copy; evaluation uses the real one
-            sp = _frozen(PURIFIERS.build(cfg.purifier.name, **{**cfg.purifier.params, **a.surrogate}))
+            checkpoint, settings = PURIFIERS.parse(cfg.purifier.name, cfg.purifier.params, "purifier.params")
+            settings = settings.replace(a.surrogate, f"attacks[{i}].surrogate")
+            sp = _frozen(PURIFIERS.get(cfg.purifier.name)(checkpoint, settings))
             surrogate = Defense(defense.classifier, sp, ev.max_rows)
         attack = ATTACKS.build(a.name, **a.params)
         gradient = resolve_gradient(a.gradient, surrogate or defense)
@@ -135,7 +137,7 @@ def build_protocol(cfg: Config) -> Protocol:
         "job": cfg.job.name, "config_hash": cfg.hash(), "seed": cfg.job.seed,
         "classifier": cfg.classifier.name, "classifier_sha256": _checksum_params(cfg.classifier.params),
         "purifier": cfg.purifier.name, "purifier_sha256": _checksum_params(cfg.purifier.params),
-        "purifier_params": json.dumps({**cfg.purifier.params, **purifier.params()}, sort_keys=True, default=str),
+        "purifier_params": json.dumps({**cfg.purifier.params, **purifier.record()}, sort_keys=True, default=str),
     }
     return Protocol(defense, attacks, cfg.job.seed, ev.runs, ev.decision, cfg.data.batch_size, ev.cascade,
                     ev.eot_probe, device, provenance)

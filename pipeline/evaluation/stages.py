@@ -68,7 +68,7 @@ def defended(defense: Defense, x: torch.Tensor, keys: Sequence[str], seed: int, 
     the first run's purified images [B, C, H, W]."""
     noise = Noise.for_batch(seed, keys, context, runs, x.device)
     with torch.no_grad():
-        purified, nfe = defense.purify(x.repeat_interleave(runs, 0), noise)  # [B·R, C, H, W]
+        purified, nfe, _ = defense.purify(x.repeat_interleave(runs, 0), noise)  # [B·R, C, H, W]
         logits = defense.classify(purified).view(x.shape[0], runs, -1)
     first = purified.view(x.shape[0], runs, *x.shape[1:])[:, 0] if keep_images else None
     return logits.float(), nfe, first

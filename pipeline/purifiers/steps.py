@@ -62,15 +62,19 @@ def purify_in_chunks(purify: Callable[[torch.Tensor, Noise], Purified], x: torch
                      noise: Noise, rows: int) -> Purified:
     """purify(x, noise) over chunks of at most `rows` rows (bounds memory, not the result:
     rows are independent). nfe counts evaluations per row, so it is the max over chunks,
-    not their sum."""
+    not their sum; the per-row stats are concatenated like the images."""
     if x.shape[0] <= rows:
         return purify(x, noise)
-    parts, nfe = [], 0
-    for i in range(0, x.shape[0], rows):
-        out = purify(x[i:i + rows], noise.select(slice(i, i + rows)))
-        parts.append(out.images)
-        nfe = max(nfe, out.nfe)
-    return Purified(torch.cat(parts), nfe)
+    outs = [purify(x[i:i + rows], noise.select(slice(i, i + rows))) for i in range(0, x.shape[0], rows)]
+    stats = {k: torch.cat([o.stats[k] for o in outs]) for k in outs[0].stats}
+    return Purified(torch.cat([o.images for o in outs]), max(o.nfe for o in outs), stats)
+
+
+def batch_free_sigmoid(h: torch.Tensor) -> torch.Tensor:
+    """1 / (1 + exp(−h)). torch.sigmoid's CPU kernel rounds the tail of a tensor differently
+    from its vectorised body (1 ulp), so a row's value would depend on where it sits in the
+    batch; exp and division do not. Clamped so exp cannot overflow (σ(±60) is 0/1 in float32)."""
+    return torch.reciprocal(torch.exp(-h.clamp(-60.0, 60.0)) + 1.0)
 
 # ---------------------------------------------------------------------------------------
 # ADP: score grid and adaptive step size
@@ -175,6 +179,14 @@ def energy_grad(energy: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor)
 # below is the reentrant scheme instead: the forward runs under no_grad (∇U then costs one
 # plain first-order gradient and keeps nothing), the backward recomputes one segment with
 # its full (second-order) graph and differentiates it right away.
+
+
+# The one meaning of every purifier's `checkpoint_segment` setting (ADP, Langevin EBM, …):
+# steps per checkpointed segment when a graph is needed; AUTO_SEGMENT (−1, the default)
+# picks the memory-optimal length (auto_segment), 0 turns checkpointing off (fastest when
+# the whole graph fits: `advpure plan` says when), k > 0 fixes it. Memory only: values
+# and gradients are the same for every choice.
+AUTO_SEGMENT = -1
 
 
 def needs_graph(x: torch.Tensor) -> bool:
