@@ -210,7 +210,8 @@ def adp(args, dev: torch.device):
 
     torch.manual_seed(0)
     net = SmallScoreNet(in_channels=3, width=8) if args.smoke else NCSNv2()
-    return frozen(ADPPurifier(net, ADPSettings(max_iter=1, stop_alpha=0.0)), dev)  # stop_alpha 0: no row stops
+    settings = ADPSettings(max_iter=1, stop_alpha=0.0, checkpoint_segment=0)  # stop_alpha 0: no row stops
+    return frozen(ADPPurifier(net, settings), dev)
 
 
 def images(n: int, size: int, dev: torch.device) -> torch.Tensor:

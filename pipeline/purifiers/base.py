@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import logging
 import types
 import typing
@@ -148,6 +149,29 @@ def _built(make: Callable[[], S], where: str) -> S:
         raise SettingsError(where, "", str(err)) from None
 
 
+class FrozenMapping(abc.Mapping):
+    """A read-only, hashable copy of a YAML mapping (a settings field such as a network's
+    arch params), so settings stay frozen all the way down. `dict(m)` gives a plain copy."""
+
+    def __init__(self, data: Mapping[str, Any]):
+        self._data = {str(k): v for k, v in data.items()}
+
+    def __getitem__(self, key: str) -> Any:
+        return self._data[key]
+
+    def __iter__(self):
+        return iter(self._data)
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def __hash__(self) -> int:
+        return hash(json.dumps(self._data, sort_keys=True, default=str))
+
+    def __repr__(self) -> str:
+        return repr(self._data)
+
+
 _HINTS: dict[type, dict[str, Any]] = {}
 
 
@@ -197,7 +221,7 @@ def _coerce(value: Any, tp: Any, where: str, name: str) -> Any:
     if origin in (dict, abc.Mapping) or tp in (dict, abc.Mapping, Mapping):
         if not isinstance(value, Mapping):
             raise SettingsError(where, name, f"expected a mapping, got {value!r}")
-        return {str(k): v for k, v in value.items()}
+        return value if isinstance(value, FrozenMapping) else FrozenMapping(value)
     if tp is type(None):
         if value is not None:
             raise SettingsError(where, name, f"expected null, got {value!r}")
