@@ -18,8 +18,9 @@ from typing import Any, Literal, Union
 
 import yaml
 
+from pipeline.vocabulary import DECISIONS, DEFAULT_DECISION, GRADIENT_REQUESTS
+
 STAGES = ("evaluate", "attack", "purify")
-GRADIENTS = ("auto", "full", "bpda", "classifier")
 
 
 class ConfigError(ValueError):
@@ -70,7 +71,7 @@ class EvaluationConfig:
     max_rows: int = 4096
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # how the R runs decide a prediction (robust = no confirmed break and this prediction right)
-    decision: Literal["mean_logit", "vote", "mean_softmax"] = "mean_logit"
+    decision: Literal[DECISIONS] = DEFAULT_DECISION
     # fresh draws of the real defense that confirm a break on a stochastic defense
     # (null: the attack's recheck_draws if set, else R); see docs/attacks.md
     confirm_draws: int | None = None
@@ -277,7 +278,8 @@ def _check_ranges(cfg: Config) -> None:
     if cfg.data.max_samples_per_shard is not None:
         need(cfg.data.max_samples_per_shard >= 1, "data.max_samples_per_shard", "must be ≥ 1")
     for i, a in enumerate(cfg.attacks):
-        need(a.gradient in GRADIENTS, f"attacks[{i}].gradient", f"{a.gradient!r} is not one of {list(GRADIENTS)}")
+        need(a.gradient in GRADIENT_REQUESTS, f"attacks[{i}].gradient",
+             f"{a.gradient!r} is not one of {list(GRADIENT_REQUESTS)}")
         need(a.eot >= 1, f"attacks[{i}].eot", "must be ≥ 1")
     need(cfg.evaluation.runs >= 1, "evaluation.runs", "must be ≥ 1")
     need(cfg.evaluation.max_rows >= 1, "evaluation.max_rows", "must be ≥ 1")

@@ -210,26 +210,6 @@ def test_trajectory_ends_at_forward(small_net):
 
 
 # ---------------------------------------------------------------------------------------
-# ensemble predictions over R runs
-# ---------------------------------------------------------------------------------------
-
-def test_ensemble_predictions_hand_computed():
-    # one sample, three runs, three classes
-    logits = torch.tensor([[[10.0, 0.0, 0.0], [0.0, 4.0, 0.0], [0.0, 4.0, 0.0]]])
-    pred = steps.ensemble_predictions(logits)
-    assert pred["logits"].tolist() == [0]   # summed logits: 10 vs 8
-    assert pred["vote"].tolist() == [1]     # two of three runs vote class 1
-    assert pred["softmax"].tolist() == [1]  # Σ softmax: ≈1.04 vs ≈1.93
-    assert pred["logsoftmax"].tolist() == [0]
-    tie = torch.tensor([[[0.0, 1.0], [1.0, 0.0]]])
-    assert steps.ensemble_predict(tie, "vote").tolist() == [0]  # ties → lowest class
-    with pytest.raises(ValueError):
-        steps.ensemble_predict(logits, "median")
-    with pytest.raises(ValueError):
-        steps.ensemble_predict(logits[0], "logits")
-
-
-# ---------------------------------------------------------------------------------------
 # builder, checkpoints
 # ---------------------------------------------------------------------------------------
 

@@ -5,6 +5,7 @@ import pytest
 import torch
 from torch import nn
 
+from pipeline.evaluation.decision import decide
 from pipeline.io import checkpoints, datasets
 from pipeline.purifiers import steps
 from pipeline.purifiers.langevin_ebm import LangevinEBMPurifier, LangevinEBMSettings
@@ -140,8 +141,8 @@ def test_trajectory_ends_at_forward(small_ebm):
 
 def test_eot_defense_prediction_by_mean_logits():
     logits = torch.tensor([[[3.0, 0.0], [0.0, 1.0], [0.0, 1.0]]])  # mean logits favour class 0
-    assert steps.ensemble_predict(logits, "logits").tolist() == [0]
-    assert steps.ensemble_predict(logits, "vote").tolist() == [1]
+    assert decide(logits, "mean_logit").tolist() == [0]
+    assert decide(logits, "vote").tolist() == [1]
 
 
 def test_builder_reads_published_and_our_checkpoints(tmp_path, small_ebm):

@@ -16,8 +16,7 @@ from pipeline.config import Config
 from pipeline.evaluation.defense import Defense, honest_gradient_mode, speed_up
 from pipeline.io import checkpoints, storage
 from pipeline.registry import ATTACKS, CLASSIFIERS, PURIFIERS
-
-DECISIONS = ("mean_logit", "vote", "mean_softmax")
+from pipeline.vocabulary import ADAPTIVE_GRADIENT_MODES, NO_ATTACK_NAME
 
 
 @dataclass
@@ -42,7 +41,7 @@ class PlannedAttack:
                 "confirm_draws": self.confirm_draws}
 
 
-NO_ATTACK = {"attack_index": -1, "attack_name": "none", "attack_params": "{}", "gradient_mode": "none",
+NO_ATTACK = {"attack_index": -1, "attack_name": NO_ATTACK_NAME, "attack_params": "{}", "gradient_mode": "none",
              "eot": 0, "norm": None, "eps": 0.0, "eps_255": 0.0, "confirm_draws": 0}
 
 
@@ -76,7 +75,7 @@ def confirm_draws(attack: Attack, gradient: str, surrogate: Defense | None, defe
     """
     if attack.recheck_draws:
         return attack.recheck_draws
-    exact_view = gradient in ("full", "bpda") and surrogate is None
+    exact_view = gradient in ADAPTIVE_GRADIENT_MODES and surrogate is None
     if not defense.purifier.stochastic:
         return 0 if exact_view else 1
     return configured or runs

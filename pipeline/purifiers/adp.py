@@ -10,8 +10,8 @@ Per row (a (sample, replica) pair; the R replicas of a sample are the ADP ensemb
      ≤ stop_alpha (1e-3), and then stays fixed (batched with masks, never per-row loops);
   4. map back from the grid and clip to [0, 1].
 
-Ensemble prediction over the R runs (summed logits / summed softmax / majority vote) is
-`pipeline.purifiers.steps.ensemble_predictions` applied to Defense.logits → [B, R, K].
+Ensemble prediction over the R runs (Sec. 3.3: summed logits / summed softmax / majority
+vote) is a decision rule of `pipeline.evaluation.decision` (mean_logit / mean_softmax / vote).
 `ADPPurifier.trajectory` returns every intermediate step for "classify every step".
 
 Differences from the reference code (jmyoon1/adp, purification/adp.py), on purpose:

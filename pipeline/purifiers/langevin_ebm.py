@@ -13,8 +13,8 @@ unclipped chain state to the classifier. Our classifiers normalise [0, 1] inputs
 `clip_output=True` (the default, to honour the purifier contract x̂ ∈ [0, 1]) clips.
 
 EOT defense: the H = 150 chains per image are the pipeline's R runs (evaluation.runs);
-predict with `pipeline.purifiers.steps.ensemble_predict(logits, "logits")` (the reference's
-eot_defense_ave "logits"; "softmax" and "logsoftmax" are the other two options).
+predict with `pipeline.evaluation.decision.decide(logits, "mean_logit")` (the reference's
+eot_defense_ave "logits"; "mean_softmax" and "mean_log_softmax" are its other two options).
 
 Gradients: forward is differentiable (stochastic=True, differentiable=True,
 test_time_optimization=False: a sampler, not an optimiser), so a full-gradient attack can

@@ -3,10 +3,10 @@
 References
 - [ADP] Yoon, Hwang, Lee, "Adversarial Purification with Score-based Generative Models",
   ICML 2021 (arXiv:2106.06041), Sec. 3.2 (purification by deterministic score ascent with
-  an adaptive step size) and Sec. 3.3 (randomised purification / ensembles).
+  an adaptive step size).
 - [EBM] Hill, Mitchell, Zhu, "Stochastic Security: Adversarial Defense Using Long-Run
   Dynamics of Energy-Based Models", ICLR 2021 (arXiv:2005.13525), Eq. (2) (Langevin
-  update) and Sec. 3.2 (ε²/2 absorbed into the energy), Sec. 4 (EOT defense prediction).
+  update) and Sec. 3.2 (ε²/2 absorbed into the energy).
 - [Adam] Kingma, Ba, "Adam: A Method for Stochastic Optimization", ICLR 2015
   (arXiv:1412.6980), Algorithm 1 (the inner optimiser of APuDAE and DIP).
 - [BPDA] Athalye, Carlini, Wagner, "Obfuscated Gradients Give a False Sense of Security",
@@ -24,7 +24,6 @@ import math
 from typing import Any, Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 
 from pipeline.purifiers.base import Purified
 from pipeline.seeding import Noise
@@ -299,42 +298,3 @@ def run_steps(step: Callable[[torch.Tensor, int], torch.Tensor], x: torch.Tensor
     for t in range(start, last, segment):
         x = checkpoint_segment(functools.partial(run_segment, t, t + segment), x)
     return run_segment(last, start + n_steps, x)
-
-
-# ---------------------------------------------------------------------------------------
-# Ensemble / EOT-defense predictions over R purification runs
-# ---------------------------------------------------------------------------------------
-
-ENSEMBLE_METHODS = ("logits", "softmax", "logsoftmax", "vote")
-
-
-def ensemble_scores(logits: torch.Tensor, method: str = "logits") -> torch.Tensor:
-    """Combine logits [B, R, K] of R stochastic purification runs into scores [B, K].
-
-    - "logits": Σ_r logits (ADP "l"; EBM EOT defense "logits", the mean differs by 1/R only)
-    - "softmax": Σ_r softmax (ADP "s"; EBM "softmax")
-    - "logsoftmax": mean_r log-softmax (EBM "logsoftmax")
-    - "vote": Σ_r one-hot(argmax) (ADP "o", majority vote; ties → lowest class index)
-    The prediction is argmax of the scores.
-    """
-    if logits.dim() != 3:
-        raise ValueError(f"logits must be [B, R, K], got {tuple(logits.shape)}")
-    if method == "logits":
-        return logits.sum(1)
-    if method == "softmax":
-        return F.softmax(logits, dim=-1).sum(1)
-    if method == "logsoftmax":
-        return F.log_softmax(logits, dim=-1).mean(1)
-    if method == "vote":
-        return F.one_hot(logits.argmax(-1), logits.shape[-1]).to(logits.dtype).sum(1)
-    raise ValueError(f"unknown ensemble method {method!r}; expected one of {ENSEMBLE_METHODS}")
-
-
-def ensemble_predict(logits: torch.Tensor, method: str = "logits") -> torch.Tensor:
-    """Predicted labels [B] from logits [B, R, K] (see `ensemble_scores`)."""
-    return ensemble_scores(logits, method).argmax(-1)
-
-
-def ensemble_predictions(logits: torch.Tensor) -> dict[str, torch.Tensor]:
-    """All ensemble predictions at once: {"logits", "softmax", "logsoftmax", "vote"} → [B]."""
-    return {m: ensemble_predict(logits, m) for m in ENSEMBLE_METHODS}

@@ -11,6 +11,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from pipeline.evaluation.decision import decide
 from pipeline.purifiers import steps
 from pipeline.seeding import Noise, config_seed
 from pipeline.train.loops import psnr
@@ -107,7 +108,7 @@ def langevin_retention(net: nn.Module, classify: Callable[[torch.Tensor], torch.
     return {"images": n, "chains": chains, "steps": n_steps, "eps": eps,
             "clean_correct": int((clean == labels).sum()),
             "chain_correct": int(per_chain.sum()), "chain_total": int(per_chain.numel()),
-            "eot_correct": int((steps.ensemble_predict(logits, "logits") == labels).sum()),
+            "eot_correct": int((decide(logits, "mean_logit") == labels).sum()),
             "energy_data": float(e_data.mean()), "energy_chain": float(e_chain.mean()),
             # per-image drop of the energy (data − chain mean), for a standard error
             "energy_drop_se": float((e_data - e_chain.mean(1)).std() / max(1, n) ** 0.5)}
