@@ -72,12 +72,6 @@ def test_no_attack_job_writes_one_row_per_sample(digits_shards, digits_models, t
     assert proc.process(url, "x")["rows"] == 90
 
 
-def test_report_wilson_interval():
-    lo, hi = report.wilson(50, 100)
-    assert lo == pytest.approx(0.4038, abs=1e-3) and hi == pytest.approx(0.5962, abs=1e-3)
-    assert report.wilson(0, 10)[0] == 0.0 and report.wilson(10, 10)[1] == 1.0
-
-
 def test_cascade_equals_per_sample_worst_case(digits_shards, digits_models, tmp_path):
     """Keyed randomness makes an attack's result per sample independent of its batch, so the
     cascade's final robust set is exactly the intersection of the attacks' robust sets."""
