@@ -64,8 +64,8 @@ class AttackConfig:
 @dataclass(frozen=True)
 class EvaluationConfig:
     runs: int = 1
-    # AutoAttack-style cascade: each attack runs only on samples every earlier attack
-    # failed to break; broken samples carry their breaking row forward
+    # AutoAttack-style cascade: each attack runs only on samples every earlier attack of the
+    # same (norm, ε) failed to break; broken samples carry their breaking row forward
     cascade: bool = False
     max_rows: int = 4096
     device: Literal["auto", "cpu", "cuda"] = "auto"
