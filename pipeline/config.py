@@ -67,8 +67,8 @@ class AttackConfig:
 @dataclass(frozen=True)
 class EvaluationConfig:
     runs: int = 1
-    # AutoAttack-style cascade: each attack runs only on samples every earlier attack
-    # failed to break; broken samples carry their breaking row forward
+    # AutoAttack-style cascade: each attack runs only on samples every earlier attack of the
+    # same (norm, ε) failed to break; broken samples carry their breaking row forward
     cascade: bool = False
     max_rows: int = 4096
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -423,13 +423,13 @@ def _resolve_params(cfg: Config) -> Config:
         except KeyError:
             return None
 
-    def model(key: str, m: ModelConfig | None, registry: Any) -> ModelConfig | None:
-        c = ctor(registry, m.name) if m is not None else None
-        return m if c is None else dataclasses.replace(m, params=_numbers_in(m.params, c, f"{key}.params"))
+    def model(key: str, m: ModelConfig | None, c: Any) -> ModelConfig | None:
+        return m if m is None or c is None else dataclasses.replace(m, params=_numbers_in(m.params, c, f"{key}.params"))
 
     purifier_ctor = ctor(PURIFIERS, cfg.purifier.name)
     if purifier_ctor is not None and PURIFIERS.settings_entry(cfg.purifier.name) is not None:
         purifier_ctor = PURIFIERS.settings_entry(cfg.purifier.name).settings  # its fields are the params
+    classifier_ctor = ctor(CLASSIFIERS, cfg.classifier.name) if cfg.classifier is not None else None
     attacks = []
     for i, a in enumerate(cfg.attacks):
         c = ctor(ATTACKS, a.name)
@@ -441,8 +441,8 @@ def _resolve_params(cfg: Config) -> Config:
         a = dataclasses.replace(a, params=_numbers_in(a.params, c, f"attacks[{i}].params"), surrogate=surrogate)
         _check_attack(i, a, c)
         attacks.append(a)
-    return dataclasses.replace(cfg, classifier=model("classifier", cfg.classifier, CLASSIFIERS),
-                               purifier=model("purifier", cfg.purifier, PURIFIERS), attacks=tuple(attacks))
+    return dataclasses.replace(cfg, classifier=model("classifier", cfg.classifier, classifier_ctor),
+                               purifier=model("purifier", cfg.purifier, purifier_ctor), attacks=tuple(attacks))
 
 
 def _check_purifier_settings(cfg: Config) -> None:

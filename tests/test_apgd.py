@@ -231,3 +231,99 @@ def test_apgd_restarts_never_hurt(digits):
     r, two = _run(model, x, y, "apgd", eps=0.08, steps=10, restarts=3)
     assert two <= one
     assert int(r.broken_step.max()) < 3 * 11
+
+
+class _Recorder:
+    """A linear model (5 classes, 3×4×4 inputs) whose class 0 wins by a margin no ε ≤ 1 can
+    close, recording every call as (step, rows, x). `select_rows` returns itself: the model
+    is row-wise, so this is the restricted view the attacks ask for."""
+
+    def __init__(self):
+        g = torch.Generator().manual_seed(3)
+        self.W = torch.randn(5, 48, generator=g)
+        self.bias = torch.tensor([10.0, 0, 0, 0, 0])
+        self.calls: list[tuple[int, int, torch.Tensor]] = []
+
+    def __call__(self, x, step):
+        self.calls.append((step, x.shape[0], x.detach().clone()))
+        return (self.bias + 1e-3 * x.flatten(1) @ self.W.T).unsqueeze(1)
+
+    def select_rows(self, rows):
+        return self
+
+
+def _pair():
+    x = 0.3 + 0.4 * torch.rand(2, 3, 4, 4, generator=torch.Generator().manual_seed(4))
+    # sample 0 is labelled 1: misclassified from the start; sample 1 (class 0) can never break
+    return x, torch.tensor([1, 0]), Noise.for_batch(0, ["a", "b"], "own")
+
+
+def test_apgd_t_draws_a_fresh_start_per_target_class():
+    """AutoAttack's apgd-t calls attack_single_run per (target class, restart), each drawing a
+    new random start; ours keys run j's start by j: every target gets its own."""
+    x, y, noise = _pair()
+    rec, steps = _Recorder(), 2
+    APGD(eps=0.1, steps=steps, targeted=True, loss="dlr", n_target_classes=3, restarts=2)(rec, x, y, noise)
+    starts = [xs[-1] for step, _, xs in rec.calls if step >= 0 and step % (steps + 1) == 0]
+    assert len(starts) == 6  # 3 targets × 2 restarts, sample 1 (never broken) in every run
+    for i in range(6):
+        assert (starts[i] - x[1]).abs().max() <= 0.1 + 1e-6 and not torch.equal(starts[i], x[1])
+        for j in range(i):
+            assert not torch.allclose(starts[i], starts[j])
+
+
+@pytest.mark.parametrize("restrictable", [True, False])
+def test_apgd_t_attacks_only_unbroken_samples(restrictable):
+    """Sample 0 breaks at the first step of the first run; the later runs (target classes)
+    evaluate sample 1 alone (AutoAttack's ind_to_fool). A target without `select_rows` sees
+    the whole batch every call; the result is the same."""
+    x, y, noise = _pair()
+    rec, steps = _Recorder(), 3
+    target = rec if restrictable else (lambda x, step: rec(x, step))
+    r = APGD(eps=0.1, steps=steps, targeted=True, loss="dlr", n_target_classes=3,
+             targeted_success="misclassified")(target, x, y, noise)
+    n = steps + 1
+    assert r.broken_step.tolist() == [0, -1] and r.nfe == 3 * n
+    assert r.sample_nfe.tolist() == [n, 3 * n]
+    rows = [b for step, b, _ in rec.calls if step >= 0]
+    assert rows == ([2] * n + [1] * 2 * n if restrictable else [2] * 3 * n)
+    # the broken sample's result is its breaking iterate, the first run's start point
+    start = rec.calls[1][2][0]
+    assert torch.equal(r.x_adv[0], start) and (r.x_adv[0] - x[0]).abs().max() <= 0.1 + 1e-6
+    assert r.target_class[0] == 0  # broken in the run on its most likely wrong class, 0
+
+
+class _Linear64(nn.Module):
+    """logits = V·x in float64, rounded to float32: a row's logits do not depend on its batch."""
+
+    def __init__(self):
+        super().__init__()
+        self.V = torch.randn(5, 48, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+
+    def forward(self, x):
+        return (x.flatten(1).double() @ self.V.T).float()
+
+
+def test_apgd_t_on_a_keyed_defense_same_result_alone_or_in_a_batch():
+    """Runs on the unbroken rows only (the Defense's `select_rows`): each sample keeps its
+    keyed draws, so its result is the same alone as in a batch where others break first."""
+    from pipeline.purifiers.gaussian import GaussianPurifier
+
+    defense = Defense(_Linear64(), GaussianPurifier(sigma=0.05))
+    x = torch.rand(6, 3, 4, 4, generator=torch.Generator().manual_seed(6))
+    y = defense.classifier(x).argmax(1)
+    keys = [f"s{i}" for i in range(6)]
+    attack = APGD(eps=0.03, steps=4, targeted=True, loss="dlr", n_target_classes=3, targeted_success="misclassified")
+
+    def run(idx):
+        ks = [keys[i] for i in idx]
+        return attack(defense.attack_target("full", 0, ks, "a", 2), x[idx], y[idx], Noise.for_batch(0, ks, "own"))
+
+    full = run(list(range(6)))
+    assert 0 < int((full.broken_step >= 0).sum()) < 6   # some break early, some never
+    assert len(set(full.sample_nfe.tolist())) > 1
+    for i in range(6):
+        one = run([i])
+        assert torch.allclose(one.x_adv, full.x_adv[i:i + 1], atol=1e-6)
+        assert torch.equal(one.broken_step, full.broken_step[i:i + 1])
+        assert one.sample_nfe.tolist() == full.sample_nfe[i:i + 1].tolist()

@@ -149,3 +149,31 @@ def test_flags_and_other_checks():
     assert not _roundtrip(checks.check_output_range(probs))["passed"]
     assert checks.check_output_range(torch.randn(8, 10) * 3)["passed"]
     assert record_checks.check_unbounded_eps(float("nan"))["values"]["robust_accuracy"] is None
+
+
+def test_square_vs_gradient_tolerates_autoattacks_0_002():
+    """AutoAttack's check_square_sr flags Square only below the best other accuracy − 0.002:
+    one extra break in 500 samples is not gradient masking, two are flagged."""
+    assert record_checks.check_square_vs_gradient({"sq": 249 / 500}, {"apgd": 250 / 500})["passed"]
+    flagged = record_checks.check_square_vs_gradient({"sq": 248 / 500}, {"apgd": 250 / 500, "pgd": 0.6})
+    assert not flagged["passed"] and flagged["values"]["tol"] == 0.002
+    assert not record_checks.check_square_vs_gradient({"sq": 0.499}, {"apgd": 0.5}, tol=0.0)["passed"]
+
+
+def test_cascade_chain_names_an_earlier_entry_of_the_same_norm_and_no_larger_eps():
+    entries = {0: {"attack_index": 0, "eps": 0.1, "norm": "linf"}, 1: {"attack_index": 1, "eps": 0.2, "norm": "linf"},
+               2: {"attack_index": 2, "eps": 0.1, "norm": "l2"}}
+
+    def check(idx, eps, norm, *sources):
+        entry = {"attack_index": idx, "eps": eps, "norm": norm,
+                 "cascade_from": [{"attack_index": s, "rows": 5} for s in sources]}
+        return _roundtrip(record_checks.check_cascade_chain(entry, entries))
+
+    assert check(3, 0.1, "linf", 0)["passed"]            # same threat model
+    assert check(3, 0.2, "linf", 0, 1)["passed"]         # from a smaller ε: inside the larger ball
+    larger = check(3, 0.1, "linf", 0, 1)                 # issue 22: ε = 0.2's break counted at 0.1
+    assert not larger["passed"] and larger["values"]["offending"][0]["attack_index"] == 1
+    assert "from attack 1 (linf ε=0.2)" in larger["detail"]
+    assert not check(3, 0.1, "linf", 2)["passed"]        # another norm
+    assert not check(0, 0.1, "linf", 0)["passed"]        # not an earlier entry
+    assert not check(3, 0.1, "linf", 9)["passed"]        # no such entry

@@ -1,5 +1,6 @@
 """The honest headline (issue 9): confirmed breaks, the per-sample verdict, and a cascade
 that only saves cost — its verdict equals the non-cascade worst case sample for sample."""
+import pytest
 import torch
 
 from pipeline import config
@@ -98,3 +99,84 @@ def test_eot_probe_lands_in_the_checks(digits_shards, digits_models, tmp_path):
     marker = ShardWorker(config.from_dict(cfg).to_dict()).process(shards.expand(digits_shards["pattern"])[0], "s")
     probe = [c for c in marker["checks"]["0"] if c["name"] == "eot_probe"]
     assert len(probe) == 1 and probe[0]["values"]["n"] == 8 and probe[0]["values"]["eot"] == 2
+
+
+def _sweep(steps: int = 2, queries: int = 20, **over) -> list[dict]:
+    """autoattack_standard expanded over two ε in ℓ∞ and two in ℓ2: APGD-CE 0.05, APGD-CE
+    0.15, APGD-T 0.05, … — the one list issue 22's cascade wrongly treated as one chain."""
+    small = {"steps": steps, "n_queries": queries, **over}
+    return [{"preset": "autoattack_standard", "overrides": {"eps": [0.05, 0.15], "norm": "linf", **small}},
+            {"preset": "autoattack_standard", "overrides": {"eps": [0.4, 1.2], "norm": "l2", **small}}]
+
+
+def _verdicts(rows) -> dict[tuple, bool]:
+    """Per (sample, norm, ε): robust under every attack entry of that threat model."""
+    out: dict[tuple, bool] = {}
+    for r in rows:
+        k = (r["key"], r["norm"], r["eps"])
+        out[k] = out.get(k, True) and r["robust"]
+    return out
+
+
+@pytest.fixture(scope="module")
+def sweep_off(digits_shards, digits_models, tmp_path_factory):
+    """The sweep's records without cascade, per defense (shared by the tests below)."""
+    cache: dict[bool, list[dict]] = {}
+
+    def get(stochastic: bool) -> list[dict]:
+        if stochastic not in cache:
+            out = tmp_path_factory.mktemp(f"sweep_off_{stochastic}")
+            cache[stochastic] = _sweep_records(digits_shards, digits_models, out, False, stochastic)
+        return cache[stochastic]
+
+    return get
+
+
+def _sweep_records(digits_shards, digits_models, out, cascade, stochastic):
+    over = dict(purifier=STOCHASTIC, evaluation={"runs": 3, "cascade": cascade}) if stochastic else \
+        dict(evaluation={"runs": 1, "cascade": cascade})
+    return _records(digits_shards, digits_models, out, attacks=_sweep(**({"eot": 2} if stochastic else {})),
+                    data={"shards": digits_shards["pattern"], "batch_size": 32, "max_samples_per_shard": 48}, **over)
+
+
+@pytest.mark.parametrize("stochastic", [False, True], ids=["dae", "gaussian"])
+def test_cascade_over_an_eps_sweep_in_two_norms_keeps_every_verdict(digits_shards, digits_models, tmp_path,
+                                                                     sweep_off, stochastic):
+    """Cascade on and off agree on every (sample, norm, ε) verdict, on a deterministic and on
+    a stochastic defense: within a threat model each entry's rows are the same rows (keyed
+    draws per sample, so exact, not just in distribution), and nothing crosses threat models."""
+    rows = {False: sweep_off(stochastic),
+            True: _sweep_records(digits_shards, digits_models, tmp_path, True, stochastic)}
+    off, on = _verdicts(rows[False]), _verdicts(rows[True])
+    assert on == off and len(off) == 48 * 4
+    by_eps = {(n, e): sum(v for (_, nn, ee), v in off.items() if (nn, ee) == (n, e)) for _, n, e in off}
+    # the sweep separates: samples robust at the small ε but not the large one (what the bug lost)
+    assert by_eps[("linf", 0.05)] > by_eps[("linf", 0.15)] and by_eps[("l2", 0.4)] > by_eps[("l2", 1.2)]
+    entry = {r["attack_index"]: (r["norm"], r["eps"]) for r in rows[True]}
+    row_off = {(r["attack_index"], r["key"]): r for r in rows[False]}
+    for r in rows[True]:
+        if r["cascade_from"] is None:   # run by the entry itself: the very row it has without cascade
+            assert r["robust"] == row_off[(r["attack_index"], r["key"])]["robust"]
+        else:                           # carried within its threat model, from an entry that broke it
+            assert entry[r["cascade_from"]] == entry[r["attack_index"]] and r["cascade_from"] < r["attack_index"]
+            assert not row_off[(r["cascade_from"], r["key"])]["robust"] and not r["robust"]
+    assert sum(r["attack_nfe"] for r in rows[True]) < sum(r["attack_nfe"] for r in rows[False])
+
+
+def test_issue22_chain_fails_the_record_check(digits_shards, digits_models, tmp_path, sweep_off, monkeypatch):
+    """The old cascade (one chain over the whole list) gives wrong verdicts at the small ε,
+    and the report's cascade_chain check flags exactly those entries."""
+    from pipeline import report
+    from pipeline.evaluation import shard as shard_mod
+
+    off = _verdicts(sweep_off(False))
+    monkeypatch.setattr(shard_mod, "cascade_groups", lambda attacks: [list(attacks)])
+    old = _sweep_records(digits_shards, digits_models, tmp_path / "old", True, False)
+    assert _verdicts(old) != off
+    doc = report.summarize(read_committed(str(tmp_path / "old"), "evaluate", "s"))
+    flagged = {c["attack_index"] for c in doc["checks"]["record"] if c["name"] == "cascade_chain" and not c["passed"]}
+    entry = {r["attack_index"]: (r["norm"], r["eps"]) for r in old}
+    # carried into another norm or from a larger ε (from a smaller ε of the same norm is sound)
+    crossing = {r["attack_index"] for r in old if r["cascade_from"] is not None
+                and (entry[r["cascade_from"]][0] != r["norm"] or entry[r["cascade_from"]][1] > r["eps"])}
+    assert flagged and flagged == crossing

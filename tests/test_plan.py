@@ -1,6 +1,7 @@
 """`advpure plan`: calibration, prediction, suggestions; the markers' nfe and the progress rate."""
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import torch
@@ -129,3 +130,22 @@ def test_progress_shows_evaluations_per_second():
         assert "evals/s" in prog.text and "shards 1/2" in prog.text
     finally:
         prog.close()
+
+
+def test_cascade_estimate_chains_each_threat_model(digits_shards, digits_models, tmp_path):
+    """With a cascade, an attack runs on the share of samples the earlier attacks *of its
+    (norm, ε)* left unbroken: the first entry at each ε runs on all of them (issue 22)."""
+    attacks = [{"name": "fgsm", "params": {"eps": e}, "gradient": "classifier"} for e in (0.05, 0.3)]
+    attacks += [{"name": "pgd", "params": {"eps": e, "steps": 2, "step_size": e / 2}, "gradient": "classifier"}
+                for e in (0.05, 0.3)]
+    cfg = _cfg(digits_shards, digits_models, tmp_path, attacks=attacks, evaluation={"runs": 1, "cascade": True},
+               data={"shards": digits_shards["pattern"], "batch_size": 32})
+    p = build_protocol(cfg)
+    b = next(shard_mod.batches(shards.read_shard(shards.expand(cfg.data.shards)[0])[:32], 32, p.device))
+    pieces = {m.name: m.fraction for m in plan.calibrate_evaluate(p, b)}
+    rows = shard_mod.evaluate(dataclasses.replace(p, cascade=False), shards.read_shard(
+        shards.expand(cfg.data.shards)[0])[:32]).rows
+    unbroken = {i: sum(r["robust"] for r in rows if r["attack_index"] == i) / 32 for i in (0, 1)}
+    assert pieces["attack0:fgsm"] == pieces["attack1:fgsm"] == 1.0
+    assert pieces["attack2:pgd"] == unbroken[0] and pieces["attack3:pgd"] == unbroken[1]
+    assert unbroken[1] < unbroken[0] < 1   # the old single chain would give attack 2 the share after attack 1

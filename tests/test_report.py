@@ -186,3 +186,30 @@ def _assert_close(a, b, path="doc"):
 def test_refuses_unknown_format():
     with pytest.raises(ValueError, match="unknown report format"):
         report.render(["nowhere"], "pdf")
+
+
+def _carried(rows, source):
+    """Rows of `rows` whose sample is wrong become rows a cascade carried from `source`."""
+    return [{**r, "cascade_from": source, "attack_nfe": 0} if r["mean_logit_pred"] != r["label"] else r
+            for r in rows]
+
+
+def test_cascade_chain_across_threat_models_is_flagged():
+    """The shape of issue 22's records: an ε sweep cascaded as one chain, so the entries at
+    ε = 0.1 carry the breaks of ε = 0.2 (and an ℓ2 entry those of an ℓ∞ one)."""
+    l2 = {"norm": "l2", "attack_params": json.dumps({"eps": 1.0, "norm": "l2"})}
+    bad = (_rows(0, "apgd", "full", 0.1, 16) + _rows(1, "apgd", "full", 0.2, 3)
+           + _carried(_rows(2, "apgd", "full", 0.1, 3), 1) + _carried(_rows(3, "square", "full", 1.0, 3, **l2), 0))
+    checks = [c for c in _doc(bad)["checks"]["record"] if c["name"] == "cascade_chain"]
+    assert [(c["attack_index"], c["passed"]) for c in checks] == [(2, False), (3, False)]
+    assert "17 row(s) at linf ε=0.1 carry a cascade break from attack 1 (linf ε=0.2)" in checks[0]["detail"]
+    assert "from attack 0 (linf ε=0.1)" in checks[1]["detail"] and "at l2 ε=1" in checks[1]["detail"]
+    assert "cascade_chain" in report.format_table(_doc(bad))
+    # the same sweep chained per threat model; a break carried from a smaller ε is sound
+    good = (_rows(0, "apgd", "full", 0.1, 16) + _rows(1, "apgd", "full", 0.2, 3)
+            + _carried(_rows(2, "apgd", "full", 0.1, 14), 0) + _carried(_rows(3, "apgd", "full", 0.2, 2), 0))
+    doc = _doc(good)
+    checks = [c for c in doc["checks"]["record"] if c["name"] == "cascade_chain"]
+    assert [(c["attack_index"], c["passed"]) for c in checks] == [(2, True), (3, True)]
+    assert doc["attacks"][2]["cascade_from"] == [{"attack_index": 0, "rows": 6}]
+    assert "checks: all" in report.format_table(doc)

@@ -260,3 +260,43 @@ def test_params_roundtrip_and_validation():
         Square(eps=0.1, n_queries=0)
     with pytest.raises(ValueError):
         Square(eps=0.1, p_init=0.0)
+
+
+class RowCounting(Linear):
+    """Linear, counting the rows of every query; `select_rows` gives the view of some rows
+    (their keys, shared counter), as the Defense's targets do."""
+
+    def __init__(self, keys, R: int = 1, sigma: float = 0.0, log: list | None = None):
+        super().__init__(keys, R, sigma)
+        self.log = [] if log is None else log
+
+    def __call__(self, x, step):
+        self.log.append((step, x.shape[0]))
+        return super().__call__(x, step)
+
+    def select_rows(self, rows):
+        sub = RowCounting([self.keys[i] for i in rows.tolist()], self.R, self.sigma, self.log)
+        sub.V = self.V
+        return sub
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_queries_only_unbroken_samples(norm):
+    """AutoAttack's Square queries only the samples whose margin is still > 0: a broken
+    sample is never queried again, and its result (breaking query, image) is the one it had
+    when every sample was queried every time (a target without `select_rows`)."""
+    x, keys = _batch(8)
+    plain = Linear(keys, R=4, sigma=0.05)
+    y = plain.clean(x).argmax(1)
+    y[0] = (y[0] + 1) % K   # misclassified from the start: broken at query 0
+    thr = plain.thresholds(x, y)[0 if norm == "linf" else 1].sort().values
+    eps = float(thr[4] + thr[5]) / 2   # three samples cannot break at all (closed form)
+    counting = RowCounting(keys, R=4, sigma=0.05)
+    r = _attack(counting, x, keys, y, eps=eps, norm=norm, n_queries=150)
+    ref = _attack(lambda x, step: plain(x, step), x, keys, y, eps=eps, norm=norm, n_queries=150)
+    broken = r.broken_step >= 0
+    assert broken[0] and r.broken_step[0] == 0 and 1 < int(broken.sum()) < 8
+    assert torch.equal(r.sample_nfe, torch.where(broken, r.broken_step + 1, 151))
+    assert sum(n for _, n in counting.log) == int(r.sample_nfe.sum()) < 8 * r.nfe
+    assert counting.log[1] == (1, 8 - int((r.broken_step == 0).sum()))   # broken at query 0: left out
+    assert torch.allclose(r.x_adv, ref.x_adv, atol=1e-6) and torch.equal(r.broken_step, ref.broken_step)

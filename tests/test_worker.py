@@ -74,8 +74,9 @@ def test_no_attack_job_writes_one_row_per_sample(digits_shards, digits_models, t
 
 def test_cascade_equals_per_sample_worst_case(digits_shards, digits_models, tmp_path):
     """Keyed randomness makes an attack's result per sample independent of its batch, so the
-    cascade's final robust set is exactly the intersection of the attacks' robust sets."""
-    attacks = [{"name": "fgsm", "params": {"eps": 0.05}},
+    cascade's final robust set is exactly the intersection of the attacks' robust sets (both
+    at one ε: the cascade chains entries of one threat model only, issue 22)."""
+    attacks = [{"name": "fgsm", "params": {"eps": 0.1}},
                {"name": "pgd", "params": {"eps": 0.1, "steps": 5, "step_size": 0.03}}]
     url = shards.expand(digits_shards["pattern"])[0]
     tables = {}
@@ -95,3 +96,26 @@ def test_cascade_equals_per_sample_worst_case(digits_shards, digits_models, tmp_
             assert cas[(1, k)]["cascade_from"] == 0 and cas[(1, k)]["attack_name"] == "pgd"
     carried = sum(1 for k in keys if cas[(1, k)]["cascade_from"] is not None)
     assert 0 < carried < 90
+
+
+def test_cascade_never_carries_a_larger_eps_break_to_a_smaller_eps(digits_shards, digits_models, tmp_path):
+    """Issue 22: FGSM at ε = 0.3 listed before FGSM at ε = 0.05. A sample broken only at
+    0.3 must stay robust in the ε = 0.05 rows; the old single chain carried those breaks down
+    (cascade_from = 0) and the small-ε accuracy fell to the large-ε one."""
+    attacks = [{"name": "fgsm", "params": {"eps": 0.3}}, {"name": "fgsm", "params": {"eps": 0.05}}]
+    url = shards.expand(digits_shards["pattern"])[0]
+    rows = {}
+    for cascade in (False, True):
+        proc = _processor(digits_shards, digits_models, tmp_path / str(cascade), attacks=attacks,
+                          evaluation={"runs": 1, "cascade": cascade},
+                          data={"shards": digits_shards["pattern"], "batch_size": 32, "max_samples_per_shard": 48})
+        proc.process(url, "s")
+        rows[cascade] = {(r["attack_index"], r["key"]): r for r in read_committed(
+            str(tmp_path / str(cascade) / "out"), "evaluate", "s").to_pylist()}
+    off, on = rows[False], rows[True]
+    only_large = [k for i, k in off if i == 0 and not off[(0, k)]["robust"] and off[(1, k)]["robust"]]
+    assert only_large, "the test needs samples broken at ε = 0.3 but not at 0.05"
+    small = {k: r for (i, k), r in on.items() if i == 1}
+    assert all(r["cascade_from"] is None and r["attack_nfe"] > 0 for r in small.values())
+    assert all(small[k]["robust"] for k in only_large)
+    assert {k: r["robust"] for k, r in small.items()} == {k: off[(1, k)]["robust"] for k in small}

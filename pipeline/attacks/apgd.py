@@ -36,6 +36,7 @@ from pipeline.attacks.base import (
     normalized_step,
     project,
     random_start,
+    restrict,
 )
 from pipeline.registry import ATTACKS
 from pipeline.seeding import Noise
@@ -139,11 +140,13 @@ class APGD(Attack):
         (1; 9 in AutoAttack's APGD-T), one run per target class;
       targeted_success ("target": a targeted run breaks a sample when it hits the target;
         "misclassified": when it is misclassified at all, as AutoAttack's APGD-T counts);
-      restarts (1) from independent keyed random starts; random_start (True; False starts at x);
+      restarts (1); every run (restart, and target class) starts from its own keyed random point,
+        as AutoAttack draws a fresh start per run; random_start (True; False starts at x);
       schedule ("autoattack" | "paper", see the module docstring); rho (0.75);
       momentum (0.75); initial_step (2.0, in units of eps);
       eot_reduction ("mean_loss" | "mean_logits" | "sign_sum"); recheck_draws (0).
-    Runs stop early once every sample in the batch has met the goal.
+    Each run attacks only the samples no earlier run broke (AutoAttack), and none is left once
+    every sample has met the goal; `sample_nfe` counts each sample's own evaluations.
     Returns, per sample, the first iterate that met the goal (confirmed by `recheck` if given),
     else the highest-loss point over all runs; `broken_step` counts target steps over runs,
     run j owning steps j·(N+1) … j·(N+1)+N.
@@ -200,32 +203,40 @@ class APGD(Attack):
         f_best = torch.full((B,), -math.inf, device=x.device)
         best_target = torch.full((B,), -1, dtype=torch.int64, device=x.device)
         broke_on = best_target.clone()  # target of the run that broke the sample (misclassified mode)
-        nfe, run = 0, 0
-        for goal in goals:
+        sample_nfe = torch.zeros(B, dtype=torch.int64, device=x.device)
+        nfe = 0
+        for g, goal in enumerate(goals):
             # the loss follows `goal`; with "misclassified" any wrong class counts as a break
             judge = Goal(goal.y_true, None, False) if self._any_wrong_class(goal) else goal
             for r in range(self.restarts):
-                if bool(tracker.broken.all()):
+                # as AutoAttack: each run attacks only the samples no earlier run broke
+                rows = (~tracker.broken).nonzero().squeeze(1)
+                if rows.numel() == 0:
                     break
+                run = g * self.restarts + r
                 was_broken = tracker.broken.clone()
-                x0 = random_start(x, self.eps, self.norm, noise, index=r) if self.random_start else x.clone()
-                x_max, f_max = self._run(target, x, x0, goal, judge, tracker, run * (self.steps + 1))
-                better = f_max > f_best
-                x_best = torch.where(_bcast(better, x), x_max, x_best)
-                f_best = torch.where(better, f_max, f_best)
+                xs = x[rows]
+                # a fresh start per run: per restart and per target class (AutoAttack's apgd-t)
+                x0 = random_start(xs, self.eps, self.norm, noise.select(rows), index=run) if self.random_start \
+                    else xs.clone()
+                x_max, f_max = self._run(restrict(target, rows, x), xs, x0, goal.select(rows), judge.select(rows),
+                                         tracker, rows, run * (self.steps + 1))
+                better = f_max > f_best[rows]
+                x_best[rows] = torch.where(_bcast(better, xs), x_max, x_best[rows])
+                f_best[rows] = torch.where(better, f_max, f_best[rows])
                 if goal.targeted:
                     t = goal.y_target.to(x.device)
-                    best_target = torch.where(better, t, best_target)
+                    best_target[rows] = torch.where(better, t[rows], best_target[rows])
                     broke_on = torch.where(tracker.broken & ~was_broken, t, broke_on)
-                nfe += self.steps + 1
-                run += 1
-                log.debug("apgd run %d (restart %d): %d/%d samples met the goal", run, r,
-                          int(tracker.broken.sum()), B)
+                sample_nfe[rows] += self.steps + 1
+                nfe = (run + 1) * (self.steps + 1)
+                log.debug("apgd run %d (restart %d) on %d samples: %d/%d samples met the goal", run, r,
+                          rows.numel(), int(tracker.broken.sum()), B)
         target_class = None
         if self.targeted:
             hit = broke_on if self.targeted_success == "misclassified" else tracker.target_class
             target_class = torch.where(tracker.broken, hit, best_target)
-        return tracker.result(tracker.merge(x_best), nfe, target_class)
+        return tracker.result(tracker.merge(x_best), nfe, target_class, sample_nfe)
 
     def _any_wrong_class(self, goal: Goal) -> bool:
         return goal.targeted and self.targeted_success == "misclassified"
@@ -236,10 +247,11 @@ class APGD(Attack):
         return project(x_k + alpha * (z - x_k) + (1 - alpha) * (x_k - x_prev), x, self.eps, self.norm)
 
     def _run(self, target: AttackTarget, x: torch.Tensor, x0: torch.Tensor, goal: Goal, judge: Goal,
-             tracker: BreakTracker, step0: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """One APGD run from x0 on `goal`'s loss, breaks judged by `judge`; returns (x_max, f_max)."""
+             tracker: BreakTracker, rows: torch.Tensor, step0: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """One APGD run from x0 on `goal`'s loss, breaks judged by `judge`, over rows `rows` of
+        the tracker's batch (x, x0, target and goals are of those rows); returns (x_max, f_max)."""
         f_k, g_k, logits = self.evaluate(target, x0, goal, step0)
-        tracker.update(x0, logits, judge, step0)
+        tracker.update(x0, logits, judge, step0, rows)
         x_k, x_prev = x0, x0
         x_max, f_max, g_max = x0.clone(), f_k.clone(), g_k.clone()
         eta = torch.full((x.shape[0],), self.initial_step * self.eps, device=x.device)
@@ -247,7 +259,7 @@ class APGD(Attack):
         for k in range(self.steps):
             x_new = self._step(x, x_k, x_prev, g_k, eta, 1.0 if k == 0 else self.momentum)
             f_new, g_new, logits = self.evaluate(target, x_new, goal, step0 + k + 1)
-            tracker.update(x_new, logits, judge, step0 + k + 1)
+            tracker.update(x_new, logits, judge, step0 + k + 1, rows)
             better = f_new > f_max
             x_max = torch.where(_bcast(better, x), x_new, x_max)
             g_max = torch.where(_bcast(better, x), g_new, g_max)

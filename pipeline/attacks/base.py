@@ -36,7 +36,10 @@ SELECT_STEP = -1  # the target call that picks target classes from the clean inp
 
 class AttackTarget(Protocol):
     def __call__(self, x: torch.Tensor, step: int) -> torch.Tensor:
-        """logits [B, R, K] for inputs x [B, C, H, W]; `step` keys the draws."""
+        """logits [B, R, K] for inputs x [B, C, H, W]; `step` keys the draws.
+
+        A target may also offer `select_rows(rows) -> AttackTarget`: the same view for rows
+        `rows` [n] of the batch only, each keeping its own keyed draws (see `restrict`)."""
 
 
 class Recheck(Protocol):
@@ -54,6 +57,8 @@ class AttackResult:
     target_class: torch.Tensor | None = None  # [B] int64 for targeted attacks, else None
     candidate_step: torch.Tensor | None = None  # [B] first step the attack's own forward met the
                                                 # goal (None: same as broken_step)
+    sample_nfe: torch.Tensor | None = None      # [B] int64 target evaluations of each sample, where
+                                                # attacks skip broken ones (None: `nfe` for all)
 
 
 def project(x_adv: torch.Tensor, x: torch.Tensor, eps: float, norm: str) -> torch.Tensor:
@@ -95,6 +100,27 @@ def random_start(x: torch.Tensor, eps: float, norm: str, noise: Noise, index: in
     return project(x + delta, x, eps, norm)
 
 
+def restrict(target: AttackTarget, rows: torch.Tensor, x: torch.Tensor) -> AttackTarget:
+    """The target for rows `rows` [n] (int64, increasing) of the batch x only, so that an
+    attack evaluates just the samples it still works on (AutoAttack attacks only the unbroken
+    ones). A target with `select_rows` (the Defense's views) builds it, keeping each sample's
+    keyed draws; any other target is called on the whole batch — x with these rows replaced —
+    and its answer for these rows returned: the same logits, no work saved."""
+    if rows.numel() == x.shape[0]:
+        return target
+    select_rows = getattr(target, "select_rows", None)
+    if callable(select_rows):
+        return select_rows(rows)
+    base = x.detach()
+
+    def sub(x_sub: torch.Tensor, step: int) -> torch.Tensor:
+        full = base.index_copy(0, rows.to(base.device), x_sub)   # differentiable in x_sub
+        out = target(full, step)
+        return out[rows.to(out.device)]
+
+    return sub
+
+
 @dataclass
 class Goal:
     """What an attack run is after: y_true (untargeted, or targeted with known labels) and
@@ -103,6 +129,11 @@ class Goal:
     y_true: torch.Tensor | None
     y_target: torch.Tensor | None
     targeted: bool
+
+    def select(self, rows: torch.Tensor) -> Goal:
+        """The goal of rows `rows` of the batch."""
+        pick = (lambda t: None if t is None else t[rows.to(t.device)])
+        return Goal(pick(self.y_true), pick(self.y_target), self.targeted)
 
     def success(self, logits: torch.Tensor, idx: torch.Tensor | None = None) -> torch.Tensor:
         """[n] bool for logits [n, R, K] of rows idx (all rows if None)."""
@@ -132,27 +163,33 @@ class BreakTracker:
     def broken(self) -> torch.Tensor:
         return self.broken_step >= 0
 
-    def update(self, x_adv: torch.Tensor, logits: torch.Tensor, goal: Goal, step: int) -> torch.Tensor:
-        """Mark samples newly broken at this step; returns the [B] mask of new breaks."""
-        new = goal.success(logits).to(self.broken_step.device) & ~self.broken
-        first = new & (self.candidate_step < 0)
-        self.candidate_step[first] = step
+    def update(self, x_adv: torch.Tensor, logits: torch.Tensor, goal: Goal, step: int,
+               rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Mark samples newly broken at this step; returns the mask of new breaks. x_adv,
+        logits and goal are of the batch, or (with `rows` [n], int64) of those rows of it."""
+        rows = torch.arange(self.broken_step.shape[0], device=self.broken_step.device) if rows is None \
+            else rows.to(self.broken_step.device)
+        new = goal.success(logits).to(rows.device) & ~self.broken[rows]
+        first = new & (self.candidate_step[rows] < 0)
+        self.candidate_step[rows[first]] = step
         if self.recheck is not None and bool(new.any()):
             idx = new.nonzero().squeeze(1)
-            confirm_logits = self.recheck(x_adv[idx].detach(), idx, step)
+            confirm_logits = self.recheck(x_adv[idx].detach(), rows[idx], step)  # positions in the batch
             ok = goal.success(confirm_logits, idx).to(new.device)
             new = torch.zeros_like(new)
             new[idx[ok]] = True
         if bool(new.any()):
-            self.broken_step[new] = step
-            self.x_broken[new] = x_adv.detach()[new]
+            at = rows[new]
+            self.broken_step[at] = step
+            self.x_broken[at] = x_adv.detach()[new.to(x_adv.device)].to(self.x_broken.device)
             if goal.targeted:
-                self.target_class[new] = goal.y_target.to(new.device)[new]
+                self.target_class[at] = goal.y_target.to(new.device)[new]
         return new
 
-    def result(self, x_adv: torch.Tensor, nfe: int, target_class: torch.Tensor | None = None) -> AttackResult:
+    def result(self, x_adv: torch.Tensor, nfe: int, target_class: torch.Tensor | None = None,
+               sample_nfe: torch.Tensor | None = None) -> AttackResult:
         """The attack's result with this tracker's candidate and confirmed steps."""
-        return AttackResult(x_adv.detach(), self.broken_step, nfe, target_class, self.candidate_step)
+        return AttackResult(x_adv.detach(), self.broken_step, nfe, target_class, self.candidate_step, sample_nfe)
 
     def merge(self, x_other: torch.Tensor) -> torch.Tensor:
         """The breaking iterate where broken, x_other elsewhere."""

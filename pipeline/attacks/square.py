@@ -30,7 +30,16 @@ import math
 import torch
 import torch.nn.functional as F
 
-from pipeline.attacks.base import Attack, AttackResult, AttackTarget, BreakTracker, Goal, Recheck, project
+from pipeline.attacks.base import (
+    Attack,
+    AttackResult,
+    AttackTarget,
+    BreakTracker,
+    Goal,
+    Recheck,
+    project,
+    restrict,
+)
 from pipeline.registry import ATTACKS
 from pipeline.seeding import Noise
 
@@ -133,7 +142,8 @@ class Square(Attack):
       targeted: False; target_mode: "given" (y is the target) | "top" | "least_likely" | "random";
       recheck_draws: 0 (H > 0: every candidate break is confirmed by H draws of the real defense).
     Query 0 is the start point, query i + 1 the proposal of iteration i (the target's `step`).
-    Runs stop once every sample in the batch has met the goal. Returns, per sample, the first
+    Each iteration queries only the samples not yet broken (AutoAttack), so the run stops once
+    every sample has met the goal; `sample_nfe` counts each sample's own queries. Returns, per sample, the first
     query that met the goal (confirmed by `recheck` if given), else the last accepted point.
     """
 
@@ -171,21 +181,28 @@ class Square(Attack):
         tracker.update(x_best, logits, goal, 0)
         _, loss_min = margin_and_loss(logits, goal)
         nfe = 1
+        sample_nfe = torch.ones(x.shape[0], dtype=torch.int64, device=x.device)
         propose = self._propose_linf if self.norm == "linf" else self._propose_l2
+        rows = torch.empty(0, dtype=torch.int64)
         for i in range(self.n_queries):
-            active = ~tracker.broken
-            if not bool(active.any()):
+            # as AutoAttack: only the samples not yet broken are queried
+            active = (~tracker.broken).nonzero().squeeze(1).to(x.device)
+            if active.numel() == 0:
                 break
-            x_new = propose(x, x_best, noise, i)
-            logits = _query(target, x_new, i + 1)
+            if active.numel() != rows.numel():   # breaks only add up: a sample broke, new sub-batch
+                rows, sub_target, sub_noise, sub_goal = active, restrict(target, active, x), \
+                    noise.select(active), goal.select(active)
+            x_new = propose(x[rows], x_best[rows], sub_noise, i)
+            logits = _query(sub_target, x_new, i + 1)
             nfe += 1
-            tracker.update(x_new, logits, goal, i + 1)
-            margin, loss = margin_and_loss(logits, goal)
-            improved = active & (loss < loss_min)
-            accept = improved | (active & (margin <= 0))  # an unconfirmed candidate is kept too
-            loss_min = torch.where(improved, loss, loss_min)
-            x_best = torch.where(accept.view(-1, *[1] * (x.dim() - 1)), x_new, x_best)
-        return tracker.result(tracker.merge(x_best), nfe, goal.y_target if self.targeted else None)
+            sample_nfe[rows] += 1
+            tracker.update(x_new, logits, sub_goal, i + 1, rows)
+            margin, loss = margin_and_loss(logits, sub_goal)
+            improved = loss < loss_min[rows]
+            accept = improved | (margin <= 0)  # an unconfirmed candidate is kept too
+            loss_min[rows] = torch.where(improved, loss, loss_min[rows])
+            x_best[rows] = torch.where(accept.view(-1, *[1] * (x.dim() - 1)), x_new, x_best[rows])
+        return tracker.result(tracker.merge(x_best), nfe, goal.y_target if self.targeted else None, sample_nfe)
 
     # ------------------------------------------------------------------ ℓ∞
 

@@ -131,4 +131,7 @@ class Defense(nn.Module):
             noise = Noise.for_batch(seed, keys, f"{context}/step{step}", eot, x.device)
             return self.logits(x, noise, mode)
 
+        # the same view for some rows only (attacks skip broken samples); draws stay per sample
+        target.select_rows = lambda rows: self.attack_target(mode, seed, [keys[i] for i in rows.tolist()],
+                                                             context, eot)
         return target

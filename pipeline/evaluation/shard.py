@@ -3,7 +3,7 @@ or a stream taken batch by batch), rows (and images for the stages that write th
 No I/O: the worker reads and writes.
 
 - evaluate: every attack on every sample (or, with `cascade`, each attack on the samples
-  every earlier one failed to break), one row per (sample, attack);
+  every earlier attack of the same (norm, ε) failed to break), one row per (sample, attack);
 - attack:   adversarial examples for every attack, with their rows;
 - purify:   given images purified R times and classified; the first run's images returned.
 """
@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from pipeline.evaluation import preflight
-from pipeline.evaluation.protocol import NO_ATTACK, Protocol
+from pipeline.evaluation.protocol import NO_ATTACK, PlannedAttack, Protocol
 from pipeline.evaluation.stages import (
     CleanEval,
     attack_batch,
@@ -149,21 +149,48 @@ def first_batch_checks(p: Protocol, b: Batch) -> dict[str, list[dict[str, Any]]]
     return checks
 
 
+def threat_model(plan: PlannedAttack) -> tuple[str, float]:
+    """The (norm, ε) an attack entry's verdict is about; the cascade chains entries only
+    within one (a break at ε = 0.2 says nothing about ε = 0.1)."""
+    return plan.attack.norm, float(plan.attack.eps)
+
+
+def cascade_groups(attacks: Sequence[PlannedAttack]) -> list[list[PlannedAttack]]:
+    """The attack entries grouped by threat model, each group in config order, groups in
+    order of first appearance: an ε sweep of a preset (APGD-CE 0.1, APGD-CE 0.2, APGD-T 0.1,
+    …) becomes one chain per ε."""
+    groups: dict[tuple[str, float], list[PlannedAttack]] = {}
+    for plan in attacks:
+        groups.setdefault(threat_model(plan), []).append(plan)
+    return list(groups.values())
+
+
 def cascade(p: Protocol, samples: Sequence[Sample]) -> list[dict[str, Any]]:
-    """Attacks in order, each on the survivors of the earlier ones, re-packed into full
-    batches across the shard (AutoAttack); a broken sample's row is carried to the later
-    attacks. Noise is keyed per sample, so the samples robust at the end are exactly those
-    robust under every attack run alone — at a fraction of the cost."""
+    """Per threat model (norm, ε), the attacks in config order, each on the samples no
+    earlier attack of that threat model broke, re-packed into full batches across the shard
+    (AutoAttack); a broken sample's row is carried to the group's later attacks. Noise is
+    keyed per sample, so the samples robust at the end of a group are exactly those robust
+    under every one of its attacks run alone — at a fraction of the cost. Breaks are never
+    carried between groups: not to a smaller ε, not across norms, and not to a larger ε
+    either (sound, but then the ε-monotonicity check would hold by construction)."""
     clean: dict[str, CleanEval] = {}
     for b, ce in adaptive(p, samples, lambda b: clean_eval(p, b.x, b.y, b.keys)):
         clean.update({k: ce.take([i]) for i, k in enumerate(b.keys)})
     if not p.attacks:
         return [r for b in batches(samples, p.batch_size, p.device)
                 for r in attack_rows(p, None, b.x, b.y, b.keys, CleanEval.stack([clean[k] for k in b.keys]))]
+    rows = [r for group in cascade_groups(p.attacks) for r in _chain(p, group, samples, clean)]
+    order = {plan.index: i for i, plan in enumerate(p.attacks)}
+    return sorted(rows, key=lambda r: order[r["attack_index"]])  # stable: config order, as without cascade
+
+
+def _chain(p: Protocol, group: Sequence[PlannedAttack], samples: Sequence[Sample],
+           clean: dict[str, CleanEval]) -> list[dict[str, Any]]:
+    """One threat model's attacks, each on the survivors of the earlier ones."""
     rows: list[dict[str, Any]] = []
     survivors = list(samples)
     broken_rows: dict[str, dict[str, Any]] = {}
-    for plan in p.attacks:
+    for plan in group:
         for row in broken_rows.values():
             rows.append({**row, **plan.info(), "cascade_from": row.get("cascade_from", row["attack_index"]),
                          "attack_nfe": 0, "attack_steps": 0, "purify_nfe": 0, "seconds": 0.0})

@@ -33,7 +33,7 @@ class AttackOutcome:
     candidate_step: torch.Tensor  # [B] first step the attack's own forward met the goal, -1 never
     broken_step: torch.Tensor    # [B] first confirmed break, -1 never
     steps: int                   # target steps the attack ran
-    nfe: int                     # attack-view evaluations per sample (steps × EOT draws)
+    nfe: list[int]               # attack-view evaluations of each sample (its steps × EOT draws)
 
 
 @dataclass
@@ -82,8 +82,9 @@ def run_attack(p: Protocol, plan: PlannedAttack, x: torch.Tensor, y: torch.Tenso
                if plan.confirm_draws else None)
     result = plan.attack(target, x, y, own, recheck=recheck)
     candidate = result.candidate_step if result.candidate_step is not None else result.broken_step
+    per_sample = result.sample_nfe.tolist() if result.sample_nfe is not None else [result.nfe] * x.shape[0]
     return AttackOutcome(result.x_adv.detach(), candidate.cpu(), result.broken_step.cpu(), result.nfe,
-                         result.nfe * eot)
+                         [n * eot for n in per_sample])
 
 
 def _prediction_columns(p: Protocol, x_adv: torch.Tensor, y: torch.Tensor, logits: torch.Tensor | None,
@@ -132,7 +133,7 @@ def attack_rows(p: Protocol, plan: PlannedAttack | None, x: torch.Tensor, y: tor
     B = x.shape[0]
     if plan is None:
         never = torch.full((B,), -1, dtype=torch.int64)
-        out = AttackOutcome(x, never, never, 0, 0)
+        out = AttackOutcome(x, never, never, 0, [0] * B)
         logits, nfe, info = clean.logits, 0, NO_ATTACK
     else:
         out = run_attack(p, plan, x, y, keys)
@@ -140,8 +141,8 @@ def attack_rows(p: Protocol, plan: PlannedAttack | None, x: torch.Tensor, y: tor
         info = plan.info()
     cols = {**clean.columns, **_prediction_columns(p, out.x_adv, y, logits, out.broken_step),
             **_norms(out.x_adv, x), "broken_step": out.broken_step.tolist(),
-            "candidate_step": out.candidate_step.tolist()}
-    return _rows(B, cols, {**info, "runs": p.runs, "attack_steps": out.steps, "attack_nfe": out.nfe,
+            "candidate_step": out.candidate_step.tolist(), "attack_nfe": out.nfe}
+    return _rows(B, cols, {**info, "runs": p.runs, "attack_steps": out.steps,
                            "purify_nfe": clean.nfe + nfe, "seconds": (time.perf_counter() - t0) / B})
 
 
@@ -170,8 +171,9 @@ def attack_batch(p: Protocol, x: torch.Tensor, y: torch.Tensor,
         images[plan.index] = out.x_adv
         cols = {"label": y.tolist(), "key": list(keys), "clean_pred": clean_pred,
                 **_prediction_columns(p, out.x_adv, y, None, out.broken_step), **_norms(out.x_adv, x),
-                "broken_step": out.broken_step.tolist(), "candidate_step": out.candidate_step.tolist()}
-        rows += _rows(B, cols, {**plan.info(), "runs": 0, "attack_steps": out.steps, "attack_nfe": out.nfe,
+                "broken_step": out.broken_step.tolist(), "candidate_step": out.candidate_step.tolist(),
+                "attack_nfe": out.nfe}
+        rows += _rows(B, cols, {**plan.info(), "runs": 0, "attack_steps": out.steps,
                                 "purify_nfe": 0, "seconds": (time.perf_counter() - t1) / B})
     return rows, images
 

@@ -51,6 +51,7 @@ LAYOUT = {
                                                                         "c_robust") for op in ("sum", "count")}),
     "worst": (["eps", "norm", "label", "entries"], {"robust_sum": "sum", "samples": "sum"}),
     "steps": (ENTRY_KEYS + ["broken_step", "carried"], {"rows": "sum"}),
+    "cascade": (ENTRY_KEYS + ["cascade_from"], {"rows": "sum"}),
     "runs_curve": (ENTRY_KEYS + ["r"], {"worst_sum": "sum", "vote_sum": "sum", "rows": "sum"}),
     "failed": (["status"], {"rows": "sum"}),
     "totals": ([], {"rows": "sum", "samples": "sum"}),
@@ -115,6 +116,12 @@ def _steps(d: pa.Table) -> pa.Table:
     keys = ENTRY_KEYS + ["broken_step", "carried"]
     rows = d.select(keys).filter(pc.and_(d["is_attack"], pc.is_valid(d["broken_step"])))
     return _agg(rows, keys, [([], "count_all")])
+
+
+def _cascade(d: pa.Table) -> pa.Table:
+    """Rows a cascade carried, per attack entry and the entry they came from (cascade_from)."""
+    keys = ENTRY_KEYS + ["cascade_from"]
+    return _agg(d.select(keys).filter(d["carried"]), keys, [([], "count_all")])
 
 
 def _worst(d: pa.Table) -> tuple[pa.Table, pa.Table]:
@@ -188,7 +195,7 @@ def partial(table: pa.Table, keep_samples: bool = False) -> dict[str, Any]:
     failed = table.filter(pc.not_equal(table["status"], schema.Status.OK.value))
     samples = _agg(table.select(["shard", "key"]), ["shard", "key"], []).num_rows
     out: dict[str, Any] = {
-        "entries": _entries(d), "classes": _classes(d), "worst": worst, "steps": _steps(d),
+        "entries": _entries(d), "classes": _classes(d), "worst": worst, "steps": _steps(d), "cascade": _cascade(d),
         "runs_curve": _runs_curve(d), "failed": _agg(failed, ["status"], [([], "count_all")]),
         "totals": pa.table({"rows": [table.num_rows], "samples": [samples]}),
         "meta": {c: set(pc.unique(table[c]).drop_null().to_pylist()) for c in META if c in table.column_names},

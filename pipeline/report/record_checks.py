@@ -11,6 +11,7 @@ never stops anything.
   check_attack_ordering   a weaker attack (transfer, single step, …) beats the strongest one
   check_square_vs_gradient  gradient-free Square beats every gradient attack: gradient masking
   check_convergence       an attack still confirms breaks in its last 10 % of steps
+  check_cascade_chain     a cascade carried a break across threat models (another norm, a larger ε)
   run_record_checks       all of them over a report's attack entries
 """
 from __future__ import annotations
@@ -24,6 +25,7 @@ from pipeline.vocabulary import ADAPTIVE_GRADIENT_MODES, GRADIENT_FREE_ATTACKS, 
 GRADIENT_FREE = (*GRADIENT_FREE_ATTACKS, NO_ATTACK_NAME)   # attack names that never read a gradient
 LATE_FRACTION = 0.9                  # "late" = broken_step >= 0.9 · attack_steps
 LATE_THRESHOLD = 0.01                # more late breaks than this fraction: not converged
+SQUARE_TOL = 0.002                   # AutoAttack's check_square_sr(alpha=.002) (autoattack/checks.py)
 
 
 def _result(name: str, passed: bool, detail: str, values: Any) -> dict[str, Any]:
@@ -81,10 +83,15 @@ def check_attack_ordering(accuracies: Mapping[str, float], strongest: str, weake
 
 
 def check_square_vs_gradient(square: Mapping[str, float], gradient: Mapping[str, float],
-                             tol: float = 0.0) -> dict[str, Any]:
+                             tol: float = SQUARE_TOL) -> dict[str, Any]:
     """Square (gradient-free) reaching lower robust accuracy than *every* gradient-based attack
     at the same ε means the gradients mislead the attacks: gradient masking (AutoAttack's
-    flag). {label: accuracy} of the Square entries and of the gradient-based entries."""
+    flag). {label: accuracy} of the Square entries and of the gradient-based entries.
+
+    AutoAttack's own rule (autoattack/checks.py, check_square_sr): flagged when Square's
+    accuracy < the lowest other accuracy − 0.002, so a single extra break in 500 samples is
+    noise, not masking. With the cascade, each entry's accuracy is cumulative over its
+    threat model's chain, as AutoAttack's robust_accuracy_dict; without it, each attack alone."""
     best_gradient = min(gradient.values())
     beats = {k: float(v) for k, v in square.items() if v < best_gradient - tol}
     values = {"square": dict(square), "gradient": dict(gradient), "best_gradient": best_gradient, "tol": tol}
@@ -108,6 +115,33 @@ def check_convergence(late_breaks: int, n: int, steps: int, fraction: float = LA
                        f"broken in the last {100 * (1 - fraction):.0f} % of the {steps} steps: the attack has "
                        "not converged; run more steps", values)
     return _result("convergence", True, f"{100 * share:.1f} % of samples broken in the last steps", values)
+
+
+def check_cascade_chain(entry: Mapping[str, Any], entries: Mapping[int, Mapping[str, Any]]) -> dict[str, Any]:
+    """The rows of `entry` carried by a cascade must come from an earlier entry of the same
+    threat model: the same norm and an ε no larger than its own (a break inside a smaller ball
+    lies inside the larger one; a break at a larger ε or in another norm says nothing here).
+    `entry["cascade_from"]` lists {attack_index, rows} of its carried rows' sources; `entries`
+    maps every attack index of the job to its entry (norm, eps)."""
+    idx, eps, norm = entry["attack_index"], float(entry["eps"]), entry.get("norm")
+    sources, offending = [], []
+    for src in entry.get("cascade_from") or []:
+        other = entries.get(src["attack_index"])
+        s = {"attack_index": src["attack_index"], "rows": int(src["rows"]),
+             "eps": None if other is None else float(other["eps"]),
+             "norm": None if other is None else other.get("norm")}
+        sources.append(s)
+        if other is None or s["norm"] != norm or s["eps"] > eps + 1e-12 or s["attack_index"] >= idx:
+            offending.append(s)
+    values = {"attack_index": idx, "eps": eps, "norm": norm, "sources": sources, "offending": offending}
+    if offending:
+        o = max(offending, key=lambda s: s["rows"])
+        where = "an unknown entry" if o["eps"] is None else f"{o['norm']} ε={o['eps']:.5g}"
+        return _result("cascade_chain", False, f"{sum(s['rows'] for s in offending)} row(s) at {norm} ε={eps:.5g} "
+                       f"carry a cascade break from attack {o['attack_index']} ({where}): a cascade may only "
+                       "chain earlier entries of the same norm and an ε no larger, so this robust accuracy "
+                       "is wrong (too low); evaluate again without the cascade or with a fixed one", values)
+    return _result("cascade_chain", True, f"carried rows come from earlier entries at {norm} ε ≤ {eps:.5g}", values)
 
 
 def _label(a: Mapping[str, Any]) -> str:
@@ -159,14 +193,19 @@ def _same_eps_checks(scored: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]
 
 def run_record_checks(attacks: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     """Every record-level check that the job's attack entries allow. An entry needs
-    attack_index, attack, gradient, eot, eps, norm, sweep_key, robust {"acc"} and, for the
-    convergence check, steps, late_breaks and own_n (rows the attack itself ran)."""
+    attack_index, attack, gradient, eot, eps, norm, sweep_key, robust {"acc"}; for the
+    convergence check, steps, late_breaks and own_n (rows the attack itself ran); for the
+    cascade check, cascade_from [{attack_index, rows}] (where its carried rows came from)."""
     scored = _scored(attacks)
     results = _sweep_checks(scored) + _same_eps_checks(scored)
     for a in attacks:
         if a["attack"] != NO_ATTACK_NAME and a.get("steps") and a.get("own_n"):
             results.append({**check_convergence(a["late_breaks"], a["own_n"], a["steps"]),
                             "attack_index": a["attack_index"]})
+    by_index = {a["attack_index"]: a for a in attacks if a["attack"] != "none"}
+    for a in attacks:
+        if a.get("cascade_from"):
+            results.append({**check_cascade_chain(a, by_index), "attack_index": a["attack_index"]})
     return results
 
 

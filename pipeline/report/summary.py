@@ -93,6 +93,9 @@ def attack_entries(agg: dict[str, Any]) -> list[dict[str, Any]]:
     by_entry: dict[tuple, list[dict[str, Any]]] = {}
     for r in agg["steps"].to_pylist() if agg.get("steps") is not None else []:
         by_entry.setdefault(entry_key(r), []).append(r)
+    sources: dict[tuple, list[dict[str, int]]] = {}   # carried rows per entry, by the entry they came from
+    for r in agg["cascade"].to_pylist() if agg.get("cascade") is not None else []:
+        sources.setdefault(entry_key(r), []).append({"attack_index": r["cascade_from"], "rows": r["rows"]})
     out = []
     for e in agg["entries"].to_pylist():
         params = json.loads(e["attack_params"] or "{}")
@@ -106,7 +109,8 @@ def attack_entries(agg: dict[str, Any]) -> list[dict[str, Any]]:
             a[name] = accuracy(e[f"{col}_sum"], e[f"{col}_count"])
         a.update(_cost_columns(e, params))
         stats = _step_stats(by_entry.get(a["key"], []), a["steps"])
-        a.update({"own_n": stats["own_n"], "late_breaks": stats["late_breaks"], "step_curve": stats["curve"]})
+        a.update({"own_n": stats["own_n"], "late_breaks": stats["late_breaks"], "step_curve": stats["curve"],
+                  "cascade_from": sorted(sources.get(a["key"], []), key=lambda s: s["attack_index"])})
         out.append(a)
     return sorted(out, key=lambda a: (a["attack_index"] if a["attack_index"] is not None else -1,
                                       a["norm"] or "", a["eps"] or 0.0, a["eot"] or 0))

@@ -158,20 +158,23 @@ def _single_attack(p: Protocol, plan) -> Protocol:
 
 def calibrate_evaluate(p: Protocol, b: shard_mod.Batch) -> list[Measured]:
     """Checks (per shard), the clean evaluation, then each attack on the batch; with a
-    cascade each attack is scaled to the share of samples earlier attacks left unbroken."""
+    cascade each attack is scaled to the share of samples that the earlier attacks of its
+    threat model (norm, ε) left unbroken, as the cascade chains them."""
     n = len(b.keys)
     checks, _ = _measure(p, "checks", lambda: ([], shard_mod.first_batch_checks(p, b)), n)
     checks.per_shard = True
     clean, ce = _measure(p, "clean", lambda: stages.clean_eval(p, b.x, b.y, b.keys), n)
     # records count the clean runs in every attack row's purify_nfe (as the markers sum them)
     clean.nfe = 0 if p.attacks else ce.nfe * n
-    pieces, alive = [checks, clean], torch.ones(n, dtype=torch.bool)
+    pieces = [checks, clean]
+    alive: dict[tuple[str, float], torch.Tensor] = {}   # per threat model: not yet broken
     for plan in p.attacks:
         m, rows = _measure(p, f"attack{plan.index}:{plan.name}",
                            lambda plan=plan: stages.attack_rows(p, plan, b.x, b.y, b.keys, ce), n)
-        m.fraction = float(alive.float().mean()) if p.cascade else 1.0
+        left = alive.setdefault(shard_mod.threat_model(plan), torch.ones(n, dtype=torch.bool))
+        m.fraction = float(left.float().mean()) if p.cascade else 1.0
         if p.cascade:
-            alive &= torch.tensor([not stages.is_broken(r) for r in rows])
+            left &= torch.tensor([not stages.is_broken(r) for r in rows])
         pieces.append(m)
     return pieces
 
