@@ -254,13 +254,25 @@ def small_shards(tmp_path_factory) -> dict:
             "twelve": make_shards("digits", str(d / "twelve"), split="test", samples_per_shard=30)["pattern"]}
 
 
+@pytest.fixture(scope="module")
+def tiny_models(tmp_path_factory) -> dict:
+    """Barely trained nets (seconds, not the suite's tiny_models): these tests compare and
+    count records, they do not judge accuracy."""
+    from pipeline.train import recipes
+
+    d = tmp_path_factory.mktemp("slurm_models")
+    recipes.train_small_cnn(str(d / "cnn.pt"), "digits", "train", epochs=1, width=8)
+    recipes.train_small_dae(str(d / "dae.pt"), "digits", "train", epochs=1, width=8)
+    return {"cnn": str(d / "cnn.pt"), "dae": str(d / "dae.pt")}
+
+
 @pytest.mark.slow
-def test_slurm_job_gives_the_same_records_as_advpure_run(cluster, small_shards, digits_models, tmp_path):
+def test_slurm_job_gives_the_same_records_as_advpure_run(cluster, small_shards, tiny_models, tmp_path):
     local, viaslurm = str(tmp_path / "local"), str(tmp_path / "slurm")
-    run = advpure(cluster, tmp_path, "run", str(_write_job(tmp_path, small_shards["two"], digits_models, local)),
+    run = advpure(cluster, tmp_path, "run", str(_write_job(tmp_path, small_shards["two"], tiny_models, local)),
                   timeout=180)
     assert run.returncode == 0, run.stderr[-3000:]
-    job_id = _submit(cluster, tmp_path, _write_job(tmp_path, small_shards["two"], digits_models, viaslurm))
+    job_id = _submit(cluster, tmp_path, _write_job(tmp_path, small_shards["two"], tiny_models, viaslurm))
     doc = _wait_state(cluster, tmp_path, job_id, 180)
     assert doc["status"] == "COMPLETED" and doc["exit_code"] == "0:0", _log(tmp_path, job_id)
     a, b = _records(local), _records(viaslurm)
@@ -294,9 +306,9 @@ def _markers(out: str) -> int:
 
 
 @pytest.mark.slow
-def test_scancel_mid_job_then_resubmit_every_sample_once(cluster, small_shards, digits_models, tmp_path):
+def test_scancel_mid_job_then_resubmit_every_sample_once(cluster, small_shards, tiny_models, tmp_path):
     out = str(tmp_path / "out")
-    job = _write_job(tmp_path, small_shards["twelve"], digits_models, out, steps=40)
+    job = _write_job(tmp_path, small_shards["twelve"], tiny_models, out, steps=40)
     first = _submit(cluster, tmp_path, job)
     deadline = time.monotonic() + 150
     while _markers(out) < 1 and time.monotonic() < deadline:
