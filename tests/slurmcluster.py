@@ -95,7 +95,7 @@ def _conf(root: Path, node: str, cpus: int, ports: list[int]) -> str:
         "JobAcctGatherType=jobacct_gather/none", "AccountingStorageType=accounting_storage/none",
         "SchedulerType=sched/backfill", "SelectType=select/cons_tres", "SelectTypeParameters=CR_Core",
         "MpiDefault=none", "ReturnToService=2", "SlurmdTimeout=30", "InactiveLimit=0",
-        "KillWait=10", "MinJobAge=600", "SchedulerParameters=sched_interval=2",
+        "KillWait=30", "MinJobAge=600", "SchedulerParameters=sched_interval=2",
         f"NodeName={node} NodeAddr=127.0.0.1 CPUs={cpus} State=UNKNOWN",
         f"PartitionName={PARTITION} Nodes={node} Default=YES MaxTime=INFINITE State=UP",
         "",

@@ -32,6 +32,7 @@ from pipeline.io import storage
 from pipeline.run import commit, slurm
 from tests import slurmcluster
 from tests.conftest import ROOT, job_dict
+from tests.s3server import kill_group
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -182,10 +183,11 @@ def advpure(cluster, cwd: Path, *args: str, timeout: float = 120) -> subprocess.
                           capture_output=True, text=True, timeout=timeout)
 
 
-def _write_job(tmp_path: Path, shards: str, models: dict, out: str, steps: int = 3, **kw) -> Path:
+def _write_job(tmp_path: Path, shards: str, models: dict, out: str, steps: int = 3, name: str = "job.yaml",
+               **kw) -> Path:
     d = job_dict(shards, models, out, attacks=[{"name": "pgd", "params": {"eps": 0.2, "steps": steps,
                                                                            "step_size": 0.02}}], **kw)
-    path = tmp_path / "job.yaml"
+    path = tmp_path / name
     path.write_text(yaml.safe_dump(d))
     return path
 
@@ -274,11 +276,18 @@ def tiny_models(tmp_path_factory) -> dict:
 @pytest.mark.slow
 def test_slurm_job_gives_the_same_records_as_advpure_run(cluster, small_shards, tiny_models, tmp_path):
     local, viaslurm = str(tmp_path / "local"), str(tmp_path / "slurm")
-    run = advpure(cluster, tmp_path, "run", str(_write_job(tmp_path, small_shards["two"], tiny_models, local)),
-                  timeout=180)
-    assert run.returncode == 0, run.stderr[-3000:]
-    job_id = _submit(cluster, tmp_path, _write_job(tmp_path, small_shards["two"], tiny_models, viaslurm))
-    doc = _wait_state(cluster, tmp_path, job_id, 180)
+    local_job = _write_job(tmp_path, small_shards["two"], tiny_models, local, name="local.yaml")
+    # `advpure run` and the Slurm job side by side: most of either is Ray starting
+    run = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", str(local_job)], cwd=tmp_path,
+                           env=_env(cluster), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                           start_new_session=True)
+    try:
+        job_id = _submit(cluster, tmp_path, _write_job(tmp_path, small_shards["two"], tiny_models, viaslurm))
+        doc = _wait_state(cluster, tmp_path, job_id, 180)
+        _, err = run.communicate(timeout=180)
+    finally:
+        kill_group(run)                 # whatever of its local Ray is left
+    assert run.returncode == 0, err[-3000:]
     assert doc["status"] == "COMPLETED" and doc["exit_code"] == "0:0", _log(tmp_path, job_id)
     a, b = _records(local), _records(viaslurm)
     assert len(a["key"]) == 60 and a.keys() == b.keys()
