@@ -141,8 +141,11 @@ def _address(args) -> str:
 def cmd_submit(args) -> int:
     from pipeline.run import submit
 
+    if args.slurm:
+        return _slurm_call(_slurm_submit)(args)
     address = _address(args)
-    job_id = submit.submit(args.config, address, args.set, ship_code=not args.installed, python=args.python)
+    job_id = submit.submit(args.config, address, args.set, ship_code=not args.installed,
+                           python=args.python or "python")
     print(f"submitted {job_id} to {address}")
     print(f"  advpure status {job_id} --address {address}")
     print(f"  advpure logs {job_id} --address {address} --follow")
@@ -159,6 +162,8 @@ def _job_exit(status: str) -> int:
 def cmd_status(args) -> int:
     from pipeline.run import submit
 
+    if _is_slurm_job(args):
+        return _slurm_call(_slurm_status)(args)
     doc = submit.status(_address(args), args.job_id)
     print(submit.format_status(doc))
     return _job_exit(doc["status"])
@@ -167,6 +172,8 @@ def cmd_status(args) -> int:
 def cmd_logs(args) -> int:
     from pipeline.run import submit
 
+    if _is_slurm_job(args):
+        return _slurm_call(_slurm_logs)(args)
     submit.logs(_address(args), args.job_id, follow=args.follow, write=lambda text: print(text, end="", flush=True))
     return 0
 
@@ -174,6 +181,8 @@ def cmd_logs(args) -> int:
 def cmd_stop(args) -> int:
     from pipeline.run import submit
 
+    if _is_slurm_job(args):
+        return _slurm_call(_slurm_stop)(args)
     status = submit.stop(_address(args), args.job_id, timeout_s=args.timeout)
     print(f"{args.job_id}: {status}")
     return 0 if status in ("STOPPED", "SUCCEEDED", "FAILED") else 1
@@ -188,20 +197,113 @@ def _jobs_parser(sub) -> None:
     s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
     s.add_argument("--installed", action="store_true",
                    help="use advpure as installed on the nodes instead of shipping this checkout's code")
-    s.add_argument("--python", default="python", help="the nodes' interpreter for the entrypoint")
+    s.add_argument("--python", help="the nodes' interpreter for the entrypoint (default: python; with --slurm "
+                                    "this interpreter, as on a shared filesystem)")
     s.add_argument("--follow", action="store_true", help="stream the job's logs until it ends")
+    _slurm_submit_options(s)
     s.set_defaults(fn=cmd_submit)
     for name, fn, text in (("status", cmd_status, "a submitted job's status (exit 1 if it failed or stopped)"),
                            ("logs", cmd_logs, "a submitted job's driver output"),
                            ("stop", cmd_stop, "stop a submitted job")):
         c = sub.add_parser(name, help=text)
-        c.add_argument("job_id")
+        c.add_argument("job_id", help="a Ray submission id, or slurm:<id> for a Slurm job")
         c.add_argument("--address", **addr)
+        c.add_argument("--slurm", action="store_true", help="JOB_ID is a Slurm job id (as slurm:<id>)")
         if name == "logs":
             c.add_argument("--follow", "-f", action="store_true", help="stream until the job ends")
         if name == "stop":
             c.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for it to stop")
         c.set_defaults(fn=fn)
+
+
+# ---------------------------------------------------------------------------- Slurm (pipeline/run/slurm.py)
+# `submit --slurm` and `status|logs|stop slurm:<id>` (or a numeric id with --slurm)
+
+def _slurm_submit_options(s) -> None:
+    g = s.add_argument_group("Slurm (--slurm: an sbatch job that starts its own Ray; docs/storage_and_cluster.md)")
+    g.add_argument("--slurm", action="store_true", help="submit to Slurm with sbatch instead of a Ray cluster")
+    g.add_argument("--nodes", type=int, default=1, help="nodes: one Ray head, the others Ray workers (default 1)")
+    g.add_argument("--gpus-per-node", type=int, default=0, help="GPUs per node (--gres=gpu:N; default 0)")
+    g.add_argument("--cpus-per-node", type=int, help="CPUs per node (default: enough for the job's workers)")
+    g.add_argument("--partition", help="Slurm partition (default: the cluster's default)")
+    g.add_argument("--time", help="time limit, e.g. 4:00:00 (default: the partition's)")
+    g.add_argument("--account", help="Slurm account to charge")
+    g.add_argument("--qos", help="Slurm quality of service")
+    g.add_argument("--sbatch-arg", action="append", default=[], metavar="OPTION",
+                   help="another sbatch option, repeatable: --sbatch-arg=--mem=64G --sbatch-arg=--constraint=a100")
+    g.add_argument("--start-timeout", type=float, default=300.0,
+                   help="seconds the job waits for its Ray nodes and resources (default 300)")
+    g.add_argument("--dry-run", action="store_true", help="print the sbatch script instead of submitting it")
+
+
+def _is_slurm_job(args) -> bool:
+    from pipeline.run import slurm
+
+    return args.slurm or slurm.is_slurm_id(args.job_id)
+
+
+def _slurm_submit(args) -> int:
+    from pipeline.run import slurm
+
+    req = slurm.Request(nodes=args.nodes, gpus_per_node=args.gpus_per_node, cpus_per_node=args.cpus_per_node,
+                        partition=args.partition, time=args.time, account=args.account, qos=args.qos,
+                        sbatch_args=tuple(args.sbatch_arg), start_timeout_s=args.start_timeout)
+    script, job_id = slurm.submit(args.config, req, args.set, dry_run=args.dry_run, python=args.python,
+                                  ship_code=not args.installed)
+    if job_id is None:
+        print(script, end="")
+        return 0
+    print(f"submitted {job_id}")
+    for line in (f"advpure status {job_id}", f"advpure logs {job_id} --follow", f"advpure stop {job_id}"):
+        print(f"  {line}")
+    if not args.follow:
+        return 0
+    slurm.logs(job_id, follow=True, write=lambda text: print(text, end="", flush=True))
+    return _slurm_exit(slurm.status(job_id)["status"])
+
+
+def _slurm_exit(state: str) -> int:
+    from pipeline.run import slurm
+
+    return 0 if slurm.is_active(state) or state in slurm.SUCCEEDED else 1
+
+
+def _slurm_status(args) -> int:
+    from pipeline.run import slurm
+
+    doc = slurm.status(args.job_id)
+    print(slurm.format_status(doc))
+    return _slurm_exit(doc["status"])
+
+
+def _slurm_logs(args) -> int:
+    from pipeline.run import slurm
+
+    slurm.logs(args.job_id, follow=args.follow, write=lambda text: print(text, end="", flush=True))
+    return 0
+
+
+def _slurm_stop(args) -> int:
+    from pipeline.run import slurm
+
+    state = slurm.stop(args.job_id, timeout_s=args.timeout)
+    print(f"{slurm.PREFIX}{slurm.slurm_id(args.job_id)}: {state}")
+    return 1 if slurm.is_active(state) else 0
+
+
+def _slurm_call(fn):
+    """A Slurm command's handler: a request Slurm cannot satisfy is the user's mistake (exit 2)."""
+    def call(args) -> int:
+        from pipeline.run import slurm
+
+        try:
+            return fn(args)
+        except slurm.RequestError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+    return call
+
+# ---------------------------------------------------------------------------- end of Slurm
 
 
 def cmd_plan(args) -> int:
