@@ -44,18 +44,21 @@ def provenance(doc: dict[str, Any], markers: list[dict[str, Any]], docs: dict[st
     }
 
 
-def run_report(output: str, stage: str = "evaluate", keep_samples: bool = False,
+def run_report(output: str, stage: str | None = None, keep_samples: bool = False,
                ) -> tuple[dict[str, Any], pa.Table | None]:
-    """(report document, per-sample worst case if asked) of one run."""
+    """(report document, per-sample worst case if asked) of one run; with no `stage`, the
+    run's own (load.pick_stage), and the document says which stages it has."""
+    stage, found = load.pick_stage(output, stage)
     agg, markers = load.aggregate_run(output, stage, keep_samples)
     doc = summary.document(agg, markers)
     doc["run"] = output
+    doc["stages_with_records"] = found
     doc["checks"]["shard"] = commit.merge_shard_checks(markers)
     doc["provenance"] = provenance(doc, markers, load.run_documents(output), stage)
     return doc, agg.get("samples")
 
 
-def report(outputs: list[str], stage: str = "evaluate") -> dict[str, Any]:
+def report(outputs: list[str], stage: str | None = None) -> dict[str, Any]:
     """One run's document, or {kind: comparison, runs, comparison} for several runs."""
     if len(outputs) == 1:
         return run_report(outputs[0], stage)[0]

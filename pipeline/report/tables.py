@@ -40,6 +40,10 @@ def headline(doc: dict[str, Any]) -> str:
     text = (f"job {doc['job']}  stage {doc['stage']}  purifier {doc['purifier']}  classifier {doc['classifier']}  "
             f"samples {doc['samples']}  rows {doc['rows']}  failed {doc['failed_rows']}  "
             f"decision {doc['decision']}  config {doc['config_hash']}")
+    found = doc.get("stages_with_records") or []
+    if len(found) > 1:   # which of the job's stages the figures below are from
+        others = " or ".join(f"--stage {s}" for s in found if s != doc["stage"])
+        text += f"\nstages with records: {', '.join(found)}; this report shows {doc['stage']} ({others} for the other)"
     quarantined = (doc.get("provenance") or {}).get("quarantined_shards")
     if quarantined:   # their samples are in no figure: say so next to the sample count
         text += f"\nQUARANTINED shards, not in any figure: {', '.join(quarantined)}"
