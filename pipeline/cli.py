@@ -22,6 +22,8 @@ import sys
 from pipeline.config import ConfigError
 from pipeline.extras import MissingExtra
 from pipeline.run.commit import CommitError
+from pipeline.run.signals import Terminated, handle_sigterm
+from pipeline.run.submit import AuthError
 
 REPORT_STAGES = ["evaluate", "attack", "purify", "purify_corpus"]
 SPLITS = ["test", "train", "all", "t10k", "t10k-fit", "t10k-holdout"]
@@ -75,7 +77,8 @@ def command_name() -> str:
 def _print_outcome(output: str, manifest: dict, code: int, report) -> None:
     for stage, st in manifest["stages"].items():
         if st.get("aborted"):
-            print(f"stage {stage} ABORTED: {st['aborted']}", file=sys.stderr)
+            print(f"stage {stage} ABORTED: {st['aborted']}\n  committed shards are kept; the same command "
+                  "resumes from them", file=sys.stderr)
         for sid in st.get("quarantined", []):
             errs = st["shards"][sid]["errors"]
             print(f"shard {sid} QUARANTINED after {len(errs)} attempts: {errs[-1] if errs else ''}", file=sys.stderr)
@@ -346,15 +349,41 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _from_sigterm(err: BaseException | None) -> bool:
+    """True for Terminated, also when a Ray call it interrupted wrapped it (Ray's Cython
+    raises SystemError 'returned a result with an exception set', the cause chained)."""
+    while err is not None:
+        if isinstance(err, Terminated):
+            return True
+        err = err.__cause__ or err.__context__
+    return False
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _setup_logging(args.verbose)
+    handle_sigterm()
+    code = _call(args)
+    driver = sys.modules.get("pipeline.run.driver")
+    if driver is not None and driver.cluster_lost():   # Ray's core would hang the exit, then exit 1
+        import logging
+        import os
+
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
+
+
+def _call(args: argparse.Namespace) -> int:
+    """The command, its user-facing errors as one line and an exit code."""
     try:
         return args.fn(args)
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2
-    except MissingExtra as err:
+    except (MissingExtra, AuthError) as err:   # the user's setup, before any work: what to install / set
         print(f"error: {err}", file=sys.stderr)
         return 2
     except (FileNotFoundError, RuntimeError, ValueError, KeyError) as err:
@@ -363,6 +392,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # Ctrl-C: workers are killed and the job lease released on the way out
         print("interrupted: committed shards are kept; the same command resumes from them", file=sys.stderr)
         return 130
+    except (Terminated, SystemError) as err:   # `advpure stop`, `ray job stop`: one line, not a stack dump
+        if not _from_sigterm(err):
+            raise
+        print("stopped (SIGTERM): workers were stopped and the job lease released; committed shards are kept "
+              "and the same command resumes from them", file=sys.stderr)
+        return 143
 
 
 if __name__ == "__main__":
