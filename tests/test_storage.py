@@ -168,3 +168,24 @@ def test_s3_client_is_per_process(monkeypatch):
     # another endpoint (another server) → another client
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:10")
     assert storage._s3() is not parent
+
+
+def test_written_files_follow_the_umask_not_mkstemps_0600(tmp_path, monkeypatch):
+    """Reports, manifests and records are readable by the group / others as the umask allows
+    (a report written with -o was 0600, from mkstemp)."""
+    import stat
+
+    monkeypatch.setattr(storage, "_UMASK", 0o022)
+    storage.put_text(str(tmp_path / "report.html"), "<html></html>")
+    assert stat.S_IMODE((tmp_path / "report.html").stat().st_mode) == 0o644
+    monkeypatch.setattr(storage, "_UMASK", 0o077)
+    storage.put_text(str(tmp_path / "private.txt"), "x")
+    assert stat.S_IMODE((tmp_path / "private.txt").stat().st_mode) == 0o600
+
+
+def test_umask_is_the_process_umask():
+    import os
+
+    mask = os.umask(0o022)
+    os.umask(mask)
+    assert storage._read_umask() == mask
