@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import platform
 import time
 from typing import Any
@@ -33,7 +34,9 @@ def provenance(doc: dict[str, Any], markers: list[dict[str, Any]], docs: dict[st
     source shards, the manifest's view of the stage, and versions."""
     text = docs.get("config.yaml")
     manifest = (docs.get("manifest.json") or {}).get("stages", {}).get(stage, {})
-    worker_versions = sorted({str(m["versions"]) for m in markers if m.get("versions")})
+    # each distinct set once (shards by the same workers repeat it), as data, not str(dict)
+    worker_versions = [json.loads(v) for v in sorted({json.dumps(m["versions"], sort_keys=True)
+                                                      for m in markers if m.get("versions")})]
     return {
         "config_hash": doc["config_hash"], "job": docs.get("job.json"),
         "config": yaml.safe_load(text) if text else None, "config_yaml": text,
