@@ -395,8 +395,11 @@ def _call(args: argparse.Namespace) -> int:
     except (Terminated, SystemError) as err:   # `advpure stop`, `ray job stop`: one line, not a stack dump
         if not _from_sigterm(err):
             raise
-        print("stopped (SIGTERM): workers were stopped and the job lease released; committed shards are kept "
-              "and the same command resumes from them", file=sys.stderr)
+        if args.command in ("run", "demo"):
+            print("stopped (SIGTERM): workers were stopped and the job lease released; committed shards are kept "
+                  "and the same command resumes from them", file=sys.stderr)
+        else:
+            print(f"stopped (SIGTERM): {args.command} did not finish", file=sys.stderr)
         return 143
 
 
