@@ -80,8 +80,12 @@ def test_one_eps_is_drawn_as_bars(figures):
 
 
 def test_per_attack_points_are_drawn_over_the_worst_case(figures):
-    html.fig_eps(_curves([0.1, 0.2, 0.3]))
+    doc = _curves([0.1, 0.2, 0.3])
+    doc["curves"]["eps"][1].update(attack="pgd", attack_indices=[1, 3])
+    html.fig_eps(doc)
     ax = figures[0].axes[0]
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert "#0 pgd (full, EOT 1)" in labels and "#1 #3 pgd (full, EOT 1)" in labels   # two pgd entries told apart
     worst = [c for c in ax.containers if c.get_label().startswith("worst case")][0]
     attacks = [c for c in ax.containers if not c.get_label().startswith("worst case")]
     assert all(worst.lines[0].get_zorder() < c.lines[0].get_zorder() for c in attacks)

@@ -69,7 +69,8 @@ def fig_eps(doc: dict[str, Any]) -> str | None:
 
 
 def _attack_label(s: dict[str, Any]) -> str:
-    index = f"#{s['attack_index']} " if s.get("attack_index") is not None else ""
+    indices = s.get("attack_indices") or ([s["attack_index"]] if s.get("attack_index") is not None else [])
+    index = "".join(f"#{i} " for i in indices)   # tells apart entries of the same attack and gradient
     return f"{index}{s['attack']} ({s['gradient']}, EOT {s['eot']})"
 
 

@@ -60,7 +60,8 @@ def headline(doc: dict[str, Any]) -> str:
     found = doc.get("stages_with_records") or []
     if len(found) > 1:   # which of the job's stages the figures below are from
         others = " or ".join(f"--stage {s}" for s in found if s != doc["stage"])
-        text += f"\nstages with records: {', '.join(found)}; this report shows {doc['stage']} ({others} for the other)"
+        other = "the others" if len(found) > 2 else "the other"
+        text += f"\nstages with records: {', '.join(found)}; this report shows {doc['stage']} ({others} for {other})"
     quarantined = (doc.get("provenance") or {}).get("quarantined_shards")
     if quarantined:   # their samples are in no figure: say so next to the sample count
         text += f"\nQUARANTINED shards, not in any figure: {', '.join(quarantined)}"
