@@ -440,7 +440,8 @@ def _prepare_hint(text: str, message: str) -> str | None:
         command = line.strip().lstrip("#").strip()
         if line.lstrip().startswith("#") and missing in command.split() and command.startswith(("advpure ", "python ")):
             return f"it is made by the command this config's header gives: {command}"
-    return f"{missing} is not made yet: make it (or point the config at your own file)"
+    where = "" if missing.startswith(("/", "s3://", "http://", "https://")) else f" (from {Path.cwd()})"
+    return f"check the path{where}, or make the file first"
 
 
 def dump(cfg: Config) -> str:

@@ -36,3 +36,16 @@ def test_plan_example_on_a_fresh_clone_says_how_to_make_the_model(tmp_path, monk
     err = capsys.readouterr().err
     assert "file not found: runs/models/mnist_cnn.pt" in err
     assert "python jobs/train_classifier.py --data mnist --out runs/models/mnist_cnn.pt" in err
+
+
+def test_a_missing_file_without_a_recipe_says_where_it_was_looked_for(tmp_path, monkeypatch, capsys):
+    from pipeline import cli
+
+    config = tmp_path / "job.yaml"
+    config.write_text((ROOT / "configs" / "adp_mnist_cpu.yaml").read_text().replace("--out runs/models/mnist_cnn.pt",
+                                                                                     "--out elsewhere.pt"))
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["plan", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert "file not found: runs/models/mnist_cnn.pt\n" in err
+    assert f"  check the path (from {tmp_path}), or make the file first" in err
