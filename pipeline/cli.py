@@ -1,4 +1,17 @@
-"""The `advpure` command: demo, run, report, list, make-shards, plan."""
+"""The `advpure` command.
+
+commands:
+  demo         run the embedded default job (bundled digits; no downloads, no cluster)
+  run          run a job described in YAML (configs/*.yaml)
+  report       summarise runs from their Parquet records (text, markdown, html, json, robustbench)
+  plan         predict a job's model evaluations, time and memory before running it
+  make-shards  convert a dataset (digits, mnist, cifar10, an image folder, imagenet) into shards
+  purify       purify a WebDataset image corpus into shards of the same names and keys
+  submit       submit a job to a Ray cluster; then status, logs and stop by its id
+  list         list the registered classifiers, purifiers and attacks
+
+`advpure COMMAND -h` describes each command's options; the README has a worked example.
+"""
 from __future__ import annotations
 
 import argparse
@@ -7,7 +20,25 @@ import logging
 import sys
 
 from pipeline.config import ConfigError
+from pipeline.extras import MissingExtra
 from pipeline.run.commit import CommitError
+from pipeline.run.signals import Terminated, handle_sigterm
+from pipeline.run.submit import AuthError
+
+REPORT_STAGES = ["evaluate", "attack", "purify", "purify_corpus"]
+SPLITS = ["test", "train", "all", "t10k", "t10k-fit", "t10k-holdout"]
+DEFAULT_SPLIT = {"digits": "test", "mnist": "t10k", "cifar10": "test"}
+
+
+def _version() -> str:
+    import importlib.metadata
+
+    import pipeline
+
+    try:
+        return importlib.metadata.version("advpure")
+    except importlib.metadata.PackageNotFoundError:   # run from a checkout that is not installed
+        return pipeline.__version__
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -26,10 +57,28 @@ def cmd_run(args) -> int:
     return code
 
 
+def command_name() -> str:
+    """How to call advpure again from this shell: `advpure` when that name on the PATH is this
+    program, else the path this one was started by (after `make demo` without an activated
+    .venv: `.venv/bin/advpure`), else `python -m pipeline.cli`."""
+    import os
+    import shutil
+
+    argv0 = sys.argv[0] if sys.argv else ""
+    if os.path.basename(argv0) != "advpure" or not os.path.exists(argv0):
+        return "python -m pipeline.cli"
+    on_path = shutil.which("advpure")
+    if on_path and os.path.samefile(on_path, argv0):
+        return "advpure"
+    rel = os.path.relpath(argv0)
+    return rel if rel.startswith(("..", "/")) else f".{os.sep}{rel}" if os.sep not in rel else rel
+
+
 def _print_outcome(output: str, manifest: dict, code: int, report) -> None:
     for stage, st in manifest["stages"].items():
         if st.get("aborted"):
-            print(f"stage {stage} ABORTED: {st['aborted']}", file=sys.stderr)
+            print(f"stage {stage} ABORTED: {st['aborted']}\n  committed shards are kept; the same command "
+                  "resumes from them", file=sys.stderr)
         for sid in st.get("quarantined", []):
             errs = st["shards"][sid]["errors"]
             print(f"shard {sid} QUARANTINED after {len(errs)} attempts: {errs[-1] if errs else ''}", file=sys.stderr)
@@ -37,10 +86,12 @@ def _print_outcome(output: str, manifest: dict, code: int, report) -> None:
         print(report.format_table(report.summarize_run(output)))
     except CommitError as err:
         print(f"no results to summarise: {err}", file=sys.stderr)
-    print(f"results: {output}  (advpure report {output})")
+    print(f"results: {output}  (next: {command_name()} report {output})")
 
 
 def cmd_demo(args) -> int:
+    import os
+
     from pipeline import config, report
     from pipeline.run import driver
     from pipeline.train import demo
@@ -49,7 +100,11 @@ def cmd_demo(args) -> int:
     cfg = config.load(path)
     code, manifest = driver.run(cfg)
     _print_outcome(cfg.job.output, manifest, code, report)
-    print(f"job config: {path}  (advpure run {path})")
+    me = command_name()
+    print(f"job config: {path}  ({me} run {path})")
+    if me != "advpure":   # advpure is not on the PATH (make demo does not activate .venv)
+        print(f"to call it as `advpure`: . {os.path.dirname(me) or '.'}/activate" if me.endswith("advpure")
+              else "to call it as `advpure`: pip install -e . (or activate the .venv that has it)")
     return code
 
 
@@ -57,8 +112,7 @@ def cmd_report(args) -> int:
     from pipeline import report
     from pipeline.io import storage
 
-    fmt = "text" if args.format == "table" else args.format   # "table": the old name of text
-    out = report.render(args.runs, fmt, args.stage, dataset=args.dataset, examples=args.examples)
+    out = report.render(args.runs, args.format, args.stage, dataset=args.dataset, examples=args.examples)
     if isinstance(out, dict) and not args.output:   # robustbench: {file: ModelInfo}
         print(json.dumps({path: json.loads(text) for path, text in out.items()}, indent=2))
     elif isinstance(out, dict):
@@ -74,12 +128,19 @@ def cmd_report(args) -> int:
 
 
 def cmd_list(args) -> int:
+    import inspect
+    import shutil
+    import textwrap
+
     from pipeline.registry import ATTACKS, CLASSIFIERS, PURIFIERS
 
+    width = max(60, shutil.get_terminal_size((100, 24)).columns - 1)
     for title, reg in (("classifiers", CLASSIFIERS), ("purifiers", PURIFIERS), ("attacks", ATTACKS)):
         print(f"{title}:")
         for name in reg.names():
-            print(f"  {name:16s} {reg.describe(name)}")
+            # the docstring's first paragraph, whole (its first line alone may stop mid-sentence)
+            text = " ".join((inspect.getdoc(reg.get(name)) or "").split("\n\n")[0].split())
+            print(textwrap.fill(text, width, initial_indent=f"  {name:16s} ", subsequent_indent=" " * 19))
     return 0
 
 
@@ -87,7 +148,8 @@ def cmd_make_shards(args) -> int:
     from pipeline.io.make_shards import make_shards
 
     options = {"labels": args.labels, "classes": args.classes} if args.source == "imagenet" else None
-    doc = make_shards(args.source, args.out, path=args.path, split=args.split,
+    split = args.split or DEFAULT_SPLIT.get(args.source, "test")
+    doc = make_shards(args.source, args.out, path=args.path, split=split,
                       samples_per_shard=args.samples_per_shard, limit=args.limit, options=options)
     print(f"wrote {doc['total_samples']} samples in {len(doc['shards'])} shards: {doc['pattern']}")
     return 0
@@ -119,7 +181,8 @@ def _purify_parser(sub) -> None:
     pu.add_argument("--params", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
                     help="purifier parameters, e.g. checkpoint=s3://models/score.pt sigma=0.25")
     pu.add_argument("--classifier", help="optional classifier: predictions before and after purification")
-    pu.add_argument("--classifier-params", action="extend", nargs="+", default=[], metavar="KEY=VALUE")
+    pu.add_argument("--classifier-params", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
+                    help="classifier parameters, e.g. checkpoint=runs/demo/models/digits_cnn.pt")
     pu.add_argument("--config", help="YAML with the sections of `advpure run` (no attacks) and corpus:")
     pu.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
     pu.add_argument("--resize", type=int, help="the purifier's resolution: images are resized to N×N")
@@ -192,7 +255,7 @@ def _jobs_parser(sub) -> None:
     """submit / status / logs / stop: jobs on a running cluster through Ray's job API."""
     addr = {"help": "the cluster's job API (default: $RAY_API_SERVER_ADDRESS or http://127.0.0.1:8265)"}
     s = sub.add_parser("submit", help="submit a job to a Ray cluster (Ray Job Submission API)")
-    s.add_argument("config")
+    s.add_argument("config", help="the job's YAML, validated here before it is sent")
     s.add_argument("--address", **addr)
     s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
     s.add_argument("--installed", action="store_true",
@@ -206,7 +269,8 @@ def _jobs_parser(sub) -> None:
                            ("logs", cmd_logs, "a submitted job's driver output"),
                            ("stop", cmd_stop, "stop a submitted job")):
         c = sub.add_parser(name, help=text)
-        c.add_argument("job_id", help="a Ray submission id, or slurm:<id> for a Slurm job")
+        c.add_argument("job_id", help="the id `advpure submit` printed: a Ray submission id "
+                                      "(advpure-NAME-XXXXXXXX) or slurm:<id>")
         c.add_argument("--address", **addr)
         c.add_argument("--slurm", action="store_true", help="JOB_ID is a Slurm job id (as slurm:<id>)")
         if name == "logs":
@@ -319,7 +383,7 @@ def cmd_plan(args) -> int:
 def _plan_parser(sub) -> None:
     pl = sub.add_parser("plan", help="predict a job's model evaluations, time and memory from one calibration "
                                      "batch per stage and attack (docs/performance.md)")
-    pl.add_argument("config")
+    pl.add_argument("config", help="the job's YAML (as for advpure run)")
     pl.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
     pl.add_argument("--workers", type=int, nargs="+", default=None, help="worker counts to predict (default 1 2 4 8)")
     pl.add_argument("--batches", type=int, default=1, help="calibration batches per stage (default 1)")
@@ -329,42 +393,57 @@ def _plan_parser(sub) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="advpure", description=__doc__)
+    p = argparse.ArgumentParser(prog="advpure", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-v", "--verbose", action="store_true", help="log progress details")
-    sub = p.add_subparsers(dest="command", required=True)
+    p.add_argument("--version", action="version", version=f"advpure {_version()}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     d = sub.add_parser("demo", help="run the embedded default job (bundled digits, no downloads)")
-    d.add_argument("--workdir", default="runs/demo")
-    d.add_argument("--workers", type=int, default=2)
+    d.add_argument("--workdir", default="runs/demo",
+                   help="folder for the demo's shards, cached models, job YAML and results (default runs/demo)")
+    d.add_argument("--workers", type=int, default=2, help="worker actors, one CPU each (default 2)")
     d.set_defaults(fn=cmd_demo)
 
     r = sub.add_parser("run", help="run a job described in YAML")
-    r.add_argument("config")
+    r.add_argument("config", help="the job's YAML (configs/*.yaml; README, 'A job')")
     r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set attacks.0.params.eps=0.1")
     r.set_defaults(fn=cmd_run)
 
     rep = sub.add_parser("report", help="summarise runs from their Parquet records (docs/report.md)")
     rep.add_argument("runs", nargs="+", metavar="RUN", help="a job's output; two or more: paired comparison")
-    rep.add_argument("--stage", default="evaluate")
-    rep.add_argument("--format", choices=["text", "markdown", "html", "json", "robustbench", "table"],
-                     default="text", help="html needs matplotlib (advpure[report])")
+    rep.add_argument("--stage", choices=REPORT_STAGES, default=None,
+                     help="which stage's records to report (default: the job's own — evaluate, else purify, "
+                          "else attack; the report says which it shows)")
+    rep.add_argument("--format", choices=["text", "markdown", "html", "json", "robustbench"], default="text",
+                     help="text (default); markdown; html: one self-contained page with figures and example "
+                          "images (needs matplotlib: pip install 'advpure[report]'); json: the whole report "
+                          "document; robustbench: ModelInfo JSON files (with --dataset, -o FOLDER)")
     rep.add_argument("-o", "--output", help="write to this file (robustbench: this folder) instead of stdout")
     rep.add_argument("--dataset", help="dataset name for --format robustbench (cifar10, imagenet, ...)")
     rep.add_argument("--examples", type=int, default=8, help="example images in --format html (0: none)")
     rep.set_defaults(fn=cmd_report)
 
-    sub.add_parser("list", help="list registered classifiers, purifiers and attacks").set_defaults(fn=cmd_list)
+    sub.add_parser("list", help="list registered classifiers, purifiers and attacks",
+                   description="The registered components with their one-paragraph descriptions; each "
+                               "method's doc under docs/ has its parameters.").set_defaults(fn=cmd_list)
 
     m = sub.add_parser("make-shards", help="convert a dataset into WebDataset shards")
-    m.add_argument("source", choices=["digits", "mnist", "cifar10", "folder", "imagenet"])
+    m.add_argument("source", choices=["digits", "mnist", "cifar10", "folder", "imagenet"],
+                   help="digits: bundled with scikit-learn; mnist: idx files; cifar10: python batches; "
+                        "folder: one sub-folder per class; imagenet: the validation images (resize 256, crop 224)")
     m.add_argument("out", help="output folder (local or s3://)")
     m.add_argument("--path", help="dataset folder (mnist idx files, cifar-10-batches-py, image folder, "
                                   "ImageNet validation folder)")
     m.add_argument("--labels", help="imagenet, flat folder: LOC_val_solution.csv or `<file> <wnid|index>` lines")
     m.add_argument("--classes", help="imagenet: class order, one WordNet id first per line (default: sorted ids)")
-    m.add_argument("--split", default="test")
-    m.add_argument("--samples-per-shard", type=int, default=1000)
+    m.add_argument("--split", choices=SPLITS, default=None, metavar="SPLIT",
+                   help="digits: test (default; every 5th image), train (the rest) or all; mnist: t10k (default; "
+                        "the 10,000 test images), t10k-fit (first 8,000), t10k-holdout (last 2,000) or train; "
+                        "cifar10: test (default) or train; not used for folder and imagenet")
+    m.add_argument("--samples-per-shard", type=int, default=1000,
+                   help="samples per shard tar (default 1000); a job's work unit, retried and resumed whole")
     m.add_argument("--limit", type=int, default=None, help="stop after this many samples")
     m.set_defaults(fn=cmd_make_shards)
 
@@ -374,13 +453,42 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _from_sigterm(err: BaseException | None) -> bool:
+    """True for Terminated, also when a Ray call it interrupted wrapped it (Ray's Cython
+    raises SystemError 'returned a result with an exception set', the cause chained)."""
+    while err is not None:
+        if isinstance(err, Terminated):
+            return True
+        err = err.__cause__ or err.__context__
+    return False
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _setup_logging(args.verbose)
+    handle_sigterm()
+    code = _call(args)
+    driver = sys.modules.get("pipeline.run.driver")
+    if driver is not None and driver.cluster_lost():   # Ray's core would hang the exit, then exit 1
+        import logging
+        import os
+
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
+
+
+def _call(args: argparse.Namespace) -> int:
+    """The command, its user-facing errors as one line and an exit code."""
     try:
         return args.fn(args)
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
+        return 2
+    except (MissingExtra, AuthError) as err:   # the user's setup, before any work: what to install / set
+        print(f"error: {err}", file=sys.stderr)
         return 2
     except (FileNotFoundError, RuntimeError, ValueError, KeyError) as err:
         print(f"error: {type(err).__name__}: {err}", file=sys.stderr)
@@ -388,6 +496,15 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # Ctrl-C: workers are killed and the job lease released on the way out
         print("interrupted: committed shards are kept; the same command resumes from them", file=sys.stderr)
         return 130
+    except (Terminated, SystemError) as err:   # `advpure stop`, `ray job stop`: one line, not a stack dump
+        if not _from_sigterm(err):
+            raise
+        if args.command in ("run", "demo"):
+            print("stopped (SIGTERM): workers were stopped and the job lease released; committed shards are kept "
+                  "and the same command resumes from them", file=sys.stderr)
+        else:
+            print(f"stopped (SIGTERM): {args.command} did not finish", file=sys.stderr)
+        return 143
 
 
 if __name__ == "__main__":

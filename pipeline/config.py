@@ -536,7 +536,28 @@ def load(path: str | Path, overrides: list[str] | None = None, check_components:
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a mapping of sections")
     data = apply_overrides(data, list(overrides or []))
-    return from_dict(data, str(path), check_components)
+    try:
+        return from_dict(data, str(path), check_components)
+    except ConfigError as err:
+        hint = _prepare_hint(path.read_text(), str(err))
+        if hint is None:
+            raise
+        raise ConfigError(f"{err}\n  {hint}") from None
+
+
+def _prepare_hint(text: str, message: str) -> str | None:
+    """For a missing file the config's own comments say how to make (the `Prepare:` lines of
+    the shipped configs), that command: a fresh clone has no trained models yet."""
+    match = re.search(r"file not found: (\S+)", message)
+    if not match:
+        return None
+    missing = match.group(1)
+    for line in text.splitlines():
+        command = line.strip().lstrip("#").strip()
+        if line.lstrip().startswith("#") and missing in command.split() and command.startswith(("advpure ", "python ")):
+            return f"it is made by the command this config's header gives: {command}"
+    where = "" if missing.startswith(("/", "s3://", "http://", "https://")) else f" (from {Path.cwd()})"
+    return f"check the path{where}, or make the file first"
 
 
 def dump(cfg: Config) -> str:

@@ -93,6 +93,18 @@ def test_suggested_batch_size_fits_the_memory_budget():
     assert plan.suggest_batch_size(cal, 2**30, shard_size=1000) == 64
     assert plan.suggest_batch_size(cal, 2**30, shard_size=50) == 50   # the whole shard fits
     assert plan.suggest_batch_size(cal, 0, shard_size=50) is None
+    assert plan.batch_size_limit(cal, 2**30) == (71, 10 * 2**20)
+
+
+def test_batch_size_line_says_why():
+    r = {"baseline_bytes": 100 * 2**20, "worker_memory_bytes": 2**30,
+         "batch_size": {"configured": 64, "memory_limit": 71, "bytes_per_sample": 10 * 2**20, "shard_size": 50,
+                        "suggested": 50}}
+    line = plan._batch_line(r)
+    assert "suggested 50 = the whole shard of 50: a batch never spans shards; memory would allow ~71" in line
+    assert "10.00 MiB per sample over a 100 MiB baseline, 80 % of 1,024 MiB worker memory" in line
+    r["batch_size"].update(shard_size=1000, suggested=64)
+    assert "suggested 64 = the largest power of two within the ~71 that memory allows" in plan._batch_line(r)
 
 
 def test_cli_plan_prints_text_and_json(digits_shards, digits_models, tmp_path, capsys):

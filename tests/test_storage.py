@@ -175,3 +175,24 @@ def test_local_identity_ignores_mtime_and_follows_the_ends(tmp_path, monkeypatch
     assert storage.identities([str(p)])[str(p)]["ends_sha256"] != first["ends_sha256"]
     p.write_bytes(b"head" + b"MIDDLE" + b"tail")   # only the ends are read: a documented blind spot
     assert storage.identities([str(p)])[str(p)] == first
+
+
+def test_written_files_follow_the_umask_not_mkstemps_0600(tmp_path, monkeypatch):
+    """Reports, manifests and records are readable by the group / others as the umask allows
+    (a report written with -o was 0600, from mkstemp)."""
+    import stat
+
+    monkeypatch.setattr(storage, "_UMASK", 0o022)
+    storage.put_text(str(tmp_path / "report.html"), "<html></html>")
+    assert stat.S_IMODE((tmp_path / "report.html").stat().st_mode) == 0o644
+    monkeypatch.setattr(storage, "_UMASK", 0o077)
+    storage.put_text(str(tmp_path / "private.txt"), "x")
+    assert stat.S_IMODE((tmp_path / "private.txt").stat().st_mode) == 0o600
+
+
+def test_umask_is_the_process_umask():
+    import os
+
+    mask = os.umask(0o022)
+    os.umask(mask)
+    assert storage._read_umask() == mask

@@ -112,7 +112,8 @@ def test_stop_and_a_wrong_token_is_refused(cluster, digits_shards, digits_models
     sub = advpure("submit", str(_job_file(tmp_path, digits_shards["pattern"], digits_models, 400)), *addr)
     job_id = _submitted_id(sub.stdout)
     refused = advpure("status", job_id, *addr, token=secrets.token_hex(32))
-    assert refused.returncode == 1 and cluster["address"] in refused.stdout, refused.stdout
+    assert refused.returncode == 2 and cluster["address"] in refused.stdout, refused.stdout
+    assert "an authentication problem" in refused.stdout and "is not this cluster's" in refused.stdout
     assert TOKEN not in refused.stdout
     deadline = time.monotonic() + 120                              # stop it once it is running
     while time.monotonic() < deadline and "status: RUNNING" not in advpure("status", job_id, *addr).stdout:
@@ -121,6 +122,8 @@ def test_stop_and_a_wrong_token_is_refused(cluster, digits_shards, digits_models
     assert stop.returncode == 0 and f"{job_id}: STOPPED" in stop.stdout, stop.stdout
     after = advpure("status", job_id, *addr)
     assert after.returncode == 1 and "status: STOPPED" in after.stdout
+    log = advpure("logs", job_id, *addr).stdout           # our one line, not Ray's SIGTERM stack dump
+    assert "stopped (SIGTERM)" in log and "Traceback" not in log and "SIGTERM received" not in log, log[-3000:]
 
 
 def _listening(port: int) -> list[str]:

@@ -356,6 +356,23 @@ def _http_open_at(url: str, offset: int, etag: str | None) -> tuple:
     return r, r.headers.get("ETag"), int(length) if length is not None and length.isdigit() else None
 
 
+def _read_umask() -> int:
+    """The process's umask, read once at import (setting it to read it is not thread-safe)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _read_umask()
+
+
 def put_bytes(url: str, data: bytes) -> None:
     """Write `data` to `url` atomically: readers see the old object or the whole new one."""
     if is_s3(url):
@@ -367,6 +384,7 @@ def put_bytes(url: str, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".{uuid.uuid4().hex[:8]}.tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_UMASK)   # mkstemp's 0600 would make reports and results private
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()

@@ -23,6 +23,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from pipeline import extras
 from pipeline.report import aggregate, build, corpus, summary, tables
 from pipeline.report.summary import wilson  # noqa: F401  (public: the interval every figure uses)
 
@@ -34,8 +35,9 @@ def summarize(table: pa.Table) -> dict[str, Any]:
     return summary.document(aggregate.combine([aggregate.partial(table)]))
 
 
-def summarize_run(run_dir: str, stage: str = "evaluate") -> dict[str, Any]:
-    """The report document of a run, from its committed records, markers and job files."""
+def summarize_run(run_dir: str, stage: str | None = None) -> dict[str, Any]:
+    """The report document of a run, from its committed records, markers and job files; with
+    no `stage`, the run's own (evaluate, else purify, else attack)."""
     return build.run_report(run_dir, stage)[0]
 
 
@@ -44,12 +46,14 @@ def format_table(doc: dict[str, Any]) -> str:
     return tables.format_text(doc)
 
 
-def render(runs: list[str], fmt: str = "text", stage: str = "evaluate", dataset: str | None = None,
+def render(runs: list[str], fmt: str = "text", stage: str | None = None, dataset: str | None = None,
            examples: int = 8) -> str | dict[str, str]:
     """The report of one or more runs in a format. robustbench returns {relative path: JSON
     text}, one ModelInfo file per (run, threat model); every other format one string."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown report format {fmt!r}; expected one of {FORMATS}")
+    if fmt == "html":
+        extras.require("matplotlib")   # before reading any record: one line saying what to install
     doc = build.report(runs, stage)
     if doc.get("kind") == "corpus":   # advpure purify's output: samples, quality, predictions
         return corpus.render(doc, fmt)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import platform
 import time
 from typing import Any
@@ -33,7 +34,9 @@ def provenance(doc: dict[str, Any], markers: list[dict[str, Any]], docs: dict[st
     source shards, the manifest's view of the stage, and versions."""
     text = docs.get("config.yaml")
     manifest = (docs.get("manifest.json") or {}).get("stages", {}).get(stage, {})
-    worker_versions = sorted({str(m["versions"]) for m in markers if m.get("versions")})
+    # each distinct set once (shards by the same workers repeat it), as data, not str(dict)
+    worker_versions = [json.loads(v) for v in sorted({json.dumps(m["versions"], sort_keys=True)
+                                                      for m in markers if m.get("versions")})]
     return {
         "config_hash": doc["config_hash"], "job": docs.get("job.json"),
         "config": yaml.safe_load(text) if text else None, "config_yaml": text,
@@ -44,9 +47,11 @@ def provenance(doc: dict[str, Any], markers: list[dict[str, Any]], docs: dict[st
     }
 
 
-def run_report(output: str, stage: str = "evaluate", keep_samples: bool = False,
+def run_report(output: str, stage: str | None = None, keep_samples: bool = False,
                ) -> tuple[dict[str, Any], pa.Table | None]:
-    """(report document, per-sample worst case if asked) of one run."""
+    """(report document, per-sample worst case if asked) of one run; with no `stage`, the
+    run's own (load.pick_stage), and the document says which stages it has."""
+    stage, found = load.pick_stage(output, stage)
     if stage == corpus.STAGE:   # a corpus job's records: a document of their own
         if keep_samples:
             raise ValueError(f"{output}: corpus jobs ({stage}) are reported one at a time, not compared")
@@ -54,12 +59,13 @@ def run_report(output: str, stage: str = "evaluate", keep_samples: bool = False,
     agg, markers = load.aggregate_run(output, stage, keep_samples)
     doc = summary.document(agg, markers)
     doc["run"] = output
+    doc["stages_with_records"] = found
     doc["checks"]["shard"] = commit.merge_shard_checks(markers)
     doc["provenance"] = provenance(doc, markers, load.run_documents(output), stage)
     return doc, agg.get("samples")
 
 
-def report(outputs: list[str], stage: str = "evaluate") -> dict[str, Any]:
+def report(outputs: list[str], stage: str | None = None) -> dict[str, Any]:
     """One run's document, or {kind: comparison, runs, comparison} for several runs."""
     if len(outputs) == 1:
         return run_report(outputs[0], stage)[0]

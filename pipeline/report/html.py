@@ -9,7 +9,6 @@ from __future__ import annotations
 import base64
 import html
 import io
-import json
 from typing import Any, Callable
 
 from pipeline.report import images, tables
@@ -19,7 +18,7 @@ table{border-collapse:collapse;margin:.5em 0;font-size:90%}td,th{border:1px soli
 text-align:right}th{background:#f4f4f4}.note{color:#555;font-size:85%;margin:.2em 0}
 figure{display:inline-block;margin:.5em;vertical-align:top}figcaption{font-size:85%;color:#444;max-width:480px}
 .flag{color:#a00}.ok{color:#060}.grid img{width:96px;height:96px;image-rendering:pixelated;border:1px solid #999}
-.grid td{text-align:center;font-size:80%}pre{background:#f8f8f8;padding:.5em;overflow:auto;font-size:80%}"""
+.grid td{text-align:center;font-size:80%}pre{background:#f8f8f8;padding:.5em;overflow:auto;font-size:13px}"""
 
 
 def _plt():
@@ -52,16 +51,42 @@ def fig_eps(doc: dict[str, Any]) -> str | None:
     c = doc["curves"]
     if not c["eps"] and not c["worst_case_eps"]:
         return None
+    single = {(p["eps"], s["norm"]) for s in c["eps"] + c["worst_case_eps"] for p in s["points"]}
+    if len(single) == 1:   # one ε: a line has nowhere to go; one bar per attack and the worst case
+        return _fig_eps_bars(c, *single.pop())
     fig, ax = _plt().subplots(figsize=(6, 4))
+    for w in c["worst_case_eps"]:   # underneath, dashed: the per-attack points stay visible on it
+        xs = [_x_eps(p["eps"], w["norm"]) for p in w["points"]]
+        _errorbar(ax, xs, w["points"], label=f"worst case ({w['norm']})", color="black", linewidth=3,
+                  linestyle="--", alpha=.45, zorder=1)
     for s in c["eps"]:
         xs = [_x_eps(p["eps"], s["norm"]) for p in s["points"]]
-        _errorbar(ax, xs, s["points"], label=f"{s['attack']} ({s['gradient']}, EOT {s['eot']})", alpha=.8)
-    for w in c["worst_case_eps"]:
-        xs = [_x_eps(p["eps"], w["norm"]) for p in w["points"]]
-        _errorbar(ax, xs, w["points"], label=f"worst case ({w['norm']})", color="black", linewidth=2.5)
+        _errorbar(ax, xs, s["points"], label=_attack_label(s), alpha=.9, zorder=3)
     ax.set(xlabel="ε ×255 (ℓ∞) or ε (ℓ2)", ylabel="robust accuracy %", ylim=(-2, 102), title="Robust accuracy vs ε")
     ax.grid(alpha=.3)
     ax.legend(fontsize=7)
+    return _png(fig)
+
+
+def _attack_label(s: dict[str, Any]) -> str:
+    indices = s.get("attack_indices") or ([s["attack_index"]] if s.get("attack_index") is not None else [])
+    index = "".join(f"#{i} " for i in indices)   # tells apart entries of the same attack and gradient
+    return f"{index}{s['attack']} ({s['gradient']}, EOT {s['eot']})"
+
+
+def _fig_eps_bars(c: dict[str, Any], eps: float, norm: str | None) -> str:
+    bars = [(_attack_label(s), s["points"][0]) for s in c["eps"]]
+    bars += [(f"worst case ({w['norm']})", w["points"][0]) for w in c["worst_case_eps"]]
+    fig, ax = _plt().subplots(figsize=(max(6, .9 * len(bars)), 4))
+    xs = list(range(len(bars)))
+    pts = [p for _, p in bars]
+    err = [[100 * (p["acc"] - p["lo"]) for p in pts], [100 * (p["hi"] - p["acc"]) for p in pts]]
+    ax.bar(xs, [100 * p["acc"] for p in pts], yerr=err, capsize=3,
+           color=["C0"] * (len(bars) - len(c["worst_case_eps"])) + ["black"] * len(c["worst_case_eps"]))
+    ax.set(xticks=xs, ylabel="robust accuracy %", ylim=(0, 102),
+           title=f"Robust accuracy at ε = {tables.eps_text(eps, norm)}")
+    ax.set_xticklabels([label for label, _ in bars], rotation=30, ha="right", fontsize=7)
+    ax.grid(alpha=.3, axis="y")
     return _png(fig)
 
 
@@ -72,10 +97,14 @@ def fig_steps(doc: dict[str, Any]) -> str | None:
     fig, ax = _plt().subplots(figsize=(6, 4))
     for s in curves:
         steps = list(range(1, len(s["no_break_by_step"]) + 1))
+        eps = tables.eps_text(s["eps"], s.get("norm"))
         line, = ax.plot(steps, [100 * v for v in s["no_break_by_step"]],
-                        label=f"#{s['attack_index']} {s['attack']} ({s['gradient']}) ε={s['eps'] * 255:.3g}/255")
+                        label=f"#{s['attack_index']} {s['attack']} ({s['gradient']}) ε={eps}")
         if s["robust"] is not None:   # the verified figure: also needs the final re-evaluation right
             ax.plot([steps[-1]], [100 * s["robust"]], marker="*", markersize=10, color=line.get_color())
+    lengths = [len(s["no_break_by_step"]) for s in curves]
+    if max(lengths) >= 10 * min(lengths):   # Square's 1,000 queries beside 20 PGD steps
+        ax.set_xscale("log")
     ax.set(xlabel="attack step", ylabel="% not yet broken", ylim=(-2, 102),
            title="Robust accuracy vs attack step (★ = final, verified)")
     ax.grid(alpha=.3)
@@ -89,7 +118,7 @@ def fig_eot(doc: dict[str, Any]) -> str | None:
     fig, ax = _plt().subplots(figsize=(6, 4))
     for s in doc["curves"]["eot"]:
         _errorbar(ax, [p["eot"] for p in s["points"]], s["points"],
-                  label=f"{s['attack']} ({s['gradient']}) ε={s['eps'] * 255:.3g}/255")
+                  label=f"{s['attack']} ({s['gradient']}) ε={tables.eps_text(s['eps'], s.get('norm'))}")
     ax.set(xscale="log", xlabel="EOT draws per step", ylabel="robust accuracy %", ylim=(-2, 102),
            title="Robust accuracy vs EOT draws")
     ax.grid(alpha=.3)
@@ -118,18 +147,20 @@ def fig_classes(doc: dict[str, Any]) -> str | None:
     classes = doc["per_class"]
     if not classes or len(classes) > 100:
         return None
-    fig, ax = _plt().subplots(figsize=(max(6, len(classes) * .35), 4))
+    budgets = [(w["eps"], w["norm"]) for w in doc["worst_case"]]   # every ε, not the first only
+    width = .8 / (1 + len(budgets))
+    fig, ax = _plt().subplots(figsize=(max(6, len(classes) * (.2 + .15 * len(budgets))), 4))
     xs = list(range(len(classes)))
     clean = [100 * ((c.get("clean_defended") or {}).get("acc") or 0) for c in classes]
-    ax.bar([x - .2 for x in xs], clean, width=.4, label="clean (defended)")
-    if doc["worst_case"]:
-        w0 = doc["worst_case"][0]
-        worst = [100 * next((w["acc"] for w in c.get("worst_case", []) if w["eps"] == w0["eps"]
-                             and w["norm"] == w0["norm"]), 0) for c in classes]
-        ax.bar([x + .2 for x in xs], worst, width=.4, label=f"worst case ε={w0['eps'] * 255:.3g}/255")
+    ax.bar([x - .4 + width / 2 for x in xs], clean, width=width, label="clean (defended)")
+    for i, (eps, norm) in enumerate(budgets, start=1):
+        worst = [100 * next((w["acc"] for w in c.get("worst_case", []) if w["eps"] == eps and w["norm"] == norm), 0)
+                 for c in classes]
+        ax.bar([x - .4 + width * (i + .5) for x in xs], worst, width=width,
+               label=f"worst case ε={tables.eps_text(eps, norm)}")
     ax.set(xticks=xs, xticklabels=[str(c["label"]) for c in classes], xlabel="class", ylabel="accuracy %",
            ylim=(0, 102), title="Per class")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))   # beside the bars, not on them
     return _png(fig)
 
 
@@ -184,21 +215,36 @@ def _checks(doc: dict[str, Any]) -> str:
 def _provenance(doc: dict[str, Any]) -> str:
     p = doc.get("provenance") or {}
     facts = {"config hash": doc["config_hash"], **{k: v for k, v in doc["models"].items()},
-             "committed shards": p.get("committed_shards"), "quarantined shards": p.get("quarantined_shards"),
+             "committed shards": p.get("committed_shards"),
+             "quarantined shards": ", ".join(p.get("quarantined_shards") or []) or "none",
              "source shards": f"{len(p.get('sources') or [])} (e.g. {', '.join((p.get('sources') or [])[:2])})",
-             "hosts / devices": f"{doc['cost']['hosts']} / {doc['cost']['devices']}",
-             "worker versions": p.get("worker_versions") or "not recorded by the workers",
-             "report versions": json.dumps(p.get("report_versions")), "generated": p.get("generated")}
+             "hosts / devices": f"{_versions(doc['cost']['hosts'])} / {_versions(doc['cost']['devices'])}",
+             "worker versions": _versions(p.get("worker_versions")) or "not recorded by the workers",
+             "report versions": _versions(p.get("report_versions")), "generated": p.get("generated")}
     rows = "".join(f"<tr><th>{html.escape(k)}</th><td style='text-align:left'>{html.escape(str(v))}</td></tr>"
                    for k, v in facts.items())
     config = f"<pre>{html.escape(p['config_yaml'])}</pre>" if p.get("config_yaml") else ""
     return f"<table>{rows}</table>{config}"
 
 
-def run_body(doc: dict[str, Any], examples: int) -> str:
+def _versions(v: Any) -> str | None:
+    """{"torch": "2.13.0", ...} as "torch 2.13.0, ...", not a Python dict; a list of such
+    sets (workers that differed) separated by "; "."""
+    if isinstance(v, list):   # a list of sets, or of names (hosts, devices)
+        return ("; " if any(isinstance(x, dict) for x in v) else ", ").join(filter(None, map(_versions, v))) or None
+    if isinstance(v, dict):
+        return ", ".join(f"{k} {_versions(x)}" for k, x in v.items()) or None
+    return None if v is None else str(v)
+
+
+def run_body(doc: dict[str, Any], examples: int, heading: bool = True) -> str:
+    """One run's sections; `heading`: its own h2 (a comparison page), else the run's path only
+    (the page's h1 already names the job)."""
     figures = "".join(_figure(title, fn(doc), missing) for title, fn, missing in FIGURES)
+    top = (f"<h2>{html.escape(str(doc['job']))} — {html.escape(str(doc['run']))}</h2>" if heading
+           else f"<p class='note'>results: {html.escape(str(doc['run']))}</p>")
     return "\n".join([
-        f"<h2>{html.escape(str(doc['job']))} — {html.escape(str(doc['run']))}</h2>",
+        top,
         f"<p>{html.escape(tables.headline(doc))}</p>",
         tables.render_html(tables.run_sections(doc)[:1]), "<h3>Figures</h3>", figures,
         tables.render_html(tables.run_sections(doc)[1:]),
@@ -231,6 +277,6 @@ def page(doc: dict[str, Any], examples: int = 8) -> str:
                          + [run_body(d, examples) for d in doc["runs"]])
     else:
         title = f"advpure report: {doc['job']}"
-        body = run_body(doc, examples)
+        body = run_body(doc, examples, heading=False)
     return (f"<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
             f"<style>{STYLE}</style></head><body><h1>{html.escape(title)}</h1>\n{body}\n</body></html>\n")

@@ -56,3 +56,24 @@ def run_documents(output: str) -> dict[str, Any]:
     if storage.exists(url):
         docs["config.yaml"] = storage.read_text(url)
     return docs
+
+
+REPORT_STAGES = ("evaluate", "purify", "attack", "purify_corpus")   # the preferred stage first
+
+
+def committed_stages(output: str) -> list[str]:
+    """The stages of a run that have committed records, the one a report shows by default
+    first: evaluate (attack and purify in one), else purify (the verdicts on an attack
+    stage's adversarial set), else attack (the bare classifier on its own attacks)."""
+    return [stage for stage in REPORT_STAGES
+            if any(u.endswith(commit.MARKER_SUFFIX) for u in storage.listdir(storage.join(output, stage)))]
+
+
+def pick_stage(output: str, stage: str | None = None) -> tuple[str, list[str]]:
+    """(the stage to report, every stage with records): `stage` if given, else the first
+    of committed_stages; CommitError when the run has no committed records at all."""
+    found = committed_stages(output)
+    if stage is None and not found:
+        raise commit.CommitError(f"no committed results under {output} (no stage of {', '.join(REPORT_STAGES)} "
+                          "has a commit marker yet)")
+    return stage or found[0], found

@@ -104,15 +104,18 @@ def check_square_vs_gradient(square: Mapping[str, float], gradient: Mapping[str,
 
 
 def check_convergence(late_breaks: int, n: int, steps: int, fraction: float = LATE_FRACTION,
-                      threshold: float = LATE_THRESHOLD) -> dict[str, Any]:
+                      threshold: float = LATE_THRESHOLD, budget: str | None = None) -> dict[str, Any]:
     """An attack that still confirms breaks for more than `threshold` of its samples in its
-    last (1 - fraction) of steps had not converged: more steps would lower robust accuracy."""
+    last (1 - fraction) of steps had not converged: more steps would lower robust accuracy.
+    `steps` counts the iterates the attack evaluated (the start point too: 11 for 10 PGD
+    steps); `budget` is the configured one as the message names it ("10 steps")."""
     share = late_breaks / n if n else 0.0
     values = {"late_breaks": int(late_breaks), "n": int(n), "steps": int(steps), "late_fraction": share,
               "from_step": math.ceil(fraction * steps), "threshold": threshold}
     if share > threshold:
+        of = budget or f"{steps} iterates"
         return _result("convergence", False, f"{late_breaks} of {n} samples ({100 * share:.1f} %) were first "
-                       f"broken in the last {100 * (1 - fraction):.0f} % of the {steps} steps: the attack has "
+                       f"broken in the last {100 * (1 - fraction):.0f} % of its {of}: the attack has "
                        "not converged; run more steps", values)
     return _result("convergence", True, f"{100 * share:.1f} % of samples broken in the last steps", values)
 
@@ -200,13 +203,22 @@ def run_record_checks(attacks: Sequence[Mapping[str, Any]]) -> list[dict[str, An
     results = _sweep_checks(scored) + _same_eps_checks(scored)
     for a in attacks:
         if a["attack"] != NO_ATTACK_NAME and a.get("steps") and a.get("own_n"):
-            results.append({**check_convergence(a["late_breaks"], a["own_n"], a["steps"]),
+            results.append({**check_convergence(a["late_breaks"], a["own_n"], a["steps"], budget=_budget(a)),
                             "attack_index": a["attack_index"]})
-    by_index = {a["attack_index"]: a for a in attacks if a["attack"] != "none"}
+    by_index = {a["attack_index"]: a for a in attacks if a["attack"] != NO_ATTACK_NAME}
     for a in attacks:
         if a.get("cascade_from"):
             results.append({**check_cascade_chain(a, by_index), "attack_index": a["attack_index"]})
     return results
+
+
+def _budget(attack: Mapping[str, Any]) -> str | None:
+    """The attack's configured iterations as written: "10 steps", "1000 queries"."""
+    params = attack.get("params") or {}
+    for key, word in (("steps", "steps"), ("n_queries", "queries"), ("n_iter", "iterations")):
+        if isinstance(params.get(key), int):
+            return f"{params[key]} {word}"
+    return None
 
 
 def sweep_key(attack_params: str | None) -> str:

@@ -196,6 +196,7 @@ def curves(agg: dict[str, Any], attacks: list[dict[str, Any]], worst: list[dict[
         eots.setdefault((a["attack"], a["gradient"], a["eps"], a["norm"], json.dumps(a["params"], sort_keys=True)),
                         []).append(a)
     eps = [{"attack": k[0], "gradient": k[1], "eot": k[2], "norm": k[3],
+            "attack_indices": sorted({a["attack_index"] for a in v if a["attack_index"] is not None}),
             "points": [_point(a, eps=a["eps"], eps_255=a["eps_255"]) for a in sorted(v, key=lambda a: a["eps"])]}
            for k, v in sweeps.items()]
     by_norm: dict[Any, list] = {}

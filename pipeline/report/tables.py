@@ -30,16 +30,38 @@ def _num(v: float | None, fmt: str = ".3g") -> str:
     return "n/a" if v is None else format(v, fmt)
 
 
-def _eps(eps: float | None, norm: str | None) -> str:
+def eps_text(eps: float | None, norm: str | None) -> str:
+    """ε as written and on the /255 scale (ℓ∞): "0.1 (25.5/255)", "8/255 (0.03137)"."""
     if eps is None:
         return "-"
-    return f"{eps * 255:.1f}/255" if (norm or "linf") == "linf" else f"{eps:.3g}"
+    if (norm or "linf") != "linf":
+        return f"{eps:.4g}"
+    k = eps * 255
+    on_grid = k > 0 and abs(k - round(k)) < 1e-6
+    scaled = f"{round(k)}/255" if on_grid else f"{k:.1f}/255"
+    if on_grid and float(f"{eps:.4g}") != eps:   # 8/255 = 0.0313725…: written as a fraction
+        return f"{scaled} ({eps:.4g})"
+    return f"{eps:.4g} ({scaled})"
+
+
+_eps = eps_text
+
+
+def worst_label(attacks: list[int]) -> str:
+    if len(attacks) == 1:   # no worst case to take: say so rather than "worst case of attacks 0"
+        return f"attack {attacks[0]} (the only one at this ε)"
+    return f"worst case of attacks {', '.join(map(str, attacks))}"
 
 
 def headline(doc: dict[str, Any]) -> str:
     text = (f"job {doc['job']}  stage {doc['stage']}  purifier {doc['purifier']}  classifier {doc['classifier']}  "
             f"samples {doc['samples']}  rows {doc['rows']}  failed {doc['failed_rows']}  "
             f"decision {doc['decision']}  config {doc['config_hash']}")
+    found = doc.get("stages_with_records") or []
+    if len(found) > 1:   # which of the job's stages the figures below are from
+        others = " or ".join(f"--stage {s}" for s in found if s != doc["stage"])
+        other = "the others" if len(found) > 2 else "the other"
+        text += f"\nstages with records: {', '.join(found)}; this report shows {doc['stage']} ({others} for {other})"
     quarantined = (doc.get("provenance") or {}).get("quarantined_shards")
     if quarantined:   # their samples are in no figure: say so next to the sample count
         text += f"\nQUARANTINED shards, not in any figure: {', '.join(quarantined)}"
@@ -48,7 +70,7 @@ def headline(doc: dict[str, Any]) -> str:
 
 def worst_section(doc: dict[str, Any]) -> Section:
     clean = (doc.get("clean") or {}).get("defended")
-    rows = [[f"worst case of attacks {', '.join(map(str, w['attacks']))}",
+    rows = [[worst_label(w["attacks"]),
              w["norm"] or "-", _eps(w["eps"], w["norm"]), str(w["n"]), pct(clean), pct(w),
              str(w["incomplete"])] for w in doc["worst_case"]]
     return Section("Headline: per-sample worst case over every attack at each ε",

@@ -14,6 +14,7 @@ import collections
 import json
 import logging
 import os
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,6 +25,7 @@ from pipeline.io import shards, storage
 from pipeline.run import commit, data_identity
 from pipeline.run import lease as lease_mod
 from pipeline.run.lease import Lease, LeaseLost
+from pipeline.run.signals import handle_sigterm
 from pipeline.run.worker import IMAGE_DIRS, ShardWorker
 
 log = logging.getLogger(__name__)
@@ -164,6 +166,7 @@ def _connect(cfg: Config) -> None:
         ray.init(address="local", include_dashboard=False, **kwargs)
     else:
         ray.init(address=addr, **kwargs)
+    handle_sigterm()   # after ray.init, which installs its own handler
 
 
 def worker_resources(cfg: Config) -> dict[str, float]:
@@ -209,9 +212,32 @@ class ClusterView:
         return text
 
 
+def gcs_address() -> str | None:
+    """host:port of the GCS this driver is connected to (None before ray.init)."""
+    import ray
+
+    return ray.get_runtime_context().gcs_address if ray.is_initialized() else None
+
+
+def gcs_reachable(address: str, timeout_s: float = 1.0) -> bool:
+    """Whether something accepts connections at the GCS's port (a bounded check: Ray's own
+    calls to a dead GCS block for up to gcs_rpc_server_reconnect_timeout_s)."""
+    import socket
+
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s):
+            return True
+    except OSError:
+        return False
+
+
 def cluster_view() -> ClusterView:
     import ray
 
+    address = gcs_address()
+    if address and not gcs_reachable(address):   # ray.nodes() would block; GcsWatch decides
+        return ClusterView([], [], f"Ray's GCS at {address} does not answer")
     try:
         nodes = ray.nodes()
     except Exception as err:  # noqa: BLE001 - the GCS is unreachable: reported, judged by the caller
@@ -297,9 +323,16 @@ class ActorPool:
         return [self.running.pop(ref) for ref in late]
 
     def kill_all(self) -> None:
-        for a in self.idle + [t.actor for t in self.running.values()] + [v[0] for v in self.starting.values()]:
-            _kill(a)
+        actors = self.idle + [t.actor for t in self.running.values()] + [v[0] for v in self.starting.values()]
         self.idle, self.running, self.starting = [], {}, {}
+        address = gcs_address()
+        if actors and address and not gcs_reachable(address):
+            # ray.kill goes through the GCS and would block until Ray's core ends this process;
+            # without their GCS the nodes' raylets end the actors themselves
+            log.warning("not stopping %d worker(s): Ray's GCS at %s does not answer", len(actors), address)
+            return
+        for a in actors:
+            _kill(a)
 
 
 def _kill(actor) -> None:
@@ -442,6 +475,7 @@ def _schedule(cfg: Config, stage: str, todo: collections.deque, states: list[Sha
     total = sum(min(s.expected, limit or s.expected) for s in todo) if all(s.expected for s in todo) else None
     progress = _Progress(total, stage)
     waiting = _StartWait(cfg, pool, sizer, result)
+    gcs = GcsWatch()
     result.workers.extend(pool.info[id(a)] for a in pool.idle)  # the actors kept from earlier stages
 
     def fail(s: ShardState, err: str) -> None:
@@ -456,6 +490,7 @@ def _schedule(cfg: Config, stage: str, todo: collections.deque, states: list[Sha
         while todo or pool.running:
             if lease is not None:
                 _check_lease(lease, result)
+            _check_gcs(gcs, result)
             pool.top_up(sizer.want(len(todo) + len(pool.running) + pool.reserved()))
             while pool.idle and (todo or pool.reserved()):
                 s = todo.popleft() if todo else pool.steal()
@@ -478,6 +513,14 @@ def _schedule(cfg: Config, stage: str, todo: collections.deque, states: list[Sha
             progress.note(" | ".join(filter(None, [note, waiting.check()])))
     finally:
         progress.close()  # the pool's owner (run_stage or the job's JobActors) kills its actors
+
+
+def _check_gcs(gcs: GcsWatch, result: StageResult) -> None:
+    try:
+        gcs.check()
+    except DriverError as err:
+        result.aborted = str(err)
+        raise
 
 
 def _check_lease(lease: Lease, result: StageResult) -> None:
@@ -524,6 +567,64 @@ class _StartWait:
     def _abort(self, reason: str) -> None:
         self.result.aborted = reason
         raise DriverError(reason)
+
+
+class GcsWatch:
+    """Ray's GCS (the head node's control store), watched from the driver's loop by a TCP
+    connect to its port every few seconds. Without its GCS, Ray's core ends this process by
+    itself after gcs_rpc_server_reconnect_timeout_s (60 s) with exit 1 and only a C++ log
+    line; this gives up at half that (a GCS restarted by fault tolerance is back well
+    within it) with our own cause, so the stage aborts like any other (exit 4, manifest,
+    lease released) and the same command resumes once the cluster is back."""
+
+    PERIOD_S = 2.0
+
+    def __init__(self, address: str | None = None):
+        self.address = address or gcs_address()
+        ray_limit = float(os.environ.get("RAY_gcs_rpc_server_reconnect_timeout_s", 60))
+        self.limit_s = max(2 * self.PERIOD_S, ray_limit / 2)
+        self.down_since: float | None = None
+        self._last = -1e9
+
+    def check(self) -> None:
+        """Raise DriverError once the GCS has not answered for limit_s."""
+        now = time.monotonic()
+        if not self.address or now - self._last < self.PERIOD_S:
+            return
+        self._last = now
+        if gcs_reachable(self.address):
+            self.down_since = None
+            return
+        if self.down_since is None:
+            self.down_since = now
+            log.warning("Ray's GCS at %s does not answer; giving up in %.0fs unless it comes back",
+                        self.address, self.limit_s)
+        elif now - self.down_since >= self.limit_s:
+            _forget_cluster()
+            raise DriverError(f"Ray's GCS at {self.address} has not answered for {now - self.down_since:.0f}s: "
+                              "the head node's gcs_server died or is unreachable, so this cluster can run no more "
+                              "work (restart it, e.g. `ray stop; ray start --head ...`)")
+
+
+_CLUSTER_LOST = threading.Event()
+
+
+def _forget_cluster() -> None:
+    """Skip ray.shutdown at exit: with the GCS gone it blocks until Ray's core ends the
+    process (exit 1, a C++ log line) after our message; so does the interpreter's own exit
+    (Ray's C++ threads), hence cluster_lost() for the CLI to end the process itself."""
+    import atexit
+
+    from ray._private import worker
+
+    atexit.unregister(worker.shutdown)
+    _CLUSTER_LOST.set()
+
+
+def cluster_lost() -> bool:
+    """Whether this process gave up on its Ray cluster (its GCS died): the CLI then ends
+    with os._exit once its message is out, before Ray's core ends it with exit 1."""
+    return _CLUSTER_LOST.is_set()
 
 
 def _wait(refs: list[Any]) -> tuple[list[Any], list[Any]]:

@@ -285,16 +285,24 @@ def _stage_rows(cal: Calibration, counts: list[int]) -> list[dict[str, Any]]:
     return rows
 
 
-def suggest_batch_size(cal: Calibration, budget: int, shard_size: int) -> int | None:
-    """Largest power of two whose predicted peak (baseline + per-sample growth measured on
-    the calibration batch, scaled linearly) fits MEMORY_HEADROOM of the worker's memory —
-    or the whole shard when that fits."""
+def batch_size_limit(cal: Calibration, budget: int) -> tuple[int | None, float]:
+    """(the most samples per batch whose predicted peak — baseline + the per-sample growth
+    measured on the calibration batch, scaled linearly — fits MEMORY_HEADROOM of the
+    worker's memory, or None when nothing fits; that per-sample growth in bytes)."""
     peak = max((m.peak_bytes for ps in cal.pieces.values() for m in ps), default=0)
     per_sample = max(1.0, (peak - cal.baseline_bytes) / max(1, cal.batch))
     room = MEMORY_HEADROOM * budget - cal.baseline_bytes
     if budget <= 0 or room <= 0:
+        return None, per_sample
+    return int(room // per_sample), per_sample
+
+
+def suggest_batch_size(cal: Calibration, budget: int, shard_size: int) -> int | None:
+    """Largest power of two within batch_size_limit, or the whole shard when that fits (a
+    batch never spans shards, so more than a shard buys nothing)."""
+    fit, _ = batch_size_limit(cal, budget)
+    if fit is None:
         return None
-    fit = int(room // per_sample)
     return shard_size if fit >= shard_size else max(1, 2 ** int(math.log2(max(1, fit))))
 
 
@@ -382,6 +390,7 @@ def plan(cfg: Config, workers: Sequence[int] | None = None, calibration_batches:
     nodes_workers = int(cfg.cluster.num_workers) if cfg.cluster.num_workers != "auto" else 1
     budget = worker_memory(p.device, nodes_workers if p.device.type != "cuda" else 1)
     peak = max((m.peak_bytes for ps in cal.pieces.values() for m in ps), default=0)
+    limit, per_sample = batch_size_limit(cal, budget)
     return {
         "config": cfg.source, "device": str(p.device), "threads": torch.get_num_threads(),
         "shards": len(counts), "samples": sum(counts), "calibration_batch": cal.batch,
@@ -393,7 +402,8 @@ def plan(cfg: Config, workers: Sequence[int] | None = None, calibration_batches:
         "per_shard_seconds": per_shard,
         "per_workers": per_workers, "local_parallelism": local,
         "peak_bytes": peak, "baseline_bytes": cal.baseline_bytes, "worker_memory_bytes": budget,
-        "batch_size": {"configured": cfg.data.batch_size,
+        "batch_size": {"configured": cfg.data.batch_size, "memory_limit": limit, "bytes_per_sample": per_sample,
+                       "shard_size": max(counts, default=cal.batch),
                        "suggested": suggest_batch_size(cal, budget, max(counts, default=cal.batch))},
         "checkpoint_segment": suggest_segment(p, cal, budget),
     }
@@ -405,6 +415,21 @@ def _mib(n: float | None) -> str:
 
 def _dur(s: float) -> str:
     return f"{s:,.1f} s" if s < 120 else f"{s / 60:,.1f} min" if s < 7200 else f"{s / 3600:,.1f} h"
+
+
+def _batch_line(r: dict[str, Any]) -> str:
+    """The suggestion with its reason: the memory bound, and whether the shard caps it."""
+    b = r["batch_size"]
+    memory = (f"{b['bytes_per_sample'] / 2**20:.2f} MiB per sample over a {_mib(r['baseline_bytes'])} baseline, "
+              f"{100 * MEMORY_HEADROOM:.0f} % of {_mib(r['worker_memory_bytes'])} worker memory")
+    if b["suggested"] is None:
+        return f"batch size: configured {b['configured']}, no suggestion (the baseline alone does not fit: {memory})"
+    if b["suggested"] == b["shard_size"] and (b["memory_limit"] or 0) >= b["shard_size"]:
+        why = (f"the whole shard of {b['shard_size']}: a batch never spans shards; memory would allow "
+               f"~{b['memory_limit']:,} ({memory})")
+    else:
+        why = f"the largest power of two within the ~{b['memory_limit']:,} that memory allows ({memory})"
+    return f"batch size: configured {b['configured']}, suggested {b['suggested']} = {why}"
 
 
 def format_plan(r: dict[str, Any]) -> str:
@@ -426,9 +451,7 @@ def format_plan(r: dict[str, Any]) -> str:
     ray = r.get("ray_startup_seconds")
     lines.append(f"  (includes a measured local Ray start of {ray:.1f} s)" if ray is not None else
                  "  (Ray start-up not included: --ray-startup measures a local one)")
-    b = r["batch_size"]
-    lines.append(f"batch size: configured {b['configured']}, suggested {b['suggested'] or '—'} "
-                 f"(worker memory {_mib(r['worker_memory_bytes'])}, baseline {_mib(r['baseline_bytes'])})")
+    lines.append(_batch_line(r))
     seg = r["checkpoint_segment"]
     if seg:
         lines.append(f"checkpoint_segment: configured {seg['configured']}, suggested {seg['suggested']} "

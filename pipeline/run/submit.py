@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import re
 import shutil
 import tempfile
@@ -41,6 +42,46 @@ class SubmitError(RuntimeError):
     """The job server cannot be reached or refused the request (the message says which)."""
 
 
+class AuthError(SubmitError):
+    """The job server answered but refused this client's Ray token (missing or wrong)."""
+
+
+# how Ray's job server words a refused token (HTTP 401 / 403 from its token middleware)
+_AUTH_WORDS = ("authentication token", "authentication required", "authentication failed", "unauthorized",
+               "forbidden")
+
+
+def _token_source() -> str | None:
+    """Where Ray's client takes its token from here, in Ray's order of precedence (never the token)."""
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        return "RAY_AUTH_TOKEN"
+    if os.environ.get("RAY_AUTH_TOKEN_PATH"):
+        return f"the file RAY_AUTH_TOKEN_PATH names ({os.environ['RAY_AUTH_TOKEN_PATH']})"
+    default = Path.home() / ".ray" / "auth_token"
+    return str(default) if default.exists() else None
+
+
+def auth_problem(address: str, err: BaseException) -> AuthError | None:
+    """An AuthError saying what to set when `err` is the job server refusing our token."""
+    text = str(err)
+    if not any(w in text.lower() for w in _AUTH_WORDS):
+        return None
+    mode = os.environ.get("RAY_AUTH_MODE")
+    source = _token_source()
+    if mode != "token":
+        fix = (f"RAY_AUTH_MODE is {mode or 'not set'} here, so no token was sent: export RAY_AUTH_MODE=token "
+               "and the cluster's token in RAY_AUTH_TOKEN (or a file named by RAY_AUTH_TOKEN_PATH, or "
+               "~/.ray/auth_token)")
+    elif source is None:
+        fix = ("no token found: set RAY_AUTH_TOKEN to the cluster's token (or RAY_AUTH_TOKEN_PATH to a file "
+               "holding it, or write it to ~/.ray/auth_token)")
+    else:
+        fix = f"the token from {source} is not this cluster's: use the one the cluster was started with"
+    return AuthError(f"the Ray job server at {address} was reached but refused the request, an authentication "
+                     f"problem ({_first_line(err)}): {fix}; `ray get-auth-token` on the head node prints the "
+                     "cluster's token (docs/storage_and_cluster.md)")
+
+
 def client(address: str):
     """A JobSubmissionClient for `address`; errors name the address, never a token."""
     from ray.job_submission import JobSubmissionClient
@@ -52,6 +93,9 @@ def client(address: str):
     try:
         return JobSubmissionClient(address)
     except Exception as err:  # noqa: BLE001 - requests / Ray raise many kinds; all mean "not reachable"
+        auth = auth_problem(address, err)
+        if auth is not None:
+            raise auth from None
         raise SubmitError(f"cannot reach the Ray job server at {address}: {_first_line(err)}") from None
 
 
@@ -66,6 +110,9 @@ def _call(address: str, what: str, fn: Callable[[], Any]) -> Any:
     except SubmitError:
         raise
     except Exception as err:  # noqa: BLE001 - reported with the job server's address
+        auth = auth_problem(address, err)
+        if auth is not None:
+            raise auth from None
         raise SubmitError(f"{what} at {address} failed: {_first_line(err)}") from None
 
 
