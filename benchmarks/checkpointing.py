@@ -67,16 +67,16 @@ def _build(purifier: str, k: int, mode: str):
     torch.manual_seed(0)
     seg = {"none": 0, "auto": -1, "legacy": -1}[mode]
     if purifier == "ebm":
-        from pipeline.purifiers.langevin_ebm import LangevinEBMPurifier
+        from pipeline.purifiers.langevin_ebm import LangevinEBMPurifier, LangevinEBMSettings
         from pipeline.purifiers.nets.ebm_nets import EBM
 
-        p = LangevinEBMPurifier(EBM(), steps=k, checkpoint_segment=seg, clip_output=False)
+        p = LangevinEBMPurifier(EBM(), LangevinEBMSettings(steps=k, checkpoint_segment=seg, clip_output=False))
     else:
-        from pipeline.purifiers.adp import ADPPurifier
+        from pipeline.purifiers.adp import ADPPurifier, ADPSettings
         from pipeline.purifiers.nets.score_nets import SmallScoreNet
 
-        p = ADPPurifier(SmallScoreNet(in_channels=3, width=ADP_WIDTH), max_iter=k, stop_alpha=0.0,
-                        checkpoint_segment=seg)
+        settings = ADPSettings(max_iter=k, stop_alpha=0.0, checkpoint_segment=seg)
+        p = ADPPurifier(SmallScoreNet(in_channels=3, width=ADP_WIDTH), settings)
     for q in p.parameters():
         q.requires_grad_(False)
     if mode == "legacy":

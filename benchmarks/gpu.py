@@ -196,20 +196,22 @@ def classifiers(args) -> list[tuple[str, Callable[[], nn.Module], int, int]]:
 
 
 def ebm(k: int, dev: torch.device, segment: int = -1, clip_output: bool = True):
-    from pipeline.purifiers.langevin_ebm import LangevinEBMPurifier
+    from pipeline.purifiers.langevin_ebm import LangevinEBMPurifier, LangevinEBMSettings
     from pipeline.purifiers.nets.ebm_nets import EBM
 
     torch.manual_seed(0)
-    return frozen(LangevinEBMPurifier(EBM(), steps=k, checkpoint_segment=segment, clip_output=clip_output), dev)
+    settings = LangevinEBMSettings(steps=k, checkpoint_segment=segment, clip_output=clip_output)
+    return frozen(LangevinEBMPurifier(EBM(), settings), dev)
 
 
 def adp(args, dev: torch.device):
-    from pipeline.purifiers.adp import ADPPurifier
+    from pipeline.purifiers.adp import ADPPurifier, ADPSettings
     from pipeline.purifiers.nets.score_nets import NCSNv2, SmallScoreNet
 
     torch.manual_seed(0)
     net = SmallScoreNet(in_channels=3, width=8) if args.smoke else NCSNv2()
-    return frozen(ADPPurifier(net, max_iter=1, stop_alpha=0.0), dev)  # stop_alpha 0: no row stops
+    settings = ADPSettings(max_iter=1, stop_alpha=0.0, checkpoint_segment=0)  # stop_alpha 0: no row stops
+    return frozen(ADPPurifier(net, settings), dev)
 
 
 def images(n: int, size: int, dev: torch.device) -> torch.Tensor:
@@ -330,13 +332,13 @@ def _draw_rows(noise: Noise, r: int, draws: int) -> Noise:
 
 
 def run_replicas(args, dev: torch.device, report: Report) -> None:
-    from pipeline.purifiers.gaussian import GaussianPurifier
+    from pipeline.purifiers.gaussian import GaussianPurifier, GaussianSettings
 
     report.start("replicas", ["case", "samples", "draws", "batched_ms", "loop_ms", "loop_batched", "max_diff"])
 
     def eot(b, draws):
         _, build, size, _ = classifiers(args)[0]
-        d = Defense(frozen(build(), dev), GaussianPurifier(sigma=0.25))
+        d = Defense(frozen(build(), dev), GaussianPurifier(GaussianSettings(sigma=0.25)))
         x, y = images(b, size, dev), torch.arange(b, device=dev) % 10
         noise = Noise.for_batch(0, keys(b), "eot", draws, dev)
 

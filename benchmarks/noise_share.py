@@ -38,11 +38,11 @@ def _best(fn, repeats: int) -> float:
 
 
 def _langevin(n_c: int, size: int, n_f: int, rows: int):
-    from pipeline.purifiers.langevin_ebm import LangevinEBMPurifier
+    from pipeline.purifiers.langevin_ebm import LangevinEBMPurifier, LangevinEBMSettings
     from pipeline.purifiers.nets.ebm_nets import EBM
 
     torch.manual_seed(0)
-    p = LangevinEBMPurifier(EBM(n_c=n_c, n_f=n_f, image_size=size), steps=1).eval()
+    p = LangevinEBMPurifier(EBM(n_c=n_c, n_f=n_f, image_size=size), LangevinEBMSettings(steps=1)).eval()
     x = torch.rand(rows, n_c, size, size) * 2 - 1
     noise = Noise.for_batch(0, [f"k{i}" for i in range(rows)], "share")
     shape = (n_c, size, size)
@@ -56,11 +56,11 @@ def _langevin(n_c: int, size: int, n_f: int, rows: int):
 
 
 def _adp(rows: int):
-    from pipeline.purifiers.adp import ADPPurifier
+    from pipeline.purifiers.adp import ADPPurifier, ADPSettings
     from pipeline.purifiers.nets.score_nets import SmallScoreNet
 
     torch.manual_seed(0)
-    p = ADPPurifier(SmallScoreNet(in_channels=1, width=16), max_iter=10, stop_alpha=0.0).eval()
+    p = ADPPurifier(SmallScoreNet(in_channels=1, width=16), ADPSettings(max_iter=10, stop_alpha=0.0)).eval()
     x = torch.rand(rows, 1, 28, 28)
     noise = Noise.for_batch(0, [f"k{i}" for i in range(rows)], "share")
     return lambda: p(x, noise), lambda: noise.normal((1, 28, 28), purpose="adp/init"), rows * 784

@@ -35,13 +35,13 @@ def case_eot(b: int, draws: int):
     from pipeline.classifiers.base import Classifier
     from pipeline.classifiers.small_cnn import SmallCNN
     from pipeline.evaluation.defense import Defense
-    from pipeline.purifiers.gaussian import GaussianPurifier
+    from pipeline.purifiers.gaussian import GaussianPurifier, GaussianSettings
 
     torch.manual_seed(0)
     clf = Classifier(SmallCNN(in_channels=1, num_classes=10, width=32), (0.5,), (0.5,), 10).eval()
     for q in clf.parameters():
         q.requires_grad_(False)
-    d = Defense(clf, GaussianPurifier(sigma=0.25))
+    d = Defense(clf, GaussianPurifier(GaussianSettings(sigma=0.25)))
     x = torch.rand(b, 1, 8, 8)
     y = torch.arange(b) % 10
     noise = Noise.for_batch(0, [f"k{i}" for i in range(b)], "eot", draws)
@@ -58,11 +58,11 @@ def case_eot(b: int, draws: int):
 
 
 def _adp_parts(b: int, draws: int):
-    from pipeline.purifiers.adp import ADPPurifier
+    from pipeline.purifiers.adp import ADPPurifier, ADPSettings
     from pipeline.purifiers.nets.score_nets import SmallScoreNet
 
     torch.manual_seed(0)
-    p = ADPPurifier(SmallScoreNet(in_channels=1, width=16), max_iter=10, stop_alpha=0.0).eval()
+    p = ADPPurifier(SmallScoreNet(in_channels=1, width=16), ADPSettings(max_iter=10, stop_alpha=0.0)).eval()
     noise = Noise.for_batch(0, [f"k{i}" for i in range(b)], "adp", draws)
     return p, torch.rand(b, 1, 28, 28, generator=torch.Generator().manual_seed(0)).repeat_interleave(draws, 0), noise
 
@@ -76,11 +76,11 @@ def case_adp(b: int, draws: int):
 
 
 def case_langevin(b: int, draws: int):
-    from pipeline.purifiers.langevin_ebm import LangevinEBMPurifier
+    from pipeline.purifiers.langevin_ebm import LangevinEBMPurifier, LangevinEBMSettings
     from pipeline.purifiers.nets.ebm_nets import EBM
 
     torch.manual_seed(0)
-    p = LangevinEBMPurifier(EBM(n_c=1, n_f=32, image_size=8), steps=50).eval()
+    p = LangevinEBMPurifier(EBM(n_c=1, n_f=32, image_size=8), LangevinEBMSettings(steps=50)).eval()
     x = torch.rand(b, 1, 8, 8)
     noise = Noise.for_batch(0, [f"k{i}" for i in range(b)], "chains", draws)
     xr = x.repeat_interleave(draws, 0)

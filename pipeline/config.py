@@ -18,8 +18,9 @@ from typing import Any, Literal, Union
 
 import yaml
 
+from pipeline.vocabulary import DECISIONS, DEFAULT_DECISION, GRADIENT_REQUESTS
+
 STAGES = ("evaluate", "attack", "purify")
-GRADIENTS = ("auto", "full", "bpda", "classifier")
 
 
 class ConfigError(ValueError):
@@ -70,7 +71,7 @@ class EvaluationConfig:
     max_rows: int = 4096
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # how the R runs decide a prediction (robust = no confirmed break and this prediction right)
-    decision: Literal["mean_logit", "vote", "mean_softmax"] = "mean_logit"
+    decision: Literal[DECISIONS] = DEFAULT_DECISION
     # fresh draws of the real defense that confirm a break on a stochastic defense
     # (null: the attack's recheck_draws if set, else R); see docs/attacks.md
     confirm_draws: int | None = None
@@ -277,7 +278,8 @@ def _check_ranges(cfg: Config) -> None:
     if cfg.data.max_samples_per_shard is not None:
         need(cfg.data.max_samples_per_shard >= 1, "data.max_samples_per_shard", "must be ≥ 1")
     for i, a in enumerate(cfg.attacks):
-        need(a.gradient in GRADIENTS, f"attacks[{i}].gradient", f"{a.gradient!r} is not one of {list(GRADIENTS)}")
+        need(a.gradient in GRADIENT_REQUESTS, f"attacks[{i}].gradient",
+             f"{a.gradient!r} is not one of {list(GRADIENT_REQUESTS)}")
         need(a.eot >= 1, f"attacks[{i}].eot", "must be ≥ 1")
     need(cfg.evaluation.runs >= 1, "evaluation.runs", "must be ≥ 1")
     need(cfg.evaluation.max_rows >= 1, "evaluation.max_rows", "must be ≥ 1")
@@ -320,7 +322,8 @@ def is_file_param(name: str) -> bool:
 
 
 def _check_components(cfg: Config) -> None:
-    """Names exist in the registries, params bind to the constructors, files exist."""
+    """Names exist in the registries, params bind to the constructors (a purifier's: to its
+    settings), files exist."""
     from pipeline.io import storage
     from pipeline.registry import ATTACKS, CLASSIFIERS, PURIFIERS
 
@@ -328,21 +331,36 @@ def _check_components(cfg: Config) -> None:
     if cfg.classifier is not None:
         entries.insert(0, ("classifier", CLASSIFIERS, cfg.classifier.name, cfg.classifier.params))
     entries += [(f"attacks[{i}]", ATTACKS, a.name, a.params) for i, a in enumerate(cfg.attacks)]
-    entries += [(f"attacks[{i}].surrogate", PURIFIERS, cfg.purifier.name, {**cfg.purifier.params, **a.surrogate})
-                for i, a in enumerate(cfg.attacks) if a.surrogate]
     for key, registry, name, params in entries:
         try:
             ctor = registry.get(name)
         except KeyError as err:
             raise ConfigError(f"{key}.name: {err.args[0]}") from None
-        try:
-            inspect.signature(ctor).bind(**params)
-        except TypeError as err:
-            sig = inspect.signature(ctor)
-            raise ConfigError(f"{key}.params: {err} (accepted: {', '.join(sig.parameters) or 'none'})") from None
+        if registry is PURIFIERS:
+            _check_purifier_settings(cfg)
+        else:
+            try:
+                inspect.signature(ctor).bind(**params)
+            except TypeError as err:
+                sig = inspect.signature(ctor)
+                raise ConfigError(f"{key}.params: {err} (accepted: {', '.join(sig.parameters) or 'none'})") from None
         for pname, value in params.items():
             if is_file_param(pname) and isinstance(value, str) and not storage.exists(value):
                 raise ConfigError(f"{key}.params.{pname}: file not found: {value}")
+
+
+def _check_purifier_settings(cfg: Config) -> None:
+    """purifier.params → the purifier's settings (pipeline.purifiers.base.PurifierSettings),
+    and each attack's surrogate as overrides of those settings (dataclasses.replace)."""
+    from pipeline.registry import PURIFIERS
+
+    try:
+        _, settings = PURIFIERS.parse(cfg.purifier.name, cfg.purifier.params, "purifier.params")
+        for i, a in enumerate(cfg.attacks):
+            if a.surrogate:
+                settings.replace(a.surrogate, f"attacks[{i}].surrogate")
+    except ValueError as err:  # SettingsError: names the dotted key
+        raise ConfigError(str(err)) from None
 
 
 def _expand_presets(data: dict[str, Any]) -> dict[str, Any]:

@@ -9,7 +9,7 @@ from torch import nn
 
 from pipeline.io import checkpoints, datasets
 from pipeline.purifiers import steps
-from pipeline.purifiers.adp import ADPPurifier
+from pipeline.purifiers.adp import ADPPurifier, ADPSettings
 from pipeline.purifiers.nets.score_nets import SmallScoreNet
 from pipeline.registry import PURIFIERS
 from pipeline.seeding import Noise
@@ -77,18 +77,18 @@ def test_grid_maps_are_inverse():
 def test_one_adp_step_hand_computed():
     m, v, lam = 0.4, 0.5, 0.05
     x = torch.rand(3, 1, 8, 8, dtype=torch.float64)
-    p = ADPPurifier(LinearScore(m, v), sigma=0.0, max_iter=1, lam=lam)
-    out, nfe = p.purify(x, keyed(3))
+    p = ADPPurifier(LinearScore(m, v), ADPSettings(sigma=0.0, max_iter=1, lam=lam))
+    out, nfe, stats = p.purify(x, keyed(3))
     xg = steps.to_score_grid(x)
     expected = steps.from_score_grid(xg - lam * (xg - m)).clamp(0, 1)  # α·s = −λ(x − m)
     torch.testing.assert_close(out, expected)
-    assert nfe == 2
-    torch.testing.assert_close(p.last_alphas, torch.full((1, 3), lam * v, dtype=torch.float64))
+    assert nfe == 2 and stats["steps"].tolist() == [1, 1, 1]  # α = λv (test above) > stop_alpha
     # ten steps: the distance to m shrinks by (1 − λ)^10 on the grid
-    p10 = ADPPurifier(LinearScore(m, v), sigma=0.0, max_iter=10, lam=lam)
+    p10 = ADPPurifier(LinearScore(m, v), ADPSettings(sigma=0.0, max_iter=10, lam=lam))
     expected10 = steps.from_score_grid(m + (1 - lam) ** 10 * (xg - m)).clamp(0, 1)
-    torch.testing.assert_close(p10(x, keyed(3)), expected10)
-    assert p10.last_steps.tolist() == [10, 10, 10]
+    out10 = p10.purify(x, keyed(3))
+    torch.testing.assert_close(out10.images, expected10)
+    assert out10.stats["steps"].tolist() == [10, 10, 10]
 
 
 def test_shared_helpers_straight_through_and_chunks():
@@ -99,12 +99,13 @@ def test_shared_helpers_straight_through_and_chunks():
     (g,) = torch.autograd.grad((out * 3).sum(), x)
     assert torch.equal(g, torch.full_like(x, 3.0))              # backward: identity
     # chunks of 2 + 2 + 1 rows: same images, nfe per row is the max over chunks, not the sum
-    p = ADPPurifier(LinearScore(0.5, 0.5, repel_above=0.6), sigma=0.1, max_iter=4)
+    p = ADPPurifier(LinearScore(0.5, 0.5, repel_above=0.6), ADPSettings(sigma=0.1, max_iter=4))
     xs = torch.cat([torch.full((3, 1, 4, 4), 0.2), torch.full((2, 1, 4, 4), 0.9)]).double()
     whole = p.purify(xs, keyed(5))
     chunked = steps.purify_in_chunks(p.purify, xs, keyed(5), 2)
     torch.testing.assert_close(chunked.images, whole.images, rtol=0, atol=0)
     assert chunked.nfe == whole.nfe == 8
+    assert torch.equal(chunked.stats["steps"], whole.stats["steps"])  # per-row stats concatenated
 
 
 def test_update_clips_to_unit_interval():
@@ -117,14 +118,14 @@ def test_update_clips_to_unit_interval():
 def test_stopped_rows_stay_fixed_while_others_move():
     # rows with mean > 0.6 are repelled → α = α_min ≤ stop_alpha → stop at once, unchanged
     x = torch.cat([torch.full((2, 1, 4, 4), 0.2), torch.full((2, 1, 4, 4), 0.9)]).double()
-    p = ADPPurifier(LinearScore(0.5, 0.5, repel_above=0.6), sigma=0.0, max_iter=5)
-    out = p(x, keyed(4))
+    p = ADPPurifier(LinearScore(0.5, 0.5, repel_above=0.6), ADPSettings(sigma=0.0, max_iter=5))
+    out, _, stats = p.purify(x, keyed(4))
     torch.testing.assert_close(out[2:], x[2:])  # grid round trip is exact up to rounding
     assert torch.all(out[:2] > x[:2])
-    assert p.last_steps.tolist() == [5, 5, 0, 0]
+    assert stats["steps"].tolist() == [5, 5, 0, 0]
     # all rows stopped: the loop ends after the first iteration, output = input
-    p_all = ADPPurifier(LinearScore(0.5, 0.5, repel_above=-1.0), sigma=0.0, max_iter=5)
-    out_all, nfe_all = p_all.purify(x, keyed(4))
+    p_all = ADPPurifier(LinearScore(0.5, 0.5, repel_above=-1.0), ADPSettings(sigma=0.0, max_iter=5))
+    out_all, nfe_all, _ = p_all.purify(x, keyed(4))
     torch.testing.assert_close(out_all, x)
     assert nfe_all == 2
 
@@ -132,7 +133,7 @@ def test_stopped_rows_stay_fixed_while_others_move():
 def test_regrid_each_step_reproduces_reference_quirk():
     m, v, lam = 0.4, 0.5, 0.05
     x = torch.rand(2, 1, 4, 4, dtype=torch.float64)
-    p = ADPPurifier(LinearScore(m, v), sigma=0.0, max_iter=2, lam=lam, regrid_each_step=True)
+    p = ADPPurifier(LinearScore(m, v), ADPSettings(sigma=0.0, max_iter=2, lam=lam, regrid_each_step=True))
     x1 = steps.from_score_grid(steps.to_score_grid(x) * (1 - lam) + lam * m).clamp(0, 1)
     x2 = steps.from_score_grid(x1 * (1 - lam) + lam * m).clamp(0, 1)  # no re-gridding of x1
     torch.testing.assert_close(p(x, keyed(2)), x2)
@@ -141,10 +142,10 @@ def test_regrid_each_step_reproduces_reference_quirk():
 def test_smoothing_noise_is_keyed_gaussian_and_binary():
     x = torch.full((2, 1, 8, 8), 0.5)
     noise = keyed(2)
-    p = ADPPurifier(LinearScore(0.5, 0.5), sigma=0.25, max_iter=0)
+    p = ADPPurifier(LinearScore(0.5, 0.5), ADPSettings(sigma=0.25, max_iter=0))
     expected = (x + 0.25 * noise.normal((1, 8, 8), purpose="adp/init")).clamp(0, 1)
     torch.testing.assert_close(p(x, noise), expected)
-    pb = ADPPurifier(LinearScore(0.5, 0.5), sigma=0.25, max_iter=0, noise_type="binary")
+    pb = ADPPurifier(LinearScore(0.5, 0.5), ADPSettings(sigma=0.25, max_iter=0, noise_type="binary"))
     d = (pb(x, noise) - x).abs()
     torch.testing.assert_close(d, torch.full_like(d, 0.25 * math.sqrt(2 / math.pi)))
 
@@ -154,17 +155,17 @@ def test_smoothing_noise_is_keyed_gaussian_and_binary():
 # ---------------------------------------------------------------------------------------
 
 def test_contract_shape_range_flags(small_net):
-    p = ADPPurifier(small_net, max_iter=3)
+    p = ADPPurifier(small_net, ADPSettings(max_iter=3))
     assert p.flags() == {"stochastic": True, "differentiable": True, "test_time_optimization": False}
     x = torch.rand(4, 1, 8, 8)
     out = p(x, keyed(4))
     assert out.shape == x.shape and out.dtype == x.dtype
     assert out.min() >= 0 and out.max() <= 1
-    assert p.params()["sigma"] == 0.25 and p.params()["lam"] == 0.05
+    assert p.record()["sigma"] == 0.25 and p.record()["lam"] == 0.05
 
 
 def test_deterministic_and_batch_independent(small_net):
-    p = ADPPurifier(small_net, max_iter=3)
+    p = ADPPurifier(small_net, ADPSettings(max_iter=3))
     x = torch.rand(5, 1, 8, 8)
     keys = [f"k{i}" for i in range(5)]
     a = p(x, Noise.for_batch(7, keys, "ctx"))
@@ -178,7 +179,7 @@ def test_deterministic_and_batch_independent(small_net):
 
 
 def test_gradient_flows_to_input(small_net):
-    p = ADPPurifier(small_net, max_iter=3)
+    p = ADPPurifier(small_net, ADPSettings(max_iter=3))
     x = torch.rand(2, 1, 8, 8, requires_grad=True)
     p(x, keyed(2)).sum().backward()
     assert x.grad is not None and torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
@@ -190,7 +191,7 @@ def test_checkpointed_steps_give_the_same_gradient(small_net):
     try:
         grads = []
         for segment in (0, 1, 2, -1):  # off, every step, 2 steps, √K steps
-            p = ADPPurifier(net, max_iter=3, checkpoint_segment=segment)
+            p = ADPPurifier(net, ADPSettings(max_iter=3, checkpoint_segment=segment))
             (g,) = torch.autograd.grad((p(x, keyed(2)) ** 2).sum(), x)
             grads.append(g)
         for g in grads[1:]:
@@ -200,32 +201,12 @@ def test_checkpointed_steps_give_the_same_gradient(small_net):
 
 
 def test_trajectory_ends_at_forward(small_net):
-    p = ADPPurifier(small_net, max_iter=4)
+    p = ADPPurifier(small_net, ADPSettings(max_iter=4))
     x = torch.rand(3, 1, 8, 8)
     traj = p.trajectory(x, keyed(3))
     assert len(traj) >= 2 and all(t.shape == x.shape for t in traj)
     torch.testing.assert_close(traj[-1], p(x, keyed(3)))
     torch.testing.assert_close(traj[0], p.smooth(x, keyed(3)))
-
-
-# ---------------------------------------------------------------------------------------
-# ensemble predictions over R runs
-# ---------------------------------------------------------------------------------------
-
-def test_ensemble_predictions_hand_computed():
-    # one sample, three runs, three classes
-    logits = torch.tensor([[[10.0, 0.0, 0.0], [0.0, 4.0, 0.0], [0.0, 4.0, 0.0]]])
-    pred = steps.ensemble_predictions(logits)
-    assert pred["logits"].tolist() == [0]   # summed logits: 10 vs 8
-    assert pred["vote"].tolist() == [1]     # two of three runs vote class 1
-    assert pred["softmax"].tolist() == [1]  # Σ softmax: ≈1.04 vs ≈1.93
-    assert pred["logsoftmax"].tolist() == [0]
-    tie = torch.tensor([[[0.0, 1.0], [1.0, 0.0]]])
-    assert steps.ensemble_predict(tie, "vote").tolist() == [0]  # ties → lowest class
-    with pytest.raises(ValueError):
-        steps.ensemble_predict(logits, "median")
-    with pytest.raises(ValueError):
-        steps.ensemble_predict(logits[0], "logits")
 
 
 # ---------------------------------------------------------------------------------------
@@ -236,10 +217,10 @@ def test_builder_loads_our_checkpoint(tmp_path, small_net):
     path = str(tmp_path / "score.pt")
     checkpoints.save(path, "small_score", {"in_channels": 1, "width": 4}, small_net.state_dict(), {"job": "test"})
     p = PURIFIERS.build("adp", checkpoint=path, max_iter=2, sigma=0.1)
-    assert isinstance(p, ADPPurifier) and p.sigma == 0.1 and p.params()["net_format"] == "advpure"
+    assert isinstance(p, ADPPurifier) and p.settings.sigma == 0.1 and p.record()["net_format"] == "advpure"
     assert not any(q.requires_grad for q in p.parameters())
     x = torch.rand(2, 1, 8, 8)
-    torch.testing.assert_close(p(x, keyed(2)), ADPPurifier(small_net, sigma=0.1, max_iter=2)(x, keyed(2)))
+    torch.testing.assert_close(p(x, keyed(2)), ADPPurifier(small_net, ADPSettings(sigma=0.1, max_iter=2))(x, keyed(2)))
     with pytest.raises(ValueError):
         PURIFIERS.build("adp", checkpoint=path, noise_type="uniform")
     with pytest.raises(checkpoints.CheckpointError):
@@ -290,6 +271,6 @@ def test_adp_on_mnist_images(small_net):
         pytest.skip("MNIST idx files not found (pipeline.io.datasets.mnist_available() is False)")
     images, _ = datasets.load_mnist()
     x = datasets.to_float_nchw(images[:4].copy())
-    p = ADPPurifier(small_net, max_iter=2)
+    p = ADPPurifier(small_net, ADPSettings(max_iter=2))
     out = p(x, keyed(4))
     assert out.shape == (4, 1, 28, 28) and out.min() >= 0 and out.max() <= 1

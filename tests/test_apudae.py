@@ -12,7 +12,7 @@ from pipeline.attacks.pgd import PGD
 from pipeline.classifiers import small_cnn
 from pipeline.evaluation.defense import Defense, honest_gradient_mode
 from pipeline.io import checkpoints, datasets, storage
-from pipeline.purifiers.apudae import APuDAEPurifier, CalibrationError, calibrate, recon_error
+from pipeline.purifiers.apudae import APuDAEPurifier, APuDAESettings, CalibrationError, calibrate, recon_error
 from pipeline.purifiers.nets import rednet
 from pipeline.purifiers.steps import adam_update
 from pipeline.registry import PURIFIERS
@@ -138,14 +138,14 @@ def test_calibration_file(dae_ckpt, digits):
 def test_builder_needs_calibration(dae_ckpt, tmp_path):
     ckpt = dae_ckpt[0]
     p = PURIFIERS.build("apudae", checkpoint=ckpt)
-    assert p.mu == pytest.approx(dae_ckpt[2]["mu"]) and p.variant == "adaptive"
-    assert (p.steps, p.lr) == (13, pytest.approx(2 / 255))
+    assert p.settings.mu == pytest.approx(dae_ckpt[2]["mu"]) and p.settings.variant == "adaptive"
+    assert (p.settings.steps, p.settings.lr) == (13, pytest.approx(2 / 255))
     bare = str(tmp_path / "bare.pt")
     storage.put_bytes(bare, storage.read_bytes(ckpt))
     with pytest.raises(CalibrationError, match="calibrate_dae.py"):
         PURIFIERS.build("apudae", checkpoint=bare)
-    assert PURIFIERS.build("apudae", checkpoint=bare, variant="simple").steps == 12
-    assert PURIFIERS.build("apudae", checkpoint=bare, mu=1.0, sigma=0.5).mu == 1.0
+    assert PURIFIERS.build("apudae", checkpoint=bare, variant="simple").settings.steps == 12
+    assert PURIFIERS.build("apudae", checkpoint=bare, mu=1.0, sigma=0.5).settings.mu == 1.0
     storage.put_text(bare + ".calib.json", json.dumps({"mu": 1.0, "sigma": 0.5, "checkpoint_sha256": "0" * 64}))
     with pytest.raises(ValueError, match="another checkpoint"):
         PURIFIERS.build("apudae", checkpoint=bare)
@@ -160,9 +160,9 @@ def test_contract(dae_ckpt, digits, variant):
                          "test_time_optimization": True}
     x = digits[0][:6]
     noise = keyed(6)
-    out, nfe = p.purify(x, noise)
+    out, nfe, _ = p.purify(x, noise)
     assert out.shape == x.shape and out.min() >= 0 and out.max() <= 1
-    assert nfe == p.steps
+    assert nfe == p.settings.steps
     assert torch.equal(out, p(x, keyed(6)))                      # same keys → same output
     part = p(x[[4, 1]], noise.select(torch.tensor([4, 1])))      # same rows, another batch
     torch.testing.assert_close(part, out[[4, 1]], rtol=0, atol=0)
@@ -180,7 +180,7 @@ def test_small_dae_checkpoint_loads(tmp_path, digits):
     torch.manual_seed(0)
     checkpoints.save(ckpt, ARCH, {"in_channels": 1, "width": 8}, SmallDAE(1, 8).state_dict())
     p = PURIFIERS.build("apudae", checkpoint=ckpt, variant="distance", mu=1.0, sigma=0.5)
-    assert p.params()["arch"] == ARCH
+    assert p.record()["arch"] == ARCH
     assert p(digits[0][:2], keyed(2)).shape == (2, 1, 8, 8)
     checkpoints.save(ckpt, "resnet", {}, {})
     with pytest.raises(checkpoints.CheckpointError, match="small_dae"):
@@ -233,7 +233,8 @@ def test_unrolled_gradient_matches_finite_differences(variant):
 
     torch.manual_seed(0)
     dae = SmallDAE(1, 4).double().eval().requires_grad_(False)
-    p = APuDAEPurifier(dae, variant=variant, mu=0.1, sigma=1.0, steps=3, lr=0.05, noise_eps=0.05, unrolled=True)
+    p = APuDAEPurifier(dae, APuDAESettings(variant=variant, mu=0.1, sigma=1.0, steps=3, lr=0.05, noise_eps=0.05,
+                                           unrolled=True))
     x = (0.3 + 0.4 * torch.rand(2, 1, 4, 4, dtype=torch.float64)).requires_grad_(True)
     noise = keyed(2)
     assert float(recon_error(dae, x.detach()).min()) > 0.1         # away from the r = μ kink
@@ -285,6 +286,6 @@ def test_recon_error_is_per_image_sum():
 
 def test_invalid_settings():
     with pytest.raises(ValueError):
-        APuDAEPurifier(torch.nn.Identity(), variant="adaptive")  # no calibration
+        APuDAEPurifier(torch.nn.Identity(), APuDAESettings(variant="adaptive"))  # no calibration
     with pytest.raises(ValueError):
-        APuDAEPurifier(torch.nn.Identity(), variant="nope", mu=1.0, sigma=1.0)
+        APuDAEPurifier(torch.nn.Identity(), APuDAESettings(variant="nope", mu=1.0, sigma=1.0))

@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 
 from pipeline.purifiers import steps
-from pipeline.purifiers.adp import ADPPurifier
-from pipeline.purifiers.langevin_ebm import LangevinEBMPurifier
+from pipeline.purifiers.adp import ADPPurifier, ADPSettings
+from pipeline.purifiers.langevin_ebm import LangevinEBMPurifier, LangevinEBMSettings
 from pipeline.purifiers.nets.ebm_nets import EBM
 from pipeline.purifiers.nets.score_nets import SmallScoreNet
 from pipeline.seeding import Noise
@@ -98,9 +98,12 @@ def test_ebm_activation_memory_does_not_grow_with_k():
     state = x.numel() * x.element_size()
     fixed, auto, plain = {}, {}, {}
     for k in (10, 100, 200):
-        fixed[k], g_fixed = _grad_memory(LangevinEBMPurifier(net, steps=k, checkpoint_segment=10), x)
-        auto[k], g_auto = _grad_memory(LangevinEBMPurifier(net, steps=k, checkpoint_segment=-1), x)
-        plain[k], g_plain = _grad_memory(LangevinEBMPurifier(net, steps=k, checkpoint_segment=0), x)
+        def chain(segment: int, k: int = k) -> LangevinEBMPurifier:
+            return LangevinEBMPurifier(net, LangevinEBMSettings(steps=k, checkpoint_segment=segment))
+
+        fixed[k], g_fixed = _grad_memory(chain(10), x)
+        auto[k], g_auto = _grad_memory(chain(-1), x)
+        plain[k], g_plain = _grad_memory(chain(0), x)
         torch.testing.assert_close(g_fixed, g_plain, rtol=0, atol=0)
         torch.testing.assert_close(g_auto, g_plain, rtol=0, atol=0)
     for k in (100, 200):
@@ -119,7 +122,7 @@ def test_ebm_each_step_is_evaluated_once_forward_and_once_backward():
     which keeps its graph."""
     counted = Counted(_ebm())
     for segment, recomputed in ((4, 12), (5, 15), (16, 0), (-1, None)):
-        p = LangevinEBMPurifier(counted, steps=16, checkpoint_segment=segment)
+        p = LangevinEBMPurifier(counted, LangevinEBMSettings(steps=16, checkpoint_segment=segment))
         x = torch.rand(ROWS, 1, 8, 8, requires_grad=True)
         counted.calls = 0
         y = p(x, _keys())
@@ -140,16 +143,16 @@ def test_adp_activation_memory_does_not_grow_with_k():
     state = x.numel() * x.element_size() + ROWS  # score-grid state + bool mask per segment
     fixed, plain = {}, {}
     for k in (10, 50, 150):
-        p = ADPPurifier(net, max_iter=k, stop_alpha=0.0, checkpoint_segment=5)
+        p = ADPPurifier(net, ADPSettings(max_iter=k, stop_alpha=0.0, checkpoint_segment=5))
         net.calls = 0
         fixed[k], g = _grad_memory(p, x)
         assert net.calls == 4 * k  # 2 evaluations per iteration, forward and backward (ADP recomputes all)
-        plain[k], g0 = _grad_memory(ADPPurifier(net, max_iter=k, stop_alpha=0.0), x)
+        plain[k], g0 = _grad_memory(ADPPurifier(net, ADPSettings(max_iter=k, stop_alpha=0.0, checkpoint_segment=0)), x)
         torch.testing.assert_close(g, g0, rtol=0, atol=0)
     for k in (50, 150):
         assert fixed[k] - (k // 5) * state <= 1.5 * fixed[10], fixed
     assert plain[150] >= 10 * plain[10]
-    m_auto, g_auto = _grad_memory(ADPPurifier(net, max_iter=150, stop_alpha=0.0, checkpoint_segment=-1), x)
+    m_auto, g_auto = _grad_memory(ADPPurifier(net, ADPSettings(max_iter=150, stop_alpha=0.0, checkpoint_segment=-1)), x)
     torch.testing.assert_close(g_auto, g0)
     assert m_auto < plain[150] / 3
 
@@ -189,7 +192,7 @@ def test_checkpointed_chain_under_bf16_autocast_matches_its_recomputation():
     net = _ebm()
     x = torch.rand(ROWS, 1, 8, 8)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        _, g0 = _grad_memory(LangevinEBMPurifier(net, steps=6, checkpoint_segment=0), x)
-        _, g1 = _grad_memory(LangevinEBMPurifier(net, steps=6, checkpoint_segment=2), x)
+        _, g0 = _grad_memory(LangevinEBMPurifier(net, LangevinEBMSettings(steps=6, checkpoint_segment=0)), x)
+        _, g1 = _grad_memory(LangevinEBMPurifier(net, LangevinEBMSettings(steps=6, checkpoint_segment=2)), x)
     assert torch.isfinite(g1).all()
     torch.testing.assert_close(g1, g0)

@@ -46,6 +46,8 @@ def test_hash_ignores_placement_but_not_results(good):
     ("data.batch_size=0", "data.batch_size: must be ≥ 1"),
     ("evaluation.runs=-2", "evaluation.runs: must be ≥ 1"),
     ("evaluation.device=tpu", "evaluation.device: 'tpu' is not one of"),
+    ("evaluation.decision=median",
+     "evaluation.decision: 'median' is not one of ['mean_logit', 'vote', 'mean_softmax']"),
     ("attacks.0.gradient=magic", "attacks[0].gradient: 'magic' is not one of"),
     ("attacks.0.name=nosuch", "attacks[0].name: unknown attack 'nosuch'"),
     ("attacks.0.params.epsilon=0.1", "attacks[0].params: "),

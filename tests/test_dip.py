@@ -9,7 +9,15 @@ from torch import nn
 
 from pipeline.classifiers import small_cnn
 from pipeline.io import checkpoints, datasets
-from pipeline.purifiers.dip import DIPPurifier, DIPTrace, find_crossing, find_last_switch, localize_boundary, push_away
+from pipeline.purifiers.dip import (
+    DIPPurifier,
+    DIPSettings,
+    DIPTrace,
+    find_crossing,
+    find_last_switch,
+    localize_boundary,
+    push_away,
+)
 from pipeline.purifiers.nets.dip_nets import StackedSkipNet, group_conv
 from pipeline.registry import PURIFIERS
 from pipeline.seeding import Noise
@@ -118,8 +126,8 @@ def test_push_away_moves_against_adversarial_direction():
 def test_purify_trace_on_constructed_trajectory():
     """A trace whose crossing and boundary we know: check detection, bisection and stitching."""
     clf = TwoPixelLinear(w=(1.0, 1.0), c=1.0)
-    d = DIPPurifier(clf, warmup=1, early_window=2, check_every=1, bisect_steps=10, push=1.0,
-                   stitch_window=1, code_channels=1, down=(1,), skip=0, pad_mode="zeros")
+    d = DIPPurifier(clf, DIPSettings(warmup=1, early_window=2, check_every=1, bisect_steps=10, push=1.0,
+                                     stitch_window=1, code_channels=1, down=(1,), skip=0, pad_mode="zeros"))
     x = torch.tensor([[0.9, 0.9], [0.1, 0.1], [0.8, 0.8]]).view(3, 1, 1, 2)  # labels 1, 0, 1
     # row 0: sums 0.2 (warm-up), 0.6, 0.6, 1.4, 1.8 → early label 0, crossing between records
     # 2 and 3 (sum 1.0 at α = .5). Row 1: a clean input, early label = its label. Row 2:
@@ -130,19 +138,19 @@ def test_purify_trace_on_constructed_trajectory():
     iterates = torch.stack([r0, r1, r2], 1).view(5, 3, 1, 1, 2)
     logits = torch.stack([clf(iterates[k].flatten(1)) for k in range(5)])
     trace = DIPTrace(iterates, torch.arange(1, 6), logits)
-    out = d.purify_trace(x, trace)
+    out, _, stats = d.purify_trace(x, trace)
     x_on = torch.tensor([0.5, 0.5])
     expected0 = (push_away(x_on, torch.tensor([0.9, 0.9]), 1.0) + r0[2]) / 2
-    assert d.last_stats["crossed"].tolist() == [True, False, False]
-    assert d.last_stats["y_early"].tolist() == [0, 0, 0]
-    assert abs(d.last_stats["alpha"][0].item() - 0.5) <= 2 ** -10
-    assert d.last_stats["crossing_step"].tolist() == [3, -1, -1]
+    assert stats["crossed"].tolist() == [True, False, False]
+    assert stats["y_early"].tolist() == [0, 0, 0]
+    assert abs(stats["alpha"][0].item() - 0.5) <= 2 ** -10
+    assert stats["crossing_step"].tolist() == [3, -1, -1]
     assert torch.allclose(out[0].flatten(), expected0, atol=1e-3)
     assert torch.equal(out[1].flatten(), r1[-1])               # no crossing: last reconstruction
     assert torch.equal(out[2].flatten(), r2[-1])
     assert clf(out[0].view(1, 2)).argmax(1).item() == 0
-    d.fallback = "input"
-    assert torch.equal(d.purify_trace(x, trace)[1:], x[1:])
+    d.settings = d.settings.replace({"fallback": "input"})
+    assert torch.equal(d.purify_trace(x, trace).images[1:], x[1:])
 
 
 # ---------------------------------------------------------------- networks
@@ -174,18 +182,20 @@ def test_stacked_init_is_keyed_and_scaled():
 # ---------------------------------------------------------------- purifier contract
 
 def test_contract_shape_range_flags(digits, classifier):
-    d = DIPPurifier(classifier, **TINY)
+    d = DIPPurifier(classifier, DIPSettings(**TINY))
     assert d.flags() == {"stochastic": True, "differentiable": False, "test_time_optimization": True}
-    out, nfe = d.purify(digits[:3], keyed(3))
+    out, nfe, stats = d.purify(digits[:3], keyed(3))
     assert out.shape == digits[:3].shape
     assert out.min() >= 0 and out.max() <= 1
     assert nfe > TINY["iterations"]
-    assert set(d.params()) >= {"iterations", "lr", "warmup", "early_window", "push",
+    assert set(d.record()) >= {"iterations", "lr", "warmup", "early_window", "push",
                                "stitch_window", "detection", "down"}
+    assert set(stats) == {"crossed", "crossing_step", "alpha", "y_input", "y_early"}
+    assert all(v.shape == (3,) for v in stats.values())
 
 
 def test_deterministic_for_same_keys(digits, classifier):
-    d = DIPPurifier(classifier, **TINY)
+    d = DIPPurifier(classifier, DIPSettings(**TINY))
     n1, n2 = keyed(3), keyed(3)
     t1, t2 = d.fit(digits[:3], n1), d.fit(digits[:3], n2)
     assert torch.equal(t1.iterates, t2.iterates) and torch.equal(t1.logits, t2.logits)
@@ -197,24 +207,25 @@ def test_deterministic_for_same_keys(digits, classifier):
 @pytest.mark.parametrize("which", ["threshold", "cnn"])
 def test_batched_equals_per_image(digits, classifier, which):
     clf = MeanThreshold() if which == "threshold" else classifier
-    d = DIPPurifier(clf, **{**TINY, "early_window": 6})
+    d = DIPPurifier(clf, DIPSettings(**{**TINY, "early_window": 6}))
     x = digits[:4]
     noise = keyed(4)
-    batched = d(x, noise)
+    batched, _, stats = d.purify(x, noise)
     if which == "threshold":                    # the crossing path (bisection, push, stitch) ran
-        assert d.last_stats["crossed"].sum() >= 2
+        assert stats["crossed"].sum() >= 2
     for i in range(4):
         single = d(x[i:i + 1], noise.select(slice(i, i + 1)))
         torch.testing.assert_close(single, batched[i:i + 1], rtol=0, atol=0)
     pair = d(x[[3, 1]], noise.select(torch.tensor([3, 1])))
     torch.testing.assert_close(pair, batched[[3, 1]], rtol=0, atol=0)
-    d.chunk_rows = 3                            # chunks of 3 + 1 rows: the same result
-    torch.testing.assert_close(d(x, noise), batched, rtol=0, atol=0)
-    assert d.last_stats["crossed"].shape == (4,)
+    d.settings = d.settings.replace({"chunk_rows": 3})  # chunks of 3 + 1 rows: the same result
+    chunked = d.purify(x, noise)
+    torch.testing.assert_close(chunked.images, batched, rtol=0, atol=0)
+    assert all(torch.equal(chunked.stats[k], stats[k]) for k in ("crossed", "y_input", "crossing_step"))
 
 
 def test_straight_through_gradient(digits, classifier):
-    d = DIPPurifier(classifier, **{**TINY, "iterations": 6, "warmup": 0})
+    d = DIPPurifier(classifier, DIPSettings(**{**TINY, "iterations": 6, "warmup": 0}))
     x = digits[:2].clone().requires_grad_(True)
     d(x, keyed(2)).sum().backward()
     assert torch.equal(x.grad, torch.ones_like(x))
@@ -230,4 +241,4 @@ def test_builder_loads_classifier(tmp_path, classifier, digits):
     assert not any(p.requires_grad for p in d.classifier.parameters())
     out = d(digits[:2], keyed(2))
     assert out.shape == digits[:2].shape
-    assert d.params()["classifier_checkpoint"] == ckpt
+    assert d.record()["classifier_checkpoint"] == ckpt

@@ -9,7 +9,7 @@ from pipeline.evaluation.defense import Defense
 from pipeline.evaluation.protocol import confirm_draws
 from pipeline.io import shards
 from pipeline.purifiers.dae import DAEPurifier
-from pipeline.purifiers.gaussian import GaussianPurifier
+from pipeline.purifiers.gaussian import GaussianPurifier, GaussianSettings
 from pipeline.registry import ATTACKS
 from pipeline.run.commit import committed_parquet
 from pipeline.run.worker import ShardWorker
@@ -64,7 +64,7 @@ def test_confirm_draws_follow_the_view_and_the_defense(digits_models):
 
     clf = torch.nn.Linear(1, 2)
     det = Defense(clf, DAEPurifier(load_denoiser(digits_models["dae"])))
-    sto = Defense(clf, GaussianPurifier(sigma=0.1))
+    sto = Defense(clf, GaussianPurifier(GaussianSettings(sigma=0.1)))
     pgd = ATTACKS.build("pgd", eps=0.1)
     hill = ATTACKS.build("pgd", eps=0.1, recheck_draws=150)
     assert confirm_draws(pgd, "full", None, det, runs=4, configured=None) == 0     # the forward is exact

@@ -199,12 +199,12 @@ def test_bf16_and_channels_last_run_the_same_evaluation_on_cpu(digits_models, tm
 def test_bf16_keeps_adp_and_test_time_optimisation_in_fp32():
     from pipeline.evaluation.defense import FastNet, autocast_safe, speed_up
     from pipeline.purifiers.adp import ADPPurifier
-    from pipeline.purifiers.langevin_ebm import LangevinEBMPurifier
+    from pipeline.purifiers.langevin_ebm import LangevinEBMPurifier, LangevinEBMSettings
     from pipeline.purifiers.nets.ebm_nets import EBM
     from pipeline.purifiers.nets.score_nets import SmallScoreNet
 
     adp = ADPPurifier(SmallScoreNet(in_channels=1, width=4))
-    ebm = LangevinEBMPurifier(EBM(n_c=1, n_f=4, image_size=8), steps=2)
+    ebm = LangevinEBMPurifier(EBM(n_c=1, n_f=4, image_size=8), LangevinEBMSettings(steps=2))
     assert not autocast_safe(adp) and autocast_safe(ebm)
     speed_up(torch.nn.Identity(), adp, "bf16")
     speed_up(torch.nn.Identity(), ebm, "bf16")
@@ -227,7 +227,7 @@ def test_compiled_energy_falls_back_to_eager_for_second_order(monkeypatch):
     """torch.compile'd graphs cannot be differentiated twice: a full gradient through Langevin
     (∇U inside) runs the eager copy, the graph-free chain runs the compiled one — same values."""
     from pipeline.evaluation import defense
-    from pipeline.purifiers.langevin_ebm import LangevinEBMPurifier
+    from pipeline.purifiers.langevin_ebm import LangevinEBMPurifier, LangevinEBMSettings
     from pipeline.purifiers.nets.ebm_nets import EBM
     from pipeline.seeding import Noise
 
@@ -236,8 +236,8 @@ def test_compiled_energy_falls_back_to_eager_for_second_order(monkeypatch):
     net = EBM(n_c=1, n_f=4, image_size=8).eval()
     for q in net.parameters():
         q.requires_grad_(False)
-    plain = LangevinEBMPurifier(net, steps=3, checkpoint_segment=0)
-    fast = LangevinEBMPurifier(net, steps=3, checkpoint_segment=0)
+    plain = LangevinEBMPurifier(net, LangevinEBMSettings(steps=3, checkpoint_segment=0))
+    fast = LangevinEBMPurifier(net, LangevinEBMSettings(steps=3, checkpoint_segment=0))
     defense.speed_up(torch.nn.Identity(), fast, compile=True)
     calls = {"eager": 0}
     fast.energy_net.net.register_forward_hook(lambda *a: calls.__setitem__("eager", calls["eager"] + 1))

@@ -5,9 +5,10 @@ import pytest
 import torch
 from torch import nn
 
+from pipeline.evaluation.decision import decide
 from pipeline.io import checkpoints, datasets
 from pipeline.purifiers import steps
-from pipeline.purifiers.langevin_ebm import LangevinEBMPurifier
+from pipeline.purifiers.langevin_ebm import LangevinEBMPurifier, LangevinEBMSettings
 from pipeline.purifiers.nets.ebm_nets import EBM
 from pipeline.registry import PURIFIERS
 from pipeline.seeding import Noise
@@ -50,11 +51,11 @@ def test_one_step_quadratic_energy_hand_computed():
     a, m, eps = 0.3, 0.2, 0.01
     x = torch.rand(3, 1, 4, 4, dtype=torch.float64)
     noise = keyed(3)
-    p = LangevinEBMPurifier(QuadraticEnergy(a, m), steps=1, eps=eps, clip_output=False)
+    p = LangevinEBMPurifier(QuadraticEnergy(a, m), LangevinEBMSettings(steps=1, eps=eps, clip_output=False))
     X = 2 * x - 1
     z = noise.normal((1, 4, 4), purpose="langevin_ebm/z", step=0).double()
     expected = (X - a * (X - m) + eps * z + 1) / 2
-    out, nfe = p.purify(x, noise)
+    out, nfe, _ = p.purify(x, noise)
     torch.testing.assert_close(out, expected)
     assert nfe == 1
 
@@ -62,7 +63,7 @@ def test_one_step_quadratic_energy_hand_computed():
 def test_many_steps_without_noise_contract_to_the_minimum():
     a, m, K = 0.1, 0.2, 25
     x = torch.rand(2, 1, 4, 4, dtype=torch.float64)
-    p = LangevinEBMPurifier(QuadraticEnergy(a, m), steps=K, eps=0.0, clip_output=False)
+    p = LangevinEBMPurifier(QuadraticEnergy(a, m), LangevinEBMSettings(steps=K, eps=0.0, clip_output=False))
     X = 2 * x - 1
     torch.testing.assert_close(p(x, keyed(2)), (m + (1 - a) ** K * (X - m) + 1) / 2)
 
@@ -70,14 +71,14 @@ def test_many_steps_without_noise_contract_to_the_minimum():
 def test_no_clipping_inside_the_chain_and_optional_clip_at_the_end():
     # a minimum outside [−1, 1] pulls the chain out of the image range
     x = torch.full((1, 1, 4, 4), 0.9, dtype=torch.float64)
-    free = LangevinEBMPurifier(QuadraticEnergy(0.5, 3.0), steps=10, eps=0.01, clip_output=False)(x, keyed(1))
+    free = LangevinEBMPurifier(QuadraticEnergy(0.5, 3.0), LangevinEBMSettings(steps=10, clip_output=False))(x, keyed(1))
     assert free.max() > 1.0
-    clipped = LangevinEBMPurifier(QuadraticEnergy(0.5, 3.0), steps=10, eps=0.01, clip_output=True)(x, keyed(1))
+    clipped = LangevinEBMPurifier(QuadraticEnergy(0.5, 3.0), LangevinEBMSettings(steps=10))(x, keyed(1))  # clips
     torch.testing.assert_close(clipped, free.clamp(0, 1))
 
 
 def test_contract(small_ebm):
-    p = LangevinEBMPurifier(small_ebm, steps=20)
+    p = LangevinEBMPurifier(small_ebm, LangevinEBMSettings(steps=20))
     assert p.flags() == {"stochastic": True, "differentiable": True, "test_time_optimization": False}
     x = torch.rand(5, 1, 8, 8)
     keys = [f"k{i}" for i in range(5)]
@@ -88,7 +89,7 @@ def test_contract(small_ebm):
     torch.testing.assert_close(sub, a[[4, 0]], rtol=0, atol=1e-6)
     reps = p(x[:1].repeat_interleave(2, 0), Noise.for_batch(3, keys[:1], "c", replicas=2))
     assert not torch.allclose(reps[0], reps[1])
-    assert p.params() == {"steps": 20, "eps": 0.01, "clip_output": True}
+    assert p.record() == {"steps": 20, "eps": 0.01, "clip_output": True, "checkpoint_segment": -1, "net": None}
 
 
 def test_gradient_flows_and_checkpointing_is_exact(small_ebm):
@@ -99,7 +100,7 @@ def test_gradient_flows_and_checkpointing_is_exact(small_ebm):
     x = torch.rand(2, 1, 8, 8, dtype=torch.float64, requires_grad=True)
     grads, outs = [], []
     for segment in (0, 3, -1):  # plain, 3-step segments, √K segments
-        p = LangevinEBMPurifier(net, steps=12, checkpoint_segment=segment, clip_output=False)
+        p = LangevinEBMPurifier(net, LangevinEBMSettings(steps=12, checkpoint_segment=segment, clip_output=False))
         y = p(x, keyed(2))
         (g,) = torch.autograd.grad((y ** 2).sum(), x)
         grads.append(g)
@@ -110,7 +111,8 @@ def test_gradient_flows_and_checkpointing_is_exact(small_ebm):
         torch.testing.assert_close(y, outs[0])
     # evaluated without a graph, the same chain
     with torch.no_grad():
-        torch.testing.assert_close(LangevinEBMPurifier(net, steps=12, clip_output=False)(x, keyed(2)), outs[0])
+        plain = LangevinEBMPurifier(net, LangevinEBMSettings(steps=12, clip_output=False))
+        torch.testing.assert_close(plain(x, keyed(2)), outs[0])
 
 
 def test_second_order_gradient_matches_finite_differences():
@@ -118,7 +120,7 @@ def test_second_order_gradient_matches_finite_differences():
     net = EBM(n_c=1, n_f=4, image_size=8).double().eval()
     for q in net.parameters():
         q.requires_grad_(False)
-    p = LangevinEBMPurifier(net, steps=3, clip_output=False)
+    p = LangevinEBMPurifier(net, LangevinEBMSettings(steps=3, clip_output=False))
     x = torch.rand(1, 1, 8, 8, dtype=torch.float64, requires_grad=True)
     w = torch.randn(1, 1, 8, 8, dtype=torch.float64)
     (g,) = torch.autograd.grad((p(x, keyed(1)) * w).sum(), x)
@@ -130,7 +132,7 @@ def test_second_order_gradient_matches_finite_differences():
 
 
 def test_trajectory_ends_at_forward(small_ebm):
-    p = LangevinEBMPurifier(small_ebm, steps=10)
+    p = LangevinEBMPurifier(small_ebm, LangevinEBMSettings(steps=10))
     x = torch.rand(2, 1, 8, 8)
     traj = p.trajectory(x, keyed(2), every=4)
     assert len(traj) == 4  # 0, 4, 8, 10 steps
@@ -139,8 +141,8 @@ def test_trajectory_ends_at_forward(small_ebm):
 
 def test_eot_defense_prediction_by_mean_logits():
     logits = torch.tensor([[[3.0, 0.0], [0.0, 1.0], [0.0, 1.0]]])  # mean logits favour class 0
-    assert steps.ensemble_predict(logits, "logits").tolist() == [0]
-    assert steps.ensemble_predict(logits, "vote").tolist() == [1]
+    assert decide(logits, "mean_logit").tolist() == [0]
+    assert decide(logits, "vote").tolist() == [1]
 
 
 def test_builder_reads_published_and_our_checkpoints(tmp_path, small_ebm):
@@ -162,9 +164,10 @@ def test_builder_reads_published_and_our_checkpoints(tmp_path, small_ebm):
     ours = str(tmp_path / "ours.pt")
     checkpoints.save(ours, "ebm", {"n_c": 1, "n_f": 8, "image_size": 8}, small_ebm.state_dict())
     p3 = PURIFIERS.build("langevin_ebm", checkpoint=ours, steps=3, eps=0.02)
-    assert p3.params()["net_format"] == "advpure" and p3.eps == 0.02
+    assert p3.record()["net_format"] == "advpure" and p3.settings.eps == 0.02
     xs = torch.rand(2, 1, 8, 8)
-    torch.testing.assert_close(p3(xs, keyed(2)), LangevinEBMPurifier(small_ebm, steps=3, eps=0.02)(xs, keyed(2)))
+    same = LangevinEBMPurifier(small_ebm, LangevinEBMSettings(steps=3, eps=0.02))
+    torch.testing.assert_close(p3(xs, keyed(2)), same(xs, keyed(2)))
     # a mismatching state dict is refused
     with pytest.raises(checkpoints.CheckpointError):
         PURIFIERS.build("langevin_ebm", checkpoint=str(path), net={"n_c": 1})
@@ -233,7 +236,7 @@ def test_brief_recipe_chains_stay_at_the_data_energy_level(brief_digits_ebm):
     energy. Bound: the spread of the held-out images' own energies (one standard deviation),
     plus three standard errors of the mean drop."""
     net, _, held = brief_digits_ebm
-    p = LangevinEBMPurifier(net, steps=300, eps=0.01)
+    p = LangevinEBMPurifier(net, LangevinEBMSettings(steps=300, eps=0.01))
     chains = p(held, keyed(len(held), context="brief"))
     with torch.no_grad():
         u_data, u_chain = p.energy(held), p.energy(chains)
@@ -271,7 +274,7 @@ def test_mnist_sized_ebm(small_ebm):
     images, _ = datasets.load_mnist()
     x = datasets.to_float_nchw(images[:3].copy())
     net = EBM(n_c=1, n_f=8, image_size=28).eval()
-    out = LangevinEBMPurifier(net, steps=3)(x, keyed(3))
+    out = LangevinEBMPurifier(net, LangevinEBMSettings(steps=3))(x, keyed(3))
     assert out.shape == (3, 1, 28, 28)
 
 

@@ -75,7 +75,7 @@ def test_ncsnv2_list_checkpoint_round_trip(tmp_path):
     shadow = _ncsnv2_list_checkpoint(path, net)
     net.eval()
     p = PURIFIERS.build("adp", checkpoint=str(path), net=TINY, max_iter=2)
-    assert isinstance(p, ADPPurifier) and p.params()["net_format"] == "ncsnv2"
+    assert isinstance(p, ADPPurifier) and p.record()["net_format"] == "ncsnv2"
     x = torch.rand(2, 3, 32, 32)
     torch.testing.assert_close(p.score_net(x), net(x))
     assert p(x, Noise.for_batch(0, ["a", "b"], "c")).shape == x.shape

@@ -3,7 +3,6 @@ import json
 
 import pyarrow.parquet as pq
 import pytest
-import torch
 
 from pipeline import config, report, schema
 from pipeline.io import shards
@@ -79,13 +78,6 @@ def test_report_wilson_interval():
     lo, hi = report.wilson(50, 100)
     assert lo == pytest.approx(0.4038, abs=1e-3) and hi == pytest.approx(0.5962, abs=1e-3)
     assert report.wilson(0, 10)[0] == 0.0 and report.wilson(10, 10)[1] == 1.0
-
-
-def test_vote_ties_go_to_lowest_class():
-    from pipeline.evaluation.stages import vote
-
-    preds = torch.tensor([[2, 1, 2, 1], [3, 3, 0, 1]])
-    assert vote(preds, 4).tolist() == [1, 3]
 
 
 def test_cascade_equals_per_sample_worst_case(digits_shards, digits_models, tmp_path):

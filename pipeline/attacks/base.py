@@ -189,6 +189,9 @@ class Attack:
     """
 
     name: str = "attack"
+    # False for an attack that only queries the defense's outputs (listed, torch-free, in
+    # vocabulary.GRADIENT_FREE_ATTACKS so that the report knows without importing attacks)
+    uses_gradient: bool = True
 
     def __init__(self, eps: float, norm: str = "linf", targeted: bool = False,
                  eot_reduction: str = "mean_loss", loss: str = "ce", target_mode: str = "given",

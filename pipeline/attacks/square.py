@@ -138,6 +138,7 @@ class Square(Attack):
     """
 
     name = "square"
+    uses_gradient = False
 
     def __init__(self, eps: float, norm: str = "linf", n_queries: int = 5000, p_init: float = 0.8,
                  rescale_schedule: bool = True, targeted: bool = False, target_mode: str = "given",

@@ -23,10 +23,10 @@ from torch import nn
 
 from pipeline import config as config_mod
 from pipeline.config import Config
+from pipeline.evaluation.decision import decide
 from pipeline.evaluation.defense import Defense
 from pipeline.evaluation.protocol import pick_device
 from pipeline.io import checkpoints, storage
-from pipeline.purifiers import steps
 from pipeline.registry import CLASSIFIERS, PURIFIERS
 from pipeline.seeding import Noise
 
@@ -87,7 +87,7 @@ class Engine:
         self.channels = given or input_channels(purifier)
         self.provenance = {
             "purifier": cfg.purifier.name, "purifier_sha256": _checksum(cfg.purifier.params),
-            "purifier_params": json.dumps({**cfg.purifier.params, **purifier.params()}, sort_keys=True, default=str),
+            "purifier_params": json.dumps({**cfg.purifier.params, **purifier.record()}, sort_keys=True, default=str),
             "classifier": cfg.classifier.name if cfg.classifier else None,
             "classifier_sha256": _checksum(cfg.classifier.params) if cfg.classifier else None,
             "seed": self.seed, "runs": self.runs,
@@ -150,7 +150,7 @@ class Engine:
             with torch.no_grad():
                 before = self.defense.classify(x).argmax(1)
                 logits = self.defense.classify(images.flatten(0, 1)).view(B, self.runs, -1)
-            vote = steps.ensemble_predict(logits, "vote")
+            vote = decide(logits, "vote")
             return {"pred_before": before.tolist(), "preds_after": logits.argmax(2).tolist(),
                     "vote_after": vote.tolist()}
         except Exception as err:  # the classifier is optional: its failure is noted per row

@@ -14,8 +14,7 @@ from pipeline.attacks.base import AttackTarget
 from pipeline.purifiers import steps
 from pipeline.purifiers.base import Purified, Purifier
 from pipeline.seeding import Noise
-
-GRADIENT_MODES = ("full", "bpda", "classifier")
+from pipeline.vocabulary import GRADIENT_MODES
 
 
 def honest_gradient_mode(purifier: Purifier) -> str:

@@ -16,8 +16,7 @@ from pipeline.config import Config
 from pipeline.evaluation.defense import Defense, honest_gradient_mode, speed_up
 from pipeline.io import checkpoints, storage
 from pipeline.registry import ATTACKS, CLASSIFIERS, PURIFIERS
-
-DECISIONS = ("mean_logit", "vote", "mean_softmax")
+from pipeline.vocabulary import ADAPTIVE_GRADIENT_MODES, NO_ATTACK_NAME
 
 
 @dataclass
@@ -34,7 +33,7 @@ class PlannedAttack:
         """The attack's columns of a record."""
         params = self.attack.params()
         if self.surrogate is not None:
-            params = {**params, "surrogate": self.surrogate.purifier.params()}
+            params = {**params, "surrogate": self.surrogate.purifier.record()}
         eps = float(params.get("eps", 0.0))
         return {"attack_index": self.index, "attack_name": self.name,
                 "attack_params": json.dumps(params, sort_keys=True), "gradient_mode": self.gradient,
@@ -42,7 +41,7 @@ class PlannedAttack:
                 "confirm_draws": self.confirm_draws}
 
 
-NO_ATTACK = {"attack_index": -1, "attack_name": "none", "attack_params": "{}", "gradient_mode": "none",
+NO_ATTACK = {"attack_index": -1, "attack_name": NO_ATTACK_NAME, "attack_params": "{}", "gradient_mode": "none",
              "eot": 0, "norm": None, "eps": 0.0, "eps_255": 0.0, "confirm_draws": 0}
 
 
@@ -76,7 +75,7 @@ def confirm_draws(attack: Attack, gradient: str, surrogate: Defense | None, defe
     """
     if attack.recheck_draws:
         return attack.recheck_draws
-    exact_view = gradient in ("full", "bpda") and surrogate is None
+    exact_view = gradient in ADAPTIVE_GRADIENT_MODES and surrogate is None
     if not defense.purifier.stochastic:
         return 0 if exact_view else 1
     return configured or runs
@@ -110,7 +109,9 @@ def _plan_attacks(cfg: Config, defense: Defense) -> list[PlannedAttack]:
     for i, a in enumerate(cfg.attacks):
         surrogate = None
         if a.surrogate:  # the gradient goes through a cheaper copy; evaluation uses the real one
-            sp = _frozen(PURIFIERS.build(cfg.purifier.name, **{**cfg.purifier.params, **a.surrogate}))
+            checkpoint, settings = PURIFIERS.parse(cfg.purifier.name, cfg.purifier.params, "purifier.params")
+            settings = settings.replace(a.surrogate, f"attacks[{i}].surrogate")
+            sp = _frozen(PURIFIERS.get(cfg.purifier.name)(checkpoint, settings))
             surrogate = Defense(defense.classifier, sp, ev.max_rows)
         attack = ATTACKS.build(a.name, **a.params)
         gradient = resolve_gradient(a.gradient, surrogate or defense)
@@ -135,7 +136,7 @@ def build_protocol(cfg: Config) -> Protocol:
         "job": cfg.job.name, "config_hash": cfg.hash(), "seed": cfg.job.seed,
         "classifier": cfg.classifier.name, "classifier_sha256": _checksum_params(cfg.classifier.params),
         "purifier": cfg.purifier.name, "purifier_sha256": _checksum_params(cfg.purifier.params),
-        "purifier_params": json.dumps({**cfg.purifier.params, **purifier.params()}, sort_keys=True, default=str),
+        "purifier_params": json.dumps({**cfg.purifier.params, **purifier.record()}, sort_keys=True, default=str),
     }
     return Protocol(defense, attacks, cfg.job.seed, ev.runs, ev.decision, cfg.data.batch_size, ev.cascade,
                     ev.eot_probe, device, provenance)

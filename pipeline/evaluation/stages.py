@@ -20,9 +20,11 @@ from typing import Any, Sequence
 import torch
 
 from pipeline.attacks.recheck import make_defense_recheck
+from pipeline.evaluation.decision import decide, decide_all
 from pipeline.evaluation.defense import Defense
 from pipeline.evaluation.protocol import NO_ATTACK, PlannedAttack, Protocol
 from pipeline.seeding import Noise
+from pipeline.vocabulary import DECISION_COLUMNS
 
 
 @dataclass
@@ -51,13 +53,6 @@ class CleanEval:
         return CleanEval(cols, torch.cat([p.logits for p in parts]), parts[0].nfe)
 
 
-def vote(preds: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """Majority vote over runs; preds [B, R] → [B], ties to the lowest class index."""
-    counts = torch.zeros(preds.shape[0], num_classes, dtype=torch.int64, device=preds.device)
-    counts.scatter_add_(1, preds, torch.ones_like(preds))
-    return counts.argmax(1)
-
-
 def eval_context(attack_index: int) -> str:
     return "eval/clean" if attack_index < 0 else f"eval/attack{attack_index}"
 
@@ -68,7 +63,7 @@ def defended(defense: Defense, x: torch.Tensor, keys: Sequence[str], seed: int, 
     the first run's purified images [B, C, H, W]."""
     noise = Noise.for_batch(seed, keys, context, runs, x.device)
     with torch.no_grad():
-        purified, nfe = defense.purify(x.repeat_interleave(runs, 0), noise)  # [B·R, C, H, W]
+        purified, nfe, _ = defense.purify(x.repeat_interleave(runs, 0), noise)  # [B·R, C, H, W]
         logits = defense.classify(purified).view(x.shape[0], runs, -1)
     first = purified.view(x.shape[0], runs, *x.shape[1:])[:, 0] if keep_images else None
     return logits.float(), nfe, first
@@ -91,28 +86,18 @@ def run_attack(p: Protocol, plan: PlannedAttack, x: torch.Tensor, y: torch.Tenso
                          result.nfe * eot)
 
 
-def decide(logits: torch.Tensor, rule: str) -> torch.Tensor:
-    """[B] predictions from logits [B, R, K] under a decision rule over the R runs."""
-    if rule == "vote":
-        return vote(logits.argmax(2), logits.shape[-1])
-    if rule == "mean_softmax":
-        return logits.softmax(-1).mean(1).argmax(1)
-    return logits.mean(1).argmax(1)
-
-
 def _prediction_columns(p: Protocol, x_adv: torch.Tensor, y: torch.Tensor, logits: torch.Tensor | None,
                         broken_step: torch.Tensor) -> dict[str, list]:
     with torch.no_grad():
         cols: dict[str, list] = {"adv_pred": p.defense.classifier(x_adv).argmax(1).tolist()}
     if logits is not None:
         preds = logits.argmax(2)                       # [B, R]
-        correct = decide(logits, p.decision).cpu() == y.cpu()
+        decided = decide_all(logits)                   # every rule's prediction is recorded
+        correct = decided[p.decision].cpu() == y.cpu()
         cols.update({
             "purified_preds": preds.tolist(),
             "purified_mean_logits": logits.mean(1).tolist(),
-            "vote_pred": vote(preds, logits.shape[-1]).tolist(),
-            "mean_logit_pred": logits.mean(1).argmax(1).tolist(),
-            "mean_softmax_pred": logits.softmax(-1).mean(1).argmax(1).tolist(),
+            **{DECISION_COLUMNS[rule]: pred.tolist() for rule, pred in decided.items()},
             "worst_of_runs_correct": (preds == y[:, None]).all(1).tolist(),
             "decision": [p.decision] * len(y),
             "robust": ((broken_step < 0) & correct).tolist(),
@@ -136,7 +121,7 @@ def clean_eval(p: Protocol, x: torch.Tensor, y: torch.Tensor, keys: Sequence[str
     logits, nfe, _ = defended(p.defense, x, keys, p.seed, eval_context(-1), p.runs)
     cols = {"label": y.tolist(), "key": list(keys), "clean_pred": clean_pred.tolist(),
             "clean_purified_preds": logits.argmax(2).tolist(),
-            "clean_mean_logit_pred": logits.mean(1).argmax(1).tolist()}
+            "clean_mean_logit_pred": decide(logits, "mean_logit").tolist()}
     return CleanEval(cols, logits, nfe)
 
 

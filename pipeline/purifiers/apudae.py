@@ -36,19 +36,20 @@ is detached and forward() is straight-through (identity backward), i.e. BPDA.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
-from typing import Any, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, Mapping
 
 import torch
 from torch import nn
 
 from pipeline.io import checkpoints, storage
 from pipeline.purifiers import dae as dae_mod
-from pipeline.purifiers.base import Purified, Purifier
-from pipeline.purifiers.nets.dip_nets import batch_free_sigmoid
-from pipeline.purifiers.steps import adam_update, straight_through
+from pipeline.purifiers.base import Purified, Purifier, PurifierSettings
+from pipeline.purifiers.steps import adam_update, batch_free_sigmoid, straight_through
 from pipeline.registry import PURIFIERS
 from pipeline.seeding import Noise
 
@@ -62,6 +63,66 @@ CALIB_SUFFIX = ".calib.json"
 
 class CalibrationError(FileNotFoundError):
     pass
+
+
+@dataclass(frozen=True)
+class APuDAESettings(PurifierSettings):
+    """Settings of APuDAE (Kalaria et al. 2022, arXiv:2208.13838). Paper: the values of the
+    authors' released script (utils.py); ours: the rest. Image units are [0, 1].
+
+    Arguments:
+        variant (str): "adaptive" (the paper's method), "simple" or "distance" (module
+            docstring). Paper. (Default: "adaptive")
+        calibration (str | None): μ/σ JSON from jobs/calibrate_dae.py; None =
+            <checkpoint>.calib.json. Ours. (Default: None)
+        mu (float | None): calibration mean of r(x); None = from the calibration file
+            (needed unless variant="simple"). (Default: None)
+        sigma (float | None): calibration std of r(x), > 0; None = from the calibration
+            file (needed unless "simple"). (Default: None)
+        steps (int | None): Adam steps, ≥ 0; None = the variant's 13 / 12 / 16. Paper. (Default: None)
+        lr (float | None): Adam learning rate; None = the variant's 2/255, 1/255, 1/255. Paper. (Default: None)
+        noise_eps (float): kick scale ε of the adaptive variant. Paper. (Default: 0.7/255)
+        noise_max_factor (float): cap of the kick factor ((r − μ)/(2σ))². Paper. (Default: 4.0)
+        noise_sigma_scale (float): the 2 in (r − μ)/(2σ), > 0. Paper. (Default: 2.0)
+        noise_clip (tuple[float, float]): clip range of the kicked base image. Paper. (Default: (−1.0, 2.0))
+        clip_recon (bool): clip D(z) to [0, 1] inside the loop (as in calibration). Ours. (Default: False)
+        clip_output (bool): clip the output to [0, 1]. Ours. (Default: True)
+        unrolled (bool): keep the graph of every Adam step (exact gradient). Ours. (Default: False)
+        betas (tuple[float, float]): Adam β₁, β₂ in [0, 1). Adam's. (Default: (0.9, 0.999))
+        adam_eps (float): Adam ε, > 0. Adam's. (Default: 1e-8)
+    """
+
+    variant: Literal["adaptive", "simple", "distance"] = "adaptive"
+    calibration: str | None = None
+    mu: float | None = None
+    sigma: float | None = None
+    steps: int | None = None
+    lr: float | None = None
+    noise_eps: float = 0.7 / 255
+    noise_max_factor: float = 4.0
+    noise_sigma_scale: float = 2.0
+    noise_clip: tuple[float, float] = (-1.0, 2.0)
+    clip_recon: bool = False
+    clip_output: bool = True
+    unrolled: bool = False
+    betas: tuple[float, float] = (0.9, 0.999)
+    adam_eps: float = 1e-8
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.require("sigma", self.sigma is None or self.sigma > 0, "> 0 or null")
+        self.require("steps", self.steps is None or self.steps >= 0, "≥ 0 or null")
+        self.require("lr", self.lr is None or self.lr > 0, "> 0 or null")
+        self.require("noise_sigma_scale", self.noise_sigma_scale > 0, "> 0")
+        self.require("noise_clip", self.noise_clip[0] <= self.noise_clip[1], "[low, high] with low ≤ high")
+        self.require("betas", all(0 <= b < 1 for b in self.betas), "two values in [0, 1)")
+        self.require("adam_eps", self.adam_eps > 0, "> 0")
+
+    def resolved(self) -> "APuDAESettings":
+        """steps and lr filled in from the variant where they are None."""
+        steps, lr = VARIANT_DEFAULTS[self.variant]
+        return dataclasses.replace(self, steps=steps if self.steps is None else self.steps,
+                                   lr=lr if self.lr is None else self.lr)
 
 
 def recon_error(dae: nn.Module, z: torch.Tensor, clip: bool = False) -> torch.Tensor:
@@ -86,96 +147,51 @@ class APuDAEPurifier(Purifier):
 
     Flags: test-time optimisation always; stochastic for the `adaptive` variant (the kicks);
     differentiable only when `unrolled` (otherwise forward is straight-through, BPDA).
+    Shapes: x [N, C, H, W] in [0, 1] → x̂ [N, C, H, W] (in [0, 1] when clip_output); no stats.
 
     Arguments:
         dae (nn.Module): the denoiser D, [N, C, H, W] → [N, C, H, W], frozen.
-        variant (str): "adaptive", "simple" or "distance" (see the module docstring). (Default: "adaptive")
-        mu (float | None): calibration mean of r(x); needed unless variant="simple". (Default: None)
-        sigma (float | None): calibration std of r(x) (> 0); needed unless "simple". (Default: None)
-        steps (int | None): Adam steps; None = the variant's (13 / 12 / 16). (Default: None)
-        lr (float | None): Adam learning rate; None = the variant's (2/255, 1/255, 1/255). (Default: None)
-        noise_eps (float): kick scale ε of the adaptive variant. (Default: 0.7/255)
-        noise_max_factor (float): cap of the kick factor ((r − μ)/(2σ))². (Default: 4.0)
-        noise_sigma_scale (float): the 2 in (r − μ)/(2σ). (Default: 2.0)
-        noise_clip (Sequence[float]): clip range of the kicked base image. (Default: (-1.0, 2.0))
-        clip_recon (bool): clip D(z) to [0, 1] inside the loop (as in calibration). (Default: False)
-        clip_output (bool): clip the output to [0, 1]. (Default: True)
-        unrolled (bool): keep the graph of every Adam step (exact gradient). (Default: False)
-        betas (Sequence[float]): Adam β₁, β₂. (Default: (0.9, 0.999))
-        adam_eps (float): Adam ε. (Default: 1e-8)
-        info (dict | None): facts about the DAE and calibration for params(). (Default: None)
+        settings (APuDAESettings): see APuDAESettings; mu and sigma must be set unless
+            variant="simple" (the builder reads them from the calibration file).
+        info (Mapping | None): facts about the DAE and calibration for the record. (Default: None)
     """
 
     test_time_optimization = True
+    settings: APuDAESettings
 
-    def __init__(self, dae: nn.Module, *, variant: str = "adaptive", mu: float | None = None,
-                 sigma: float | None = None, steps: int | None = None, lr: float | None = None,
-                 noise_eps: float = 0.7 / 255, noise_max_factor: float = 4.0,
-                 noise_sigma_scale: float = 2.0, noise_clip: Sequence[float] = (-1.0, 2.0),
-                 clip_recon: bool = False, clip_output: bool = True, unrolled: bool = False,
-                 betas: Sequence[float] = (0.9, 0.999), adam_eps: float = 1e-8,
-                 info: dict | None = None):
-        super().__init__()
-        if variant not in VARIANTS:
-            raise ValueError(f"unknown APuDAE variant {variant!r}; expected one of {VARIANTS}")
-        if variant != "simple" and (mu is None or sigma is None):
-            raise ValueError(f"APuDAE variant {variant!r} needs the calibration μ and σ")
-        if sigma is not None and not sigma > 0:
-            raise ValueError(f"calibration σ must be > 0, got {sigma}")
-        d_steps, d_lr = VARIANT_DEFAULTS[variant]
+    def __init__(self, dae: nn.Module, settings: APuDAESettings, info: Mapping[str, Any] | None = None):
+        if settings.variant != "simple" and (settings.mu is None or settings.sigma is None):
+            raise ValueError(f"APuDAE variant {settings.variant!r} needs the calibration μ and σ "
+                             "(settings mu and sigma, or a calibration file through the builder)")
+        super().__init__(settings.resolved(), info)
         self.dae = dae
-        self.variant = variant
-        self.mu = None if mu is None else float(mu)
-        self.sigma = None if sigma is None else float(sigma)
-        self.steps = int(d_steps if steps is None else steps)
-        self.lr = float(d_lr if lr is None else lr)
-        if self.steps < 0:
-            raise ValueError(f"steps must be ≥ 0, got {self.steps}")
-        self.noise_eps = float(noise_eps)
-        self.noise_max_factor = float(noise_max_factor)
-        self.noise_sigma_scale = float(noise_sigma_scale)
-        lo, hi = (float(c) for c in noise_clip)
-        self.noise_clip = (lo, hi)
-        self.clip_recon = bool(clip_recon)
-        self.clip_output = bool(clip_output)
-        self.unrolled = bool(unrolled)
-        self.betas = (float(betas[0]), float(betas[1]))
-        self.adam_eps = float(adam_eps)
-        self.info = dict(info or {})
 
     @property
     def stochastic(self) -> bool:  # the kicks of `adaptive` are random
-        return self.variant == "adaptive"
+        return self.settings.variant == "adaptive"
 
     @property
     def differentiable(self) -> bool:  # unrolled Adam: autograd is the true gradient
-        return self.unrolled
-
-    def params(self) -> dict[str, Any]:
-        return {"variant": self.variant, "steps": self.steps, "lr": self.lr, "mu": self.mu,
-                "sigma": self.sigma, "noise_eps": self.noise_eps,
-                "noise_max_factor": self.noise_max_factor,
-                "noise_sigma_scale": self.noise_sigma_scale, "noise_clip": list(self.noise_clip),
-                "clip_recon": self.clip_recon, "clip_output": self.clip_output,
-                "unrolled": self.unrolled, "betas": list(self.betas), "adam_eps": self.adam_eps,
-                **self.info}
+        return self.settings.unrolled
 
     def _loss(self, r: torch.Tensor) -> torch.Tensor:
-        if self.variant == "simple":
+        variant, mu, sigma = self.settings.variant, self.settings.mu, self.settings.sigma
+        if variant == "simple":
             return r.sum()
-        mu, sigma = self.mu, self.sigma
-        if self.variant == "adaptive":
+        if variant == "adaptive":
             excess = (r > mu).to(r.dtype) * (r - mu)
             return (excess.pow(2) / sigma ** 2).sum()
         return (r * batch_free_sigmoid((r - mu) / sigma)).sum()
 
     def _kick_width(self, r: torch.Tensor) -> torch.Tensor:
-        z = (r - self.mu) / (self.noise_sigma_scale * self.sigma)
-        return self.noise_eps * z.pow(2).clamp(0.0, self.noise_max_factor)
+        s = self.settings
+        z = (r - s.mu) / (s.noise_sigma_scale * s.sigma)
+        return s.noise_eps * z.pow(2).clamp(0.0, s.noise_max_factor)
 
     def purify(self, x: torch.Tensor, noise: Noise | None = None) -> Purified:
-        unroll = self.unrolled and torch.is_grad_enabled() and x.requires_grad
-        keyed = self._noise(noise, x) if self.variant == "adaptive" else None
+        s = self.settings
+        unroll = s.unrolled and torch.is_grad_enabled() and x.requires_grad
+        keyed = self._noise(noise, x) if s.variant == "adaptive" else None
         base = x if unroll else x.detach()
         delta = torch.zeros_like(base)
         m = torch.zeros_like(base)
@@ -184,24 +200,24 @@ class APuDAEPurifier(Purifier):
         with torch.enable_grad():
             if unroll:
                 delta.requires_grad_(True)
-            for t in range(self.steps):
+            for t in range(s.steps):
                 if not unroll:
                     delta = delta.detach().requires_grad_(True)
                 z = base + delta
-                r = recon_error(self.dae, z, self.clip_recon)
+                r = recon_error(self.dae, z, s.clip_recon)
                 if keyed is not None:
                     u = keyed.uniform(tuple(x.shape[1:]), "apudae/adaptive", step=t,
                                       low=-1.0, high=1.0, dtype=x.dtype)
                     width = self._kick_width(r if unroll else r.detach()).view(bshape)
-                    base = (base + width * u).clamp(*self.noise_clip)
+                    base = (base + width * u).clamp(*s.noise_clip)
                 (g,) = torch.autograd.grad(self._loss(r), delta, create_graph=unroll)
-                delta, m, v = adam_update(delta, g, m, v, t + 1, self.lr, self.betas, self.adam_eps)
+                delta, m, v = adam_update(delta, g, m, v, t + 1, s.lr, s.betas, s.adam_eps)
                 if not unroll:
                     delta, m, v = delta.detach(), m.detach(), v.detach()
         out = base + delta
-        if self.clip_output:
+        if s.clip_output:
             out = out.clamp(0.0, 1.0)
-        return Purified(out if unroll else straight_through(x, out), self.steps)  # one r(z) per step
+        return Purified(out if unroll else straight_through(x, out), s.steps)  # one r(z) per step
 
 
 # ---------------------------------------------------------------------------- loading
@@ -257,34 +273,24 @@ def load_calibration(url: str, checkpoint: str | None = None) -> dict:
     return calib
 
 
-@PURIFIERS.register("apudae")
-def build(checkpoint: str, variant: str = "adaptive", calibration: str | None = None,
-          mu: float | None = None, sigma: float | None = None, steps: int | None = None,
-          lr: float | None = None, noise_eps: float = 0.7 / 255, noise_max_factor: float = 4.0,
-          noise_sigma_scale: float = 2.0, noise_clip: Sequence[float] = (-1.0, 2.0),
-          clip_recon: bool = False, clip_output: bool = True, unrolled: bool = False,
-          betas: Sequence[float] = (0.9, 0.999), adam_eps: float = 1e-8) -> APuDAEPurifier:
+@PURIFIERS.register("apudae", settings=APuDAESettings)
+def build(checkpoint: str, settings: APuDAESettings) -> APuDAEPurifier:
     """APuDAE: DAE-guided test-time purification (Kalaria et al. 2022), adaptive by default.
 
-    DAE from jobs/train_dae.py; μ/σ from jobs/calibrate_dae.py (<checkpoint>.calib.json)
-    unless mu and sigma are given (the simple variant needs neither).
+    DAE from jobs/train_dae.py; μ/σ from jobs/calibrate_dae.py (<checkpoint>.calib.json, or
+    settings.calibration) unless settings mu and sigma are given (the simple variant needs neither).
 
     Arguments:
         checkpoint (str): our small_dae / rednet30 checkpoint (local path or URL).
-        calibration (str | None): μ/σ JSON; None = <checkpoint>.calib.json. (Default: None)
-        The other arguments are APuDAEPurifier's, with its defaults.
+        settings (APuDAESettings): see APuDAESettings.
     """
     dae, record = load_dae(checkpoint)
     info: dict[str, Any] = {"checkpoint": checkpoint, "arch": record["arch"]}
-    if variant != "simple" and (mu is None or sigma is None):
-        url = calibration or calibration_url(checkpoint)
+    if settings.variant != "simple" and (settings.mu is None or settings.sigma is None):
+        url = settings.calibration or calibration_url(checkpoint)
         calib = load_calibration(url, checkpoint)
-        mu = calib["mu"] if mu is None else mu
-        sigma = calib["sigma"] if sigma is None else sigma
+        settings = dataclasses.replace(settings, mu=calib["mu"] if settings.mu is None else settings.mu,
+                                       sigma=calib["sigma"] if settings.sigma is None else settings.sigma)
         info["calibration"] = url
-        log.info("APuDAE %s: μ=%.4g σ=%.4g from %s", variant, mu, sigma, url)
-    return APuDAEPurifier(dae, variant=variant, mu=mu, sigma=sigma, steps=steps, lr=lr,
-                          noise_eps=noise_eps, noise_max_factor=noise_max_factor,
-                          noise_sigma_scale=noise_sigma_scale, noise_clip=noise_clip,
-                          clip_recon=clip_recon, clip_output=clip_output, unrolled=unrolled,
-                          betas=betas, adam_eps=adam_eps, info=info)
+        log.info("APuDAE %s: μ=%.4g σ=%.4g from %s", settings.variant, settings.mu, settings.sigma, url)
+    return APuDAEPurifier(dae, settings, info)

@@ -7,10 +7,12 @@ differentiable, so the honest attack is a full-gradient one.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
-from pipeline.purifiers.base import Purified, Purifier, load_frozen
+from pipeline.purifiers.base import Purified, Purifier, PurifierSettings, load_frozen
 from pipeline.purifiers.nets import rednet, small_dae
 from pipeline.registry import PURIFIERS
 from pipeline.seeding import Noise
@@ -18,15 +20,25 @@ from pipeline.seeding import Noise
 DENOISER_ARCHS = (small_dae.ARCH, rednet.ARCH)
 
 
+@dataclass(frozen=True)
+class DAESettings(PurifierSettings):
+    """No settings: the denoiser is the whole method."""
+
+
 class DAEPurifier(Purifier):
-    """One pass through a denoiser, clipped to [0, 1] (1 network evaluation per row).
+    """One pass through a denoiser, clipped to [0, 1] (MagNet's reformer, arXiv:1705.09064).
+
+    Deterministic, differentiable; 1 network evaluation per row, no stats.
+    Shapes: x [N, C, H, W] in [0, 1] → x̂ [N, C, H, W] in [0, 1].
 
     Arguments:
         denoiser (nn.Module): D, [N, C, H, W] → [N, C, H, W], frozen by the caller.
+        settings (DAESettings): none. (Default: DAESettings())
+        info (Mapping | None): facts about the denoiser for the record. (Default: None)
     """
 
-    def __init__(self, denoiser: nn.Module):
-        super().__init__()
+    def __init__(self, denoiser: nn.Module, settings: DAESettings = DAESettings(), info: dict | None = None):
+        super().__init__(settings, info)
         self.denoiser = denoiser
 
     def purify(self, x: torch.Tensor, noise: Noise | None = None) -> Purified:
@@ -47,11 +59,12 @@ def load_denoiser(checkpoint: str) -> nn.Module:
     return load_denoiser_record(checkpoint)[0]
 
 
-@PURIFIERS.register("dae")
-def build(checkpoint: str) -> DAEPurifier:
+@PURIFIERS.register("dae", settings=DAESettings)
+def build(checkpoint: str, settings: DAESettings) -> DAEPurifier:
     """One-pass denoising autoencoder (MagNet-style reformer); checkpoint from jobs/train_dae.py.
 
     Arguments:
         checkpoint (str): our small_dae / rednet30 checkpoint (local path or URL).
+        settings (DAESettings): none.
     """
-    return DAEPurifier(load_denoiser(checkpoint))
+    return DAEPurifier(load_denoiser(checkpoint), settings)

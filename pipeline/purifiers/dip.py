@@ -37,12 +37,12 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Literal, Mapping
 
 import torch
 from torch import nn
 
-from pipeline.purifiers.base import Purified, Purifier, freeze
+from pipeline.purifiers.base import Purified, Purifier, PurifierSettings, freeze
 from pipeline.purifiers.nets.dip_nets import StackedSkipNet
 from pipeline.purifiers.steps import adam_update, purify_in_chunks, straight_through
 from pipeline.registry import CLASSIFIERS, PURIFIERS
@@ -50,8 +50,90 @@ from pipeline.seeding import Noise
 
 log = logging.getLogger(__name__)
 
-FALLBACKS = ("last", "input")
-DETECTIONS = ("early", "last_switch")
+
+@dataclass(frozen=True)
+class DIPSettings(PurifierSettings):
+    """Settings of the DIP defense (Ding et al. 2021, arXiv:2108.00180). The paper gives the
+    method but not its settings: every value below is ours (docs/apudae_dip.md), except
+    Adam's betas and eps (Kingma & Ba) and the skip network's shape, after Ulyanov et al.'s
+    Deep Image Prior. Iterations count DIP fitting steps; images are in [0, 1].
+
+    Arguments:
+        classifier (str): registered name of the classifier whose decisions the method
+            analyses (steps 2–4; its checkpoint is the builder's `classifier_checkpoint`). (Default: "small_cnn")
+        classifier_params (Mapping | None): extra classifier builder params. (Default: None)
+        iterations (int): DIP fitting steps, ≥ 1. (Default: 300)
+        lr (float): Adam learning rate of the fit, > 0. (Default: 0.01)
+        check_every (int): record and classify every this many iterations, ≥ 1. (Default: 2)
+        warmup (int): records before this iteration are ignored by detection, ≥ 0. (Default: 30)
+        code_channels (int): channels of the random code z, ≥ 1. (Default: 16)
+        code_scale (float): z ~ U[0, code_scale), ≥ 0. (Default: 0.1)
+        reg_noise_std (float): std of the per-iteration noise added to z, ≥ 0. (Default: 1/30)
+        down (tuple[int, ...]): channels of the encoder levels (one entry per level). (Default: (16, 16, 16))
+        up (tuple[int, ...] | None): channels of the decoder levels; None = down. (Default: None)
+        skip (int | tuple[int, ...]): channels of the skip connections (one per level, or
+            one for all). (Default: 4)
+        kernel (int): convolution kernel size, odd. (Default: 3)
+        upsample (str): "bilinear" or "nearest". (Default: "bilinear")
+        pad_mode (str): convolution padding, "reflect", "replicate" or "zeros". (Default: "reflect")
+        bisect_steps (int): bisection steps of the boundary localisation, ≥ 0. (Default: 8)
+        push (float): x_push = x_on − push·(x − x_on). (Default: 0.5)
+        stitch_window (int): on-manifold reconstructions averaged with x_push, ≥ 0. (Default: 2)
+        early_window (int): iterations after warmup whose records define y_early, ≥ 0. (Default: 50)
+        fallback (str): output without a crossing, "last" (reconstruction) or "input". (Default: "last")
+        detection (str): "early" (the paper's reading) or "last_switch". (Default: "early")
+        chunk_rows (int): rows fitted together, ≥ 1; memory of the recorded trace only,
+            values unchanged. (Default: 64)
+        betas (tuple[float, float]): Adam β₁, β₂ in [0, 1). (Default: (0.9, 0.999))
+        adam_eps (float): Adam ε, > 0. (Default: 1e-8)
+    """
+
+    classifier: str = "small_cnn"
+    classifier_params: Mapping[str, Any] | None = None
+    iterations: int = 300
+    lr: float = 0.01
+    check_every: int = 2
+    warmup: int = 30
+    code_channels: int = 16
+    code_scale: float = 0.1
+    reg_noise_std: float = 1.0 / 30
+    down: tuple[int, ...] = (16, 16, 16)
+    up: tuple[int, ...] | None = None
+    skip: int | tuple[int, ...] = 4
+    kernel: int = 3
+    upsample: Literal["bilinear", "nearest"] = "bilinear"
+    pad_mode: Literal["reflect", "replicate", "zeros"] = "reflect"
+    bisect_steps: int = 8
+    push: float = 0.5
+    stitch_window: int = 2
+    early_window: int = 50
+    fallback: Literal["last", "input"] = "last"
+    detection: Literal["early", "last_switch"] = "early"
+    chunk_rows: int = 64
+    betas: tuple[float, float] = (0.9, 0.999)
+    adam_eps: float = 1e-8
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for name in ("iterations", "check_every", "code_channels", "chunk_rows"):
+            self.require(name, getattr(self, name) >= 1, "≥ 1")
+        for name in ("warmup", "code_scale", "reg_noise_std", "bisect_steps", "stitch_window", "early_window"):
+            self.require(name, getattr(self, name) >= 0, "≥ 0")
+        self.require("lr", self.lr > 0, "> 0")
+        levels = len(self.down)
+        self.require("down", levels >= 1 and min(self.down) >= 1, "a non-empty list of channel counts ≥ 1")
+        self.require("up", self.up is None or len(self.up) == levels, f"null or a list of {levels} (one per level)")
+        self.require("skip", isinstance(self.skip, int) or len(self.skip) == levels,
+                     f"an integer or a list of {levels} (one per level)")
+        self.require("kernel", self.kernel >= 1 and self.kernel % 2 == 1, "odd and ≥ 1")
+        self.require("betas", all(0 <= b < 1 for b in self.betas), "two values in [0, 1)")
+        self.require("adam_eps", self.adam_eps > 0, "> 0")
+
+    def net_kwargs(self) -> dict[str, Any]:
+        """The skip network's shape, StackedSkipNet's keywords."""
+        return {"down": list(self.down), "up": None if self.up is None else list(self.up),
+                "skip": self.skip if isinstance(self.skip, int) else list(self.skip),
+                "kernel": self.kernel, "upsample": self.upsample, "pad_mode": self.pad_mode}
 
 
 @dataclass
@@ -135,211 +217,130 @@ class DIPPurifier(Purifier):
     Stochastic (random code and init), not differentiable (forward is straight-through),
     test-time optimisation: the honest attack is BPDA + EOT. nfe per row counts the DIP
     network evaluations (`iterations`) and the classifier calls (records, y_adv, bisection).
+    Shapes: x [N, C, H, W] in [0, 1] → x̂ [N, C, H, W] in [0, 1]; stats, each [N]:
+    "crossed" (bool), "crossing_step" (iteration of the crossing record, −1 none), "alpha"
+    (boundary position on the crossing segment, NaN none), "y_input" (the classifier's label
+    of x) and "y_early" (the early reconstructions' label).
 
     Arguments:
         classifier (nn.Module): logits of images in [0, 1], frozen (decision space, steps 2–4).
-        iterations (int): DIP fitting steps (≥ 1). (Default: 300)
-        lr (float): Adam learning rate of the fit. (Default: 0.01)
-        check_every (int): record and classify every this many iterations (≥ 1). (Default: 2)
-        warmup (int): records before this iteration are ignored by detection. (Default: 30)
-        code_channels (int): channels of the random code z. (Default: 16)
-        code_scale (float): z ~ U[0, code_scale). (Default: 0.1)
-        reg_noise_std (float): std of the per-iteration noise added to z. (Default: 1/30)
-        down (Sequence[int]): channels of the encoder levels. (Default: (16, 16, 16))
-        up (Sequence[int] | None): channels of the decoder levels; None = down. (Default: None)
-        skip (Sequence[int] | int): channels of the skip connections. (Default: 4)
-        kernel (int): convolution kernel size. (Default: 3)
-        upsample (str): "bilinear" or "nearest". (Default: "bilinear")
-        pad_mode (str): convolution padding mode. (Default: "reflect")
-        bisect_steps (int): bisection steps of the boundary localisation. (Default: 8)
-        push (float): x_push = x_on − push·(x − x_on). (Default: 0.5)
-        stitch_window (int): on-manifold reconstructions averaged with x_push. (Default: 2)
-        early_window (int): iterations after warmup whose records define y_early. (Default: 50)
-        fallback (str): output without a crossing, "last" or "input". (Default: "last")
-        detection (str): "early" or "last_switch". (Default: "early")
-        chunk_rows (int): rows fitted together (memory of the recorded trace). (Default: 64)
-        betas (Sequence[float]): Adam β₁, β₂. (Default: (0.9, 0.999))
-        adam_eps (float): Adam ε. (Default: 1e-8)
-        info (dict | None): facts about the classifier for params(). (Default: None)
+        settings (DIPSettings): see DIPSettings. (Default: DIPSettings())
+        info (Mapping | None): facts about the classifier for the record. (Default: None)
     """
 
     stochastic = True
     differentiable = False
     test_time_optimization = True
+    settings: DIPSettings
 
-    def __init__(self, classifier: nn.Module, *, iterations: int = 300, lr: float = 0.01,
-                 check_every: int = 2, warmup: int = 30, code_channels: int = 16,
-                 code_scale: float = 0.1, reg_noise_std: float = 1.0 / 30,
-                 down: Sequence[int] = (16, 16, 16), up: Sequence[int] | None = None,
-                 skip: Sequence[int] | int = 4, kernel: int = 3, upsample: str = "bilinear",
-                 pad_mode: str = "reflect", bisect_steps: int = 8, push: float = 0.5,
-                 stitch_window: int = 2, early_window: int = 50, fallback: str = "last",
-                 detection: str = "early", chunk_rows: int = 64,
-                 betas: Sequence[float] = (0.9, 0.999), adam_eps: float = 1e-8,
-                 info: dict | None = None):
-        super().__init__()
-        if detection not in DETECTIONS:
-            raise ValueError(f"detection must be one of {DETECTIONS}, got {detection!r}")
-        if fallback not in FALLBACKS:
-            raise ValueError(f"fallback must be one of {FALLBACKS}, got {fallback!r}")
-        if iterations < 1 or check_every < 1:
-            raise ValueError("iterations and check_every must be ≥ 1")
+    def __init__(self, classifier: nn.Module, settings: DIPSettings = DIPSettings(),
+                 info: Mapping[str, Any] | None = None):
+        super().__init__(settings, info)
         self.classifier = classifier
-        self.iterations, self.lr, self.check_every = int(iterations), float(lr), int(check_every)
-        self.warmup = int(warmup)
-        self.code_channels, self.code_scale = int(code_channels), float(code_scale)
-        self.reg_noise_std = float(reg_noise_std)
-        self.net_kwargs = {"down": [int(c) for c in down], "up": None if up is None else [int(c) for c in up],
-                           "skip": skip if isinstance(skip, int) else [int(c) for c in skip],
-                           "kernel": int(kernel), "upsample": upsample, "pad_mode": pad_mode}
-        StackedSkipNet(self.code_channels, 1, **self.net_kwargs)  # validate now
-        self.bisect_steps, self.push = int(bisect_steps), float(push)
-        self.stitch_window, self.early_window = int(stitch_window), int(early_window)
-        self.fallback = fallback
-        self.detection = detection
-        self.chunk_rows = max(1, int(chunk_rows))
-        self.betas = (float(betas[0]), float(betas[1]))
-        self.adam_eps = float(adam_eps)
-        self.info = dict(info or {})
-        self.last_stats: dict[str, torch.Tensor] = {}
-
-    def params(self) -> dict[str, Any]:
-        return {"iterations": self.iterations, "lr": self.lr, "check_every": self.check_every,
-                "warmup": self.warmup, "code_channels": self.code_channels,
-                "code_scale": self.code_scale, "reg_noise_std": self.reg_noise_std,
-                **{k: v for k, v in self.net_kwargs.items()}, "bisect_steps": self.bisect_steps,
-                "push": self.push, "stitch_window": self.stitch_window,
-                "early_window": self.early_window, "fallback": self.fallback,
-                "detection": self.detection, "chunk_rows": self.chunk_rows,
-                "betas": list(self.betas), "adam_eps": self.adam_eps, **self.info}
 
     def _classify(self, z: torch.Tensor) -> torch.Tensor:
         return self.classifier(z.detach())
 
     def network(self, channels: int) -> StackedSkipNet:
-        return StackedSkipNet(self.code_channels, channels, **self.net_kwargs)
+        return StackedSkipNet(self.settings.code_channels, channels, **self.settings.net_kwargs())
 
     def fit(self, x: torch.Tensor, noise: Noise) -> DIPTrace:
         """Run the N DIP optimisations together; record reconstructions and their logits."""
+        s = self.settings
         x = x.detach()
         n, c, h, w = x.shape
         net = self.network(c)
         params = net.init_params(noise, x.dtype)
-        code_shape = (self.code_channels, h, w)
-        z = noise.uniform(code_shape, "dip/code", dtype=x.dtype) * self.code_scale
+        code_shape = (s.code_channels, h, w)
+        z = noise.uniform(code_shape, "dip/code", dtype=x.dtype) * s.code_scale
         names = list(params)
         m = {k: torch.zeros_like(p) for k, p in params.items()}
         v = {k: torch.zeros_like(p) for k, p in params.items()}
         iterates, steps, logits = [], [], []
         with torch.enable_grad():
-            for t in range(self.iterations):
+            for t in range(s.iterations):
                 zin = z
-                if self.reg_noise_std > 0:
-                    zin = z + self.reg_noise_std * noise.normal(code_shape, "dip/reg", step=t, dtype=x.dtype)
+                if s.reg_noise_std > 0:
+                    zin = z + s.reg_noise_std * noise.normal(code_shape, "dip/reg", step=t, dtype=x.dtype)
                 leaves = {k: params[k].detach().requires_grad_(True) for k in names}
                 out = net(leaves, zin)
                 loss = (out - x).pow(2).flatten(1).mean(1).sum()
                 grads = torch.autograd.grad(loss, [leaves[k] for k in names])
                 for k, g in zip(names, grads):
                     params[k], m[k], v[k] = adam_update(leaves[k].detach(), g, m[k], v[k], t + 1,
-                                                        self.lr, self.betas, self.adam_eps)
-                if (t + 1) % self.check_every == 0 or t + 1 == self.iterations:
+                                                        s.lr, s.betas, s.adam_eps)
+                if (t + 1) % s.check_every == 0 or t + 1 == s.iterations:
                     rec = out.detach()
                     iterates.append(rec)
                     steps.append(t + 1)
                     logits.append(self._classify(rec).detach())
         # per row: one network evaluation per iteration, one classifier call per record
         return DIPTrace(torch.stack(iterates), torch.tensor(steps), torch.stack(logits),
-                        nfe=self.iterations + len(steps))
+                        nfe=s.iterations + len(steps))
 
-    def purify_trace(self, x: torch.Tensor, trace: DIPTrace) -> torch.Tensor:
-        """Steps 3–6 on a recorded trajectory: x [N, ...] → purified [N, ...] in [0, 1]."""
-        return self._resolve(x, trace).images
+    def _detect(self, y_adv: torch.Tensor, trace: DIPTrace) -> tuple[torch.Tensor, torch.Tensor]:
+        """Step 3: (j [N], y_early [N]), j the crossing record (−1: none)."""
+        s = self.settings
+        preds = trace.logits.argmax(-1)                                  # [K, N]
+        first = int((trace.steps < s.warmup).sum())                      # first record ≥ warmup
+        if s.detection == "early":
+            early_end = int((trace.steps < s.warmup + s.early_window).sum())
+            return find_crossing(preds, y_adv, first, early_end, trace.logits.shape[-1])
+        j = find_last_switch(preds, y_adv, first)
+        return j, preds[j.clamp(min=0), torch.arange(preds.shape[1], device=preds.device)]
 
-    def _resolve(self, x: torch.Tensor, trace: DIPTrace) -> Purified:
-        """Steps 3–6 → Purified(x̂, classifier calls per row); sets last_stats."""
+    def purify_trace(self, x: torch.Tensor, trace: DIPTrace) -> Purified:
+        """Steps 3–6 on a recorded trajectory: x [N, ...] → Purified(x̂ [N, ...] in [0, 1],
+        classifier calls per row, stats)."""
+        s = self.settings
         x = x.detach()
         n = x.shape[0]
         rows = torch.arange(n, device=x.device)
         y_adv = self._classify(x).argmax(1)
-        preds = trace.logits.argmax(-1)                                  # [K, N]
-        first = int((trace.steps < self.warmup).sum())                   # first record ≥ warmup
-        early_end = int((trace.steps < self.warmup + self.early_window).sum())
-        if self.detection == "early":
-            j, y_early = find_crossing(preds, y_adv, first, early_end, trace.logits.shape[-1])
-        else:
-            j = find_last_switch(preds, y_adv, first)
-            y_early = preds[j.clamp(min=0), rows]
+        j, y_early = self._detect(y_adv, trace)
         crossed = j >= 0
-        if self.fallback == "last":
-            out = trace.iterates[-1].clone()
-        else:
-            out = x.clone()
+        out = trace.iterates[-1].clone() if s.fallback == "last" else x.clone()
         alpha = torch.full((n,), float("nan"), dtype=x.dtype, device=x.device)
         if crossed.any():
             r = rows[crossed]
             jr = j[crossed]
             before, after = trace.iterates[jr, r], trace.iterates[jr + 1, r]
-            a_r, x_on = localize_boundary(self._classify, before, after, y_early[r], self.bisect_steps)
-            pieces = [push_away(x_on, x[r], self.push)]
-            for s in range(self.stitch_window):
-                pieces.append(trace.iterates[(jr - s).clamp(min=0), r])
+            a_r, x_on = localize_boundary(self._classify, before, after, y_early[r], s.bisect_steps)
+            pieces = [push_away(x_on, x[r], s.push)]
+            for back in range(s.stitch_window):
+                pieces.append(trace.iterates[(jr - back).clamp(min=0), r])
             out[r] = torch.stack(pieces).mean(0)
             alpha[r] = a_r
-        self.last_stats = {"crossed": crossed, "crossing_step": torch.where(
-            crossed, trace.steps.to(j.device)[j.clamp(min=0)], torch.full_like(j, -1)),
-            "alpha": alpha, "y_input": y_adv, "y_early": y_early}
-        calls = 1 + (self.bisect_steps if bool(crossed.any()) else 0)  # y_adv, then the bisection
-        return Purified(out.clamp(0.0, 1.0), calls)
+        step = torch.where(crossed, trace.steps.to(j.device)[j.clamp(min=0)], torch.full_like(j, -1))
+        stats = {"crossed": crossed, "crossing_step": step, "alpha": alpha, "y_input": y_adv, "y_early": y_early}
+        calls = 1 + (s.bisect_steps if bool(crossed.any()) else 0)  # y_adv, then the bisection
+        return Purified(out.clamp(0.0, 1.0), calls, stats)
 
     def _purify_rows(self, x: torch.Tensor, noise: Noise) -> Purified:
         trace = self.fit(x, noise)
-        out = self._resolve(x, trace)
-        return Purified(out.images, trace.nfe + out.nfe)
+        out = self.purify_trace(x, trace)
+        return Purified(out.images, trace.nfe + out.nfe, out.stats)
 
     def purify(self, x: torch.Tensor, noise: Noise | None = None) -> Purified:
         keyed = self._noise(noise, x)
         x0 = x.detach()
         if x0.shape[0] == 0:
             return Purified(x, 0)
-        stats: list[dict[str, torch.Tensor]] = []
-
-        def chunk(xc: torch.Tensor, nc: Noise) -> Purified:
-            out = self._purify_rows(xc, nc)
-            stats.append(self.last_stats)
-            return out
-
         # rows are independent and batch-free, so chunks (which bound the memory of the
         # recorded trajectory: records × rows × pixels) do not change the result
-        out = purify_in_chunks(chunk, x0, keyed, self.chunk_rows)
-        self.last_stats = {k: torch.cat([st[k] for st in stats]) for k in stats[0]}
-        return Purified(straight_through(x, out.images), out.nfe)  # identity backward (BPDA)
+        out = purify_in_chunks(self._purify_rows, x0, keyed, self.settings.chunk_rows)
+        return Purified(straight_through(x, out.images), out.nfe, out.stats)  # identity backward (BPDA)
 
 
-@PURIFIERS.register("dip")
-def build(classifier_checkpoint: str, classifier: str = "small_cnn",
-          classifier_params: dict | None = None, iterations: int = 300, lr: float = 0.01,
-          check_every: int = 2, warmup: int = 30, code_channels: int = 16,
-          code_scale: float = 0.1, reg_noise_std: float = 1.0 / 30,
-          down: Sequence[int] = (16, 16, 16), up: Sequence[int] | None = None,
-          skip: Sequence[int] | int = 4, kernel: int = 3, upsample: str = "bilinear",
-          pad_mode: str = "reflect", bisect_steps: int = 8, push: float = 0.5,
-          stitch_window: int = 2, early_window: int = 50, fallback: str = "last",
-          detection: str = "early", chunk_rows: int = 64,
-          betas: Sequence[float] = (0.9, 0.999), adam_eps: float = 1e-8) -> DIPPurifier:
+@PURIFIERS.register("dip", settings=DIPSettings, checkpoint="classifier_checkpoint")
+def build(checkpoint: str, settings: DIPSettings) -> DIPPurifier:
     """Deep Image Prior defense with boundary analysis (Ding et al. 2021); needs the classifier.
 
     Arguments:
-        classifier_checkpoint (str): checkpoint of the classifier under attack.
-        classifier (str): its registered classifier name. (Default: "small_cnn")
-        classifier_params (dict | None): extra classifier builder params. (Default: None)
-        The other arguments are DIPPurifier's, with its defaults.
+        checkpoint (str): the classifier's checkpoint (params key `classifier_checkpoint`):
+            the classifier under attack, whose decisions the method analyses.
+        settings (DIPSettings): see DIPSettings.
     """
-    clf = freeze(CLASSIFIERS.build(classifier, checkpoint=classifier_checkpoint, **(classifier_params or {})))
-    info = {"classifier": classifier, "classifier_checkpoint": classifier_checkpoint}
-    return DIPPurifier(clf, iterations=iterations, lr=lr, check_every=check_every, warmup=warmup,
-                       code_channels=code_channels, code_scale=code_scale, reg_noise_std=reg_noise_std,
-                       down=down, up=up, skip=skip, kernel=kernel, upsample=upsample, pad_mode=pad_mode,
-                       bisect_steps=bisect_steps, push=push, stitch_window=stitch_window,
-                       early_window=early_window, fallback=fallback, detection=detection,
-                       chunk_rows=chunk_rows, betas=betas, adam_eps=adam_eps, info=info)
+    params = dict(settings.classifier_params or {})
+    clf = freeze(CLASSIFIERS.build(settings.classifier, checkpoint=checkpoint, **params))
+    return DIPPurifier(clf, settings, {"classifier_checkpoint": checkpoint})

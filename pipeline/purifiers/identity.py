@@ -1,24 +1,35 @@
 """The identity purifier (no defense), registered as "none"."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from pipeline.purifiers.base import Purified, Purifier
+from pipeline.purifiers.base import Purified, Purifier, PurifierSettings
 from pipeline.registry import PURIFIERS
 from pipeline.seeding import Noise
+
+
+@dataclass(frozen=True)
+class IdentitySettings(PurifierSettings):
+    """No settings."""
 
 
 class IdentityPurifier(Purifier):
     """No purification: the undefended classifier, as a baseline row in every report.
 
-    Deterministic and differentiable; no network evaluations (nfe 0). No arguments.
+    Deterministic and differentiable; no network evaluations (nfe 0), no stats.
+    Shapes: x [N, C, H, W] → x unchanged.
     """
+
+    def __init__(self, settings: IdentitySettings = IdentitySettings()):
+        super().__init__(settings)
 
     def purify(self, x: torch.Tensor, noise: Noise | None = None) -> Purified:
         return Purified(x, 0)
 
 
-@PURIFIERS.register("none")
-def build() -> IdentityPurifier:
+@PURIFIERS.register("none", settings=IdentitySettings, checkpoint=None)
+def build(checkpoint: None, settings: IdentitySettings) -> IdentityPurifier:
     """No purification (undefended baseline)."""
-    return IdentityPurifier()
+    return IdentityPurifier(settings)

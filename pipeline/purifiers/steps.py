@@ -3,10 +3,10 @@
 References
 - [ADP] Yoon, Hwang, Lee, "Adversarial Purification with Score-based Generative Models",
   ICML 2021 (arXiv:2106.06041), Sec. 3.2 (purification by deterministic score ascent with
-  an adaptive step size) and Sec. 3.3 (randomised purification / ensembles).
+  an adaptive step size).
 - [EBM] Hill, Mitchell, Zhu, "Stochastic Security: Adversarial Defense Using Long-Run
   Dynamics of Energy-Based Models", ICLR 2021 (arXiv:2005.13525), Eq. (2) (Langevin
-  update) and Sec. 3.2 (ε²/2 absorbed into the energy), Sec. 4 (EOT defense prediction).
+  update) and Sec. 3.2 (ε²/2 absorbed into the energy).
 - [Adam] Kingma, Ba, "Adam: A Method for Stochastic Optimization", ICLR 2015
   (arXiv:1412.6980), Algorithm 1 (the inner optimiser of APuDAE and DIP).
 - [BPDA] Athalye, Carlini, Wagner, "Obfuscated Gradients Give a False Sense of Security",
@@ -24,7 +24,6 @@ import math
 from typing import Any, Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 
 from pipeline.purifiers.base import Purified
 from pipeline.seeding import Noise
@@ -62,15 +61,19 @@ def purify_in_chunks(purify: Callable[[torch.Tensor, Noise], Purified], x: torch
                      noise: Noise, rows: int) -> Purified:
     """purify(x, noise) over chunks of at most `rows` rows (bounds memory, not the result:
     rows are independent). nfe counts evaluations per row, so it is the max over chunks,
-    not their sum."""
+    not their sum; the per-row stats are concatenated like the images."""
     if x.shape[0] <= rows:
         return purify(x, noise)
-    parts, nfe = [], 0
-    for i in range(0, x.shape[0], rows):
-        out = purify(x[i:i + rows], noise.select(slice(i, i + rows)))
-        parts.append(out.images)
-        nfe = max(nfe, out.nfe)
-    return Purified(torch.cat(parts), nfe)
+    outs = [purify(x[i:i + rows], noise.select(slice(i, i + rows))) for i in range(0, x.shape[0], rows)]
+    stats = {k: torch.cat([o.stats[k] for o in outs]) for k in outs[0].stats}
+    return Purified(torch.cat([o.images for o in outs]), max(o.nfe for o in outs), stats)
+
+
+def batch_free_sigmoid(h: torch.Tensor) -> torch.Tensor:
+    """1 / (1 + exp(−h)). torch.sigmoid's CPU kernel rounds the tail of a tensor differently
+    from its vectorised body (1 ulp), so a row's value would depend on where it sits in the
+    batch; exp and division do not. Clamped so exp cannot overflow (σ(±60) is 0/1 in float32)."""
+    return torch.reciprocal(torch.exp(-h.clamp(-60.0, 60.0)) + 1.0)
 
 # ---------------------------------------------------------------------------------------
 # ADP: score grid and adaptive step size
@@ -175,6 +178,14 @@ def energy_grad(energy: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor)
 # below is the reentrant scheme instead: the forward runs under no_grad (∇U then costs one
 # plain first-order gradient and keeps nothing), the backward recomputes one segment with
 # its full (second-order) graph and differentiates it right away.
+
+
+# The one meaning of every purifier's `checkpoint_segment` setting (ADP, Langevin EBM, …):
+# steps per checkpointed segment when a graph is needed; AUTO_SEGMENT (−1, the default)
+# picks the memory-optimal length (auto_segment), 0 turns checkpointing off (fastest when
+# the whole graph fits: `advpure plan` says when), k > 0 fixes it. Memory only: values
+# and gradients are the same for every choice.
+AUTO_SEGMENT = -1
 
 
 def needs_graph(x: torch.Tensor) -> bool:
@@ -287,42 +298,3 @@ def run_steps(step: Callable[[torch.Tensor, int], torch.Tensor], x: torch.Tensor
     for t in range(start, last, segment):
         x = checkpoint_segment(functools.partial(run_segment, t, t + segment), x)
     return run_segment(last, start + n_steps, x)
-
-
-# ---------------------------------------------------------------------------------------
-# Ensemble / EOT-defense predictions over R purification runs
-# ---------------------------------------------------------------------------------------
-
-ENSEMBLE_METHODS = ("logits", "softmax", "logsoftmax", "vote")
-
-
-def ensemble_scores(logits: torch.Tensor, method: str = "logits") -> torch.Tensor:
-    """Combine logits [B, R, K] of R stochastic purification runs into scores [B, K].
-
-    - "logits": Σ_r logits (ADP "l"; EBM EOT defense "logits", the mean differs by 1/R only)
-    - "softmax": Σ_r softmax (ADP "s"; EBM "softmax")
-    - "logsoftmax": mean_r log-softmax (EBM "logsoftmax")
-    - "vote": Σ_r one-hot(argmax) (ADP "o", majority vote; ties → lowest class index)
-    The prediction is argmax of the scores.
-    """
-    if logits.dim() != 3:
-        raise ValueError(f"logits must be [B, R, K], got {tuple(logits.shape)}")
-    if method == "logits":
-        return logits.sum(1)
-    if method == "softmax":
-        return F.softmax(logits, dim=-1).sum(1)
-    if method == "logsoftmax":
-        return F.log_softmax(logits, dim=-1).mean(1)
-    if method == "vote":
-        return F.one_hot(logits.argmax(-1), logits.shape[-1]).to(logits.dtype).sum(1)
-    raise ValueError(f"unknown ensemble method {method!r}; expected one of {ENSEMBLE_METHODS}")
-
-
-def ensemble_predict(logits: torch.Tensor, method: str = "logits") -> torch.Tensor:
-    """Predicted labels [B] from logits [B, R, K] (see `ensemble_scores`)."""
-    return ensemble_scores(logits, method).argmax(-1)
-
-
-def ensemble_predictions(logits: torch.Tensor) -> dict[str, torch.Tensor]:
-    """All ensemble predictions at once: {"logits", "softmax", "logsoftmax", "vote"} → [B]."""
-    return {m: ensemble_predict(logits, m) for m in ENSEMBLE_METHODS}

@@ -18,6 +18,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline import schema
+from pipeline.vocabulary import DECISION_COLUMNS, DEFAULT_DECISION, NO_ATTACK_NAME
 
 # one attack entry of a job: rows that share these were produced by the same attack settings
 ENTRY_KEYS = ["attack_index", "attack_name", "gradient_mode", "attack_params", "eot", "norm", "eps", "runs"]
@@ -37,7 +38,6 @@ READ_COLUMNS = sorted({*ENTRY_KEYS, *PREDICTIONS, *COSTS, *META, "shard", "key",
 DICTIONARY_COLUMNS = [c for c in READ_COLUMNS if c in (*META, "shard", "status", "attack_name", "gradient_mode",
                                                        "attack_params", "norm")
                       and c not in ("seed", "schema_version")]
-DECISION_PRED = {"vote": "vote_pred", "mean_softmax": "mean_softmax_pred"}   # else mean_logit_pred
 
 # how each partial table is combined: its group keys and, per value column, the reduction
 ENTRY_OPS = {**{f"{c}_{op}": "sum" for c in CORRECT for op in ("sum", "count")},
@@ -68,14 +68,15 @@ def derive(table: pa.Table) -> pa.Table:
     label = ok["label"]
     cols = {name: pc.equal(ok[src], label) for src, name in PREDICTIONS.items()}
     cols["c_worst_of_runs"] = ok["worst_of_runs_correct"]
-    decision = pc.fill_null(ok["decision"], "mean_logit")
-    pred = ok["mean_logit_pred"]
-    for rule, col in DECISION_PRED.items():
-        pred = pc.if_else(pc.equal(decision, rule), ok[col], pred)
+    decision = pc.fill_null(ok["decision"], DEFAULT_DECISION)   # records older than the column
+    pred = ok[DECISION_COLUMNS[DEFAULT_DECISION]]
+    for rule, col in DECISION_COLUMNS.items():
+        if rule != DEFAULT_DECISION:
+            pred = pc.if_else(pc.equal(decision, rule), ok[col], pred)
     unbroken = pc.or_kleene(pc.is_null(ok["broken_step"]), pc.less(ok["broken_step"], 0))
     # null where the stage has no defended prediction (an attack stage alone): no verdict
     cols["c_robust"] = pc.coalesce(ok["robust"], pc.and_(pc.equal(pred, label), unbroken))
-    is_attack = pc.not_equal(pc.fill_null(ok["attack_name"], "none"), "none")
+    is_attack = pc.not_equal(pc.fill_null(ok["attack_name"], NO_ATTACK_NAME), NO_ATTACK_NAME)
     # the defended model is evaluated on x (clean columns) and, for an attack row, on x_adv
     evals = pc.add(pc.cast(pc.is_valid(ok["clean_mean_logit_pred"]), pa.int64()),
                    pc.cast(pc.and_(is_attack, pc.is_valid(ok["mean_logit_pred"])), pa.int64()))

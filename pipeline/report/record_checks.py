@@ -19,8 +19,9 @@ import json
 import math
 from typing import Any, Iterable, Mapping, Sequence
 
-GRADIENT_MODES = ("full", "bpda", "classifier")
-GRADIENT_FREE = ("square", "none")   # attacks that never read a gradient
+from pipeline.vocabulary import ADAPTIVE_GRADIENT_MODES, GRADIENT_FREE_ATTACKS, GRADIENT_MODES, NO_ATTACK_NAME
+
+GRADIENT_FREE = (*GRADIENT_FREE_ATTACKS, NO_ATTACK_NAME)   # attack names that never read a gradient
 LATE_FRACTION = 0.9                  # "late" = broken_step >= 0.9 · attack_steps
 LATE_THRESHOLD = 0.01                # more late breaks than this fraction: not converged
 
@@ -115,7 +116,7 @@ def _label(a: Mapping[str, Any]) -> str:
 
 def _scored(attacks: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
     """Attack entries with a robust accuracy (an attack stage alone purifies nothing)."""
-    return [a for a in attacks if a["attack"] != "none" and a.get("robust") is not None]
+    return [a for a in attacks if a["attack"] != NO_ATTACK_NAME and a.get("robust") is not None]
 
 
 def _sweep_checks(scored: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
@@ -142,7 +143,8 @@ def _same_eps_checks(scored: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]
         by_eps.setdefault((a["eps"], a.get("norm") or ""), []).append(a)
     for (eps, norm), group in sorted(by_eps.items()):
         acc = {_label(a): a["robust"]["acc"] for a in group}
-        adaptive = [_label(a) for a in group if a["gradient"] in ("full", "bpda") and a["attack"] not in GRADIENT_FREE]
+        adaptive = [_label(a) for a in group
+                    if a["gradient"] in ADAPTIVE_GRADIENT_MODES and a["attack"] not in GRADIENT_FREE]
         transfer = [_label(a) for a in group if a["gradient"] == "classifier" and a["attack"] not in GRADIENT_FREE]
         if adaptive and transfer:
             strongest = min(adaptive, key=acc.get)
@@ -162,7 +164,7 @@ def run_record_checks(attacks: Sequence[Mapping[str, Any]]) -> list[dict[str, An
     scored = _scored(attacks)
     results = _sweep_checks(scored) + _same_eps_checks(scored)
     for a in attacks:
-        if a["attack"] != "none" and a.get("steps") and a.get("own_n"):
+        if a["attack"] != NO_ATTACK_NAME and a.get("steps") and a.get("own_n"):
             results.append({**check_convergence(a["late_breaks"], a["own_n"], a["steps"]),
                             "attack_index": a["attack_index"]})
     return results

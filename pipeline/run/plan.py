@@ -299,9 +299,9 @@ def suggest_segment(p: Protocol, cal: Calibration, budget: int) -> dict[str, Any
     """checkpoint_segment for full-gradient attacks through an iterative purifier: 0 (no
     recomputation) while the whole graph fits a quarter of the worker's memory, else −1."""
     pur = p.defense.purifier
-    k = int(getattr(pur, "steps", getattr(pur, "max_iter", 0)) or 0)
+    k = int(getattr(pur.settings, _steps_field(pur), 0) or 0)
     full = [a for a in p.attacks if a.gradient == "full"]
-    if not hasattr(pur, "checkpoint_segment") or not full or k <= 0:
+    if not hasattr(pur.settings, "checkpoint_segment") or not full or k <= 0:
         return None
     per_row_step = _graph_bytes_per_row_step(pur, p.device, cal)
     rows = cal.batch * max(a.eot for a in full)
@@ -309,7 +309,12 @@ def suggest_segment(p: Protocol, cal: Calibration, budget: int) -> dict[str, Any
     auto = rows * 2.0 * math.sqrt(k * cal.row_bytes * per_row_step)  # (K/s)·state + s·step at the optimum s
     suggestion = 0 if budget and whole <= 0.25 * budget else -1
     return {"steps": k, "rows": rows, "graph_bytes_no_checkpoint": whole, "graph_bytes_auto": auto,
-            "suggested": suggestion, "configured": int(pur.checkpoint_segment)}
+            "suggested": suggestion, "configured": int(pur.settings.checkpoint_segment)}
+
+
+def _steps_field(pur) -> str:
+    """The setting that counts an iterative purifier's steps."""
+    return "steps" if hasattr(pur.settings, "steps") else "max_iter"
 
 
 def _graph_bytes_per_row_step(pur, device: torch.device, cal: Calibration) -> float:
@@ -317,18 +322,15 @@ def _graph_bytes_per_row_step(pur, device: torch.device, cal: Calibration) -> fl
     from pipeline.purifiers import steps as steps_mod
     from pipeline.seeding import Noise
 
-    attr = "steps" if hasattr(pur, "steps") else "max_iter"
-    old_k, old_seg = getattr(pur, attr), pur.checkpoint_segment
+    old = pur.settings
     x = cal.probe_row.clone().to(device).requires_grad_(True)
     try:
-        setattr(pur, attr, 2)
-        pur.checkpoint_segment = 0
+        pur.settings = old.replace({_steps_field(pur): 2, "checkpoint_segment": 0})
         meter = steps_mod.SavedBytes(1)
         with meter:
             pur.purify(x, Noise.for_batch(0, ["plan-probe"], "plan"))
     finally:
-        setattr(pur, attr, old_k)
-        pur.checkpoint_segment = old_seg
+        pur.settings = old
     return meter.total / 2.0
 
 

@@ -11,6 +11,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from pipeline.evaluation.decision import decide
 from pipeline.purifiers import steps
 from pipeline.seeding import Noise, config_seed
 from pipeline.train.loops import psnr
@@ -56,12 +57,12 @@ def langevin_psnr(net: nn.Module, images: torch.Tensor, sigma: float, n_steps: i
     """Long-run Langevin purification (the `langevin_ebm` purifier itself) of held-out images
     with Gaussian noise σ added and clipped to [0, 1]: [(steps, PSNR dB against the clean
     images, mean energy)] every `every` steps. Freezes `net`."""
-    from pipeline.purifiers.langevin_ebm import LangevinEBMPurifier
+    from pipeline.purifiers.langevin_ebm import LangevinEBMPurifier, LangevinEBMSettings
 
     for q in net.parameters():
         q.requires_grad_(False)
     start = noisy(images, sigma, seed, "train_ebm/eval")
-    purifier = LangevinEBMPurifier(net, steps=n_steps, eps=eps)
+    purifier = LangevinEBMPurifier(net, LangevinEBMSettings(steps=n_steps, eps=eps))
     # the chain needs ∇U, so no no_grad around it; the parameters are frozen above
     traj = purifier.trajectory(start, _heldout_noise(seed, len(images), f"train_ebm/eval/{sigma:g}"), every=every)
     out = []
@@ -90,12 +91,12 @@ def langevin_retention(net: nn.Module, classify: Callable[[torch.Tensor], torch.
     purifier and returns the bare classifier's accuracy on the clean images, on every chain
     state after K steps (per chain) and by the mean logits over the H chains (EOT defense),
     with the images' and the chain states' mean energies. Freezes `net`."""
-    from pipeline.purifiers.langevin_ebm import LangevinEBMPurifier
+    from pipeline.purifiers.langevin_ebm import LangevinEBMPurifier, LangevinEBMSettings
 
     for q in net.parameters():
         q.requires_grad_(False)
     n = len(images)
-    purifier = LangevinEBMPurifier(net, steps=n_steps, eps=eps)
+    purifier = LangevinEBMPurifier(net, LangevinEBMSettings(steps=n_steps, eps=eps))
     noise = Noise.for_batch(seed, [f"heldout{i}" for i in range(n)], "train_ebm/retention", chains)
     # rows are (image, chain) pairs, image-major, as the pipeline's R runs
     out = steps.purify_in_chunks(purifier.purify, images.repeat_interleave(chains, 0), noise, rows).images
@@ -107,7 +108,7 @@ def langevin_retention(net: nn.Module, classify: Callable[[torch.Tensor], torch.
     return {"images": n, "chains": chains, "steps": n_steps, "eps": eps,
             "clean_correct": int((clean == labels).sum()),
             "chain_correct": int(per_chain.sum()), "chain_total": int(per_chain.numel()),
-            "eot_correct": int((steps.ensemble_predict(logits, "logits") == labels).sum()),
+            "eot_correct": int((decide(logits, "mean_logit") == labels).sum()),
             "energy_data": float(e_data.mean()), "energy_chain": float(e_chain.mean()),
             # per-image drop of the energy (data − chain mean), for a standard error
             "energy_drop_se": float((e_data - e_chain.mean(1)).std() / max(1, n) ** 0.5)}

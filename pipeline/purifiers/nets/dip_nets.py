@@ -37,6 +37,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from pipeline.purifiers.steps import batch_free_sigmoid
 from pipeline.seeding import Noise
 
 ARCH = "dip_skip"
@@ -66,13 +67,6 @@ def group_conv(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor, stride: int = 
     out = F.conv2d(h.reshape(1, n * c, hh, ww), w.reshape(n * o, c, k, k), b.reshape(n * o),
                    stride=stride, groups=n)
     return out.view(n, o, *out.shape[-2:])
-
-
-def batch_free_sigmoid(h: torch.Tensor) -> torch.Tensor:
-    """1 / (1 + exp(−h)). torch.sigmoid's CPU kernel rounds the tail of a tensor differently
-    from its vectorised body (1 ulp), so a row's value would depend on where it sits in the
-    batch; exp and division do not. Clamped so exp cannot overflow (σ(±60) is 0/1 in float32)."""
-    return torch.reciprocal(torch.exp(-h.clamp(-60.0, 60.0)) + 1.0)
 
 
 def row_norm(h: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
