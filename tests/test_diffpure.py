@@ -13,6 +13,7 @@ from torch import nn
 from pipeline.evaluation.defense import Defense
 from pipeline.io import checkpoints
 from pipeline.purifiers import diffpure, vpsde
+from pipeline.purifiers.base import SettingsError
 from pipeline.purifiers.nets import small_unet
 from pipeline.registry import PURIFIERS
 from pipeline.seeding import Noise
@@ -192,19 +193,27 @@ def test_fixed_noise_is_deterministic_and_says_so():
     assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("field,value,words", [
-    ("t_star", 0.0, "(0, 1]"), ("sampler", "euler", "['sde', 'ode', 'ddpm']"), ("dt", 0.5, "(0, t_star]"),
-    ("gradient_method", "adjoint_ode", "exact"), ("checkpoint_segment", -2, "≥ −1"),
+@pytest.mark.parametrize("params,message", [
+    ({"t_star": 0.0}, "purifier.params.t_star: must be in (0, 1], got 0.0"),
+    ({"sampler": "euler"}, "purifier.params.sampler: must be one of 'sde', 'ode', 'ddpm', got 'euler'"),
+    ({"dt": 0.5}, "purifier.params.dt: must be in (0, t_star], got 0.5"),
+    ({"gradient_method": "adjoint_ode"}, "purifier.params.gradient_method: must be one of 'exact', 'adjoint'"),
+    ({"checkpoint_segment": -2}, "purifier.params.checkpoint_segment: must be ≥ −1"),
+    ({"t_sar": 0.1}, "purifier.params.t_sar: unknown setting; did you mean 't_star'?"),
+    ({"sampler": "ode", "gradient_method": "adjoint"}, "gradient_method: must be 'exact' with sampler ode or ddpm"),
 ])
-def test_settings_name_the_field_and_the_allowed_values(field, value, words):
-    with pytest.raises(ValueError, match=f"diffpure.{field}") as err:
-        diffpure.DiffPureSettings(**{field: value})
-    assert words in str(err.value)
+def test_settings_errors_name_the_dotted_key_and_the_allowed_values(params, message):
+    with pytest.raises(SettingsError) as err:
+        diffpure.DiffPureSettings.from_params(params, "purifier.params")
+    assert message in str(err.value)
 
 
-def test_adjoint_needs_the_sde_sampler():
-    with pytest.raises(ValueError, match="adjoint needs sampler sde"):
-        diffpure.DiffPureSettings(sampler="ode", gradient_method="adjoint")
+def test_a_surrogate_is_a_coarser_copy_of_the_settings():
+    """Lee & Kim's surrogate process: the attack's `surrogate: {dt: 0.01}` as settings overrides."""
+    s = diffpure.DiffPureSettings().replace({"dt": 0.01}, "attacks[0].surrogate")
+    assert s.dt == 0.01 and diffpure.DiffPurePurifier(GaussianEps(), s).n_steps == 10
+    with pytest.raises(SettingsError, match=r"attacks\[0\]\.surrogate\.steps: unknown setting"):
+        diffpure.DiffPureSettings().replace({"steps": 10}, "attacks[0].surrogate")
 
 
 def test_score_conventions():
@@ -237,8 +246,8 @@ def test_end_to_end_through_the_registry_and_the_defense(tmp_path):
     path = str(tmp_path / "unet.pt")
     checkpoints.save(path, small_unet.ARCH, {"channels": 1, "width": 8, "blocks": 1}, net.state_dict(), {})
     pur = PURIFIERS.build("diffpure", checkpoint=path, t_star=0.05, dt=1e-2)
-    assert pur.n_steps == 5 and pur.params()["net_arch"] == small_unet.ARCH
-    with pytest.raises(ValueError, match="unknown settings \\['steps'\\]"):
+    assert pur.n_steps == 5 and pur.record()["net_arch"] == small_unet.ARCH and pur.record()["t_star"] == 0.05
+    with pytest.raises(SettingsError, match="'diffpure' params.steps: unknown setting"):
         PURIFIERS.build("diffpure", checkpoint=path, steps=3)
     clf = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
     defense = Defense(clf.requires_grad_(False), pur.requires_grad_(False), max_rows=5)

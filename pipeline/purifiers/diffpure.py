@@ -27,26 +27,23 @@ randomness.
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 import logging
 import math
-from dataclasses import asdict, dataclass
-from typing import Any, Callable
+from dataclasses import dataclass
+from typing import Any, Callable, Literal, Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from pipeline.purifiers import steps, vpsde
-from pipeline.purifiers.base import Purified, Purifier, load_frozen
+from pipeline.purifiers.base import Purified, Purifier, PurifierSettings, load_frozen
+from pipeline.purifiers.steps import AUTO_SEGMENT
 from pipeline.registry import PURIFIERS
 from pipeline.seeding import Noise
 
 log = logging.getLogger(__name__)
-
-SAMPLERS = ("sde", "ode", "ddpm")
-GRADIENT_METHODS = ("exact", "adjoint")
 
 
 # ---------------------------------------------------------------------------------------
@@ -110,60 +107,60 @@ def split_eps(out: torch.Tensor, channels: int) -> tuple[torch.Tensor, torch.Ten
 
 
 @dataclass(frozen=True)
-class DiffPureSettings:
-    """DiffPure's settings (defaults: the paper's CIFAR-10 ℓ∞ run; t* 0.075 for ℓ2, 0.15
-    for ImageNet with sampler ddpm or sde).
+class DiffPureSettings(PurifierSettings):
+    """Settings of DiffPure (Nie et al. 2022, arXiv:2205.07460). Defaults: the paper's
+    CIFAR-10 ℓ∞ run (t* 0.075 for ℓ2; 0.15 for ImageNet with sampler ddpm or sde).
 
     Arguments:
-        t_star (float): diffusion time t* in (0, 1]; the level is round(t*·N). (Default: 0.1)
-        sampler (str): "sde" (Euler–Maruyama), "ode" (probability flow), "ddpm" (ancestral). (Default: "sde")
-        dt (float): solver step of sde/ode, in (0, t*]. (Default: 1e-3)
-        t_end (float): where sde/ode stop, in [0, t*). (Default: 1e-5)
-        beta_min, beta_max (float): the VP-SDE's β(0), β(1), 0 < β_min < β_max. (Default: 0.1, 20.0)
-        n_train_steps (int): N of the discrete schedule (≥ 2). (Default: 1000)
-        gradient_method (str): "exact" (unrolled, checkpointed) or "adjoint" (torchsde, sde only). (Default: "exact")
-        checkpoint_segment (int): steps per checkpoint segment with a graph; 0 = off,
-            −1 = memory-optimal (steps.auto_segment). Memory only, values unchanged. (Default: -1)
+        t_star (float): diffusion time t* in (0, 1]; the level is round(t*·N). Paper. (Default: 0.1)
+        sampler (str): "sde" (Euler–Maruyama, the paper's), "ode" (probability flow, its
+            ablation) or "ddpm" (ancestral, the official GuidedDiffusion route). Paper. (Default: "sde")
+        dt (float): solver step of sde/ode, in (0, t*]; a coarser dt in an attack's
+            `surrogate` is Lee & Kim's surrogate process. Paper. (Default: 1e-3)
+        t_end (float): where sde/ode stop, in [0, t*). Official code. (Default: 1e-5)
+        beta_min (float): the VP-SDE's β(0), > 0. Paper. (Default: 0.1)
+        beta_max (float): the VP-SDE's β(1), > beta_min. Paper. (Default: 20.0)
+        n_train_steps (int): N of the discrete schedule, ≥ 2. Paper. (Default: 1000)
+        gradient_method (str): "exact" (through the unrolled solver, checkpointed) or
+            "adjoint" (torchsde's stochastic adjoint, sampler sde only, as the paper's
+            evaluation). Ours / paper. (Default: "exact")
+        checkpoint_segment (int): steps per checkpoint segment when a graph is needed
+            (steps.run_steps): −1 memory-optimal, 0 off, k > 0 fixed. Memory only, values
+            unchanged. Ours. (Default: −1)
         fixed_noise_seed (int | None): hold every draw fixed, the same for every row and
-            call (Liu et al. 2025's diagnostic; the purifier becomes deterministic). (Default: None)
-        resize (int | None): purify at resize×resize (bilinear there and back; 256 for
-            ImageNet 224 px inputs, as the official evaluation). (Default: None)
-        clip_output (bool): clip x̂ to [0, 1]. (Default: True)
+            call: the deterministic diagnostic of Liu et al. (ICLR 2025). Ours. (Default: None)
+        resize (int | None): purify at resize×resize, ≥ 8 (bilinear there and back; 256 for
+            ImageNet 224 px inputs, as the official evaluation). Paper. (Default: None)
+        clip_output (bool): clip x̂ to [0, 1]. Ours. (Default: True)
     """
 
     t_star: float = 0.1
-    sampler: str = "sde"
+    sampler: Literal["sde", "ode", "ddpm"] = "sde"
     dt: float = 1e-3
     t_end: float = 1e-5
     beta_min: float = 0.1
     beta_max: float = 20.0
     n_train_steps: int = 1000
-    gradient_method: str = "exact"
-    checkpoint_segment: int = -1
+    gradient_method: Literal["exact", "adjoint"] = "exact"
+    checkpoint_segment: int = AUTO_SEGMENT
     fixed_noise_seed: int | None = None
     resize: int | None = None
     clip_output: bool = True
 
     def __post_init__(self) -> None:
-        def need(ok: bool, name: str, what: str) -> None:
-            if not ok:
-                raise ValueError(f"diffpure.{name}: {what}, got {getattr(self, name)!r}")
-
-        need(0 < self.t_star <= 1, "t_star", "must be in (0, 1]")
-        need(self.sampler in SAMPLERS, "sampler", f"must be one of {list(SAMPLERS)}")
-        need(0 < self.dt <= self.t_star, "dt", "must be in (0, t_star]")
-        need(0 <= self.t_end < self.t_star, "t_end", "must be in [0, t_star)")
-        need(0 < self.beta_min < self.beta_max, "beta_max", "must exceed beta_min > 0")
-        need(self.n_train_steps >= 2, "n_train_steps", "must be ≥ 2")
-        need(round(self.t_star * self.n_train_steps) >= 1, "t_star", "must reach at least level 1 (t_star·N ≥ 0.5)")
-        need(self.gradient_method in GRADIENT_METHODS, "gradient_method", f"must be one of {list(GRADIENT_METHODS)}")
-        need(self.gradient_method == "exact" or self.sampler == "sde", "gradient_method",
-             "adjoint needs sampler sde (torchsde's stochastic adjoint)")
-        need(self.checkpoint_segment >= -1, "checkpoint_segment", "must be ≥ −1 (−1 auto, 0 off)")
-        need(self.resize is None or self.resize >= 8, "resize", "must be null or ≥ 8")
-
-    def record(self) -> dict[str, Any]:
-        return asdict(self)
+        super().__post_init__()
+        self.require("t_star", 0 < self.t_star <= 1, "in (0, 1]")
+        self.require("dt", 0 < self.dt <= self.t_star, "in (0, t_star]")
+        self.require("t_end", 0 <= self.t_end < self.t_star, "in [0, t_star)")
+        self.require("beta_min", self.beta_min > 0, "> 0")
+        self.require("beta_max", self.beta_max > self.beta_min, "> beta_min")
+        self.require("n_train_steps", self.n_train_steps >= 2, "≥ 2")
+        self.require("t_star", round(self.t_star * self.n_train_steps) >= 1,
+                     "at least level 1 (t_star·n_train_steps ≥ 0.5)")
+        self.require("gradient_method", self.gradient_method == "exact" or self.sampler == "sde",
+                     "'exact' with sampler ode or ddpm (adjoint needs sampler sde: torchsde's stochastic adjoint)")
+        self.require("checkpoint_segment", self.checkpoint_segment >= -1, "≥ −1 (−1 auto, 0 off)")
+        self.require("resize", self.resize is None or self.resize >= 8, "null or ≥ 8")
 
     def schedule(self) -> vpsde.VPSchedule:
         return vpsde.VPSchedule(self.beta_min, self.beta_max, self.n_train_steps)
@@ -176,26 +173,29 @@ class DiffPureSettings:
 
 class DiffPurePurifier(Purifier):
     """DiffPure (Nie et al. 2022, arXiv:2205.07460, Eq. 3–4): diffuse to t*, then solve the
-    reverse VP-SDE (or ODE, or DDPM ancestral chain) back to 0. One network evaluation per
-    solver step and row. Stochastic unless `fixed_noise_seed` is set; differentiable
-    (full gradient through the solver); no test-time optimisation.
+    reverse VP-SDE (or ODE, or DDPM ancestral chain) back to 0.
+
+    Stochastic unless `fixed_noise_seed` is set (attack with EOT, evaluate over R runs);
+    differentiable (full gradient through the solver, exact or adjoint); no test-time
+    optimisation. nfe per row: the solver steps (100 at t* = 0.1, dt = 1e-3; round(t*·N)
+    for ddpm). Shapes: x [N, C, H, W] in [0, 1] → x̂ [N, C, H, W] (in [0, 1] when
+    clip_output). No stats: every row runs the same fixed process.
 
     Arguments:
-        score_model (ScoreModel): the network in its convention (ScoreSDEModel, EpsilonModel).
-        settings (DiffPureSettings): the process. (Default: DiffPureSettings())
-        info (dict | None): facts about the network for params() (format, arch). (Default: None)
+        score_model (ScoreModel): the network in its convention (ScoreSDEModel, EpsilonModel), frozen.
+        settings (DiffPureSettings): see DiffPureSettings. (Default: the paper's CIFAR-10 ℓ∞)
+        info (Mapping | None): facts about the network for the record (format, arch, convention). (Default: None)
     """
 
     differentiable = True
     test_time_optimization = False
+    settings: DiffPureSettings
 
-    def __init__(self, score_model: ScoreModel, settings: DiffPureSettings | None = None,
-                 info: dict | None = None):
-        super().__init__()
-        settings = settings or DiffPureSettings()
+    def __init__(self, score_model: ScoreModel, settings: DiffPureSettings = DiffPureSettings(),
+                 info: Mapping[str, Any] | None = None):
+        keep = ("format", "arch", "convention")
+        super().__init__(settings, {f"net_{k}": v for k, v in (info or {}).items() if k in keep})
         self.score_model = score_model
-        self.settings = settings
-        self.info = dict(info or {})
         sched = settings.schedule()
         self._sched = sched
         self._abar = sched.alphas_cumprod()
@@ -210,10 +210,6 @@ class DiffPurePurifier(Purifier):
     def n_steps(self) -> int:
         """Solver steps (= network evaluations per row)."""
         return self._level if self.settings.sampler == "ddpm" else len(self._grid)
-
-    def params(self) -> dict[str, Any]:
-        return {**self.settings.record(), "steps": self.n_steps,
-                **{f"net_{k}": v for k, v in self.info.items() if k in ("format", "arch", "convention")}}
 
     # -- noise and scale ------------------------------------------------------------------
 
@@ -397,18 +393,13 @@ def load_score_model(checkpoint: str, schedule: vpsde.VPSchedule) -> tuple[Score
     return EpsilonModel(net, schedule), {**info, "convention": "epsilon"}
 
 
-@PURIFIERS.register("diffpure")
-def build(checkpoint: str, **params: Any) -> DiffPurePurifier:
+@PURIFIERS.register("diffpure", settings=DiffPureSettings)
+def build(checkpoint: str, settings: DiffPureSettings) -> DiffPurePurifier:
     """DiffPure diffusion purification (Nie et al. 2022); checkpoint from jobs/train_diffusion.py.
 
     Arguments:
-        checkpoint (str): our ε-prediction U-Net checkpoint.
-        params: DiffPureSettings fields (t_star, sampler, dt, gradient_method, ...).
+        checkpoint (str): our ε-prediction U-Net checkpoint (small_unet).
+        settings (DiffPureSettings): see DiffPureSettings.
     """
-    unknown = sorted(set(params) - {f.name for f in dataclasses.fields(DiffPureSettings)})
-    if unknown:
-        raise ValueError(f"diffpure: unknown settings {unknown}; "
-                         f"accepted: {[f.name for f in dataclasses.fields(DiffPureSettings)]}")
-    settings = DiffPureSettings(**params)
     model, info = load_score_model(checkpoint, settings.schedule())
     return DiffPurePurifier(model, settings, info)
