@@ -297,3 +297,55 @@ def test_a_tiny_diffpure_evaluation_through_the_pipeline(tmp_path):
     assert all(row["purify_nfe"] == 6 and len(row["purified_preds"]) == 2 for row in out.rows)
     surrogate = json.loads(out.rows[3]["attack_params"])["surrogate"]
     assert surrogate["dt"] == 0.015 and surrogate["t_star"] == 0.03
+
+
+# ------------------------------------------------------- the published networks (nets/ncsnpp.py, guided_unet.py)
+
+TINY_NCSNPP = {"nf": 8, "ch_mult": (1, 2), "num_res_blocks": 1, "image_size": 8, "attn_resolutions": (4,),
+               "num_scales": 10}
+TINY_GUIDED = {"image_size": 16, "model_channels": 32, "channel_mult": (1, 2), "num_res_blocks": 1,
+               "attention_resolutions": (8,), "num_head_channels": 16}
+
+
+def test_score_sde_network_runs_in_its_convention(tmp_path):
+    """A tiny DDPM++ (random weights) as score_sde's continuous model: label 999·t, score −out/σ."""
+    ncsnpp = pytest.importorskip("pipeline.purifiers.nets.ncsnpp")
+    net = ncsnpp.NCSNpp(**TINY_NCSNPP)
+    path = str(tmp_path / "ncsnpp.pt")
+    checkpoints.save(path, ncsnpp.ARCH, TINY_NCSNPP, net.state_dict(), {})
+    pur = PURIFIERS.build("diffpure", checkpoint=path, network="score_sde", t_star=0.02, dt=0.01)
+    assert isinstance(pur.score_model, diffpure.ScoreSDEModel) and pur.record()["net_convention"] == "score_sde"
+    x = torch.rand(2, 3, 8, 8, requires_grad=True)
+    out = pur.purify(x, keyed(2)).images
+    g, = torch.autograd.grad(out.sum(), x)
+    assert out.shape == x.shape and torch.isfinite(g).all() and g.abs().sum() > 0
+    labels = []
+    pur.score_model.net.register_forward_pre_hook(lambda m, args: labels.append(args[1].flatten()[0].item()))
+    with torch.no_grad():
+        pur.purify(x.detach(), keyed(2))
+    assert labels == pytest.approx([999 * t for t, _ in vpsde.time_grid(0.02, 0.01, 1e-5)], rel=1e-6)
+
+
+def test_guided_diffusion_network_with_learned_sigma_resize_and_bf16(tmp_path):
+    """A tiny guided-diffusion U-Net (learned σ): ddpm through the resize route, in bf16 weights."""
+    guided_unet = pytest.importorskip("pipeline.purifiers.nets.guided_unet")
+    net = guided_unet.GuidedUNet(**TINY_GUIDED)
+    path = str(tmp_path / "guided.pt")
+    checkpoints.save(path, guided_unet.ARCH, TINY_GUIDED, net.state_dict(), {})
+    pur = PURIFIERS.build("diffpure", checkpoint=path, network="guided_diffusion", sampler="ddpm", t_star=0.003,
+                          resize=16, dtype="bfloat16")
+    assert pur.n_steps == 3 and pur.record()["net_dtype"] == "bfloat16"
+    with torch.no_grad():
+        out = pur.purify(torch.rand(2, 3, 12, 12), keyed(2)).images
+    assert out.shape == (2, 3, 12, 12) and out.dtype == torch.float32 and torch.isfinite(out).all()
+
+
+def test_network_settings_are_checked_and_our_loader_points_to_the_published_ones(tmp_path):
+    with pytest.raises(SettingsError, match="net: must be null with network 'ours'"):
+        diffpure.DiffPureSettings(net={"nf": 8})
+    with pytest.raises(SettingsError, match="dtype: must be 'float32' with network 'ours'"):
+        diffpure.DiffPureSettings(dtype="bfloat16")
+    path = str(tmp_path / "plain.pt")
+    torch.save({"conv.weight": torch.zeros(1)}, path)
+    with pytest.raises(checkpoints.CheckpointError, match="network: score_sde or guided_diffusion"):
+        PURIFIERS.build("diffpure", checkpoint=path)

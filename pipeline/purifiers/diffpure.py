@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipeline.io.checkpoints import CheckpointError
 from pipeline.purifiers import steps, vpsde
 from pipeline.purifiers.base import Purified, Purifier, PurifierSettings, load_frozen
 from pipeline.purifiers.steps import AUTO_SEGMENT
@@ -132,6 +133,15 @@ class DiffPureSettings(PurifierSettings):
         resize (int | None): purify at resize×resize, ≥ 8 (bilinear there and back; 256 for
             ImageNet 224 px inputs, as the official evaluation). Paper. (Default: None)
         clip_output (bool): clip x̂ to [0, 1]. Ours. (Default: True)
+        network (str): what the checkpoint holds: "ours" (small_unet from
+            jobs/train_diffusion.py, ε-model), "score_sde" (score_sde's continuous VP DDPM++,
+            e.g. cifar10_ddpmpp_deep_continuous checkpoint_8.pth, score convention) or
+            "guided_diffusion" (e.g. 256x256_diffusion_uncond.pt, ε-model with learned σ).
+            Paper's networks. (Default: "ours")
+        net (Mapping | None): arch params of a published network when not the published
+            configuration (nets/ncsnpp.py, nets/guided_unet.py); null for ours. (Default: None)
+        dtype (str): "float32" or "bfloat16" for a published network's weights (inputs and
+            outputs stay float32). Ours. (Default: "float32")
     """
 
     t_star: float = 0.1
@@ -146,6 +156,9 @@ class DiffPureSettings(PurifierSettings):
     fixed_noise_seed: int | None = None
     resize: int | None = None
     clip_output: bool = True
+    network: Literal["ours", "score_sde", "guided_diffusion"] = "ours"
+    net: Mapping[str, Any] | None = None
+    dtype: Literal["float32", "bfloat16"] = "float32"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -161,6 +174,10 @@ class DiffPureSettings(PurifierSettings):
                      "'exact' with sampler ode or ddpm (adjoint needs sampler sde: torchsde's stochastic adjoint)")
         self.require("checkpoint_segment", self.checkpoint_segment >= -1, "≥ −1 (−1 auto, 0 off)")
         self.require("resize", self.resize is None or self.resize >= 8, "null or ≥ 8")
+        self.require("net", self.net is None or self.network != "ours",
+                     "null with network 'ours' (our checkpoint holds its arch params)")
+        self.require("dtype", self.dtype == "float32" or self.network != "ours",
+                     "'float32' with network 'ours'")
 
     def schedule(self) -> vpsde.VPSchedule:
         return vpsde.VPSchedule(self.beta_min, self.beta_max, self.n_train_steps)
@@ -193,7 +210,7 @@ class DiffPurePurifier(Purifier):
 
     def __init__(self, score_model: ScoreModel, settings: DiffPureSettings = DiffPureSettings(),
                  info: Mapping[str, Any] | None = None):
-        keep = ("format", "arch", "convention")
+        keep = ("format", "arch", "convention", "dtype", "ema")
         super().__init__(settings, {f"net_{k}": v for k, v in (info or {}).items() if k in keep})
         self.score_model = score_model
         sched = settings.schedule()
@@ -385,21 +402,38 @@ def _keyed_brownian_class(torchsde: Any) -> type:
 # ---------------------------------------------------------------------------------------
 
 
-def load_score_model(checkpoint: str, schedule: vpsde.VPSchedule) -> tuple[ScoreModel, dict]:
-    """Our ε-prediction U-Net (jobs/train_diffusion.py) → EpsilonModel, frozen."""
+def load_score_model(checkpoint: str, settings: DiffPureSettings) -> tuple[ScoreModel, dict]:
+    """The checkpoint's network in its convention, frozen: ours and guided-diffusion as
+    EpsilonModel, score_sde as ScoreSDEModel. Published files load with weights_only=True."""
+    sched, arch_params = settings.schedule(), None if settings.net is None else dict(settings.net)
+    if settings.network == "score_sde":
+        from pipeline.purifiers.nets import ncsnpp
+
+        net, info = ncsnpp.load_score_sde(checkpoint, arch_params=arch_params, dtype=settings.dtype)
+        return ScoreSDEModel(net, sched), {**info, "convention": "score_sde"}
+    if settings.network == "guided_diffusion":
+        from pipeline.purifiers.nets import guided_unet
+
+        net, info = guided_unet.load_guided_diffusion(checkpoint, arch_params=arch_params, dtype=settings.dtype)
+        return EpsilonModel(net, sched), {**info, "convention": "epsilon"}
     from pipeline.purifiers.nets import small_unet
 
-    net, info = load_frozen(checkpoint, small_unet.make, archs=small_unet.ARCHS, kind="diffusion network")
-    return EpsilonModel(net, schedule), {**info, "convention": "epsilon"}
+    try:
+        net, info = load_frozen(checkpoint, small_unet.make, archs=small_unet.ARCHS, kind="diffusion network")
+    except CheckpointError as err:
+        raise CheckpointError(f"{err} (diffpure network 'ours'; for a published score_sde or guided-diffusion "
+                              "file set purifier.params.network: score_sde or guided_diffusion)") from None
+    return EpsilonModel(net, sched), {**info, "convention": "epsilon"}
 
 
 @PURIFIERS.register("diffpure", settings=DiffPureSettings)
 def build(checkpoint: str, settings: DiffPureSettings) -> DiffPurePurifier:
-    """DiffPure diffusion purification (Nie et al. 2022); checkpoint from jobs/train_diffusion.py.
+    """DiffPure diffusion purification (Nie et al. 2022); ours, score_sde or guided-diffusion networks.
 
     Arguments:
-        checkpoint (str): our ε-prediction U-Net checkpoint (small_unet).
+        checkpoint (str): the network (settings.network says which kind): ours from
+            jobs/train_diffusion.py, score_sde's checkpoint_8.pth, or 256x256_diffusion_uncond.pt.
         settings (DiffPureSettings): see DiffPureSettings.
     """
-    model, info = load_score_model(checkpoint, settings.schedule())
+    model, info = load_score_model(checkpoint, settings)
     return DiffPurePurifier(model, settings, info)
