@@ -15,8 +15,8 @@ Two score conventions, both as a `ScoreModel` whose forward(x, t) returns the ne
 - `EpsilonModel`: guided-diffusion ε-models and ours (integer step ⌊N·t⌋).
 
 Gradients. `gradient_method: exact` backpropagates through the unrolled solver, in
-checkpointed segments (steps.run_steps; memory flat in the number of steps, the gradient of
-the discrete scheme exactly). `adjoint`: torchsde's stochastic adjoint (`sdeint_adjoint`, as
+checkpointed segments (steps.run_steps: √n-step segments, so activation memory grows as √n;
+the gradient of the discrete scheme exactly). `adjoint`: torchsde's stochastic adjoint (`sdeint_adjoint`, as
 DiffPure's own evaluation), with the Brownian path built from the same keyed increments
 (`KeyedBrownian`), so the forward values equal `exact`'s and the gradient differs only by
 the adjoint SDE's own discretisation. BPDA and the surrogate process (Lee & Kim 2023: a
@@ -24,6 +24,14 @@ coarser dt for the gradient) come from the attack's `gradient:` and `surrogate:`
 `fixed_noise_seed` holds every draw fixed (the same for every row and call): the
 deterministic diagnostic of Liu et al. (ICLR 2025) that shows how much robustness is the
 randomness.
+
+Networks (`network`): ours (nets/small_unet.py), score_sde's DDPM++ (nets/ncsnpp.py) and
+guided-diffusion's U-Net (nets/guided_unet.py), each in its convention.
+
+Deliberate differences from the official code: n equal solver steps instead of torchsde's
+dt-steps with a short last one (vpsde's module doc; < 1e-5 in every time point); every draw
+keyed per row (pipeline.seeding) instead of the global generator, so replicas batch and a
+row's purification does not depend on its batch. docs/diffpure.md has the rest.
 """
 from __future__ import annotations
 
