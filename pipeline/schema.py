@@ -180,12 +180,3 @@ def to_parquet_bytes(table: pa.Table) -> bytes:
     buf = io.BytesIO()
     pq.write_table(table, buf, compression="zstd")
     return buf.getvalue()
-
-
-def read_parquet_bytes(data: bytes) -> pa.Table:
-    table = pq.read_table(io.BytesIO(data))
-    expected = schema_version(table.schema)
-    version = table.column("schema_version")[0].as_py() if table.num_rows else expected
-    if version != expected:
-        raise ValueError(f"records have schema version {version}; this advpure reads {expected}")
-    return table

@@ -46,16 +46,6 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
     return x ^ _shr(x, 16)
 
 
-def mix32_reference(x: int) -> int:
-    """Pure-Python lowbias32, the specification `_mix32` is tested against."""
-    x &= _MASK32
-    x ^= x >> 16
-    x = (x * 0x7FEB352D) & _MASK32
-    x ^= x >> 15
-    x = (x * 0x846CA68B) & _MASK32
-    return x ^ (x >> 16)
-
-
 class Noise:
     """Keyed noise for N rows; row i is (sample keys[i // replicas], replica i % replicas).
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline.attacks.apgd import APGD, StepSizeControl, checkpoints
+from pipeline.attacks.apgd import APGD, StepSizeControl, step_size_checkpoints
 from pipeline.evaluation.defense import Defense
 from pipeline.purifiers.identity import IdentityPurifier
 from pipeline.registry import ATTACKS
@@ -90,18 +90,18 @@ def _autoattack_checks(n_iter: int, losses=None, f0=0.0, rho=0.75):
 def test_checkpoint_schedule_is_autoattacks():
     # read off AutoAttack's code: k = 22, 19, 16, 13, 10, 7, 6, 6 for N = 100; for N = 10 the
     # first period is ⌊2.2⌋ = 2, then ⌊0.6⌋ and ⌊0.3⌋ are lifted to 1: a check every step
-    assert checkpoints(100) == [22, 41, 57, 70, 80, 87, 93, 99]
-    assert checkpoints(10) == [2, 3, 4, 5, 6, 7, 8, 9, 10]
-    assert checkpoints(50) == [11, 21, 30, 38, 45]
+    assert step_size_checkpoints(100) == [22, 41, 57, 70, 80, 87, 93, 99]
+    assert step_size_checkpoints(10) == [2, 3, 4, 5, 6, 7, 8, 9, 10]
+    assert step_size_checkpoints(50) == [11, 21, 30, 38, 45]
     for n in (10, 20, 50, 100, 200):
-        assert checkpoints(n) == [w for w, _ in _autoattack_checks(n)], n
-    assert checkpoints(20) == [4, 7, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20]
+        assert step_size_checkpoints(n) == [w for w, _ in _autoattack_checks(n)], n
+    assert step_size_checkpoints(20) == [4, 7, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20]
     # the paper's real-valued schedule, kept as schedule="paper"
-    assert checkpoints(100, "paper") == [22, 41, 57, 70, 80, 87, 93, 99]
-    assert checkpoints(10, "paper") == [3, 5, 6, 7, 8, 9]
-    assert checkpoints(1000, "paper")[:3] == [220, 410, 570]
+    assert step_size_checkpoints(100, "paper") == [22, 41, 57, 70, 80, 87, 93, 99]
+    assert step_size_checkpoints(10, "paper") == [3, 5, 6, 7, 8, 9]
+    assert step_size_checkpoints(1000, "paper")[:3] == [220, 410, 570]
     with pytest.raises(ValueError):
-        checkpoints(10, "nope")
+        step_size_checkpoints(10, "nope")
 
 
 @pytest.mark.parametrize("n_iter", [10, 20, 50, 100])

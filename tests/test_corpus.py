@@ -7,7 +7,6 @@ import json
 import tarfile
 
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
 import torch
 from PIL import Image
@@ -48,7 +47,7 @@ def _tar_members(path) -> list[tuple[str, bytes]]:
 
 
 def _rows(tmp_path, sid="in-000000") -> dict[str, dict]:
-    table = pq.read_table(commit.committed_parquet(str(tmp_path / "out"), STAGE, sid))
+    table = commit.read_committed(str(tmp_path / "out"), STAGE, sid)
     assert table.schema.equals(schema.CORPUS_SCHEMA)
     rows = table.to_pylist()
     return {r["key"] if r["status"] != "duplicate_key" else r["key"] + "#2": r for r in rows}

@@ -133,6 +133,7 @@ def test_worker_that_dies_on_a_shard_is_replaced_and_the_shard_committed_once(ra
     assert len(keys) == len(set(keys)) == 17                    # one row per sample, no duplicates
     assert table.column("status").to_pylist().count("ok") == 15
     assert set(table.column("purifier_params").to_pylist()) == {"{}"}
+    assert None not in table.column("node_id").to_pylist()      # every row names its Ray node
     with tarfile.open(out / "train-000001.tar") as tar:
         assert len([m for m in tar if m.name.endswith(".jpg")]) == 5
     assert yaml.safe_load((out / "config.yaml").read_text())["corpus"]["jpeg_quality"] == 80

@@ -1,6 +1,5 @@
 """The honest headline (issue 9): confirmed breaks, the per-sample verdict, and a cascade
 that only saves cost — its verdict equals the non-cascade worst case sample for sample."""
-import pyarrow.parquet as pq
 import torch
 
 from pipeline import config
@@ -11,7 +10,7 @@ from pipeline.io import shards
 from pipeline.purifiers.dae import DAEPurifier
 from pipeline.purifiers.gaussian import GaussianPurifier, GaussianSettings
 from pipeline.registry import ATTACKS
-from pipeline.run.commit import committed_parquet
+from pipeline.run.commit import read_committed
 from pipeline.run.worker import ShardWorker
 from tests.conftest import job_dict
 
@@ -27,7 +26,7 @@ def _records(digits_shards, digits_models, out, **over) -> list[dict]:
     cfg = job_dict(digits_shards["pattern"], digits_models, str(out), **over)
     worker = ShardWorker(config.from_dict(cfg).to_dict())
     worker.process(shards.expand(digits_shards["pattern"])[0], "s")
-    return pq.read_table(committed_parquet(str(out), "evaluate", "s")).to_pylist()
+    return read_committed(str(out), "evaluate", "s").to_pylist()
 
 
 def test_cascade_verdict_equals_non_cascade_worst_case(digits_shards, digits_models, tmp_path):

@@ -88,6 +88,11 @@ def test_accuracies_and_intervals_from_scipy():
     assert report.wilson(0, 10)[0] == 0.0 and report.wilson(10, 10)[1] == 1.0
 
 
+def test_wilson_interval_hand_computed():
+    lo, hi = report.wilson(50, 100)
+    assert lo == pytest.approx(0.4038, abs=1e-3) and hi == pytest.approx(0.5962, abs=1e-3)
+
+
 def test_worst_case_is_the_per_sample_intersection():
     """Attack 0 leaves k0..k9 robust, attack 1 k5..k14: the worst case is k5..k9 (5 of 20),
     not the minimum of the two accuracies (10 of 20)."""

@@ -3,9 +3,7 @@ pandas and by pyarrow directly over the committed Parquet files (exact counts an
 import json
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 import pytest
 
 from pipeline import report, schema
@@ -75,8 +73,7 @@ def _pandas(out: str) -> dict:
 
 
 def _arrow(out: str) -> dict:
-    files = [commit.committed_parquet(out, "evaluate", sid) for sid in sorted(commit.committed(out, "evaluate"))]
-    t = pa.concat_tables([pq.read_table(f) for f in files])
+    t = commit.load_records(out)
     ok = t.filter(pc.equal(t["status"], "ok"))
     fallback = pc.and_kleene(pc.equal(ok["mean_logit_pred"], ok["label"]), pc.less(ok["broken_step"], 0))
     ok = ok.append_column("r", pc.coalesce(ok["robust"], fallback))

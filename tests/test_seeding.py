@@ -1,6 +1,17 @@
 import torch
 
-from pipeline.seeding import Noise, _i32, _mix32, mix32_reference
+from pipeline.seeding import Noise, _i32, _mix32
+
+
+def mix32_reference(x: int) -> int:
+    """Pure-Python lowbias32 (Wellons' hash-prospector constants), the specification `_mix32`
+    is tested against."""
+    x &= 0xFFFFFFFF
+    x ^= x >> 16
+    x = (x * 0x7FEB352D) & 0xFFFFFFFF
+    x ^= x >> 15
+    x = (x * 0x846CA68B) & 0xFFFFFFFF
+    return x ^ (x >> 16)
 
 
 def test_mix32_matches_pure_python_reference():

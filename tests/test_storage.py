@@ -131,12 +131,6 @@ def test_join_basename_dirname():
     assert storage.is_s3("s3://b/k") and not storage.is_s3("/s3/b")
 
 
-def test_local_copy_of_local_path_is_itself(tmp_path):
-    p = tmp_path / "f"
-    p.write_bytes(b"1")
-    assert storage.local_copy(str(p), str(tmp_path / "elsewhere")) == str(p)
-
-
 def test_s3_url_without_bucket_is_an_error():
     with pytest.raises(storage.StorageError, match="no bucket"):
         storage.read_bytes("s3:///key")

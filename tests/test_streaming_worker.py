@@ -9,7 +9,6 @@ import os
 import time
 
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
 import torch
 
@@ -18,7 +17,7 @@ from pipeline.classifiers import small_cnn
 from pipeline.evaluation import shard as stages
 from pipeline.io import checkpoints, shards
 from pipeline.io.shards import ShardError, ShardStream
-from pipeline.run.commit import committed_parquet
+from pipeline.run.commit import read_committed
 from pipeline.run.worker import ShardWorker
 
 PGD = {"name": "pgd", "params": {"eps": 0.1, "steps": 2, "step_size": 0.05}}
@@ -70,7 +69,7 @@ def test_streamed_evaluate_equals_whole_shard(digits_shards, cnn, tmp_path, eval
     assert _timeless(streamed.checks) == _timeless(whole.checks)
     # and through the worker: the committed rows are the stage's rows
     w.process(url, "s0", "evaluate", expected=90)
-    table = pq.read_table(committed_parquet(str(tmp_path / "out"), "evaluate", "s0")).to_pylist()
+    table = read_committed(str(tmp_path / "out"), "evaluate", "s0").to_pylist()
     cols = [c for c in whole.rows[0] if "seconds" not in c]
     assert [{c: r[c] for c in cols} for r in table] == [{c: r[c] for c in cols} for r in whole.rows]
 
@@ -159,7 +158,7 @@ def test_prefetched_shard_is_taken_by_the_next_call_with_the_same_results(digits
     assert w._next[:2] == (urls[1], 90) and stream.produced > 0   # decoding began during shard 0
     marker = w.process(urls[1], "s1", "evaluate", 90)
     assert marker["prefetched"] is True and w._next is None and stream._done
-    rows = [pq.read_table(committed_parquet(str(o), "evaluate", "s1")).to_pylist() for o in
+    rows = [read_committed(str(o), "evaluate", "s1").to_pylist() for o in
             (tmp_path / "plain", tmp_path / "out")]
     assert _timeless(rows[0]) == _timeless(rows[1]) and len(rows[1]) == 180
 

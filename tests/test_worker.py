@@ -1,13 +1,12 @@
 """The worker's logic in-process (no Ray): evaluation rows, commit files, batch independence."""
 import json
 
-import pyarrow.parquet as pq
 import pytest
 
 from pipeline import config, report, schema
 from pipeline.io import shards
 from pipeline.run import commit
-from pipeline.run.commit import committed_parquet, marker_url
+from pipeline.run.commit import marker_url, read_committed
 from pipeline.run.worker import ShardWorker
 from tests.conftest import job_dict
 
@@ -21,9 +20,8 @@ def test_one_shard_commits_parquet_then_marker(digits_shards, digits_models, tmp
     proc = _processor(digits_shards, digits_models, tmp_path)
     url = shards.expand(digits_shards["pattern"])[0]
     marker = proc.process(url, "shard-000000", "evaluate", expected=90)
-    pq_url = committed_parquet(str(tmp_path / "out"), "evaluate", "shard-000000")
     marker_file = marker_url(str(tmp_path / "out"), "evaluate", "shard-000000")
-    table = pq.read_table(pq_url)
+    table = read_committed(str(tmp_path / "out"), "evaluate", "shard-000000")
     assert table.schema.equals(schema.SCHEMA)
     assert marker["rows"] == table.num_rows == 90 and marker["samples"] == 90
     assert json.loads(open(marker_file).read())["sha256"] == marker["sha256"]
@@ -44,7 +42,7 @@ def test_rows_do_not_depend_on_batch_size(digits_shards, digits_models, tmp_path
         proc = _processor(digits_shards, digits_models, tmp_path / str(bs),
                           data={"shards": digits_shards["pattern"], "batch_size": bs})
         proc.process(url, "s", "evaluate")
-        t = pq.read_table(committed_parquet(str(tmp_path / str(bs) / "out"), "evaluate", "s")).to_pylist()
+        t = read_committed(str(tmp_path / str(bs) / "out"), "evaluate", "s").to_pylist()
         outs.append({r["key"]: (r["adv_pred"], r["purified_preds"], round(r["linf"], 6)) for r in t})
     assert outs[0] == outs[1]
 
@@ -59,7 +57,7 @@ def test_decode_errors_become_status_rows(digits_models, tmp_path):
     pattern = str(tmp_path / "sh" / "shard-000000.tar")
     proc = _processor({"pattern": pattern}, digits_models, tmp_path)
     proc.process(pattern, "shard-000000")
-    t = pq.read_table(committed_parquet(str(tmp_path / "out"), "evaluate", "shard-000000")).to_pylist()
+    t = read_committed(str(tmp_path / "out"), "evaluate", "shard-000000").to_pylist()
     by_key = {r["key"]: r for r in t}
     assert by_key["a"]["status"] == "ok"
     assert by_key["b"]["status"] == "decode_error"
@@ -74,12 +72,6 @@ def test_no_attack_job_writes_one_row_per_sample(digits_shards, digits_models, t
     assert proc.process(url, "x")["rows"] == 90
 
 
-def test_report_wilson_interval():
-    lo, hi = report.wilson(50, 100)
-    assert lo == pytest.approx(0.4038, abs=1e-3) and hi == pytest.approx(0.5962, abs=1e-3)
-    assert report.wilson(0, 10)[0] == 0.0 and report.wilson(10, 10)[1] == 1.0
-
-
 def test_cascade_equals_per_sample_worst_case(digits_shards, digits_models, tmp_path):
     """Keyed randomness makes an attack's result per sample independent of its batch, so the
     cascade's final robust set is exactly the intersection of the attacks' robust sets."""
@@ -92,8 +84,7 @@ def test_cascade_equals_per_sample_worst_case(digits_shards, digits_models, tmp_
                           evaluation={"runs": 1, "cascade": cascade},
                           data={"shards": digits_shards["pattern"], "batch_size": 32})
         proc.process(url, "s")
-        tables[cascade] = pq.read_table(committed_parquet(str(tmp_path / str(cascade) / "out"), "evaluate", "s")
-                                        ).to_pylist()
+        tables[cascade] = read_committed(str(tmp_path / str(cascade) / "out"), "evaluate", "s").to_pylist()
     robust = {(r["attack_index"], r["key"]): r["mean_logit_pred"] == r["label"] for r in tables[False]}
     cas = {(r["attack_index"], r["key"]): r for r in tables[True]}
     assert len(cas) == 180

@@ -55,7 +55,7 @@ def autoattack_periods(steps: int) -> tuple[int, int, int]:
     return max(int(0.22 * steps), 1), max(int(0.06 * steps), 1), max(int(0.03 * steps), 1)
 
 
-def checkpoints(steps: int, schedule: str = "autoattack") -> list[int]:
+def step_size_checkpoints(steps: int, schedule: str = "autoattack") -> list[int]:
     """Iteration counts (1 … N) after which the step size is reconsidered.
 
     "autoattack" lists every check AutoAttack runs, including one after the last step when the
@@ -91,7 +91,7 @@ class StepSizeControl:
 
     def __init__(self, f0: torch.Tensor, steps: int, rho: float, schedule: str = "autoattack"):
         self.autoattack = schedule == "autoattack"
-        self.checks = set(checkpoints(steps, schedule))
+        self.checks = set(step_size_checkpoints(steps, schedule))
         self.rho = float(rho)
         # AutoAttack compares the first iterate's loss with a zero-initialised slot of its loss
         # history (loss_steps[-1]), not with the start point's loss; reproduced on purpose.
@@ -180,7 +180,7 @@ class APGD(Attack):
         self.initial_step = float(initial_step)
         self.schedule = schedule
         self.targeted_success = targeted_success
-        self.checkpoints = checkpoints(self.steps, schedule)
+        self.checkpoints = step_size_checkpoints(self.steps, schedule)
 
     def params(self):
         p = {**super().params(), "steps": self.steps, "restarts": self.restarts,

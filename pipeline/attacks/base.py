@@ -95,19 +95,6 @@ def random_start(x: torch.Tensor, eps: float, norm: str, noise: Noise, index: in
     return project(x + delta, x, eps, norm)
 
 
-def misclassified(logits: torch.Tensor, y: torch.Tensor, targeted: bool = False) -> torch.Tensor:
-    """[B] bool from logits [B, R, K], by mean logits: wrong (untargeted) or hit (targeted)."""
-    pred = logits.mean(1).argmax(1)
-    return pred == y if targeted else pred != y
-
-
-def track_broken(broken_step: torch.Tensor, logits: torch.Tensor, y: torch.Tensor,
-                 step: int, targeted: bool) -> torch.Tensor:
-    """Record the first step at which the model's forward pass was fooled."""
-    fooled = misclassified(logits, y, targeted).to(broken_step.device)
-    return torch.where((broken_step < 0) & fooled, torch.full_like(broken_step, step), broken_step)
-
-
 @dataclass
 class Goal:
     """What an attack run is after: y_true (untargeted, or targeted with known labels) and

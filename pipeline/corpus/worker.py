@@ -95,15 +95,6 @@ class _Channel:
                 continue
 
 
-def _node_id() -> str | None:
-    try:
-        import ray
-
-        return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
-    except Exception:  # not in a Ray worker
-        return None
-
-
 class CorpusWorker:
     """The corpus job's actor logic without Ray (the driver wraps it in `ray.remote`)."""
 
@@ -151,7 +142,7 @@ class CorpusWorker:
         marker = commit.commit_records(self.cfg.job.output, stage, sid, run.rows, {
             "source": url, "samples": len(run.rows), "config_hash": self.cfg.hash(),
             "seconds": time.time() - t0, "host": socket.gethostname(), "device": str(self.engine.device),
-            "node_id": _node_id(), "outputs": [entry], "ok": counts.get(CorpusStatus.OK.value, 0),
+            "node_id": host.node_id(), "outputs": [entry], "ok": counts.get(CorpusStatus.OK.value, 0),
             "dropped": {k: v for k, v in sorted(counts.items()) if k != CorpusStatus.OK.value},
             "input_bytes": run.reader.bytes_read, "non_file_members": run.reader.non_file_members,
         }, table_schema=schema.CORPUS_SCHEMA)
@@ -174,7 +165,7 @@ class ShardRun:
         self._needs_x = bool(self.corpus.metrics and policy.size is not None and not policy.restore)
         e = worker.engine
         self.common = {**e.provenance, "schema_version": schema.CORPUS_SCHEMA_VERSION, "job": worker.cfg.job.name,
-                       "config_hash": worker.cfg.hash(), "stage": stage, "shard": sid, "node_id": _node_id(),
+                       "config_hash": worker.cfg.hash(), "stage": stage, "shard": sid, "node_id": host.node_id(),
                        "host": socket.gethostname(), "device": str(e.device)}
 
     def execute(self) -> None:

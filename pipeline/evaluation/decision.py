@@ -33,15 +33,10 @@ RULES: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 }
 
 
-def check_rule(rule: str) -> None:
-    """ValueError naming `rule` and the valid ones unless it is a decision rule."""
-    if rule not in RULES:
-        raise ValueError(f"unknown decision rule {rule!r}; expected one of {list(RULES)}")
-
-
 def decide(logits: torch.Tensor, rule: str) -> torch.Tensor:
     """[B] predictions from logits [B, R, K] under a decision rule over the R runs."""
-    check_rule(rule)
+    if rule not in RULES:
+        raise ValueError(f"unknown decision rule {rule!r}; expected one of {list(RULES)}")
     if logits.dim() != 3:
         raise ValueError(f"logits must be [B, R, K], got {tuple(logits.shape)}")
     return RULES[rule](logits)

@@ -25,14 +25,13 @@ import io
 import logging
 import os
 import random
-import shutil
 import tempfile
 import threading
 import time
 import urllib.request
 import uuid
 from pathlib import Path
-from typing import Callable, Iterator, TypeVar
+from typing import Callable, TypeVar
 from urllib.parse import urlparse
 
 log = logging.getLogger(__name__)
@@ -564,17 +563,3 @@ def remove_stale_temporaries(url: str) -> int:
         p.unlink(missing_ok=True)
         n += 1
     return n
-
-
-def local_copy(url: str, directory: str) -> str:
-    """A local path holding the object's bytes (the object itself when already local)."""
-    if not (is_s3(url) or is_http(url)):
-        return url
-    dest = Path(directory, basename(url))
-    with open_read(url) as src, open(dest, "wb") as dst:
-        shutil.copyfileobj(src, dst)
-    return str(dest)
-
-
-def iter_lines(url: str) -> Iterator[str]:
-    yield from read_text(url).splitlines()

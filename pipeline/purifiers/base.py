@@ -102,10 +102,6 @@ class PurifierSettings:
             raise SettingsError(type(self).__name__, name, f"must be {allowed}, got {getattr(self, name)!r}")
 
     @classmethod
-    def field_names(cls) -> tuple[str, ...]:
-        return tuple(f.name for f in dataclasses.fields(cls))
-
-    @classmethod
     def from_params(cls: type[S], params: Mapping[str, Any], where: str | None = None) -> S:
         """Settings from a YAML mapping; errors name `where` and the key (unknown key with a
         did-you-mean, wrong type, out of range, missing required)."""

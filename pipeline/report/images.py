@@ -53,7 +53,7 @@ def _from_purify(output: str, limit: int) -> tuple[list[dict[str, Any]], str]:
         except (shards.ShardError, OSError) as err:
             log.warning("clean source %s unavailable for the example grid: %s", url, err)
     columns = ("clean", "adversarial", "purified") if lineage else ("input", "purified")
-    records = load._read_marked(output, "purify", sid, marker, aggregate.READ_COLUMNS)
+    records = load.read_records(output, "purify", sid, marker)
     picked = _pick(records, set(purified) & set(given), limit)
     out = []
     for r in picked:
@@ -72,7 +72,7 @@ def _from_attack(output: str, limit: int) -> tuple[list[dict[str, Any]], str]:
     clean = _read(marker["source"])
     adversarial = {o["name"]: _read(storage.join(output, IMAGE_DIRS["attack"], o["name"]))
                    for o in marker["outputs"][:4]}
-    records = load._read_marked(output, "attack", sid, marker, aggregate.READ_COLUMNS)
+    records = load.read_records(output, "attack", sid, marker)
     first = next(iter(adversarial.values()))
     records = records.filter(pc.equal(records["attack_index"], pc.min(records["attack_index"])))
     out = []

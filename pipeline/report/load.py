@@ -1,47 +1,25 @@
 """Reading a run for the report: only the Parquet files that commit markers name, each
-checked against its marker's sha256, one file at a time, only the columns the report uses."""
+checked against its marker (`commit.read_marked`), one file at a time, only the columns the
+report uses, low-cardinality strings dictionary-encoded."""
 from __future__ import annotations
 
-import hashlib
-import io
 import json
 import logging
-from typing import Any, Iterator
+from typing import Any
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-from pipeline import schema
 from pipeline.io import storage
 from pipeline.report import aggregate
 from pipeline.run import commit
-from pipeline.run.commit import CommitError
 
 log = logging.getLogger(__name__)
 COMBINE_EVERY = 16   # files whose partials are held before they are folded into one
 
 
-def _read_marked(output: str, stage: str, sid: str, marker: dict[str, Any], columns: list[str]) -> pa.Table:
-    url = storage.join(output, stage, marker["parquet"])
-    data = storage.read_bytes(url)
-    if hashlib.sha256(data).hexdigest() != marker["sha256"]:
-        raise CommitError(f"{commit.marker_url(output, stage, sid)}: the Parquet file does not match "
-                          "its commit marker's checksum")
-    version = marker.get("schema_version", schema.SCHEMA_VERSION)
-    if version != schema.SCHEMA_VERSION:
-        raise ValueError(f"{url}: records have schema version {version}; this advpure reads {schema.SCHEMA_VERSION}")
-    pf = pq.ParquetFile(io.BytesIO(data), read_dictionary=aggregate.DICTIONARY_COLUMNS)
-    return pf.read(columns=[c for c in columns if c in pf.schema_arrow.names])
-
-
-def iter_committed(output: str, stage: str, columns: list[str] | None = None,
-                   ) -> Iterator[tuple[str, dict[str, Any], pa.Table]]:
-    """(shard id, marker, records) of every committed shard of a stage, in shard order."""
-    markers = commit.committed(output, stage)
-    if not markers:
-        raise CommitError(f"no committed results under {storage.join(output, stage)}")
-    for sid, marker in sorted(markers.items()):
-        yield sid, marker, _read_marked(output, stage, sid, marker, columns or list(schema.COLUMNS))
+def read_records(output: str, stage: str, sid: str, marker: dict[str, Any]) -> pa.Table:
+    """One committed shard's records, the columns the report reads."""
+    return commit.read_marked(output, stage, sid, marker, aggregate.READ_COLUMNS, aggregate.DICTIONARY_COLUMNS)
 
 
 def aggregate_run(output: str, stage: str = "evaluate", keep_samples: bool = False,
@@ -49,7 +27,7 @@ def aggregate_run(output: str, stage: str = "evaluate", keep_samples: bool = Fal
     """(combined aggregates, markers) of a run's committed records, file by file."""
     held: list[dict[str, Any]] = []
     markers = []
-    for sid, marker, table in iter_committed(output, stage, aggregate.READ_COLUMNS):
+    for sid, marker, table in commit.iter_marked(output, stage, aggregate.READ_COLUMNS, aggregate.DICTIONARY_COLUMNS):
         held.append(aggregate.partial(table, keep_samples))
         markers.append(marker)
         if len(held) >= COMBINE_EVERY:

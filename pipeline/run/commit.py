@@ -11,18 +11,22 @@ names the one Parquet file it vouches for (by name and sha256).**
 - resume (driver): `committed()` lists the markers; those shards are skipped. Before any
   worker of the stage starts, `clean_stage()` removes temporaries and every Parquet file no
   marker names (attempts that never committed).
-- read (report): `load_records()` reads only marked files and checks their sha256.
+- read (report, tests): `read_marked()` is the one reader of a committed file: the file a
+  marker names, checked against the marker's sha256 and the schema version this code reads;
+  `iter_marked()` and `load_records()` read a stage's committed shards through it.
 
 Pure I/O on top of `pipeline.io.storage` and `pipeline.schema`: no torch, no Ray.
 """
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import uuid
-from typing import Any
+from typing import Any, Iterator, Sequence
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from pipeline import schema
 from pipeline.io import storage
@@ -66,12 +70,6 @@ def committed(output: str, stage: str) -> dict[str, dict[str, Any]]:
     return out
 
 
-def committed_parquet(output: str, stage: str, sid: str) -> str:
-    """The records file a shard's commit marker names."""
-    marker = json.loads(storage.read_text(marker_url(output, stage, sid)))
-    return storage.join(output, stage, marker["parquet"])
-
-
 def clean_stage(output: str, stage: str, markers: dict[str, dict[str, Any]]) -> int:
     """Remove temporaries and the records files no marker names. Only safe while no worker
     of this job writes to the stage (the driver calls it before starting any)."""
@@ -87,19 +85,46 @@ def clean_stage(output: str, stage: str, markers: dict[str, dict[str, Any]]) -> 
     return n
 
 
-def load_records(output: str, stage: str = "evaluate", verify: bool = True) -> pa.Table:
-    """Every committed record of a stage; files without a marker are not results."""
+def read_marked(output: str, stage: str, sid: str, marker: dict[str, Any], columns: Sequence[str] | None = None,
+                read_dictionary: Sequence[str] = ()) -> pa.Table:
+    """The records a shard's commit marker vouches for: the file it names, whose bytes must
+    match the marker's sha256 (else CommitError) and whose schema version must be the one
+    this advpure reads for its kind of records (else ValueError). `columns`: the ones of
+    these the file has (None: all); `read_dictionary`: string columns read dictionary-encoded."""
+    url = storage.join(output, stage, marker["parquet"])
+    data = storage.read_bytes(url)
+    if hashlib.sha256(data).hexdigest() != marker["sha256"]:
+        raise CommitError(f"{marker_url(output, stage, sid)}: the Parquet file does not match "
+                          "its commit marker's checksum")
+    pf = pq.ParquetFile(io.BytesIO(data), read_dictionary=list(read_dictionary) or None)
+    expected = schema.schema_version(pf.schema_arrow)     # evaluation or corpus records
+    version = marker.get("schema_version", expected)
+    if version != expected:
+        raise ValueError(f"{url}: records have schema version {version}; this advpure reads {expected}")
+    names = pf.schema_arrow.names
+    return pf.read(columns=None if columns is None else [c for c in columns if c in names])
+
+
+def read_committed(output: str, stage: str, sid: str) -> pa.Table:
+    """One shard's committed records (its marker read first; see `read_marked`)."""
+    marker = json.loads(storage.read_text(marker_url(output, stage, sid)))
+    return read_marked(output, stage, sid, marker)
+
+
+def iter_marked(output: str, stage: str, columns: Sequence[str] | None = None, read_dictionary: Sequence[str] = (),
+                ) -> Iterator[tuple[str, dict[str, Any], pa.Table]]:
+    """(shard id, marker, records) of every committed shard of a stage, in shard order, one
+    file at a time (see `read_marked`); CommitError when the stage has none."""
     markers = committed(output, stage)
     if not markers:
         raise CommitError(f"no committed results under {storage.join(output, stage)}")
-    tables = []
-    for sid, meta in sorted(markers.items()):
-        data = storage.read_bytes(storage.join(output, stage, meta["parquet"]))
-        if verify and hashlib.sha256(data).hexdigest() != meta["sha256"]:
-            raise CommitError(f"{marker_url(output, stage, sid)}: the Parquet file does not match "
-                              "its commit marker's checksum")
-        tables.append(schema.read_parquet_bytes(data))
-    return pa.concat_tables(tables)
+    for sid, marker in sorted(markers.items()):
+        yield sid, marker, read_marked(output, stage, sid, marker, columns, read_dictionary)
+
+
+def load_records(output: str, stage: str = "evaluate") -> pa.Table:
+    """Every committed record of a stage in one table; files without a marker are not results."""
+    return pa.concat_tables([table for _, _, table in iter_marked(output, stage)])
 
 
 def merge_shard_checks(markers: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:

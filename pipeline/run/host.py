@@ -1,5 +1,5 @@
 """The C allocator and torch threads of a process that computes (an evaluation or corpus
-worker, `advpure plan`'s calibration).
+worker, `advpure plan`'s calibration), and the Ray node it runs on.
 
 Why the allocator: a purification step allocates and frees the same large buffers again and
 again (a checkpointed segment's graph, a batch's activations). glibc by default gives freed
@@ -62,3 +62,13 @@ def release_freed_memory() -> None:
     libc = _glibc()
     if libc is not None:
         libc.malloc_trim(0)
+
+
+def node_id() -> str | None:
+    """The Ray node this process runs on (None outside Ray)."""
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+    except Exception:  # not in a Ray worker
+        return None

@@ -46,16 +46,6 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def _node_id() -> str | None:
-    """The Ray node this worker runs on (None outside Ray)."""
-    try:
-        import ray
-
-        return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
-    except Exception:  # not in a Ray worker
-        return None
-
-
 def _gpu_ids() -> list[str]:
     """The node's GPU ids Ray assigned to this worker ([] outside Ray or without GPUs)."""
     try:
@@ -107,7 +97,7 @@ class ShardWorker:
 
     def ready(self) -> dict[str, Any]:
         p = self.protocol
-        return {"host": socket.gethostname(), "pid": os.getpid(), "device": str(p.device), "node_id": _node_id(),
+        return {"host": socket.gethostname(), "pid": os.getpid(), "device": str(p.device), "node_id": host.node_id(),
                 "gpu_ids": _gpu_ids(), "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
                 "flags": p.defense.purifier.flags(), "gradients": {a.index: a.gradient for a in p.attacks}}
 
@@ -164,7 +154,7 @@ class ShardWorker:
     def _commit(self, stage: str, sid: str, url: str, source: shards.ShardStream, result: stages.StageOutput,
                 outputs: list[dict[str, Any]], t0: float, prefetched: bool) -> dict[str, Any]:
         common = {**self.protocol.provenance, "schema_version": schema.SCHEMA_VERSION, "stage": stage, "shard": sid,
-                  "node_id": _node_id(), "host": socket.gethostname(), "device": _device_name(self.protocol.device)}
+                  "node_id": host.node_id(), "host": socket.gethostname(), "device": _device_name(self.protocol.device)}
         rows = [{**common, "key": s.key, "label": s.label, "status": schema.Status.DECODE_ERROR.value,
                  "error": s.error} for s in source.errors]
         rows += [_mark_nonfinite({**common, **r, "status": schema.Status.OK.value, "error": None})
@@ -172,7 +162,7 @@ class ShardWorker:
         return commit.commit_records(self.cfg.job.output, stage, sid, rows, {
             "source": url, "samples": source.samples, "config_hash": self.protocol.provenance["config_hash"],
             "seconds": time.time() - t0, "host": socket.gethostname(), "device": str(self.protocol.device),
-            "node_id": _node_id(), "gpu_ids": _gpu_ids(), "pid": os.getpid(), "checks": result.checks,
+            "node_id": host.node_id(), "gpu_ids": _gpu_ids(), "pid": os.getpid(), "checks": result.checks,
             "outputs": outputs, "versions": _versions(), "nfe": _total_nfe(result.rows),
             "prefetched": prefetched})
 

@@ -151,9 +151,6 @@ class StackedSkipNet:
             params[spec.name] = p
         return params
 
-    def num_params(self) -> int:
-        return sum(math.prod(s.shape) for s in self.specs)
-
     # ------------------------------------------------------------------ forward
     def _act(self, h: torch.Tensor) -> torch.Tensor:
         return F.leaky_relu(h, self.slope)
