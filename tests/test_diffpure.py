@@ -349,3 +349,20 @@ def test_network_settings_are_checked_and_our_loader_points_to_the_published_one
     torch.save({"conv.weight": torch.zeros(1)}, path)
     with pytest.raises(checkpoints.CheckpointError, match="network: score_sde or guided_diffusion"):
         PURIFIERS.build("diffpure", checkpoint=path)
+
+
+def test_train_diffusion_job_end_to_end(tmp_path):
+    """A few DDPM steps of the job on digits: the checkpoint loads as the purifier's network,
+    its meta has the loss and DiffPure's held-out PSNR, and samples come out as a PNG grid."""
+    from jobs import train_diffusion
+
+    out, png = str(tmp_path / "unet.pt"), str(tmp_path / "samples.png")
+    assert train_diffusion.main(["--data", "digits", "--out", out, "--max-steps", "3", "--width", "8", "--limit", "64",
+                                 "--eval-count", "2", "--samples", "2", "--samples-png", png, "--seed", "1"]) == 0
+    meta = torch.load(out, weights_only=True)["meta"]
+    assert meta["epochs"] == 250 and len(meta["loss_curve"]) == 3
+    assert set(meta["denoising_psnr"]) == {"0.05", "0.1", "0.2"}
+    assert PURIFIERS.build("diffpure", checkpoint=out, dt=0.05).record()["net_arch"] == small_unet.ARCH
+    from PIL import Image
+
+    assert Image.open(png).size == (19, 10)   # 2 images of 8×8 in one row, 1 px gaps
