@@ -1,6 +1,6 @@
 """Gradient checkpointing through K purification steps: peak memory and time, side by side.
 
-    python benchmarks/checkpointing.py [--purifier ebm adp] [--ks 10 100 1000] [--images 8]
+    python benchmarks/checkpointing.py [--purifier ebm adp diffpure] [--ks 10 100 1000] [--images 8]
                                        [--threads 2] [--max-none-k 1000] [--max-legacy-k 100] [--reps 1]
                                        [--allocator worker|glibc|both]
 
@@ -8,6 +8,9 @@ One full gradient d(Σ ŷ²)/dx through K steps (one forward + one backward) of
 - ebm: the CIFAR-10 Langevin EBM (Hill et al. layout, random init, 3×32×32), K Langevin steps;
 - adp: ADP on a CIFAR-size small score U-Net (random init, width 32 or $BENCH_ADP_WIDTH), K iterations with
   stop_alpha 0 so that no row stops early,
+- diffpure: DiffPure at t* = 0.1 with dt = 0.1/K (K reverse-SDE steps) on a CIFAR-size small_unet
+  (random init, width 32 or $BENCH_ADP_WIDTH), plus mode `adjoint` (torchsde's stochastic adjoint,
+  the same keyed path; its gradient differs from the exact one by its discretisation error),
 with `checkpoint_segment` 0 (none: the whole graph is kept), -1 (auto: this project's
 checkpointing, memory-optimal segments) and `legacy` (torch.utils.checkpoint, non-reentrant,
 √K segments — what the project used before; shows the cost this benchmark was written for).
@@ -65,8 +68,15 @@ def _build(purifier: str, k: int, mode: str):
     import torch
 
     torch.manual_seed(0)
-    seg = {"none": 0, "auto": -1, "legacy": -1}[mode]
-    if purifier == "ebm":
+    seg = {"none": 0, "auto": -1, "legacy": -1, "adjoint": 0}[mode]
+    if purifier == "diffpure":
+        from pipeline.purifiers.diffpure import DiffPurePurifier, DiffPureSettings, EpsilonModel
+        from pipeline.purifiers.nets.small_unet import SmallUNet
+
+        settings = DiffPureSettings(dt=0.1 / k, checkpoint_segment=seg, clip_output=False,
+                                    gradient_method="adjoint" if mode == "adjoint" else "exact")
+        p = DiffPurePurifier(EpsilonModel(SmallUNet(3, width=ADP_WIDTH)), settings)
+    elif purifier == "ebm":
         from pipeline.purifiers.langevin_ebm import LangevinEBMPurifier, LangevinEBMSettings
         from pipeline.purifiers.nets.ebm_nets import EBM
 
@@ -129,6 +139,8 @@ def _modes(args, purifier: str, k: int) -> list[str]:
     modes.append("auto")
     if purifier == "ebm" and k <= args.max_legacy_k:
         modes.append("legacy")
+    if purifier == "diffpure":
+        modes.append("adjoint")
     return modes
 
 
@@ -140,14 +152,14 @@ def _print_row(r: dict, base: dict | None) -> None:
         diff = max(abs(a - b) for a, b in zip(r["grad"], base["grad"]))
         scale = max(abs(b) for b in base["grad"]) or 1.0
         agree = f"{diff / scale:.1e}"
-    print(f"{r['purifier']:4s} {r['allocator']:6s} {r['k']:6d} {r['mode']:7s} {r['seconds']:9.2f} "
+    print(f"{r['purifier'][:4]:4s} {r['allocator']:6s} {r['k']:6d} {r['mode']:7s} {r['seconds']:9.2f} "
           f"{r['cpu_seconds']:9.2f} {r['peak_rss_mib']:10.0f} "
           f"{r['rss_before_mib']:10.0f} {ratio_t:>8s} {ratio_m:>8s} {agree:>9s}", flush=True)
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--purifier", nargs="+", default=["ebm", "adp"], choices=["ebm", "adp"])
+    ap.add_argument("--purifier", nargs="+", default=["ebm", "adp"], choices=["ebm", "adp", "diffpure"])
     ap.add_argument("--ks", nargs="+", type=int, default=[10, 100, 1000])
     ap.add_argument("--images", type=int, default=8)
     ap.add_argument("--threads", type=int, default=2)

@@ -1,6 +1,7 @@
 """Replica batching: R draws as one [B·R, ...] tensor against a Python loop over the draws.
 
     python benchmarks/replicas.py [--samples 16] [--draws 16] [--threads 1] [--repeats 3] [--adp-rows 256 64 32 16]
+        [--only eot adp langevin diffpure]
 
 Same networks, same keyed noise rows (draw r of sample b is row b·R + r either way), so the
 outputs agree; what differs is one call on B·R rows against R calls on B rows:
@@ -8,7 +9,9 @@ outputs agree; what differs is one call on B·R rows against R calls on B rows:
             digits: logits of R EOT draws and ∇ₓ of their mean loss (`Defense.logits`);
 - adp:      ADP purification (10 score-ascent iterations, small score U-Net, width 16) of R
             ensemble draws per image on 28×28;
-- langevin: R Langevin chains per image, 50 steps of the digits-size EBM (8×8, n_f 32).
+- langevin: R Langevin chains per image, 50 steps of the digits-size EBM (8×8, n_f 32);
+- diffpure: a full-gradient EOT attack step through DiffPure (t* 0.1, dt 0.01: 10 reverse-SDE
+            steps, exact checkpointed gradient; small_unet width 16) + small_cnn on 8×8 digits.
 Random-init networks (speed does not depend on the weights). Times are process CPU seconds
 (best of --repeats), and wall seconds beside them.
 """
@@ -42,6 +45,34 @@ def case_eot(b: int, draws: int):
     for q in clf.parameters():
         q.requires_grad_(False)
     d = Defense(clf, GaussianPurifier(GaussianSettings(sigma=0.25)))
+    x = torch.rand(b, 1, 8, 8)
+    y = torch.arange(b) % 10
+    noise = Noise.for_batch(0, [f"k{i}" for i in range(b)], "eot", draws)
+
+    def grad(xx, nz):
+        xx = xx.clone().requires_grad_(True)
+        z = d.logits(xx, nz, "full")                       # [B, R', K]
+        loss = torch.nn.functional.cross_entropy(z.flatten(0, 1), y.repeat_interleave(z.shape[1]))
+        return torch.autograd.grad(loss * z.shape[1], xx)[0]
+
+    batched = lambda: grad(x, noise)  # noqa: E731
+    loop = lambda: sum(grad(x, _rows(noise, r, draws)) for r in range(draws))  # noqa: E731
+    return batched, loop
+
+
+def case_diffpure(b: int, draws: int):
+    from pipeline.classifiers.base import Classifier
+    from pipeline.classifiers.small_cnn import SmallCNN
+    from pipeline.evaluation.defense import Defense
+    from pipeline.purifiers.diffpure import DiffPurePurifier, DiffPureSettings, EpsilonModel
+    from pipeline.purifiers.nets.small_unet import SmallUNet
+
+    torch.manual_seed(0)
+    clf = Classifier(SmallCNN(in_channels=1, num_classes=10, width=32), (0.5,), (0.5,), 10).eval()
+    unet = SmallUNet(1, width=16).eval()
+    for q in [*clf.parameters(), *unet.parameters()]:
+        q.requires_grad_(False)
+    d = Defense(clf, DiffPurePurifier(EpsilonModel(unet), DiffPureSettings(dt=0.01)))
     x = torch.rand(b, 1, 8, 8)
     y = torch.arange(b) % 10
     noise = Noise.for_batch(0, [f"k{i}" for i in range(b)], "eot", draws)
@@ -110,14 +141,14 @@ def main() -> int:
                     help="also time batched ADP cut into chunks of N rows (evaluation.max_rows)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    cases = {"eot": case_eot, "adp": case_adp, "langevin": case_langevin}
+    cases = {"eot": case_eot, "adp": case_adp, "langevin": case_langevin, "diffpure": case_diffpure}
     print(f"{args.samples} samples × {args.draws} draws, {args.threads} thread(s); "
           f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
     print(f"{'case':9s} {'batched cpu s':>14s} {'loop cpu s':>11s} {'loop/batched':>13s} {'wall ratio':>11s} "
           f"{'max |diff|':>11s}")
     for name in args.only:
         batched, loop = cases[name](args.samples, args.draws)
-        grad_ctx = torch.enable_grad() if name == "eot" else torch.no_grad()
+        grad_ctx = torch.enable_grad() if name in ("eot", "diffpure") else torch.no_grad()
         with grad_ctx:
             cb, wb, ob = _time(batched, args.repeats)
             cl, wl, ol = _time(loop, args.repeats)

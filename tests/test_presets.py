@@ -67,6 +67,13 @@ def test_autoattack_presets_match_autoattack_versions():
     assert get_preset("advpure_apgd_eot").description.startswith("Our combination")
 
 
+def test_diffpure2022_is_both_autoattack_versions():
+    entries = expand_preset("diffpure2022")
+    assert entries == expand_preset("autoattack_rand") + expand_preset("autoattack_standard")
+    assert [e["eot"] for e in entries] == [20, 20, 1, 1, 1]
+    assert "adjoint" in get_preset("diffpure2022").paper and "FAB-T" in get_preset("diffpure2022").ours
+
+
 def test_overrides_and_sweeps():
     (e,) = expand_preset("hill2021", {"eps": 0.3, "eot": 5, "gradient": "full", "steps": 7})
     assert e["params"]["eps"] == 0.3 and e["params"]["steps"] == 7 and e["eot"] == 5 and e["gradient"] == "full"

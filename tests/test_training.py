@@ -14,7 +14,7 @@ from pipeline.purifiers.nets import ebm_nets
 from pipeline.train import common, loops, objectives, recipes
 from tests.conftest import ROOT
 
-JOBS = ("train_classifier", "train_dae", "train_score", "train_ebm", "calibrate_dae")
+JOBS = ("train_classifier", "train_dae", "train_score", "train_ebm", "calibrate_dae", "train_diffusion")
 
 
 # ---------------------------------------------------------------- seeded init, EMA, fit

@@ -149,3 +149,14 @@ class ChainStarts:
     def put_back(self, idx: torch.Tensor | None, states: torch.Tensor) -> None:
         if idx is not None:
             self.bank[idx] = states
+
+
+def ddpm_loss(net: nn.Module, x: torch.Tensor, alphas_cumprod: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """DDPM's simple ε-objective (Ho et al. 2020, Algorithm 1), mean over pixels and batch:
+    ‖ε − ε̂(√ᾱᵢ·x + √(1 − ᾱᵢ)·ε, i)‖², i uniform on 0…N−1, x on [−1, 1], with the discrete
+    ᾱ of the VP schedule DiffPure purifies with (vpsde.VPSchedule)."""
+    i = torch.randint(len(alphas_cumprod), (x.shape[0],), generator=gen)
+    abar = alphas_cumprod[i].to(x.dtype).view(-1, *([1] * (x.dim() - 1)))
+    eps = torch.randn(x.shape, generator=gen)
+    x_t = abar.sqrt() * x + (1.0 - abar).sqrt() * eps
+    return F.mse_loss(net(x_t, i), eps)
