@@ -7,9 +7,9 @@ import importlib
 
 # module → the extra that installs it; every runtime extra of pyproject.toml is listed here
 # (tests/test_extras.py checks both ways). The `test` extra is for the test suite only.
-OPTIONAL = {"matplotlib": "report"}
+OPTIONAL = {"matplotlib": "report", "torchsde": "diffpure"}
 # what each extra enables, for the message
-USES = {"report": "advpure report --format html"}
+USES = {"report": "advpure report --format html", "diffpure": "the diffpure purifier's gradient_method 'adjoint'"}
 
 
 class MissingExtra(RuntimeError):

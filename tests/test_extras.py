@@ -14,8 +14,24 @@ from tests.conftest import ROOT
 
 tomllib = pytest.importorskip("tomllib")
 
+
+def _adjoint_config(tmp) -> list[str]:
+    """A DiffPure job attacked with the adjoint gradient (files exist; their contents are not read
+    before the settings are checked)."""
+    cfg = tmp / "diffpure.yaml"
+    ckpt = str(ROOT / "pyproject.toml")
+    cfg.write_text(f"""job: {{name: x, output: {tmp / 'out'}}}
+data: {{shards: "{tmp / 'shard-000000.tar'}"}}
+classifier: {{name: small_cnn, params: {{checkpoint: {ckpt}}}}}
+purifier: {{name: diffpure, params: {{checkpoint: {ckpt}, gradient_method: adjoint}}}}
+attacks: [{{name: pgd, params: {{eps: 0.1}}, gradient: full}}]
+""")
+    return ["run", str(cfg)]
+
+
 # the command each runtime extra enables, as a user would run it without the extra
-COMMANDS = {"report": ["report", "runs/no-such-run", "--format", "html"]}
+COMMANDS = {"report": lambda tmp: ["report", "runs/no-such-run", "--format", "html"],
+            "diffpure": _adjoint_config}
 TEST_ONLY = "test"   # the test suite's extra: nothing under pipeline/ may need it
 
 
@@ -35,11 +51,11 @@ def test_every_runtime_extra_is_known():
 
 
 @pytest.mark.parametrize("module", sorted(extras.OPTIONAL))
-def test_missing_extra_is_one_line_exit_2(module):
+def test_missing_extra_is_one_line_exit_2(module, tmp_path):
     extra = extras.OPTIONAL[module]
     code = (f"import sys; sys.modules[{module!r}] = None\n"
             "from pipeline.cli import main\n"
-            f"sys.exit(main({COMMANDS[extra]!r}))")
+            f"sys.exit(main({COMMANDS[extra](tmp_path)!r}))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert out.returncode == 2, out.stderr
     lines = out.stderr.strip().splitlines()

@@ -45,6 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipeline import extras
 from pipeline.io.checkpoints import CheckpointError
 from pipeline.purifiers import steps, vpsde
 from pipeline.purifiers.base import Purified, Purifier, PurifierSettings, load_frozen
@@ -181,6 +182,8 @@ class DiffPureSettings(PurifierSettings):
         self.require("gradient_method", self.gradient_method == "exact" or self.sampler == "sde",
                      "'exact' with sampler ode or ddpm (adjoint needs sampler sde: torchsde's stochastic adjoint)")
         self.require("checkpoint_segment", self.checkpoint_segment >= -1, "≥ −1 (−1 auto, 0 off)")
+        if self.gradient_method == "adjoint":   # known when the config is read, before any work
+            extras.require("torchsde")
         self.require("resize", self.resize is None or self.resize >= 8, "null or ≥ 8")
         self.require("net", self.net is None or self.network != "ours",
                      "null with network 'ours' (our checkpoint holds its arch params)")
@@ -306,11 +309,9 @@ class DiffPurePurifier(Purifier):
 
 
 def _torchsde() -> Any:
-    try:
-        import torchsde
-    except ImportError:
-        raise ImportError("diffpure gradient_method 'adjoint' needs torchsde: pip install 'advpure[diffpure]' "
-                          "(torchsde>=0.2.6), or use gradient_method 'exact'") from None
+    extras.require("torchsde")
+    import torchsde
+
     return torchsde
 
 
