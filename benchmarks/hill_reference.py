@@ -1,27 +1,42 @@
-"""The published Langevin protocol: `advpure run` against a loop written like the reference.
+"""The published Langevin protocol: `advpure run` against the official Hill et al. script.
 
-    python benchmarks/hill_reference.py [--images 50] [--langevin-steps 300] [--attack-steps 10]
-        [--eot 4] [--chains 16] [--eps 0.2] [--ebm runs/models/digits_ebm.pt]
-        [--classifier runs/models/digits_cnn.pt] [--threads 2]
+    python benchmarks/hill_reference.py [--official PATH] [--restated] [--images 20]
+        [--langevin-steps 20] [--attack-steps 5] [--eot 4] [--chains 16] [--eps-255 8]
+        [--step-255 2] [--threads 2] [--workers 1] [--pairs 2] [--seeds 0 1] [--work DIR]
 
-Both sides run Hill et al.'s BPDA+EOT protocol (`hill2021`) on the same networks and the same
-held-out digits (the first --images of the digits `test` split), at a reduced budget:
-- reference: a plain PyTorch loop shaped like point0bar1/ebm-defense `bpda_eot_attack.py` —
-  the attack batched over images with the EOT draws as one repeated tensor, and before every
-  attack step (and after the last) the defense re-checked image by image, each image's H
-  chains in one call; once broken stays broken; `torch.randn` noise; --threads torch threads;
-- advpure: `advpure run` of the same protocol in a fresh process (Ray start, actor start,
-  shards, the clean R-run evaluation, per-step re-check of candidate breaks only, the final
-  R-run evaluation, the checks and the Parquet commits all included), 2 actors × 1 thread.
-Prints each side's wall time, the ratio, and both robust accuracies (the share never broken,
-which the two compute with different random draws: they agree within their Wilson intervals,
-not bit for bit). The EBM's weights do not change the cost, only the accuracies.
+Reference side: with --official PATH (a copy of point0bar1/ebm-defense, the folder holding
+`bpda_eot_attack.py`), that script itself, run unchanged with the run-time adaptations listed in
+benchmarks/hill_official.py (CUDA → CPU, our images instead of the CIFAR-10 download, the WRN
+depth / widen, a row counter on the EBM); without it (or also, with --restated) our re-statement
+of the same protocol in plain PyTorch (hill_official.py). Both re-check only candidates — images
+the attack's own EOT draw misclassifies — with H chains each, as the script's
+`eot_defense_verification` does.
+
+advpure side: `advpure run` (python -m pipeline.cli run) of the `hill2021` preset at the same
+budget in a fresh process — Ray start, actor start, shard decode, the clean R-run evaluation,
+the attack with its re-checks, the final R-run evaluation, the gradient-masking checks and the
+Parquet commits all included — `--workers` actors sharing `--threads` CPUs.
+
+Same inputs on every side: the first --images held-out digits (the digits `test` split) upscaled
+to 32×32×3 (nearest, each 8×8 pixel a 4×4 block, grey to three channels) and written as uint8
+(a shard for advpure, an array for the script, which maps them to [−1, 1] as its loader does);
+a randomly initialised WideResNet (meliketoy layout, the script's nets.py, depth 10 / widen 2)
+and a randomly initialised EBM (the script's lightweight EBM, n_f 32), both drawn from a fixed
+seed and saved as state dicts that every side loads. Random weights do not change the cost;
+they make the baseline mostly wrong, so re-checks happen where the attack starts.
+
+Whole processes are timed, interleaved in pairs (the order alternates) so machine load hits
+both sides. Chain rows (Langevin chains of K steps) are counted on each side: the script's and
+the re-statement's EBM forward rows ÷ K; advpure's rows through LangevinEBMPurifier.purify,
+counted by a sitecustomize hook on the run's PYTHONPATH that appends one line per call (Ray
+workers inherit it). Prints one line per process and a table with each pair's ratio.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -34,110 +49,205 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
+from pipeline.classifiers.wideresnet import WideResNetMeliketoy  # noqa: E402
 from pipeline.io import datasets  # noqa: E402
-from pipeline.io.make_shards import make_shards  # noqa: E402
-from pipeline.purifiers.nets import ebm_nets  # noqa: E402
-from pipeline.registry import CLASSIFIERS  # noqa: E402
+from pipeline.io.shards import ShardWriter  # noqa: E402
+from pipeline.purifiers.nets.ebm_nets import EBM  # noqa: E402
+
+NETS_SEED = 1234
+ROW_HOOK = '''\
+"""Benchmark-only: count the rows LangevinEBMPurifier.purify runs, one line per call."""
+import importlib.abc, importlib.util, os, sys
+
+_OUT = os.environ.get("HILL_BENCH_ROWS")
 
 
-def langevin(ebm, x: torch.Tensor, steps: int, eps: float) -> torch.Tensor:
-    """K steps of X ← X − ∇U(X) + ε·Z on [−1, 1], as the reference samples; pixels out."""
-    X = 2.0 * x - 1.0
-    for _ in range(steps):
-        X = X.detach().requires_grad_(True)
-        grad = torch.autograd.grad(ebm(X).sum(), X)[0]
-        X = X.detach() - grad + eps * torch.randn_like(X)
-    return ((X.detach() + 1.0) * 0.5).clamp(0.0, 1.0)
+class _Hook(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name != "pipeline.purifiers.langevin_ebm":
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(name)
+        load = spec.loader.exec_module
+
+        def exec_module(module):
+            load(module)
+            cls = module.LangevinEBMPurifier
+            purify = cls.purify
+
+            def counted(self, x, noise=None):
+                with open(_OUT, "a") as f:
+                    f.write(f"{x.shape[0]}\\n")
+                return purify(self, x, noise)
+
+            cls.purify = counted
+
+        spec.loader.exec_module = exec_module
+        return spec
 
 
-def reference(ebm, clf, x: torch.Tensor, y: torch.Tensor, a: argparse.Namespace) -> tuple[float, int]:
-    """(seconds, images never broken): the reference's loop."""
-    t0 = time.perf_counter()
-    step = a.eps / 4 if a.step_size is None else a.step_size
-    x_adv = (x + a.eps * (2 * torch.rand_like(x) - 1)).clamp(0, 1)  # random start
-    broken = torch.zeros(len(x), dtype=torch.bool)
-    for i in range(a.attack_steps + 1):
-        for j in range(len(x)):  # the defense's verification, image by image
-            reps = x_adv[j:j + 1].repeat(a.chains, 1, 1, 1)
-            with torch.enable_grad():
-                purified = langevin(ebm, reps, a.langevin_steps, a.langevin_eps)
-            with torch.no_grad():
-                if clf(purified).mean(0).argmax() != y[j]:
-                    broken[j] = True
-        if i == a.attack_steps:
-            break
-        reps = x_adv.repeat(a.eot, 1, 1, 1)  # EOT draws as one tensor, BPDA through the chains
-        purified = langevin(ebm, reps, a.langevin_steps, a.langevin_eps).requires_grad_(True)
-        logits = clf(purified).view(a.eot, len(x), -1).mean(0)
-        grad = torch.autograd.grad(F.cross_entropy(logits, y, reduction="sum"), purified)[0]
-        grad = grad.view(a.eot, *x.shape).sum(0)
-        x_adv = torch.min(torch.max(x_adv + step * grad.sign(), x - a.eps), x + a.eps).clamp(0, 1)
-    return time.perf_counter() - t0, int((~broken).sum())
+if _OUT:
+    sys.meta_path.insert(0, _Hook())
+'''
 
 
-def advpure(a: argparse.Namespace, work: Path) -> tuple[float, dict]:
-    """(wall seconds of `advpure run`, the report's JSON)."""
-    doc = make_shards("digits", str(work / "shards"), split="test", samples_per_shard=(a.images + 1) // 2,
-                      limit=a.images)
-    # the step as the reference's (ε/4): the preset's 2/255 is for ε = 8/255 and does not follow ε
-    overrides = {"eps": a.eps, "steps": a.attack_steps, "eot": a.eot, "recheck_draws": a.chains,
-                 "step_size": a.eps / 4 if a.step_size is None else a.step_size}
-    cfg = {"job": {"name": "hill_reference", "output": str(work / "out"), "seed": 0},
-           "data": {"shards": doc["pattern"], "batch_size": a.images},
-           "classifier": {"name": "small_cnn", "params": {"checkpoint": a.classifier}},
-           "purifier": {"name": "langevin_ebm", "params": {"checkpoint": a.ebm, "steps": a.langevin_steps,
-                                                           "eps": a.langevin_eps, "clip_output": True}},
+def prepare(work: Path, a: argparse.Namespace) -> dict:
+    """Write the budget, the images (array and shard) and the two random networks."""
+    images, labels, _ = datasets.load_split("digits", "test")
+    big = np.repeat(np.repeat(images[:a.images], 4, axis=1), 4, axis=2).repeat(3, axis=3)  # [N, 32, 32, 3]
+    np.save(work / "images.npy", big)
+    np.save(work / "labels.npy", labels[:a.images].astype(np.int64))
+    writer = ShardWriter(str(work / "shards"), samples_per_shard=a.images, meta={"source": "digits32"})
+    for i in range(a.images):
+        writer.write(f"digits32-{i:04d}", big[i], int(labels[i]))
+    writer.close()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(NETS_SEED)
+        torch.save(WideResNetMeliketoy(a.depth, a.widen, 10).state_dict(), work / "clf.pth")
+        torch.save(EBM(n_c=3, n_f=32, leak=0.05, image_size=32).state_dict(), work / "ebm.pth")
+    budget = {k: getattr(a, k) for k in ("images", "langevin_steps", "langevin_eps", "attack_steps", "eot",
+                                         "chains", "eps_255", "step_255", "depth", "widen")}
+    (work / "budget.json").write_text(json.dumps(budget))
+    (work / "hook").mkdir(exist_ok=True)
+    (work / "hook" / "sitecustomize.py").write_text(ROW_HOOK)
+    return {"pattern": writer.pattern()}
+
+
+def advpure_config(work: Path, a: argparse.Namespace, seed: int, pattern: str) -> tuple[Path, Path]:
+    """(the run's output folder, its job file)."""
+    overrides = {"eps": a.eps_255 / 255, "step_size": a.step_255 / 255, "steps": a.attack_steps,
+                 "eot": a.eot, "recheck_draws": a.chains}
+    cfg = {"job": {"name": "hill_reference", "output": str(work / f"advpure-{seed}-{time.time_ns()}"),
+                   "seed": seed},
+           "data": {"shards": pattern, "batch_size": a.images},
+           "classifier": {"name": "wideresnet", "params": {"checkpoint": str(work / "clf.pth"), "depth": a.depth,
+                                                          "widen_factor": a.widen, "preset": "hill"}},
+           "purifier": {"name": "langevin_ebm", "params": {
+               "checkpoint": str(work / "ebm.pth"), "net": {"n_c": 3, "n_f": 32, "leak": 0.05, "image_size": 32},
+               "steps": a.langevin_steps, "eps": a.langevin_eps, "clip_output": False}},
            "attacks": [{"preset": "hill2021", "overrides": overrides}],
-           "evaluation": {"runs": a.chains, "max_rows": 4096},
-           "cluster": {"num_workers": 2, "cpus_per_worker": 1}}
-    path = work / "job.yaml"
+           "evaluation": {"runs": a.chains},
+           "cluster": {"num_workers": a.workers, "cpus_per_worker": a.threads / a.workers}}
+    path = work / f"job-{seed}.yaml"
     path.write_text(yaml.safe_dump(cfg))
+    return Path(cfg["job"]["output"]), path
+
+
+def advpure_record(out: Path, steps: int) -> list[int]:
+    """Images defended before the attack (clean R-run mean logits) and after each iterate
+    0 … steps (no confirmed break yet), then the robust count (record and final evaluation)."""
+    from pipeline.report.load import iter_committed
+
+    cols = ["label", "clean_mean_logit_pred", "broken_step", "robust"]
+    rows = [r for _, _, t in iter_committed(str(out), "evaluate", cols) for r in t.to_pylist()]
+    ok = [r for r in rows if r["clean_mean_logit_pred"] == r["label"]]
+    record = [len(ok)] + [sum(1 for r in ok if not 0 <= r["broken_step"] <= s) for s in range(steps + 1)]
+    return record + [sum(1 for r in rows if r["robust"])]
+
+
+def timed(cmd: list[str], env: dict, log: Path) -> float:
     t0 = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "pipeline.cli", "run", str(path)], check=True, cwd=ROOT,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    with open(log, "w") as f:
+        done = subprocess.run(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT)
     wall = time.perf_counter() - t0
-    out = subprocess.run([sys.executable, "-m", "pipeline.cli", "report", str(work / "out"), "--format", "json"],
-                         check=True, cwd=ROOT, capture_output=True, text=True).stdout
-    return wall, json.loads(out)
+    if done.returncode:
+        raise SystemExit(f"{' '.join(cmd)} failed (exit {done.returncode}); its output: {log}")
+    return wall
+
+
+def run_reference(work: Path, a: argparse.Namespace, seed: int, official: bool) -> dict:
+    cmd = [sys.executable, str(ROOT / "benchmarks/hill_official.py"), str(work), "--seed", str(seed),
+           "--threads", str(a.threads)] + (["--official", str(a.official)] if official else [])
+    log = work / f"{'official' if official else 'restated'}-{seed}-{time.time_ns()}.log"
+    wall = timed(cmd, dict(os.environ), log)
+    line = [ln for ln in log.read_text().splitlines() if ln.startswith("HILL_RESULT ")][-1]
+    return {"wall": wall, **json.loads(line.split(" ", 1)[1])}
+
+
+def run_advpure(work: Path, a: argparse.Namespace, seed: int, pattern: str) -> dict:
+    out, job = advpure_config(work, a, seed, pattern)
+    rows_file = work / f"rows-{out.name}.txt"
+    env = {**os.environ, "HILL_BENCH_ROWS": str(rows_file),
+           "PYTHONPATH": os.pathsep.join([str(work / "hook"), str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    wall = timed([sys.executable, "-m", "pipeline.cli", "run", str(job)], env, work / f"{out.name}.log")
+    rows = sum(int(n) for n in rows_file.read_text().split()) if rows_file.exists() else 0
+    return {"side": "advpure", "wall": wall, "chain_rows": rows, "record": advpure_record(out, a.attack_steps)}
+
+
+def run_pair(work: Path, a: argparse.Namespace, seed: int, pattern: str, refs: list[bool],
+             advpure_first: bool) -> list[dict]:
+    """One process per side, back to back; refs: True for the official script, False the re-statement."""
+    order: list = [*refs, "advpure"]
+    if advpure_first:
+        order = ["advpure", *refs]
+    return [run_advpure(work, a, seed, pattern) if s == "advpure" else run_reference(work, a, seed, s)
+            for s in order]
+
+
+def show(seed: int, r: dict) -> None:
+    print(f"seed {seed}  {r['side']:<9} {r['wall']:7.1f} s  chain rows {r['chain_rows']:5d}  "
+          f"record {r['record']}  load {os.getloadavg()[0]:.1f}", flush=True)
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--images", type=int, default=50)
-    ap.add_argument("--langevin-steps", type=int, default=300)
+    ap.add_argument("--official", type=Path, default=None, help="folder holding the script's bpda_eot_attack.py")
+    ap.add_argument("--restated", action="store_true", help="with --official: run the re-statement as well")
+    ap.add_argument("--images", type=int, default=20)
+    ap.add_argument("--langevin-steps", type=int, default=20)
     ap.add_argument("--langevin-eps", type=float, default=0.01)
-    ap.add_argument("--attack-steps", type=int, default=10)
-    ap.add_argument("--step-size", type=float, default=None, help="default ε/4, the reference's ratio")
+    ap.add_argument("--attack-steps", type=int, default=5)
     ap.add_argument("--eot", type=int, default=4)
-    ap.add_argument("--chains", type=int, default=16, help="H: re-check draws and evaluation runs")
-    ap.add_argument("--eps", type=float, default=0.2)
-    ap.add_argument("--ebm", default=str(ROOT / "runs/models/digits_ebm.pt"))
-    ap.add_argument("--classifier", default=str(ROOT / "runs/models/digits_cnn.pt"))
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--chains", type=int, default=16, help="H: re-check chains and evaluation runs")
+    ap.add_argument("--eps-255", type=float, default=8.0)
+    ap.add_argument("--step-255", type=float, default=2.0)
+    ap.add_argument("--depth", type=int, default=10)
+    ap.add_argument("--widen", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=2, help="torch threads of a reference side; advpure's CPUs")
+    ap.add_argument("--workers", type=int, default=1, help="advpure actors (threads ÷ workers CPUs each)")
+    ap.add_argument("--pairs", type=int, default=2, help="pairs per seed")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    ap.add_argument("--work", type=Path, default=None, help="keep inputs, logs and records here")
     a = ap.parse_args()
-    torch.set_num_threads(a.threads)
-    torch.manual_seed(0)
-    images, labels, _ = datasets.load_split("digits", "test")
-    x = datasets.to_float_nchw(images[:a.images])
-    y = torch.from_numpy(labels[:a.images]).long()
-    ebm, _ = ebm_nets.load_ebm(a.ebm)
-    for p in ebm.parameters():
-        p.requires_grad_(False)
-    clf = CLASSIFIERS.build("small_cnn", checkpoint=a.classifier).eval()
-    print(f"{a.images} digits, K = {a.langevin_steps}, {a.attack_steps} steps, EOT {a.eot}, H = {a.chains}, "
-          f"ε = {a.eps}; load average {os.getloadavg()[0]:.1f}", flush=True)
-    ref_s, ref_ok = reference(ebm, clf, x, y, a)
-    print(f"reference loop ({a.threads} threads): {ref_s:7.1f} s, never broken {ref_ok}/{a.images}", flush=True)
+    if a.official is not None and not (a.official / "bpda_eot_attack.py").is_file():
+        print(f"--official {a.official}: no bpda_eot_attack.py there (give the folder of a "
+              "point0bar1/ebm-defense checkout)", file=sys.stderr)
+        return 2
+    refs = ([True] if a.official else []) + ([False] if a.restated or not a.official else [])
     with tempfile.TemporaryDirectory() as tmp:
-        ours_s, rep = advpure(a, Path(tmp))
-    w = rep["worst_case"][0]
-    print(f"advpure run (2 actors):       {ours_s:7.1f} s (everything, Ray start included), never broken "
-          f"{w['k']}/{w['n']} [{100 * w['lo']:.1f}, {100 * w['hi']:.1f}] %", flush=True)
-    print(f"ratio reference / advpure wall time: {ref_s / ours_s:.2f}; load average {os.getloadavg()[0]:.1f}")
+        work = (a.work or Path(tmp)).resolve()
+        work.mkdir(parents=True, exist_ok=True)
+        pattern = prepare(work, a)["pattern"]
+        print(f"{a.images} digits at 32×32×3, WRN-{a.depth}-{a.widen} and EBM random, K = {a.langevin_steps}, "
+              f"{a.attack_steps} steps, EOT {a.eot}, H = {a.chains}, ε = {a.eps_255}/255; reference "
+              f"{a.threads} threads, advpure {a.workers} actor(s); load {os.getloadavg()[0]:.1f}", flush=True)
+        results: list[tuple[int, dict, list[dict]]] = []
+        for n, (seed, _) in enumerate((s, i) for s in a.seeds for i in range(a.pairs)):
+            out = run_pair(work, a, seed, pattern, refs, advpure_first=bool(n % 2))  # alternating order
+            for r in out:
+                show(seed, r)
+            mine = next(r for r in out if r["side"] == "advpure")
+            results.append((seed, mine, [r for r in out if r["side"] != "advpure"]))
+        summarise(results)
     return 0
+
+
+def summarise(results: list[tuple[int, dict, list[dict]]]) -> None:
+    print("\n| seed | reference | reference s | advpure s | advpure ÷ reference | chain rows ref / advpure |")
+    print("|---|---|---|---|---|---|")
+    ratios: dict[str, list[float]] = {}
+    for seed, mine, refs in results:
+        for r in refs:
+            ratio = mine["wall"] / r["wall"]
+            ratios.setdefault(r["side"], []).append(ratio)
+            print(f"| {seed} | {r['side']} | {r['wall']:.1f} | {mine['wall']:.1f} | {ratio:.2f} | "
+                  f"{r['chain_rows']} / {mine['chain_rows']} |")
+    for side, rs in ratios.items():
+        print(f"advpure ÷ {side}: median {statistics.median(rs):.2f} (range {min(rs):.2f}–{max(rs):.2f}, "
+              f"{len(rs)} pairs); above 1 means advpure is slower")
 
 
 if __name__ == "__main__":
