@@ -80,6 +80,29 @@ def test_plan_suggests_a_checkpoint_segment_for_full_gradient_through_langevin(d
     assert seg["suggested"] in (0, -1)
 
 
+def _noise_defense_cfg(digits_shards, digits_models, tmp_path):
+    return _cfg(digits_shards, digits_models, tmp_path, purifier={"name": "gaussian", "params": {"sigma": 0.1}},
+                attacks=[{"name": "pgd", "params": {"eps": 0.2, "steps": 1}, "gradient": "full", "eot": 8}],
+                data={"shards": digits_shards["pattern"], "batch_size": 16, "max_samples_per_shard": 16})
+
+
+def test_plan_times_row_chunks_below_the_attack_steps_rows(digits_shards, digits_models, tmp_path):
+    r = plan.plan(_noise_defense_cfg(digits_shards, digits_models, tmp_path), workers=[1])
+    mr = r["max_rows"]
+    assert mr["rows"] == 128 and mr["eot"] == 8 and mr["configured"] == 4096
+    assert sorted(mr["seconds"]) == [64, 128] and all(s > 0 for s in mr["seconds"].values())
+    assert mr["suggested"] in (64, 4096)
+    assert "max_rows: configured 4096" in plan.format_plan(r)
+
+
+def test_suggested_max_rows_needs_a_clear_gain(digits_shards, digits_models, tmp_path, monkeypatch):
+    cal, p = plan.calibrate(_noise_defense_cfg(digits_shards, digits_models, tmp_path))
+    assert p.defense.max_rows == 4096  # timing restores the configured chunk
+    for timings, expected in (({64: 1.0, 128: 2.0}, 64), ({64: 1.9, 128: 2.0}, 4096), ({64: 3.0, 128: 2.0}, 4096)):
+        monkeypatch.setattr(plan, "time_eot_step", lambda p, a, b, n, t=timings: t[n])
+        assert plan.suggest_max_rows(p, cal)["suggested"] == expected
+
+
 def test_makespan_spreads_longest_first():
     assert plan.makespan([4, 4, 4, 4], 2) == 8
     assert plan.makespan([5, 3, 3, 1], 2) == 6

@@ -9,6 +9,11 @@ RSS, reset before each measurement through /proc/self/clear_refs). Per-sample fi
 scaled to the job's sample counts (the shard index), per-shard costs (the first-batch
 checks, decoding) to its shard count, and shards are spread over W workers longest-first.
 
+Suggestions: a batch size (memory), a checkpoint segment (full-gradient graphs through an
+iterative purifier) and evaluation.max_rows — the rows per purifier and classifier call, timed
+on one step of the attack with the most rows per step at the configured chunk and at smaller
+powers of two (on one CPU thread a single 2,000-row call can be 1.7× slower than chunks of 250).
+
 Start-up: a fresh interpreter importing the worker is timed in a subprocess, plus the
 protocol's build; a local Ray start only with `--ray-startup` (it starts Ray). What it cannot
 see: a cluster's actor placement, cascade survival beyond the calibration batch, data-
@@ -30,7 +35,7 @@ import torch
 from pipeline.config import Config
 from pipeline.evaluation import shard as shard_mod
 from pipeline.evaluation import stages
-from pipeline.evaluation.protocol import NO_ATTACK, Protocol, build_protocol
+from pipeline.evaluation.protocol import NO_ATTACK, PlannedAttack, Protocol, build_protocol
 from pipeline.io import shards
 from pipeline.run import host
 
@@ -132,6 +137,7 @@ class Calibration:
     batch: int
     probe_row: torch.Tensor                                           # [1, C, H, W], the first image
     pieces: dict[str, list[Measured]] = field(default_factory=dict)   # stage → pieces
+    sample: shard_mod.Batch | None = None                             # the calibration batch
 
     @property
     def row_bytes(self) -> int:
@@ -216,7 +222,7 @@ def calibrate(cfg: Config, batches: int = 1) -> tuple[Calibration, Protocol]:
     batch = next(shard_mod.batches(samples[: p.batch_size * batches], p.batch_size * batches, p.device))
     _warm_up(p, batch)
     base = _rss_now() if p.device.type != "cuda" else int(torch.cuda.memory_allocated(p.device))
-    cal = Calibration(build, decode, base, len(batch.keys), batch.x[:1].detach().cpu())
+    cal = Calibration(build, decode, base, len(batch.keys), batch.x[:1].detach().cpu(), sample=batch)
     adversarial: dict[int, torch.Tensor] = {}
     for stage in cfg.job.stages:
         if stage == "evaluate":
@@ -328,6 +334,52 @@ def _steps_field(pur) -> str:
     return "steps" if hasattr(pur.settings, "steps") else "max_iter"
 
 
+ROW_CHUNKS = (64, 128, 256, 512, 1024, 2048, 4096)
+CHUNK_GAIN = 0.9   # suggest another chunk only if ≥ 10 % faster: single timings on a shared CPU move that much
+
+
+def time_eot_step(p: Protocol, attack: PlannedAttack, b: shard_mod.Batch, max_rows: int) -> float:
+    """Seconds of one attack step's gradient on the batch — `attack.eot` draws per image through
+    the defense the attack differentiates (forward, cross-entropy of the mean logits, backward)
+    — with evaluation.max_rows = max_rows rows per purifier and classifier call."""
+    defense = attack.surrogate or p.defense
+    old = defense.max_rows
+    defense.max_rows = max(1, int(max_rows))
+    try:
+        target = defense.attack_target(attack.gradient, p.seed, b.keys, "plan/max_rows", attack.eot)
+        x = b.x.detach().clone().requires_grad_(True)
+        t0 = time.perf_counter()
+        with torch.enable_grad():
+            loss = torch.nn.functional.cross_entropy(target(x, 0).mean(1), b.y)
+            torch.autograd.grad(loss, x)
+        if p.device.type == "cuda":
+            torch.cuda.synchronize(p.device)
+        return time.perf_counter() - t0
+    finally:
+        defense.max_rows = old
+
+
+def suggest_max_rows(p: Protocol, cal: Calibration) -> dict[str, Any] | None:
+    """evaluation.max_rows by measurement: one step of the attack with the most rows per step
+    (batch × EOT) timed at the configured chunk and at each of ROW_CHUNKS below its rows;
+    the fastest is suggested where it beats the configured chunk by 1 − CHUNK_GAIN."""
+    attacks = [a for a in p.attacks if a.gradient != "classifier"]
+    if not attacks or cal.sample is None:
+        return None
+    attack = max(attacks, key=lambda a: a.eot)
+    rows = len(cal.sample.keys) * attack.eot
+    configured = (attack.surrogate or p.defense).max_rows
+    sizes = sorted({c for c in ROW_CHUNKS if c < rows} | {min(configured, rows)})
+    if len(sizes) < 2:
+        return None
+    seconds = {n: time_eot_step(p, attack, cal.sample, n) for n in sizes}
+    best = min(seconds, key=seconds.get)
+    mine = seconds[min(configured, rows)]
+    suggested = best if seconds[best] < CHUNK_GAIN * mine else configured
+    return {"attack": f"attack{attack.index}:{attack.name}", "eot": attack.eot, "rows": rows,
+            "configured": configured, "suggested": suggested, "seconds": seconds}
+
+
 def _graph_bytes_per_row_step(pur, device: torch.device, cal: Calibration) -> float:
     """Graph bytes one row and one step keep for backward, measured on a 2-step run."""
     from pipeline.purifiers import steps as steps_mod
@@ -406,6 +458,7 @@ def plan(cfg: Config, workers: Sequence[int] | None = None, calibration_batches:
                        "shard_size": max(counts, default=cal.batch),
                        "suggested": suggest_batch_size(cal, budget, max(counts, default=cal.batch))},
         "checkpoint_segment": suggest_segment(p, cal, budget),
+        "max_rows": suggest_max_rows(p, cal),
     }
 
 
@@ -452,6 +505,12 @@ def format_plan(r: dict[str, Any]) -> str:
     lines.append(f"  (includes a measured local Ray start of {ray:.1f} s)" if ray is not None else
                  "  (Ray start-up not included: --ray-startup measures a local one)")
     lines.append(_batch_line(r))
+    mr = r.get("max_rows")
+    if mr:
+        timed = ", ".join(f"{n} rows {s:.2f} s" for n, s in mr["seconds"].items())
+        lines.append(f"max_rows: configured {mr['configured']}, suggested {mr['suggested']} (one step of "
+                     f"{mr['attack']}, {mr['rows'] // mr['eot']} images × EOT {mr['eot']} = {mr['rows']} rows: "
+                     f"{timed})")
     seg = r["checkpoint_segment"]
     if seg:
         lines.append(f"checkpoint_segment: configured {seg['configured']}, suggested {seg['suggested']} "
