@@ -12,7 +12,8 @@ checks, decoding) to its shard count, and shards are spread over W workers longe
 Suggestions: a batch size (memory), a checkpoint segment (full-gradient graphs through an
 iterative purifier) and evaluation.max_rows — the rows per purifier and classifier call, timed
 on one step of the attack with the most rows per step at the configured chunk and at smaller
-powers of two (on one CPU thread a single 2,000-row call can be 1.7× slower than chunks of 250).
+powers of two (one CPU thread: one 2,000-row call took twice as long as chunks of 250,
+BENCHMARKS.md "Row chunks").
 
 Start-up: a fresh interpreter importing the worker is timed in a subprocess, plus the
 protocol's build; a local Ray start only with `--ray-startup` (it starts Ray). What it cannot
