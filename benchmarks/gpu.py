@@ -314,7 +314,7 @@ def run_noise(args, dev: torch.device, report: Report) -> None:
 
         def step():  # as LangevinEBMPurifier._chain's step
             g = steps.energy_grad(p.energy_net, x)
-            return steps.langevin_step(x, g, p.eps, draw())
+            return steps.langevin_step(x, g, p.settings.eps, draw())
 
         with torch.no_grad():
             t_step, t_draw = (timed(f, dev, args.repeats, inner=5) for f in (step, draw))

@@ -307,9 +307,9 @@ class _Linear64(nn.Module):
 def test_apgd_t_on_a_keyed_defense_same_result_alone_or_in_a_batch():
     """Runs on the unbroken rows only (the Defense's `select_rows`): each sample keeps its
     keyed draws, so its result is the same alone as in a batch where others break first."""
-    from pipeline.purifiers.gaussian import GaussianPurifier
+    from pipeline.purifiers.gaussian import GaussianPurifier, GaussianSettings
 
-    defense = Defense(_Linear64(), GaussianPurifier(sigma=0.05))
+    defense = Defense(_Linear64(), GaussianPurifier(GaussianSettings(sigma=0.05)))
     x = torch.rand(6, 3, 4, 4, generator=torch.Generator().manual_seed(6))
     y = defense.classifier(x).argmax(1)
     keys = [f"s{i}" for i in range(6)]

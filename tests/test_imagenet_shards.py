@@ -2,6 +2,8 @@
 batch size that adapts to memory, and the GPU path's code (bf16, channels_last, compile) on CPU."""
 from __future__ import annotations
 
+import types
+
 import numpy as np
 import pytest
 import torch
@@ -119,6 +121,7 @@ def test_imagenet_config_loads_and_overrides_to_the_baseline():
 class _FakeProtocol:
     def __init__(self, batch_size: int):
         self.batch_size, self.device = batch_size, torch.device("cpu")
+        self.defense = types.SimpleNamespace(classifier=None)   # no class count: labels unchecked
 
 
 def _samples(n: int) -> list[shards.Sample]:

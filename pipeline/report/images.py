@@ -115,7 +115,7 @@ def _from_evaluate(output: str, limit: int) -> tuple[list[dict[str, Any]], str]:
     out, sids = [], []
     for sid, marker, n in _spread(output, "evaluate", limit):
         clean = _read(marker["source"])
-        records = load._read_marked(output, "evaluate", sid, marker, aggregate.READ_COLUMNS)
+        records = load.read_records(output, "evaluate", sid, marker)
         attacked = records.filter(pc.not_equal(pc.fill_null(records["attack_name"], "none"), "none"))
         worst = _worst_verdicts(attacked if attacked.num_rows else records)
         low = pc.min(records["attack_index"])

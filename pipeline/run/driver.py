@@ -728,15 +728,15 @@ def run(cfg: Config) -> tuple[int, dict[str, Any]]:
     job lease (`pipeline.run.lease`): a second driver on the same output raises LeaseHeld.
     """
     states = plan_shards(cfg)
-    from pipeline.evaluation import preflight  # torch: the data against the models, once, before any work
-
-    preflight.check(cfg, states[0].url)
     c = cfg.cluster
     try:
         lease = lease_mod.acquire(cfg.job.output, cfg.job.name, c.lease_timeout_s, c.lease_heartbeat_s)
     except storage.StorageError as err:  # the first write to the output: fail before any work
         raise ConfigError(f"{cfg.source}: {err}") from None
     with lease:
+        from pipeline.evaluation import preflight  # torch: the data against the models, once, before any work
+
+        preflight.check(cfg, states[0].url)   # after the output proved writable (the lease), before any stage
         if lease.took_over:
             time.sleep(TAKEOVER_GRACE_S)
         check_job_state(cfg, states)
