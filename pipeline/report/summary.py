@@ -13,6 +13,7 @@ from scipy.stats import binomtest
 
 from pipeline.report import record_checks
 from pipeline.report.aggregate import ENTRY_KEYS
+from pipeline.vocabulary import DEFAULT_DECISION, NO_ATTACK_NAME
 
 REPORT_VERSION = 1   # of the JSON document; bumped when a field changes meaning
 ACCURACIES = {"robust": "c_robust", "clean_classifier": "c_clean_bare", "clean_defended": "c_clean_defended",
@@ -118,7 +119,7 @@ def attack_entries(agg: dict[str, Any]) -> list[dict[str, Any]]:
 
 def _scored(attacks: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Attack entries (not 'none') with a robust verdict: the worst case is over these."""
-    return [a for a in attacks if a["attack"] != "none" and a["robust"] is not None]
+    return [a for a in attacks if a["attack"] != NO_ATTACK_NAME and a["robust"] is not None]
 
 
 def worst_case(agg: dict[str, Any], attacks: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], dict]:
@@ -153,7 +154,7 @@ def worst_case(agg: dict[str, Any], attacks: list[dict[str, Any]]) -> tuple[list
 def clean_source(attacks: list[dict[str, Any]]) -> dict[str, Any] | None:
     """The entry clean accuracy is read from: the no-attack rows if the job has them, else
     the attack entry with the most rows (every attack row carries its sample's clean columns)."""
-    none = [a for a in attacks if a["attack"] == "none"]
+    none = [a for a in attacks if a["attack"] == NO_ATTACK_NAME]
     if none:
         return none[0]
     return max(attacks, key=lambda a: (a["n"], -(a["attack_index"] or 0)), default=None)
@@ -170,7 +171,7 @@ def per_class(agg: dict[str, Any], attacks: list[dict[str, Any]], worst_by_class
         if src is not None and key == src["key"]:
             slot["clean_classifier"] = accuracy(r["c_clean_bare_sum"], r["c_clean_bare_count"], False)
             slot["clean_defended"] = accuracy(r["c_clean_defended_sum"], r["c_clean_defended_count"], False)
-        if r["attack_name"] != "none" and r["c_robust_count"]:
+        if r["attack_name"] != NO_ATTACK_NAME and r["c_robust_count"]:
             slot["robust"].append({"attack_index": index[key],
                                    **accuracy(r["c_robust_sum"], r["c_robust_count"], False)})
     for (eps, norm), by_label in sorted(worst_by_class.items(), key=lambda kv: (kv[0][1] or "", kv[0][0])):
@@ -208,7 +209,7 @@ def curves(agg: dict[str, Any], attacks: list[dict[str, Any]], worst: list[dict[
            for k, v in eots.items() if len({a["eot"] for a in v}) >= 2]
     steps = [{"attack_index": a["attack_index"], "attack": a["attack"], "gradient": a["gradient"], "eps": a["eps"],
               "norm": a["norm"], "steps": a["steps"], "robust": a["robust"]["acc"] if a["robust"] else None,
-              **a["step_curve"]} for a in attacks if a["attack"] != "none" and a["step_curve"]]
+              **a["step_curve"]} for a in attacks if a["attack"] != NO_ATTACK_NAME and a["step_curve"]]
     return {"eps": eps, "worst_case_eps": [{"norm": k, "points": v} for k, v in by_norm.items()],
             "eot": eot, "steps": steps, "runs": _runs_curves(agg, attacks)}
 
@@ -268,7 +269,7 @@ def document(agg: dict[str, Any], markers: list[dict[str, Any]] | None = None) -
     doc = {
         "version": REPORT_VERSION, "kind": "run", "job": meta["job"], "stage": meta["stage"],
         "config_hash": meta["config_hash"], "purifier": meta["purifier"], "classifier": meta["classifier"],
-        "decision": meta["decision"] or "mean_logit", "samples": totals["samples"], "rows": totals["rows"],
+        "decision": meta["decision"] or DEFAULT_DECISION, "samples": totals["samples"], "rows": totals["rows"],
         "failed_rows": sum(failed.values()), "failed": failed,
         "clean": clean, "worst_case": worst, "attacks": attacks, "per_class": classes,
         "cost": cost(agg, attacks, markers), "curves": curves(agg, attacks, worst),

@@ -294,7 +294,7 @@ def submit(config_path: str, req: Request, overrides: list[str] | None = None, *
     cpus = int(re.search(r"^#SBATCH --cpus-per-task=(\d+)$", script, re.M).group(1))
     describe = _partition_check(req, cpus)
     job_id = sbatch(script, describe)
-    log.info("submitted Slurm job %s (job %s, output %s)", job_id, cfg.job.name, cfg.job.output)
+    log.debug("submitted Slurm job %s (job %s, output %s)", job_id, cfg.job.name, cfg.job.output)
     return script, PREFIX + job_id
 
 
