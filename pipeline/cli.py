@@ -9,6 +9,7 @@ commands:
   purify       purify a WebDataset image corpus into shards of the same names and keys
   submit       submit a job to a Ray cluster; then status, logs and stop by its id
   list         list the registered classifiers, purifiers and attacks
+  config-schema  print the JSON Schema of a job file (for editors: completion and checks as you type)
 
 `advpure COMMAND -h` describes each command's options; the README has a worked example.
 """
@@ -141,6 +142,18 @@ def cmd_list(args) -> int:
             # the docstring's first paragraph, whole (its first line alone may stop mid-sentence)
             text = " ".join((inspect.getdoc(reg.get(name)) or "").split("\n\n")[0].split())
             print(textwrap.fill(text, width, initial_indent=f"  {name:16s} ", subsequent_indent=" " * 19))
+    return 0
+
+
+def cmd_config_schema(args) -> int:
+    from pipeline.config_schema import job_schema
+
+    text = json.dumps(job_schema(), indent=2, ensure_ascii=False) + "\n"
+    if args.output:
+        with open(args.output, "w", encoding="utf-8") as f:
+            f.write(text)
+    else:
+        sys.stdout.write(text)
     return 0
 
 
@@ -428,6 +441,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("list", help="list registered classifiers, purifiers and attacks",
                    description="The registered components with their one-paragraph descriptions; each "
                                "method's doc under docs/ has its parameters.").set_defaults(fn=cmd_list)
+
+    cs = sub.add_parser("config-schema", help="print the JSON Schema (draft 2020-12) of a job file",
+                        description="The JSON Schema of a job file, for editors that validate and complete "
+                                    "YAML (README, 'A job': yaml-language-server, VS Code).")
+    cs.add_argument("-o", "--output", help="write to this file instead of stdout")
+    cs.set_defaults(fn=cmd_config_schema)
 
     m = sub.add_parser("make-shards", help="convert a dataset into WebDataset shards")
     m.add_argument("source", choices=["digits", "mnist", "cifar10", "folder", "imagenet"],

@@ -31,34 +31,38 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class JobConfig:
+    """What the job is called, where its results go, and which stages it runs."""
     name: str
-    output: str
-    seed: int = 0
-    stages: tuple[str, ...] = ("evaluate",)
+    output: str                     # results folder, local or s3:// (resumed if it holds this job)
+    seed: int = 0                   # run seed: every random draw is keyed by (seed, sample key, purpose, index)
+    stages: tuple[str, ...] = ("evaluate",)   # run in order, each resumed on its own (README, Stages)
 
 
 @dataclass(frozen=True)
 class DataConfig:
-    shards: tuple[str, ...]
-    index: str | None = None
+    """The input: WebDataset shards (advpure make-shards)."""
+    shards: tuple[str, ...]         # shard paths or brace patterns (shard-{000000..000009}.tar), local, s3:// or https://
+    index: str | None = None        # the shards' index.json (null: next to the shards)
     batch_size: int = 128
-    max_samples_per_shard: int | None = None
+    max_samples_per_shard: int | None = None   # a quick job on the first samples of each shard (null: all)
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    name: str
-    params: dict[str, Any] = field(default_factory=dict)
+    """A registered classifier or purifier (`advpure list`) and its parameters."""
+    name: str                       # a registered name (`advpure list`); purifier none: no purification
+    params: dict[str, Any] = field(default_factory=dict)   # constructor parameters (docs/ for each method)
 
 
 @dataclass(frozen=True)
 class AttackConfig:
-    name: str
-    params: dict[str, Any] = field(default_factory=dict)
+    """One attack, evaluated in order; one record per (sample, attack) (docs/attacks.md)."""
+    name: str                       # a registered attack (`advpure list`)
+    params: dict[str, Any] = field(default_factory=dict)   # eps, steps, norm, ...; ℓ∞ sizes in [0, 1] or as 8/255
     # how gradients cross the purifier: auto (from its flags), full, bpda, or classifier
     # (preprocessor-blind: the attack sees the bare classifier)
     gradient: str = "auto"
-    eot: int = 1
+    eot: int = 1                    # expectation over transformation: purifier draws averaged per gradient
     # purifier-parameter overrides for the purifier the attack's gradient goes through
     # (a cheaper surrogate, Lee & Kim 2023); evaluation always uses the real purifier
     surrogate: dict[str, Any] = field(default_factory=dict)
@@ -66,12 +70,13 @@ class AttackConfig:
 
 @dataclass(frozen=True)
 class EvaluationConfig:
-    runs: int = 1
+    """How samples are attacked, purified and decided."""
+    runs: int = 1                   # R: purification runs per sample, combined by the decision rule
     # AutoAttack-style cascade: each attack runs only on samples every earlier attack of the
     # same (norm, ε) failed to break; broken samples carry their breaking row forward
     cascade: bool = False
-    max_rows: int = 4096
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    max_rows: int = 4096            # rows (samples × runs) per purifier/classifier call: memory only
+    device: Literal["auto", "cpu", "cuda"] = "auto"   # auto: cuda when the worker has a GPU
     # how the R runs decide a prediction (robust = no confirmed break and this prediction right)
     decision: Literal[DECISIONS] = DEFAULT_DECISION
     # fresh draws of the real defense that confirm a break on a stochastic defense
@@ -90,19 +95,20 @@ class EvaluationConfig:
 
 @dataclass(frozen=True)
 class ClusterConfig:
-    address: str | None = None
+    """Where and how wide the job runs (docs/storage_and_cluster.md)."""
+    address: str | None = None      # Ray address (null: RAY_ADDRESS, else a local cluster)
     # actors wanted; auto: as many as the cluster's nodes can host (grows when nodes join)
     num_workers: Union[int, Literal["auto"]] = 1
     cpus_per_worker: float = 1.0
-    gpus_per_worker: Union[float, Literal["auto"]] = "auto"
+    gpus_per_worker: Union[float, Literal["auto"]] = "auto"   # auto: 1 if the cluster has GPUs, else 0
     # k > 1: k actors share each GPU (fractional GPUs 1/k) for models that are small
     workers_per_gpu: int = 1
-    max_attempts: int = 3
-    shard_timeout_s: float = 3600.0
+    max_attempts: int = 3           # tries per shard before it is reported failed
+    shard_timeout_s: float = 3600.0  # a shard running longer fails this attempt (its worker is killed)
     # give a busy worker its next shard with the current one, so it starts reading and
     # decoding it before the current shard ends (a hint: an idle worker may take it instead)
     prefetch_shards: bool = True
-    max_actor_failures: int = 3
+    max_actor_failures: int = 3     # workers that fail to start before the job is aborted
     # no live worker for this long while actors wait to be placed → abort (exit code 4)
     actor_start_timeout_s: float = 600.0
     # the job lease on job.output: renewed every lease_heartbeat_s; a lease whose heartbeat
