@@ -148,7 +148,7 @@ def cmd_list(args) -> int:
 def cmd_config_schema(args) -> int:
     from pipeline.config_schema import job_schema
 
-    text = json.dumps(job_schema(), indent=2, ensure_ascii=False) + "\n"
+    text = json.dumps(job_schema(args.draft), indent=2, ensure_ascii=False) + "\n"
     if args.output:
         with open(args.output, "w", encoding="utf-8") as f:
             f.write(text)
@@ -446,6 +446,9 @@ def build_parser() -> argparse.ArgumentParser:
                         description="The JSON Schema of a job file, for editors that validate and complete "
                                     "YAML (README, 'A job': yaml-language-server, VS Code).")
     cs.add_argument("-o", "--output", help="write to this file instead of stdout")
+    cs.add_argument("--draft", choices=["2020-12", "7"], default="2020-12",
+                    help="JSON Schema dialect: 2020-12 (default) or 7, for editors whose YAML support "
+                         "validates draft 7 only (VS Code's YAML extension warns on 2020-12)")
     cs.set_defaults(fn=cmd_config_schema)
 
     m = sub.add_parser("make-shards", help="convert a dataset into WebDataset shards")

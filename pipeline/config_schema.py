@@ -23,7 +23,9 @@ from pipeline import config
 from pipeline.attacks.presets import PRESETS
 from pipeline.vocabulary import GRADIENT_REQUESTS
 
-DIALECT = "https://json-schema.org/draft/2020-12/schema"
+# 2020-12 by default; draft 7 for the YAML language server (VS Code's YAML extension), which
+# ships draft-7 validation and warns on newer dialects. The keywords used mean the same in both.
+DIALECTS = {"2020-12": "https://json-schema.org/draft/2020-12/schema", "7": "http://json-schema.org/draft-07/schema#"}
 FRACTION_PATTERN = f"^{config._FRACTION.pattern}$"   # what config.parse_fraction reads, e.g. 8/255
 
 # bounds the loader checks on a single field (config._check_ranges), shown to editors;
@@ -55,8 +57,11 @@ BOUNDS: dict[str, dict[str, Any]] = {
 }
 
 
-def job_schema() -> dict[str, Any]:
-    """The schema of a job file as `advpure run` reads it (a JSON-serialisable dict)."""
+def job_schema(draft: str = "2020-12") -> dict[str, Any]:
+    """The schema of a job file as `advpure run` reads it (a JSON-serialisable dict), in the
+    JSON Schema dialect `draft` ("2020-12" or "7", see DIALECTS)."""
+    if draft not in DIALECTS:
+        raise ValueError(f"JSON Schema draft {draft!r}: one of {list(DIALECTS)}")
     schema = pydantic.TypeAdapter(config.Config).json_schema()
     defs = schema.pop("$defs")
     schema["properties"].pop("source")               # set by the loader, not a key of the file
@@ -70,11 +75,22 @@ def job_schema() -> dict[str, Any]:
                                                           {"$ref": "#/$defs/PresetEntry"}]}
     # evaluation jobs need a classifier; a corpus job (advpure purify --config) may have none
     schema["anyOf"] = [{"required": ["classifier"]}, {"required": ["corpus"]}]
-    head = {"$schema": DIALECT, "title": "advpure job",
+    head = {"$schema": DIALECTS[draft], "title": "advpure job",
             "description": "An advpure job file (advpure run JOB.yaml; README, 'A job'), "
                            "as printed by `advpure config-schema`."}
     schema.pop("title", None)
+    if draft == "7":
+        return {**head, **_refs_to(schema, "#/definitions/"), "definitions": _refs_to(defs, "#/definitions/")}
     return {**head, **schema, "$defs": defs}
+
+
+def _refs_to(node: Any, prefix: str) -> Any:
+    """`node` with its "#/$defs/X" references pointing at prefix + X (draft 7: "definitions")."""
+    if isinstance(node, dict):
+        return {k: (prefix + v.rsplit("/", 1)[1] if k == "$ref" else _refs_to(v, prefix)) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_refs_to(v, prefix) for v in node]
+    return node
 
 
 def _refine_section(name: str, section: dict[str, Any], docs: dict[str, str]) -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from jsonschema import Draft202012Validator
+from jsonschema import Draft7Validator, Draft202012Validator
 
 from pipeline import cli, config
 from pipeline.config_schema import BOUNDS, job_schema
@@ -21,11 +21,13 @@ MINIMAL = {"job": {"name": "j", "output": "runs/j"}, "data": {"shards": "s-{0..1
            "faults": [{"shard": "s-0", "mode": "raise", "marker_dir": "m"}], "corpus": {}}
 
 
-@pytest.fixture(scope="module")
-def validator():
-    schema = job_schema()
-    Draft202012Validator.check_schema(schema)
-    return Draft202012Validator(schema)
+@pytest.fixture(scope="module", params=[("2020-12", Draft202012Validator), ("7", Draft7Validator)], ids=lambda p: p[0])
+def validator(request):
+    draft, cls = request.param
+    schema = job_schema(draft)
+    cls.check_schema(schema)
+    assert schema["$schema"] == cls.META_SCHEMA["$schema"]
+    return cls(schema)
 
 
 def _readme_job() -> dict:
@@ -133,8 +135,11 @@ def test_descriptions_come_from_config_comments():
     assert defs["CorpusConfig"]["properties"]["jpeg_quality"]["description"].startswith("JPEG")
 
 
-def test_cli_prints_the_schema(capsys):
+def test_cli_prints_the_schema(capsys, tmp_path):
     assert cli.main(["config-schema"]) == 0
     schema = json.loads(capsys.readouterr().out)
     assert schema["$schema"] == "https://json-schema.org/draft/2020-12/schema"
     assert schema == json.loads(json.dumps(job_schema()))
+    assert cli.main(["config-schema", "--draft", "7", "-o", str(tmp_path / "job.schema.json")]) == 0
+    draft7 = json.loads((tmp_path / "job.schema.json").read_text())
+    assert "definitions" in draft7 and "$defs" not in draft7 and "$defs" not in json.dumps(draft7)
