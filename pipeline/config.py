@@ -32,7 +32,7 @@ class ConfigError(ValueError):
 @dataclass(frozen=True)
 class JobConfig:
     """What the job is called, where its results go, and which stages it runs."""
-    name: str
+    name: str                       # the job's name (records, manifest, report)
     output: str                     # results folder, local or s3:// (resumed if it holds this job)
     seed: int = 0                   # run seed: every random draw is keyed by (seed, sample key, purpose, index)
     stages: tuple[str, ...] = ("evaluate",)   # run in order, each resumed on its own (README, Stages)
@@ -43,7 +43,7 @@ class DataConfig:
     """The input: WebDataset shards (advpure make-shards)."""
     shards: tuple[str, ...]         # shard paths or brace patterns (shard-{000000..000009}.tar), local, s3:// or https://
     index: str | None = None        # the shards' index.json (null: next to the shards)
-    batch_size: int = 128
+    batch_size: int = 128           # samples per batch (memory and speed; noise is keyed per sample)
     max_samples_per_shard: int | None = None   # a quick job on the first samples of each shard (null: all)
 
 
@@ -89,8 +89,8 @@ class EvaluationConfig:
     # networks (attack arithmetic, projections, losses and records stay fp32); channels_last
     # memory format for the networks and their inputs; torch.compile of the purifier's networks
     precision: Literal["fp32", "bf16"] = "fp32"
-    channels_last: bool = False
-    compile: bool = False
+    channels_last: bool = False     # channels_last memory format (see precision)
+    compile: bool = False           # torch.compile the purifier's networks (see precision)
 
 
 @dataclass(frozen=True)
@@ -99,7 +99,7 @@ class ClusterConfig:
     address: str | None = None      # Ray address (null: RAY_ADDRESS, else a local cluster)
     # actors wanted; auto: as many as the cluster's nodes can host (grows when nodes join)
     num_workers: Union[int, Literal["auto"]] = 1
-    cpus_per_worker: float = 1.0
+    cpus_per_worker: float = 1.0    # CPUs reserved per worker actor (reading and decoding shards)
     gpus_per_worker: Union[float, Literal["auto"]] = "auto"   # auto: 1 if the cluster has GPUs, else 0
     # k > 1: k actors share each GPU (fractional GPUs 1/k) for models that are small
     workers_per_gpu: int = 1
@@ -114,16 +114,16 @@ class ClusterConfig:
     # the job lease on job.output: renewed every lease_heartbeat_s; a lease whose heartbeat
     # is older than lease_timeout_s belongs to a dead driver and is taken over
     lease_timeout_s: float = 120.0
-    lease_heartbeat_s: float = 10.0
+    lease_heartbeat_s: float = 10.0   # how often the driver renews the lease (see lease_timeout_s)
 
 
 @dataclass(frozen=True)
 class FaultConfig:
     """Injected failures for resilience testing: `times` failures on matching shards."""
-    shard: str
-    mode: Literal["raise", "exit", "hang"]
-    marker_dir: str
-    times: int = 1
+    shard: str                      # the shard ids it fails (a glob)
+    mode: Literal["raise", "exit", "hang"]   # raise an error, kill the worker process, or hang
+    marker_dir: str                 # one marker file per failure claimed, so each happens once
+    times: int = 1                  # failures per matching shard
 
 
 @dataclass(frozen=True)
@@ -132,7 +132,7 @@ class CorpusConfig:
     resize: int | None = None       # side of the square the purifier works at (null: native size)
     crop: bool = False              # centre-crop to resize×resize (shorter side scaled) instead of stretching
     restore_size: bool = False      # map the purified image back to the input's size
-    interpolation: Literal["bicubic", "bilinear", "nearest"] = "bicubic"
+    interpolation: Literal["bicubic", "bilinear", "nearest"] = "bicubic"   # resampling (bicubic, bilinear antialiased)
     jpeg_quality: int = 95          # JPEG and lossy WebP outputs; PNG and lossless WebP stay lossless
     channels: int | None = None     # the purifier's input channels (null: from its first convolution)
     max_pixels: int = 4096 * 4096   # larger images become too_large rows, never decoded

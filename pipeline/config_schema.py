@@ -143,8 +143,9 @@ def _preset_entry() -> dict[str, Any]:
         "title": "PresetEntry",
         "description": "A published attack protocol, expanded into its attack entries (docs/attacks.md).",
         "properties": {
-            "preset": {"type": "string", "enum": sorted(PRESETS),
-                       "description": "; ".join(f"{n}: {p.description}" for n, p in sorted(PRESETS.items()))},
+            "preset": {"type": "string", "enum": sorted(PRESETS), "description": "a preset's name (docs/attacks.md)",
+                       # shown beside each choice by VS Code and the YAML language server (ignored by validators)
+                       "enumDescriptions": [PRESETS[n].description for n in sorted(PRESETS)]},
             "overrides": {"type": ["object", "null"],
                           "description": "gradient, eot, surrogate set every entry; any other key is an attack "
                                          "parameter (a list for eps: one entry per value)"},
