@@ -130,6 +130,9 @@ def test_bounds_are_the_loaders(validator, field):
 
 def test_descriptions_come_from_config_comments():
     defs = job_schema()["$defs"]
+    undocumented = [f"{name}.{key}" for name, d in defs.items() for key, p in d["properties"].items()
+                    if not p.get("description")]
+    assert not undocumented, f"fields with no comment in pipeline/config.py: {undocumented}"
     assert "brace patterns" in defs["DataConfig"]["properties"]["shards"]["description"]
     assert "Lee & Kim 2023" in defs["AttackConfig"]["properties"]["surrogate"]["description"]
     assert defs["CorpusConfig"]["properties"]["jpeg_quality"]["description"].startswith("JPEG")
