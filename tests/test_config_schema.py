@@ -4,6 +4,8 @@ values past a bound), and the command prints it as JSON."""
 import copy
 import json
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -146,3 +148,12 @@ def test_cli_prints_the_schema(capsys, tmp_path):
     assert cli.main(["config-schema", "--draft", "7", "-o", str(tmp_path / "job.schema.json")]) == 0
     draft7 = json.loads((tmp_path / "job.schema.json").read_text())
     assert "definitions" in draft7 and "$defs" not in draft7 and "$defs" not in json.dumps(draft7)
+
+
+def test_the_command_imports_no_torch(tmp_path):
+    """An editor's helper should be instant: config-schema reads config.py, not the models."""
+    code = ("import sys; from pipeline import cli; "
+            f"assert cli.main(['config-schema', '-o', {str(tmp_path / 's.json')!r}]) == 0; "
+            "assert 'torch' not in sys.modules, 'torch imported'")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
