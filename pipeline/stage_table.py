@@ -2,7 +2,9 @@
 shards it writes (folder, file names, lineage), its noise contexts and the planner's
 calibration of it. Config (the names `job.stages` accepts), worker (what a shard runs, where
 its images go), driver (a stage's input, which outputs it indexes), plan (calibration),
-commit and report (the stages with records) read it; nothing else branches on a stage name.
+commit and report (the stages with records) read it; nothing else dispatches on a stage
+name (the report's example images still pick the attack and purify stages' images by name:
+what a clean / adversarial / purified triple means is the report's knowledge).
 
 Torch-free, like the report: the functions are named lazily, as "module:function" strings,
 loaded where they run (the worker, `advpure plan`). A new stage is one `register(Stage(...))`
