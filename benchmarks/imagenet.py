@@ -69,7 +69,7 @@ def child(shards: str, mode: str, limit: int, batch: int, threads: int, mem_gb: 
     p = build_protocol(cfg)
     samples = [s for u in shards_mod.expand(cfg.data.shards) for s in shards_mod.read_shard(u)][:limit]
     t0 = time.perf_counter()
-    rows = shard_mod.STAGES["evaluate"](p, samples).rows
+    rows = shard_mod.evaluate(p, samples).rows
     seconds = time.perf_counter() - t0
     return {"mode": mode, "images": len(samples), "rows": len(rows), "seconds": seconds,
             "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,

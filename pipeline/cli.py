@@ -20,13 +20,13 @@ import json
 import logging
 import sys
 
+from pipeline import stage_table
 from pipeline.config import ConfigError
 from pipeline.extras import MissingExtra
 from pipeline.run.commit import CommitError
 from pipeline.run.signals import Terminated, handle_sigterm
 from pipeline.run.submit import AuthError
 
-REPORT_STAGES = ["evaluate", "attack", "purify", "purify_corpus"]
 SPLITS = ["test", "train", "all", "t10k", "t10k-fit", "t10k-holdout"]
 DEFAULT_SPLIT = {"digits": "test", "mnist": "t10k", "cifar10": "test"}
 
@@ -426,7 +426,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     rep = sub.add_parser("report", help="summarise runs from their Parquet records (docs/report.md)")
     rep.add_argument("runs", nargs="+", metavar="RUN", help="a job's output; two or more: paired comparison")
-    rep.add_argument("--stage", choices=REPORT_STAGES, default=None,
+    rep.add_argument("--stage", choices=stage_table.result_stages(), default=None,
                      help="which stage's records to report (default: the job's own — evaluate, else purify, "
                           "else attack; the report says which it shows)")
     rep.add_argument("--format", choices=["text", "markdown", "html", "json", "robustbench"], default="text",

@@ -20,9 +20,8 @@ from typing import Any, Literal, Union
 
 import yaml
 
+from pipeline import stage_table
 from pipeline.vocabulary import DECISIONS, DEFAULT_DECISION, GRADIENT_REQUESTS
-
-STAGES = ("evaluate", "attack", "purify")
 
 
 class ConfigError(ValueError):
@@ -296,8 +295,9 @@ def _check_ranges(cfg: Config) -> None:
     need(bool(cfg.job.output.strip()), "job.output", "must not be empty")
     need(0 <= cfg.job.seed < 2**63, "job.seed", "must be in [0, 2^63)")
     need(len(cfg.job.stages) > 0, "job.stages", "must name at least one stage")
+    stages = stage_table.job_stages()
     for i, s in enumerate(cfg.job.stages):
-        need(s in STAGES, f"job.stages[{i}]", f"{s!r} is not one of {list(STAGES)}")
+        need(s in stages, f"job.stages[{i}]", f"{s!r} is not one of {list(stages)}")
     need(len(cfg.data.shards) > 0, "data.shards", "must name at least one shard")
     need(cfg.data.batch_size >= 1, "data.batch_size", "must be ≥ 1")
     if cfg.data.max_samples_per_shard is not None:

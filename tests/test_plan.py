@@ -177,7 +177,7 @@ def test_cascade_estimate_chains_each_threat_model(digits_shards, digits_models,
                data={"shards": digits_shards["pattern"], "batch_size": 32})
     p = build_protocol(cfg)
     b = next(shard_mod.batches(shards.read_shard(shards.expand(cfg.data.shards)[0])[:32], 32, p.device))
-    pieces = {m.name: m.fraction for m in plan.calibrate_evaluate(p, b)}
+    pieces = {m.name: m.fraction for m in plan.calibrate_evaluate(p, b)[0]}
     rows = shard_mod.evaluate(dataclasses.replace(p, cascade=False), shards.read_shard(
         shards.expand(cfg.data.shards)[0])[:32]).rows
     unbroken = {i: sum(r["robust"] for r in rows if r["attack_index"] == i) / 32 for i in (0, 1)}

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import config
+from pipeline import config, stage_table
 from pipeline.classifiers import small_cnn
 from pipeline.evaluation import shard as stages
 from pipeline.io import checkpoints, shards
@@ -55,7 +55,7 @@ def _timeless(obj):
 
 def _whole(w: ShardWorker, url: str, stage: str) -> stages.StageOutput:
     """Today's path: the whole shard read and decoded, then the stage on the list."""
-    return stages.STAGES[stage](w.protocol, [s for s in shards.read_shard(url) if s.error is None])
+    return stage_table.get(stage).function()(w.protocol, [s for s in shards.read_shard(url) if s.error is None])
 
 
 @pytest.mark.parametrize("evaluation", [{"eot_probe": 8}, {"cascade": True}])
@@ -64,7 +64,7 @@ def test_streamed_evaluate_equals_whole_shard(digits_shards, cnn, tmp_path, eval
     w = _worker(digits_shards, cnn, tmp_path / "out", **evaluation)
     whole = _whole(w, url, "evaluate")
     # chunks of 7 against batches of 16: batch boundaries do not follow the decode queue's
-    streamed = stages.STAGES["evaluate"](w.protocol, ShardStream(url, 90, chunk=7, depth=2))
+    streamed = stages.evaluate(w.protocol, ShardStream(url, 90, chunk=7, depth=2))
     assert len(whole.rows) == 180 and _timeless(streamed.rows) == _timeless(whole.rows)
     assert _timeless(streamed.checks) == _timeless(whole.checks)
     # and through the worker: the committed rows are the stage's rows

@@ -1,6 +1,6 @@
 """The three stages over one shard's decoded samples, as pure functions: samples in (a list,
 or a stream taken batch by batch), rows (and images for the stages that write them) out.
-No I/O: the worker reads and writes.
+No I/O: the worker reads and writes; pipeline/stage_table.py names each function as a stage.
 
 - evaluate: every attack on every sample (or, with `cascade`, each attack on the samples
   every earlier attack of the same (norm, ε) failed to break), one row per (sample, attack);
@@ -248,5 +248,3 @@ def purify(p: Protocol, samples: Iterable[Sample], emit: ImageSink | None = None
         put("purified", [(s, hwc[j], {}) for j, s in enumerate(b.samples)])
     return out
 
-
-STAGES = {"evaluate": evaluate, "attack": attack, "purify": purify}

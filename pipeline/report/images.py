@@ -14,13 +14,20 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from pipeline import stage_table
 from pipeline.io import shards, storage
 from pipeline.report import aggregate, load
 from pipeline.run import commit
 
 log = logging.getLogger(__name__)
-IMAGE_DIRS = {"attack": "adversarial", "purify": "purified"}   # as pipeline.run.worker writes them
 SHARDS = 4   # shards read for the examples: each is read whole, so a handful
+
+
+def _folder(stage: str) -> str:
+    """Where a stage's image shards are, under its output (pipeline.stage_table)."""
+    images = stage_table.get(stage).images
+    assert images is not None, stage
+    return images.folder
 
 
 def png_b64(image: np.ndarray) -> str:
@@ -71,7 +78,7 @@ def _from_purify(output: str, limit: int) -> tuple[list[dict[str, Any]], str]:
 
 def _purify_shard(output: str, sid: str, marker: dict[str, Any], limit: int
                   ) -> tuple[list[dict[str, Any]], tuple[str, ...]]:
-    purified = _read(storage.join(output, IMAGE_DIRS["purify"], marker["outputs"][0]["name"]))
+    purified = _read(storage.join(output, _folder("purify"), marker["outputs"][0]["name"]))
     given = _read(marker["source"])          # the adversarial set (or any corpus) that was purified
     lineage = {s.meta.get("source_shard") for s in given.values()} - {None}
     clean: dict[str, shards.Sample] = {}
@@ -98,7 +105,7 @@ def _purify_shard(output: str, sid: str, marker: dict[str, Any], limit: int
 def _from_attack(output: str, limit: int) -> tuple[list[dict[str, Any]], str]:
     sid, marker = sorted(commit.committed(output, "attack").items())[0]
     clean = _read(marker["source"])
-    adversarial = {o["name"]: _read(storage.join(output, IMAGE_DIRS["attack"], o["name"]))
+    adversarial = {o["name"]: _read(storage.join(output, _folder("attack"), o["name"]))
                    for o in marker["outputs"][:4]}
     records = load.read_records(output, "attack", sid, marker)
     first = next(iter(adversarial.values()))

@@ -9,7 +9,7 @@ from typing import Any, Iterator
 
 import pyarrow as pa
 
-from pipeline import schema
+from pipeline import schema, stage_table
 from pipeline.io import storage
 from pipeline.report import aggregate
 from pipeline.run import commit
@@ -58,14 +58,11 @@ def run_documents(output: str) -> dict[str, Any]:
     return docs
 
 
-REPORT_STAGES = ("evaluate", "purify", "attack", "purify_corpus")   # the preferred stage first
-
-
 def committed_stages(output: str) -> list[str]:
     """The stages of a run that have committed records, the one a report shows by default
     first: evaluate (attack and purify in one), else purify (the verdicts on an attack
     stage's adversarial set), else attack (the bare classifier on its own attacks)."""
-    return [stage for stage in REPORT_STAGES
+    return [stage for stage in stage_table.result_stages()   # the table's report_rank order
             if any(u.endswith(commit.MARKER_SUFFIX) for u in storage.listdir(storage.join(output, stage)))]
 
 
@@ -74,6 +71,6 @@ def pick_stage(output: str, stage: str | None = None) -> tuple[str, list[str]]:
     of committed_stages; CommitError when the run has no committed records at all."""
     found = committed_stages(output)
     if stage is None and not found:
-        raise commit.CommitError(f"no committed results under {output} (no stage of {', '.join(REPORT_STAGES)} "
-                          "has a commit marker yet)")
+        stages = ", ".join(stage_table.result_stages())
+        raise commit.CommitError(f"no committed results under {output} (no stage of {stages} has a commit marker yet)")
     return stage or found[0], found

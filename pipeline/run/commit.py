@@ -28,7 +28,7 @@ from typing import Any, Iterator, Sequence
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline import schema
+from pipeline import schema, stage_table
 from pipeline.io import storage
 
 MARKER_SUFFIX = ".done.json"
@@ -70,14 +70,10 @@ def committed(output: str, stage: str) -> dict[str, dict[str, Any]]:
     return out
 
 
-# every stage that writes results under an output: the evaluation stages and the corpus job's
-RESULT_STAGES = ("evaluate", "attack", "purify", "purify_corpus")
-
-
 def committed_counts(output: str) -> dict[str, int]:
     """{stage: committed shards} over every stage that writes results: an output where all
     are 0 holds no results (a job that aborted before its first commit)."""
-    return {stage: len(committed(output, stage)) for stage in RESULT_STAGES}
+    return {stage: len(committed(output, stage)) for stage in stage_table.result_stages()}
 
 
 def clean_stage(output: str, stage: str, markers: dict[str, dict[str, Any]]) -> int:

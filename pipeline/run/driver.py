@@ -20,13 +20,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pipeline import config as config_mod
+from pipeline import stage_table
 from pipeline.config import Config, ConfigError
 from pipeline.io import shards, storage
 from pipeline.run import commit, data_identity
 from pipeline.run import lease as lease_mod
 from pipeline.run.lease import Lease, LeaseLost
 from pipeline.run.signals import handle_sigterm
-from pipeline.run.worker import IMAGE_DIRS, ShardWorker
+from pipeline.run.worker import ShardWorker
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +103,7 @@ def _job_mismatch(cfg: Config, prev: dict[str, Any], data: dict[str, dict[str, A
         return None
     changes = data_identity.diff(prev["data"], data)
     if changes.changed:   # new bytes for a shard with no committed results: a repaired (quarantined) shard
-        held = set().union(*(commit.committed(out, stage) for stage in commit.RESULT_STAGES))
+        held = set().union(*(commit.committed(out, stage) for stage in stage_table.result_stages()))
         changes.changed = [sid for sid in changes.changed if sid in held]
     if changes:
         return (f"output {out} holds results for other data than data.shards names: {changes.describe()}; "
@@ -270,7 +271,9 @@ class ActorPool:
         self.req = worker_resources(cfg)
         self._cls = ray.remote(worker_cls).options(num_cpus=self.req["CPU"], num_gpus=self.req["GPU"],
                                                     max_restarts=0, max_task_retries=0)
-        self._args = (cfg.to_dict(), c.cpus_per_worker)
+        # stages registered outside the table go along: the actors' processes know only the built-in ones
+        added = stage_table.added(cfg.job.stages)
+        self._args = (cfg.to_dict(), c.cpus_per_worker, *([added] if added else []))
         self.prefetch = c.prefetch_shards and getattr(worker_cls, "PREFETCH", False)
         self.starting: dict[Any, tuple[Any, float]] = {}
         self.idle: list[Any] = []
@@ -703,9 +706,11 @@ def write_manifest(cfg: Config, results: list[StageResult]) -> dict[str, Any]:
 
 
 def publish_outputs(cfg: Config, stage: str) -> list[ShardState]:
-    """Index the shards a stage wrote (adversarial or purified images) from its commit
-    markers, and return them as the next stage's input."""
-    folder = storage.join(cfg.job.output, IMAGE_DIRS[stage])
+    """Index the image shards a stage wrote (its table entry's folder) from its commit
+    markers, and return them as a later stage's input."""
+    images = stage_table.get(stage).images
+    assert images is not None, stage
+    folder = storage.join(cfg.job.output, images.folder)
     entries = sorted((e for m in commit.committed(cfg.job.output, stage).values() for e in m.get("outputs", [])),
                      key=lambda e: e["name"])
     shards.write_index(folder, entries, {"stage": stage, "job": cfg.job.name, "config_hash": cfg.hash()})
@@ -722,10 +727,11 @@ TAKEOVER_GRACE_S = 3.0
 def run(cfg: Config) -> tuple[int, dict[str, Any]]:
     """Run the job's stages in order, each resumed independently; returns (exit code, manifest).
 
-    evaluate and attack read data.shards; purify reads the adversarial shards of an attack
-    stage earlier in the same job, or data.shards (an adversarial set from another job, or
-    any corpus to purify offline). Everything that writes to job.output runs under the
-    job lease (`pipeline.run.lease`): a second driver on the same output raises LeaseHeld.
+    A stage reads the image shards of the stage its table entry `reads` when the job ran
+    that one earlier (purify: an attack stage's adversarial shards), else data.shards (for
+    purify: an adversarial set from another job, or any corpus to purify offline). Everything
+    that writes to job.output runs under the job lease (`pipeline.run.lease`): a second
+    driver on the same output raises LeaseHeld.
     """
     states = plan_shards(cfg)
     c = cfg.cluster
@@ -747,9 +753,10 @@ def _run_stages(cfg: Config, states: list[ShardState], lease: Lease) -> tuple[in
     results: list[StageResult] = []
     code = EXIT_OK
     actors = JobActors()
+    published: dict[str, list[ShardState]] = {}   # the image shards each finished stage wrote, indexed once
     try:
-        for i, stage in enumerate(cfg.job.stages):
-            inputs = publish_outputs(cfg, "attack") if stage == "purify" and "attack" in cfg.job.stages[:i] else states
+        for stage in cfg.job.stages:
+            inputs = published.get(stage_table.get(stage).reads or "", states)
             try:
                 r = run_stage(cfg, stage, [ShardState(s.url, s.sid, s.expected) for s in inputs], lease=lease,
                               actors=actors)
@@ -760,8 +767,8 @@ def _run_stages(cfg: Config, states: list[ShardState], lease: Lease) -> tuple[in
                     return EXIT_ABORTED, {"stages": {r.stage: {"aborted": r.aborted} for r in results}}
                 return EXIT_ABORTED, write_manifest(cfg, results)
             results.append(r)
-            if stage in IMAGE_DIRS:
-                publish_outputs(cfg, stage)
+            if stage_table.get(stage).images is not None:
+                published[stage] = publish_outputs(cfg, stage)
             if r.quarantined:
                 code = EXIT_QUARANTINED
     finally:

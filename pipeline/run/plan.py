@@ -33,6 +33,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from pipeline import stage_table
 from pipeline.config import Config
 from pipeline.evaluation import shard as shard_mod
 from pipeline.evaluation import stages
@@ -163,7 +164,13 @@ def _single_attack(p: Protocol, plan) -> Protocol:
     return dataclasses.replace(p, attacks=[plan])
 
 
-def calibrate_evaluate(p: Protocol, b: shard_mod.Batch) -> list[Measured]:
+# a stage's calibration (pipeline.stage_table: Stage.calibrate): (protocol, batch, the images
+# of the stage it reads, when calibrated before it) → (measured pieces, its images by output)
+Images = dict[Any, torch.Tensor]
+
+
+def calibrate_evaluate(p: Protocol, b: shard_mod.Batch, inputs: Images | None = None
+                       ) -> tuple[list[Measured], Images]:
     """Checks (per shard), the clean evaluation, then each attack on the batch; with a
     cascade each attack is scaled to the share of samples that the earlier attacks of its
     threat model (norm, ε) left unbroken, as the cascade chains them."""
@@ -183,10 +190,12 @@ def calibrate_evaluate(p: Protocol, b: shard_mod.Batch) -> list[Measured]:
         if p.cascade:
             left &= torch.tensor([not stages.is_broken(r) for r in rows])
         pieces.append(m)
-    return pieces
+    return pieces, {}
 
 
-def calibrate_attack(p: Protocol, b: shard_mod.Batch) -> tuple[list[Measured], dict[int, torch.Tensor]]:
+def calibrate_attack(p: Protocol, b: shard_mod.Batch, inputs: Images | None = None
+                     ) -> tuple[list[Measured], Images]:
+    """Each attack on the batch; its adversarial images (by attack index) for the purify stage."""
     pieces, images = [], {}
     for plan in p.attacks:
         m, (rows, imgs) = _measure(p, f"attack{plan.index}:{plan.name}",
@@ -197,15 +206,15 @@ def calibrate_attack(p: Protocol, b: shard_mod.Batch) -> tuple[list[Measured], d
     return pieces, images
 
 
-def calibrate_purify(p: Protocol, b: shard_mod.Batch, inputs: dict[int, torch.Tensor], per_input: float
-                     ) -> list[Measured]:
+def calibrate_purify(p: Protocol, b: shard_mod.Batch, inputs: Images | None = None
+                     ) -> tuple[list[Measured], Images]:
     """Purify (R runs) and classify: the adversarial images of an earlier attack stage (one
-    set per attack: `per_input` sets per source sample) or the shard's own images."""
+    set per attack: each source sample is purified once per set) or the shard's own images."""
     x = next(iter(inputs.values())) if inputs else b.x
     infos = [dict(NO_ATTACK)] * len(b.keys)
     m, _ = _measure(p, "purify", lambda: stages.purify_batch(p, x, b.y, b.keys, infos), len(b.keys))
-    m.fraction = per_input
-    return [m]
+    m.fraction = float(max(1, len(inputs))) if inputs else 1.0
+    return [m], {}
 
 
 def calibrate(cfg: Config, batches: int = 1) -> tuple[Calibration, Protocol]:
@@ -224,15 +233,14 @@ def calibrate(cfg: Config, batches: int = 1) -> tuple[Calibration, Protocol]:
     _warm_up(p, batch)
     base = _rss_now() if p.device.type != "cuda" else int(torch.cuda.memory_allocated(p.device))
     cal = Calibration(build, decode, base, len(batch.keys), batch.x[:1].detach().cpu(), sample=batch)
-    adversarial: dict[int, torch.Tensor] = {}
-    for stage in cfg.job.stages:
-        if stage == "evaluate":
-            cal.pieces[stage] = calibrate_evaluate(p, batch)
-        elif stage == "attack":
-            cal.pieces[stage], adversarial = calibrate_attack(p, batch)
-        else:
-            per_input = float(max(1, len(p.attacks))) if "attack" in cfg.job.stages else 1.0
-            cal.pieces[stage] = calibrate_purify(p, batch, adversarial, per_input)
+    images: dict[str, Images] = {}   # each calibrated stage's images, for a stage that reads them
+    for name in cfg.job.stages:
+        stage = stage_table.get(name)
+        if stage.calibrate is None:
+            log.warning("stage %s has no calibration: the plan predicts no time for it", name)
+            continue
+        hook = stage_table.load(stage.calibrate)
+        cal.pieces[name], images[name] = hook(p, batch, images.get(stage.reads) if stage.reads else None)
     return cal, p
 
 

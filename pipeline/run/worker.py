@@ -3,7 +3,7 @@ committed result: read → stage → write images → commit records. It never d
 runs next: the driver does.
 
 The shard streams through three threads on bounded queues — decode (shards.ShardStream),
-compute (this thread, the stage), encode (ImageWriter, attack / purify stages) — so a worker's
+compute (this thread, the stage), encode (ImageWriter, the stages that write images) — so a worker's
 memory follows its batch size, not its shard's size; records are still committed per shard.
 """
 from __future__ import annotations
@@ -14,20 +14,18 @@ import queue
 import socket
 import threading
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 
 from pipeline import config as config_mod
-from pipeline import schema
-from pipeline.evaluation import shard as stages
+from pipeline import schema, stage_table
 from pipeline.evaluation.protocol import build_protocol
+from pipeline.evaluation.shard import StageOutput
 from pipeline.io import shards, storage
 from pipeline.run import commit, faults, host
 
-# where the attack and purify stages write their image shards, under the job's output
-IMAGE_DIRS = {"attack": "adversarial", "purify": "purified"}
 DECODE_QUEUE_CHUNKS = 2      # decoded batches waiting for compute (each of the protocol's batch size)
 ENCODE_QUEUE_BATCHES = 2     # computed batches of images waiting for the encoder
 
@@ -89,7 +87,8 @@ class ShardWorker:
     # process() takes `prefetch`: the driver may name the next shard it will send
     PREFETCH = True
 
-    def __init__(self, cfg_dict: dict[str, Any], cpus: float = 1.0):
+    def __init__(self, cfg_dict: dict[str, Any], cpus: float = 1.0, stages: Sequence[stage_table.Stage] = ()):
+        stage_table.adopt(stages)   # the job's stages registered outside the table (stage_table.added)
         self.cfg = config_mod.from_dict(cfg_dict, source="<worker>")
         host.prepare_compute_process(cpus)
         self.protocol = build_protocol(self.cfg)
@@ -103,7 +102,7 @@ class ShardWorker:
 
     def process(self, url: str, sid: str, stage: str = "evaluate", expected: int | None = None,
                 prefetch: tuple[str, int | None] | None = None) -> dict[str, Any]:
-        """One shard → image shards (attack / purify stages), then records, then the marker.
+        """One shard → image shards (the stages that write images), then records, then the marker.
         The shard streams through: decoded in a background thread into a bounded queue
         (shards.ShardStream), computed here batch by batch, images encoded and spooled by
         another thread (ImageWriter). Nothing is written before the whole archive has been
@@ -114,15 +113,14 @@ class ShardWorker:
         computes, so the next call starts on decoded samples."""
         t0 = time.time()
         faults.inject(self.cfg.faults, sid)
-        if stage not in stages.STAGES:
-            raise ValueError(f"unknown stage {stage!r}")
+        st = stage_table.get(stage)
+        run = st.function()
         source, prefetched = self._stream(url, expected)
         if prefetch is not None:
             self._next = (*prefetch, self._open(*prefetch))
-        writer = ImageWriter(self._image_member(stage, sid, url)) if stage in IMAGE_DIRS else None
+        writer = ImageWriter(self._image_member(st, sid, url)) if st.images else None
         try:
-            result = (stages.STAGES[stage](self.protocol, source, emit=writer.put) if writer
-                      else stages.STAGES[stage](self.protocol, source))
+            result = run(self.protocol, source, emit=writer.put) if writer else run(self.protocol, source)
             source.finish()  # the archive was read to its end blocks and counted: now it may commit
             built = writer.finish() if writer else {}
         except BaseException:
@@ -131,7 +129,7 @@ class ShardWorker:
                 writer.discard()
             host.release_freed_memory()
             raise
-        outputs = [self._put_images(stage, sid, name, built[name]) for name in result.images]
+        outputs = [self._put_images(st, sid, name, built.get(name)) for name in result.images]
         marker = self._commit(stage, sid, url, source, result, outputs, t0, prefetched)
         del result, built
         host.release_freed_memory()  # kept within a shard (host.keep_freed_memory), handed back after it
@@ -151,7 +149,7 @@ class ShardWorker:
             nxt[2].close()
         return self._open(url, expected), False
 
-    def _commit(self, stage: str, sid: str, url: str, source: shards.ShardStream, result: stages.StageOutput,
+    def _commit(self, stage: str, sid: str, url: str, source: shards.ShardStream, result: StageOutput,
                 outputs: list[dict[str, Any]], t0: float, prefetched: bool) -> dict[str, Any]:
         common = {**self.protocol.provenance, "schema_version": schema.SCHEMA_VERSION, "stage": stage, "shard": sid,
                   "node_id": host.node_id(), "host": socket.gethostname(), "device": _device_name(self.protocol.device)}
@@ -166,29 +164,26 @@ class ShardWorker:
             "outputs": outputs, "versions": _versions(), "nfe": _total_nfe(result.rows),
             "prefetched": prefetched})
 
-    def _image_member(self, stage: str, sid: str, url: str) -> Callable[..., tuple]:
+    def _image_member(self, stage: stage_table.Stage, sid: str, url: str) -> Callable[..., tuple]:
         """(sample, image, extra) → TarBuilder.add_sample arguments: the input's key, and a
-        json member carrying the sample's lineage."""
-        prov = self.protocol.provenance
+        json member carrying the sample's lineage (the stage's lineage function)."""
+        lineage, origin = stage.lineage(), stage_table.Origin(url, sid, self.protocol.provenance)
 
         def member(sample: shards.Sample, image: np.ndarray, extra: dict[str, Any]) -> tuple:
-            if stage == "attack":
-                meta = {"source_shard": url, "source_key": sample.key, "shard": sid,
-                        "config_hash": prov["config_hash"], "seed": prov["seed"], **extra}
-            else:
-                meta = {**sample.meta, "purifier": prov["purifier"], "purifier_params": prov["purifier_params"],
-                        "purify_config_hash": prov["config_hash"]}
+            meta = lineage(sample, extra, origin)
             return sample.key, image, sample.label, {"json": json.dumps(meta).encode()}
         return member
 
-    def _put_images(self, stage: str, sid: str, name: str, builder: shards.TarBuilder | None) -> dict[str, Any]:
+    def _put_images(self, stage: stage_table.Stage, sid: str, name: str,
+                    builder: shards.TarBuilder | None) -> dict[str, Any]:
         """One image shard with the input's keys, put atomically (an output with no samples is
         still written, empty)."""
+        assert stage.images is not None, stage.name
         builder = builder or shards.TarBuilder()
-        file = f"{sid}-a{name}.tar" if stage == "attack" else f"{sid}.tar"
+        file = stage.images.file_name(sid, name)
         n = len(builder)
         data = builder.finish()
-        storage.put_bytes(storage.join(self.cfg.job.output, IMAGE_DIRS[stage], file), data)
+        storage.put_bytes(storage.join(self.cfg.job.output, stage.images.folder, file), data)
         return shards.index_entry(file, n, data)
 
 
