@@ -405,6 +405,33 @@ def _plan_parser(sub) -> None:
     pl.set_defaults(fn=cmd_plan)
 
 
+def _report_parser(sub) -> None:
+    rep = sub.add_parser("report", help="summarise runs from their Parquet records (docs/report.md)")
+    rep.add_argument("runs", nargs="+", metavar="RUN", help="a job's output; two or more: paired comparison")
+    rep.add_argument("--stage", choices=stage_table.result_stages(), default=None,
+                     help="which stage's records to report (default: the job's own — evaluate, else purify, "
+                          "else attack; the report says which it shows)")
+    rep.add_argument("--format", choices=["text", "markdown", "html", "json", "robustbench"], default="text",
+                     help="text (default); markdown; html: one self-contained page with figures and example "
+                          "images (needs matplotlib: pip install 'advpure[report]'); json: the whole report "
+                          "document; robustbench: ModelInfo JSON files (with --dataset, -o FOLDER)")
+    rep.add_argument("-o", "--output", help="write to this file (robustbench: this folder) instead of stdout")
+    rep.add_argument("--dataset", help="dataset name for --format robustbench (cifar10, imagenet, ...)")
+    rep.add_argument("--examples", type=int, default=8, help="example images in --format html (0: none)")
+    rep.set_defaults(fn=cmd_report)
+
+
+def _config_schema_parser(sub) -> None:
+    cs = sub.add_parser("config-schema", help="print the JSON Schema (draft 2020-12) of a job file",
+                        description="The JSON Schema of a job file, for editors that validate and complete "
+                                    "YAML (README, 'A job': yaml-language-server, VS Code).")
+    cs.add_argument("-o", "--output", help="write to this file instead of stdout")
+    cs.add_argument("--draft", choices=["2020-12", "7"], default="2020-12",
+                    help="JSON Schema dialect: 2020-12 (default) or 7, for editors whose YAML support "
+                         "validates draft 7 only (VS Code's YAML extension warns on 2020-12)")
+    cs.set_defaults(fn=cmd_config_schema)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="advpure", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -424,32 +451,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a config value, e.g. --set attacks.0.params.eps=0.1")
     r.set_defaults(fn=cmd_run)
 
-    rep = sub.add_parser("report", help="summarise runs from their Parquet records (docs/report.md)")
-    rep.add_argument("runs", nargs="+", metavar="RUN", help="a job's output; two or more: paired comparison")
-    rep.add_argument("--stage", choices=stage_table.result_stages(), default=None,
-                     help="which stage's records to report (default: the job's own — evaluate, else purify, "
-                          "else attack; the report says which it shows)")
-    rep.add_argument("--format", choices=["text", "markdown", "html", "json", "robustbench"], default="text",
-                     help="text (default); markdown; html: one self-contained page with figures and example "
-                          "images (needs matplotlib: pip install 'advpure[report]'); json: the whole report "
-                          "document; robustbench: ModelInfo JSON files (with --dataset, -o FOLDER)")
-    rep.add_argument("-o", "--output", help="write to this file (robustbench: this folder) instead of stdout")
-    rep.add_argument("--dataset", help="dataset name for --format robustbench (cifar10, imagenet, ...)")
-    rep.add_argument("--examples", type=int, default=8, help="example images in --format html (0: none)")
-    rep.set_defaults(fn=cmd_report)
-
+    _report_parser(sub)
     sub.add_parser("list", help="list registered classifiers, purifiers and attacks",
                    description="The registered components with their one-paragraph descriptions; each "
                                "method's doc under docs/ has its parameters.").set_defaults(fn=cmd_list)
 
-    cs = sub.add_parser("config-schema", help="print the JSON Schema (draft 2020-12) of a job file",
-                        description="The JSON Schema of a job file, for editors that validate and complete "
-                                    "YAML (README, 'A job': yaml-language-server, VS Code).")
-    cs.add_argument("-o", "--output", help="write to this file instead of stdout")
-    cs.add_argument("--draft", choices=["2020-12", "7"], default="2020-12",
-                    help="JSON Schema dialect: 2020-12 (default) or 7, for editors whose YAML support "
-                         "validates draft 7 only (VS Code's YAML extension warns on 2020-12)")
-    cs.set_defaults(fn=cmd_config_schema)
+    _config_schema_parser(sub)
 
     m = sub.add_parser("make-shards", help="convert a dataset into WebDataset shards")
     m.add_argument("source", choices=["digits", "mnist", "cifar10", "folder", "imagenet"],
