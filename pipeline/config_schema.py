@@ -19,7 +19,7 @@ from typing import Any
 
 import pydantic
 
-from pipeline import config
+from pipeline import config, stage_table
 from pipeline.attacks.presets import PRESETS
 from pipeline.vocabulary import GRADIENT_REQUESTS
 
@@ -127,7 +127,7 @@ def _bound_numbers(node: dict[str, Any], bounds: dict[str, Any]) -> None:
 
 def _allow_single_strings(defs: dict[str, Any]) -> None:
     """`shards: "a-{000..009}.tar"` and `stages: evaluate` read as one-item lists."""
-    stages = {"type": "string", "enum": list(config.STAGES)}
+    stages = {"type": "string", "enum": list(stage_table.job_stages())}
     for section, key, item in (("DataConfig", "shards", {"type": "string"}), ("JobConfig", "stages", stages)):
         prop = defs[section]["properties"][key]
         array = {"type": "array", "items": copy.deepcopy(item), "minItems": 1}
