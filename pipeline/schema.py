@@ -14,7 +14,7 @@ from typing import Any, Iterable
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3   # 3: final_evaluated (the final R-run evaluation is skipped for confirmed breaks)
 
 
 class Status(str, enum.Enum):
@@ -59,6 +59,10 @@ SCHEMA = pa.schema([
     ("mean_logit_pred", pa.int64()),         # argmax of mean logits
     ("mean_softmax_pred", pa.int64()),       # argmax of summed softmax (ADP's second ensemble rule)
     ("worst_of_runs_correct", pa.bool_()),   # every run correct
+    # the R runs on x_adv above were evaluated: true; false: not evaluated, the sample's break
+    # was confirmed during the attack (broken_step >= 0), so its verdict is "broken" under every
+    # rule and those per-run columns are null; null: the stage evaluates no defended model
+    ("final_evaluated", pa.bool_()),
     # break semantics (docs/attacks.md, "What counts as robust"): a candidate is a step whose
     # attack-time forward (its R draws) met the goal; it is confirmed by `confirm_draws` fresh
     # draws of the real defense (0: the attack's view is the deterministic defense itself, so

@@ -55,11 +55,12 @@ def _pandas(out: str) -> dict:
     ok = df[df.status == "ok"].copy()
     fallback = (ok.mean_logit_pred == ok.label) & (ok.broken_step.isna() | (ok.broken_step < 0))
     ok["r"] = [bool(f) if r is None else bool(r) for r, f in zip(ok.robust, fallback)]
+    ok["unbroken"] = ok.broken_step.isna() | (ok.broken_step < 0)   # a confirmed break is broken under every rule
     per = {}
     for idx, g in ok.groupby("attack_index"):
         per[int(idx)] = {"robust": (int(g.r.sum()), len(g)),
-                         "mean_logit": (int((g.mean_logit_pred == g.label).sum()), len(g)),
-                         "worst_of_runs": (int(g.worst_of_runs_correct.sum()), len(g)),
+                         "mean_logit": (int(((g.mean_logit_pred == g.label) & g.unbroken).sum()), len(g)),
+                         "worst_of_runs": (int((g.worst_of_runs_correct & g.unbroken).sum()), len(g)),
                          "clean_defended": (int((g.clean_mean_logit_pred == g.label).sum()), len(g)),
                          "late": int((g.broken_step >= 0.9 * STEPS).sum())}
     att = ok[ok.attack_name != "none"]

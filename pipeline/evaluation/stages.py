@@ -53,6 +53,13 @@ class CleanEval:
         return CleanEval(cols, torch.cat([p.logits for p in parts]), parts[0].nfe)
 
 
+# no final R-run evaluation of a sample whose break the attack confirmed: its verdict is
+# "broken" whatever that evaluation says (switched off only to test that verdicts agree)
+SKIP_CONFIRMED_BREAKS = True
+# the per-run columns of the final evaluation (with the decision rules' DECISION_COLUMNS)
+FINAL_COLUMNS = ("purified_preds", "purified_mean_logits", "worst_of_runs_correct")
+
+
 def eval_context(attack_index: int) -> str:
     return "eval/clean" if attack_index < 0 else f"eval/attack{attack_index}"
 
@@ -88,21 +95,35 @@ def run_attack(p: Protocol, plan: PlannedAttack, x: torch.Tensor, y: torch.Tenso
 
 
 def _prediction_columns(p: Protocol, x_adv: torch.Tensor, y: torch.Tensor, logits: torch.Tensor | None,
-                        broken_step: torch.Tensor) -> dict[str, list]:
+                        broken_step: torch.Tensor, evaluated: torch.Tensor | None = None) -> dict[str, list]:
+    """The bare classifier on x_adv and, where the defended model was evaluated (logits
+    [B, R, K]; `evaluated` [B] bool, None: every row), its per-run columns and the verdict.
+    A row not evaluated has null per-run columns and `final_evaluated` false (see
+    `final_evaluation`); logits None with `evaluated` None: a stage without them."""
     with torch.no_grad():
         cols: dict[str, list] = {"adv_pred": p.defense.classifier(x_adv).argmax(1).tolist()}
+    if logits is None and evaluated is None:
+        return cols
+    B = len(y)
+    done = torch.ones(B, dtype=torch.bool) if evaluated is None else evaluated.cpu()
+    per_run: dict[str, list] = {c: [None] * B for c in (*FINAL_COLUMNS, *DECISION_COLUMNS.values())}
+    correct = torch.zeros(B, dtype=torch.bool)
     if logits is not None:
         preds = logits.argmax(2)                       # [B, R]
         decided = decide_all(logits)                   # every rule's prediction is recorded
-        correct = decided[p.decision].cpu() == y.cpu()
-        cols.update({
+        correct = (decided[p.decision].cpu() == y.cpu()) & done
+        per_run = {
             "purified_preds": preds.tolist(),
             "purified_mean_logits": logits.mean(1).tolist(),
             **{DECISION_COLUMNS[rule]: pred.tolist() for rule, pred in decided.items()},
             "worst_of_runs_correct": (preds == y[:, None]).all(1).tolist(),
-            "decision": [p.decision] * len(y),
-            "robust": ((broken_step < 0) & correct).tolist(),
-        })
+        }
+        skipped = (~done).nonzero().squeeze(1).tolist()
+        for values in per_run.values():
+            for i in skipped:
+                values[i] = None
+    cols.update({**per_run, "final_evaluated": done.tolist(), "decision": [p.decision] * B,
+                 "robust": ((broken_step.cpu() < 0) & correct).tolist()})
     return cols
 
 
@@ -126,6 +147,26 @@ def clean_eval(p: Protocol, x: torch.Tensor, y: torch.Tensor, keys: Sequence[str
     return CleanEval(cols, logits, nfe)
 
 
+def final_evaluation(p: Protocol, plan: PlannedAttack, x_adv: torch.Tensor, keys: Sequence[str],
+                     broken_step: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor, int]:
+    """The R-run evaluation of the returned images (`eval/attack{i}` draws), for the rows
+    without a confirmed break only (SKIP_CONFIRMED_BREAKS): (logits [B, R, K], zeros where not
+    evaluated, or None if no row was; the evaluated mask [B]; purifier evaluations per row).
+    Draws are keyed per sample, so a row's logits do not depend on which others ran."""
+    need = (broken_step < 0) if SKIP_CONFIRMED_BREAKS else torch.ones_like(broken_step, dtype=torch.bool)
+    idx = need.nonzero().squeeze(1)
+    if idx.numel() == len(keys):
+        logits, nfe, _ = defended(p.defense, x_adv, keys, p.seed, eval_context(plan.index), p.runs)
+        return logits, need, nfe
+    if idx.numel() == 0:
+        return None, need, 0
+    sub, nfe, _ = defended(p.defense, x_adv[idx.to(x_adv.device)], [keys[i] for i in idx.tolist()], p.seed,
+                           eval_context(plan.index), p.runs)
+    logits = sub.new_zeros(len(keys), *sub.shape[1:])
+    logits[idx.to(sub.device)] = sub
+    return logits, need, nfe
+
+
 def attack_rows(p: Protocol, plan: PlannedAttack | None, x: torch.Tensor, y: torch.Tensor,
                 keys: Sequence[str], clean: CleanEval) -> list[dict[str, Any]]:
     """Rows of one attack (None: no attack) on a batch, given its clean evaluation."""
@@ -134,16 +175,17 @@ def attack_rows(p: Protocol, plan: PlannedAttack | None, x: torch.Tensor, y: tor
     if plan is None:
         never = torch.full((B,), -1, dtype=torch.int64)
         out = AttackOutcome(x, never, never, 0, [0] * B)
-        logits, nfe, info = clean.logits, 0, NO_ATTACK
+        logits, evaluated, nfe, info = clean.logits, torch.ones(B, dtype=torch.bool), 0, NO_ATTACK
     else:
         out = run_attack(p, plan, x, y, keys)
-        logits, nfe, _ = defended(p.defense, out.x_adv, keys, p.seed, eval_context(plan.index), p.runs)
+        logits, evaluated, nfe = final_evaluation(p, plan, out.x_adv, keys, out.broken_step)
         info = plan.info()
-    cols = {**clean.columns, **_prediction_columns(p, out.x_adv, y, logits, out.broken_step),
+    cols = {**clean.columns, **_prediction_columns(p, out.x_adv, y, logits, out.broken_step, evaluated),
             **_norms(out.x_adv, x), "broken_step": out.broken_step.tolist(),
-            "candidate_step": out.candidate_step.tolist(), "attack_nfe": out.nfe}
+            "candidate_step": out.candidate_step.tolist(), "attack_nfe": out.nfe,
+            "purify_nfe": [clean.nfe + (nfe if e else 0) for e in evaluated.tolist()]}
     return _rows(B, cols, {**info, "runs": p.runs, "attack_steps": out.steps,
-                           "purify_nfe": clean.nfe + nfe, "seconds": (time.perf_counter() - t0) / B})
+                           "seconds": (time.perf_counter() - t0) / B})
 
 
 def evaluate_batch(p: Protocol, x: torch.Tensor, y: torch.Tensor, keys: Sequence[str]) -> list[dict[str, Any]]:

@@ -7,7 +7,10 @@ of all files are combined by summing again. A sample's rows all live in its shar
 exact per file, and memory is bounded by the largest shard, not by the run.
 
 Correctness columns (c_*) are derived per row; a null prediction stays null, so a stage
-that does not record a prediction yields a count of 0 non-null values ("n/a").
+that does not record a prediction yields a count of 0 non-null values ("n/a"). Every
+decision rule's column (mean logit, vote, summed softmax, worst-of-R, and the runs curve)
+counts a confirmed break (broken_step >= 0) as broken, so a row whose final evaluation was
+skipped for it (`final_evaluated` false, per-run columns null) is broken under every rule.
 """
 from __future__ import annotations
 
@@ -24,15 +27,17 @@ from pipeline.vocabulary import DECISION_COLUMNS, DEFAULT_DECISION, NO_ATTACK_NA
 ENTRY_KEYS = ["attack_index", "attack_name", "gradient_mode", "attack_params", "eot", "norm", "eps", "runs"]
 # record column → derived correctness column (prediction == label)
 PREDICTIONS = {"clean_pred": "c_clean_bare", "clean_mean_logit_pred": "c_clean_defended",
-               "adv_pred": "c_adv_bare", "mean_logit_pred": "c_mean_logit", "vote_pred": "c_vote",
-               "mean_softmax_pred": "c_mean_softmax"}
-CORRECT = [*PREDICTIONS.values(), "c_worst_of_runs", "c_robust"]
+               "adv_pred": "c_adv_bare"}
+# the defended model on x_adv under each decision rule: correct and no confirmed break
+RULES = {"mean_logit_pred": "c_mean_logit", "vote_pred": "c_vote", "mean_softmax_pred": "c_mean_softmax",
+         "worst_of_runs_correct": "c_worst_of_runs"}
+CORRECT = [*PREDICTIONS.values(), *RULES.values(), "c_robust"]
 COSTS = ["linf", "l2", "attack_nfe", "purify_nfe", "seconds"]
 META = ["job", "config_hash", "stage", "purifier", "purifier_params", "purifier_sha256", "classifier",
         "classifier_sha256", "decision", "seed", "schema_version"]
 # the record columns a report reads (list columns other than purified_preds are never decoded)
-READ_COLUMNS = sorted({*ENTRY_KEYS, *PREDICTIONS, *COSTS, *META, "shard", "key", "label", "status",
-                       "worst_of_runs_correct", "robust", "broken_step", "attack_steps", "confirm_draws",
+READ_COLUMNS = sorted({*ENTRY_KEYS, *PREDICTIONS, *RULES, *COSTS, *META, "shard", "key", "label", "status",
+                       "final_evaluated", "robust", "broken_step", "attack_steps", "confirm_draws",
                        "cascade_from", "purified_preds"})
 # low-cardinality strings, read dictionary-encoded: filters and group keys then move indices
 DICTIONARY_COLUMNS = [c for c in READ_COLUMNS if c in (*META, "shard", "status", "attack_name", "gradient_mode",
@@ -44,7 +49,8 @@ ENTRY_OPS = {**{f"{c}_{op}": "sum" for c in CORRECT for op in ("sum", "count")},
              **{f"{c}_{op}": ("max" if op == "max" else "sum") for c in ("linf", "l2")
                 for op in ("sum", "count", "max")},
              **{f"{c}_sum": "sum" for c in ("attack_nfe", "purify_nfe", "seconds")},
-             "purify_evals_sum": "sum", "attack_steps_max": "max", "confirm_draws_max": "max", "rows": "sum"}
+             "purify_evals_sum": "sum", "final_skipped_sum": "sum", "attack_steps_max": "max",
+             "confirm_draws_max": "max", "rows": "sum"}
 LAYOUT = {
     "entries": (ENTRY_KEYS, ENTRY_OPS),
     "classes": (ENTRY_KEYS + ["label"], {f"{c}_{op}": "sum" for c in ("c_clean_bare", "c_clean_defended",
@@ -68,23 +74,34 @@ def derive(table: pa.Table) -> pa.Table:
     ok = table if pc.all(is_ok).as_py() else table.filter(is_ok)   # the common case copies nothing
     label = ok["label"]
     cols = {name: pc.equal(ok[src], label) for src, name in PREDICTIONS.items()}
-    cols["c_worst_of_runs"] = ok["worst_of_runs_correct"]
+    unbroken = pc.or_kleene(pc.is_null(ok["broken_step"]), pc.less(ok["broken_step"], 0))
+    skipped = _skipped(ok)
+    for src, name in RULES.items():   # null where no prediction was recorded, unless the break was confirmed
+        right = ok[src] if src == "worst_of_runs_correct" else pc.equal(ok[src], label)
+        cols[name] = pc.if_else(skipped, False, pc.and_(right, unbroken))
     decision = pc.fill_null(ok["decision"], DEFAULT_DECISION)   # records older than the column
     pred = ok[DECISION_COLUMNS[DEFAULT_DECISION]]
     for rule, col in DECISION_COLUMNS.items():
         if rule != DEFAULT_DECISION:
             pred = pc.if_else(pc.equal(decision, rule), ok[col], pred)
-    unbroken = pc.or_kleene(pc.is_null(ok["broken_step"]), pc.less(ok["broken_step"], 0))
     # null where the stage has no defended prediction (an attack stage alone): no verdict
-    cols["c_robust"] = pc.coalesce(ok["robust"], pc.and_(pc.equal(pred, label), unbroken))
+    cols["c_robust"] = pc.coalesce(ok["robust"], pc.if_else(skipped, False, pc.and_(pc.equal(pred, label), unbroken)))
     is_attack = pc.not_equal(pc.fill_null(ok["attack_name"], NO_ATTACK_NAME), NO_ATTACK_NAME)
     # the defended model is evaluated on x (clean columns) and, for an attack row, on x_adv
     evals = pc.add(pc.cast(pc.is_valid(ok["clean_mean_logit_pred"]), pa.int64()),
                    pc.cast(pc.and_(is_attack, pc.is_valid(ok["mean_logit_pred"])), pa.int64()))
-    cols.update({"is_attack": is_attack, "carried": pc.is_valid(ok["cascade_from"]), "purify_evals": evals})
+    cols.update({"is_attack": is_attack, "carried": pc.is_valid(ok["cascade_from"]), "purify_evals": evals,
+                 "final_skipped": skipped, "unbroken": unbroken})
     for name, arr in cols.items():
         ok = ok.append_column(name, arr)
     return ok
+
+
+def _skipped(ok: pa.Table) -> pa.Array:
+    """Rows whose final R-run evaluation was skipped: the break was confirmed first."""
+    if "final_evaluated" not in ok.column_names:
+        return pa.array([False] * ok.num_rows)
+    return pc.fill_null(pc.equal(ok["final_evaluated"], False), False)
 
 
 def _rename(table: pa.Table, names: dict[str, str]) -> pa.Table:
@@ -101,7 +118,7 @@ def _agg(table: pa.Table, keys: list[str], aggs: list[tuple]) -> pa.Table:
 def _entries(d: pa.Table) -> pa.Table:
     aggs = [(c, op) for c in CORRECT for op in ("sum", "count")]
     aggs += [(c, op) for c in ("linf", "l2") for op in ("sum", "count", "max")]
-    aggs += [(c, "sum") for c in ("attack_nfe", "purify_nfe", "seconds", "purify_evals")]
+    aggs += [(c, "sum") for c in ("attack_nfe", "purify_nfe", "seconds", "purify_evals", "final_skipped")]
     aggs += [("attack_steps", "max"), ("confirm_draws", "max"), ([], "count_all")]
     return _agg(d, ENTRY_KEYS, aggs)
 
@@ -156,21 +173,33 @@ def _vote_curve(preds: np.ndarray, label: np.ndarray) -> np.ndarray:
     return out
 
 
+def _run_predictions(s: pa.Table, runs: int) -> np.ndarray:
+    """[n, R] per-run predictions; -1 (no class) for a row whose final evaluation was skipped."""
+    preds = np.full((s.num_rows, runs), -1, dtype=np.int64)
+    have = pc.is_valid(s["purified_preds"]).to_numpy(zero_copy_only=False)
+    if have.any():
+        preds[have] = pc.list_flatten(s["purified_preds"].filter(have)).to_numpy().reshape(-1, runs)
+    return preds
+
+
 def _runs_curve(d: pa.Table) -> pa.Table | None:
     """Accuracy from the first r of the R per-run predictions, r = 1..R: worst-of-r (every
-    run correct) and vote-of-r — how the verdict depends on the number of runs."""
-    valid = pc.and_(pc.greater(pc.fill_null(d["runs"], 0), 1), pc.is_valid(d["purified_preds"]))
-    sub = d.select(ENTRY_KEYS + ["label", "purified_preds"]).filter(valid)
+    run correct) and vote-of-r — how the verdict depends on the number of runs. A confirmed
+    break is wrong at every r (rows whose final evaluation was skipped for it included)."""
+    recorded = pc.or_(pc.is_valid(d["purified_preds"]), d["final_skipped"])
+    valid = pc.and_(pc.greater(pc.fill_null(d["runs"], 0), 1), recorded)
+    sub = d.select(ENTRY_KEYS + ["label", "purified_preds", "final_skipped", "unbroken"]).filter(valid)
     parts = []
     for runs in pc.unique(sub["runs"]).to_pylist():
-        s = sub.filter(pc.and_(pc.equal(sub["runs"], runs),
-                               pc.equal(pc.list_value_length(sub["purified_preds"]), runs)))
+        length = pc.fill_null(pc.list_value_length(sub["purified_preds"]), runs)   # skipped rows: no list
+        s = sub.filter(pc.and_(pc.equal(sub["runs"], runs), pc.equal(length, runs)))
         if not s.num_rows:
             continue
-        preds = pc.list_flatten(s["purified_preds"]).to_numpy().reshape(-1, runs)  # [n, R]
+        preds = _run_predictions(s, runs)   # [n, R]
         label = s["label"].to_numpy()
-        curves = {"worst": np.logical_and.accumulate(preds == label[:, None], axis=1),
-                  "vote": _vote_curve(preds, label)}
+        unbroken = s["unbroken"].to_numpy(zero_copy_only=False)[:, None]
+        curves = {"worst": np.logical_and.accumulate(preds == label[:, None], axis=1) & unbroken,
+                  "vote": _vote_curve(preds, label) & unbroken}
         t = s.select(ENTRY_KEYS)
         for name, values in curves.items():
             for r in range(runs):

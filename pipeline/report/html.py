@@ -192,8 +192,13 @@ def _examples(output: str, limit: int) -> str:
                         if e["images"].get(c) else "<td>n/a</td>" for c in columns)
         verdict = {True: "robust", False: "broken", None: "—"}[e["c_robust"]]
         rows.append(f"<tr><td>{html.escape(str(e['key']))}<br>label {e['label']}<br>bare on adv: {e['adv_pred']}"
-                    f"<br>defended: {e['mean_logit_pred']}<br>{verdict}</td>{cells}</tr>")
+                    f"<br>defended: {_defended(e)}<br>{verdict}</td>{cells}</tr>")
     return f"<p class='note'>{html.escape(note)}</p><table class='grid'>{head}{''.join(rows)}</table>"
+
+
+def _defended(e: dict[str, Any]) -> str:
+    """The defended prediction on the adversarial image, or why there is none."""
+    return "not evaluated (confirmed break)" if e.get("final_skipped") else str(e["mean_logit_pred"])
 
 
 def _checks(doc: dict[str, Any]) -> str:

@@ -47,7 +47,8 @@ def _pick(records, keys: set[str], limit: int, verdict: dict[str, bool | None] |
     (by `verdict`, key → robust, where given, else by the records' own c_robust)."""
     d = aggregate.derive(records)
     d = d.filter(pc.is_in(d["key"], value_set=pa.array(sorted(keys), type=d["key"].type)))
-    rows = d.select(["key", "label", "adv_pred", "mean_logit_pred", "c_robust", "attack_index"]).to_pylist()
+    rows = d.select(["key", "label", "adv_pred", "mean_logit_pred", "c_robust", "attack_index",
+                     "final_skipped"]).to_pylist()
     if verdict is not None:
         rows = [{**r, "c_robust": verdict.get(r["key"])} for r in rows]
     robust = [r for r in rows if r["c_robust"]][: limit // 2]

@@ -15,7 +15,8 @@ from pipeline.report import record_checks
 from pipeline.report.aggregate import ENTRY_KEYS
 from pipeline.vocabulary import DEFAULT_DECISION, NO_ATTACK_NAME
 
-REPORT_VERSION = 1   # of the JSON document; bumped when a field changes meaning
+REPORT_VERSION = 2   # of the JSON document; bumped when a field changes meaning (2: every decision
+                     # rule and the runs curve count a confirmed break as broken)
 ACCURACIES = {"robust": "c_robust", "clean_classifier": "c_clean_bare", "clean_defended": "c_clean_defended",
               "adv_classifier": "c_adv_bare", "robust_mean_logit": "c_mean_logit", "robust_vote": "c_vote",
               "robust_mean_softmax": "c_mean_softmax", "robust_worst_of_runs": "c_worst_of_runs"}
@@ -105,7 +106,9 @@ def attack_entries(agg: dict[str, Any]) -> list[dict[str, Any]]:
              "params": params, "eps": e["eps"], "eps_255": e["eps"] * 255 if e["eps"] is not None else None,
              "norm": e["norm"], "eot": e["eot"], "runs": e["runs"], "n": e["rows"],
              "sweep_key": record_checks.sweep_key(e["attack_params"]),
-             "steps": int(steps) if steps else None, "confirm_draws": e["confirm_draws_max"], "key": entry_key(e)}
+             "steps": int(steps) if steps else None, "confirm_draws": e["confirm_draws_max"], "key": entry_key(e),
+             # rows with a confirmed break whose final R-run evaluation was not run (broken under every rule)
+             "final_skipped": e["final_skipped_sum"] or 0}
         for name, col in ACCURACIES.items():
             a[name] = accuracy(e[f"{col}_sum"], e[f"{col}_count"])
         a.update(_cost_columns(e, params))

@@ -88,7 +88,14 @@ def attack_section(doc: dict[str, Any]) -> Section:
                                   "adv (bare)", "robust (verified)", "mean logit", "vote", "worst-of-R"], rows,
                    ["accuracy % with Wilson 95% intervals; 'bare' = classifier alone, 'defended' = purifier + "
                     "classifier; 'robust (verified)' = no confirmed break at any step and final re-evaluation "
-                    "correct; mean logit / vote / worst-of-R: the final iterate under each convention"])
+                    "correct; mean logit / vote / worst-of-R: the final iterate under each convention, a confirmed "
+                    "break counting as broken under every rule" + _skipped_note(doc)])
+
+
+def _skipped_note(doc: dict[str, Any]) -> str:
+    skipped = sum(a.get("final_skipped") or 0 for a in doc["attacks"])
+    return (f" (the final R-run evaluation was not run for the {skipped} rows whose break the attack "
+            "confirmed: their verdict needs none)") if skipped else ""
 
 
 def cost_section(doc: dict[str, Any]) -> Section:
