@@ -100,7 +100,8 @@ def test_worst_case_is_the_per_sample_intersection():
     a1 = [_row(f"k{i}", 1, gradient="bpda", eps=0.1, correct=5 <= i < 15) for i in range(20)]
     clean = [_row(f"k{i}", -1, name="none", gradient="none", eps=0.0, correct=i < 18, norm=None,
                   clean_mean_logit_pred=1 if i < 18 else 0) for i in range(20)]
-    failed = [{"schema_version": 2, "shard": "s", "key": "bad", "label": 3, "status": "decode_error", "error": "x"}]
+    failed = [{"schema_version": schema.SCHEMA_VERSION, "shard": "s", "key": "bad", "label": 3,
+               "status": "decode_error", "error": "x"}]
     doc = _doc(a0 + a1 + clean + failed)
     (w,) = doc["worst_case"]
     assert (w["k"], w["n"], w["attacks"], w["incomplete"]) == (5, 20, [0, 1], 0)

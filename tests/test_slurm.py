@@ -292,8 +292,10 @@ def test_slurm_job_gives_the_same_records_as_advpure_run(cluster, small_shards, 
     a, b = _records(local), _records(viaslurm)
     assert len(a["key"]) == 60 and a.keys() == b.keys()
     for name in a:
-        if name == "purified_mean_logits":
-            assert np.allclose(np.array(a[name]), np.array(b[name]), atol=1e-5), name
+        if name == "purified_mean_logits":   # null where a confirmed break needed no final evaluation
+            assert [v is None for v in a[name]] == [v is None for v in b[name]], name
+            assert np.allclose(np.array([v for v in a[name] if v is not None]),
+                               np.array([v for v in b[name] if v is not None]), atol=1e-5), name
         else:
             assert a[name] == b[name], name
     log = advpure(cluster, tmp_path, "logs", job_id)
