@@ -11,7 +11,7 @@ from pipeline import config, schema
 from pipeline.evaluation import shard, stages
 from pipeline.evaluation.protocol import build_protocol
 from pipeline.io import shards
-from pipeline.report import aggregate, summary
+from pipeline.report import aggregate, summary, tables
 from tests.conftest import job_dict
 
 ATTACKS = [{"name": "pgd", "params": {"eps": 0.2, "steps": 4, "step_size": 0.08}, "eot": 2},
@@ -102,6 +102,8 @@ def test_a_confirmed_break_is_broken_under_every_rule_in_the_report():
     for rule in ("robust", "robust_mean_logit", "robust_vote", "robust_mean_softmax", "robust_worst_of_runs"):
         assert (a[rule]["k"], a[rule]["n"]) == (1, 3), rule
     assert a["final_skipped"] == 1 and doc["worst_case"][0]["k"] == 1
+    assert "the final R-run evaluation was not run for the 1 row whose break the attack confirmed" in \
+        " ".join(tables.format_text(doc).split())
     (curve,) = doc["curves"]["runs"]
     assert [(pt["worst_of_r"]["k"], pt["vote_of_r"]["k"], pt["vote_of_r"]["n"]) for pt in curve["points"]] == \
         [(1, 1, 3)] * 3

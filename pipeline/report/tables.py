@@ -94,8 +94,9 @@ def attack_section(doc: dict[str, Any]) -> Section:
 
 def _skipped_note(doc: dict[str, Any]) -> str:
     skipped = sum(a.get("final_skipped") or 0 for a in doc["attacks"])
-    return (f" (the final R-run evaluation was not run for the {skipped} rows whose break the attack "
-            "confirmed: their verdict needs none)") if skipped else ""
+    rows = f"{skipped} row{'s' if skipped != 1 else ''}"
+    return (f" (the final R-run evaluation was not run for the {rows} whose break the attack confirmed: "
+            "the verdict needs none)") if skipped else ""
 
 
 def cost_section(doc: dict[str, Any]) -> Section:
