@@ -5,7 +5,6 @@ deterministic one (a DAE), while the purifier runs R rows fewer per confirmed br
 from __future__ import annotations
 
 import pytest
-import torch
 
 from pipeline import config, schema
 from pipeline.evaluation import shard, stages
@@ -58,7 +57,6 @@ def _document(rows: list[dict]) -> dict:
 @pytest.mark.parametrize("defense", sorted(DEFENSES))
 def test_skipping_the_final_evaluation_of_confirmed_breaks_keeps_every_verdict(
         defense, digits_shards, digits_models, tmp_path, monkeypatch):
-    torch.set_num_threads(1)
     p = _protocol(digits_shards, digits_models, tmp_path, defense)
     assert p.defense.purifier.stochastic == (defense == "gaussian")
     samples = shards.read_shard(shards.expand(digits_shards["pattern"])[0])[:SAMPLES]
