@@ -1,6 +1,7 @@
 """Per-batch math of the three stages, as plain records (no I/O, no Ray, no pyarrow).
 
-- evaluate: clean → attack → purify (R runs) → classify, one row per (sample, attack);
+- evaluate: clean → attack → purify (R runs; not for a confirmed break) → classify, one row
+            per (sample, attack);
 - attack:   adversarial examples only (the set is written as shards by the worker);
 - purify:   purify (R runs) and classify given images — an adversarial set made earlier,
             or any corpus.
