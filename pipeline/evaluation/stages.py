@@ -5,7 +5,8 @@
 - attack:   adversarial examples only (the set is written as shards by the worker);
 - purify:   purify (R runs) and classify given images — an adversarial set made earlier,
             or any corpus.
-Noise contexts are shared between stages, so attack + purify reproduce evaluate exactly:
+Noise contexts are shared between stages, so attack + purify reproduce evaluate exactly
+(purify, which writes every image, also runs the R runs evaluate leaves out for a confirmed break):
   eval/clean, eval/attack{i}           the R evaluation runs of clean and attacked inputs
   attack{i}/{name}/step{t}             the attack's EOT draws at target step t
   attack{i}/{name}/own                 the attack's own randomness (start, targets, squares)
