@@ -164,6 +164,18 @@ CORPUS_SCHEMA = pa.schema([
 ], metadata={_KIND_KEY: b"corpus"})
 
 
+# versions of evaluation records this code still reads: 2 lacks final_evaluated (every row's
+# final R runs were evaluated), which the report treats as such
+READABLE_SCHEMA_VERSIONS = (2, SCHEMA_VERSION)
+
+
+def readable_versions(table_schema: pa.Schema) -> tuple[int, ...]:
+    """The versions of this kind of records (evaluation or corpus) this code reads."""
+    if schema_version(table_schema) == CORPUS_SCHEMA_VERSION:
+        return (CORPUS_SCHEMA_VERSION,)
+    return READABLE_SCHEMA_VERSIONS
+
+
 def schema_version(table_schema: pa.Schema) -> int:
     """The version a table of this schema carries (evaluation records or corpus records)."""
     meta = table_schema.metadata or {}

@@ -38,7 +38,7 @@ def test_a_file_that_does_not_match_its_marker_is_refused(tmp_path):
 
 def test_schema_version_is_checked_per_kind_of_records(tmp_path):
     marker = _commit(tmp_path)
-    with pytest.raises(ValueError, match=rf"records have schema version 1; this advpure reads {schema.SCHEMA_VERSION}"):
+    with pytest.raises(ValueError, match=rf"schema version 1; this advpure reads 2 or {schema.SCHEMA_VERSION}"):
         commit.read_marked(str(tmp_path), "evaluate", "s", {**marker, "schema_version": 1})
     # corpus records carry a version of their own, and read as such
     rows = [{"schema_version": schema.CORPUS_SCHEMA_VERSION, "shard": "c", "key": "k", "status": "ok"}]
@@ -56,3 +56,29 @@ def test_load_records_reads_every_marked_shard_and_nothing_else(tmp_path):
     with pytest.raises(CommitError, match="no committed results under"):
         commit.load_records(str(tmp_path), "purify")
     assert json.loads((tmp_path / "evaluate" / "s1.done.json").read_text())["rows"] == 2
+
+
+def test_version_2_records_without_final_evaluated_still_read_and_report(tmp_path):
+    """Records of the previous schema (2: every row's final R runs evaluated, no
+    `final_evaluated` column) stay readable: results written before the upgrade are not lost."""
+    import hashlib
+    import io
+
+    import pyarrow.parquet as pq
+
+    from pipeline import report
+
+    marker = _commit(tmp_path)
+    _commit(tmp_path / "new")
+    path = tmp_path / "evaluate" / marker["parquet"]
+    old = pq.read_table(path).drop_columns(["final_evaluated"])
+    buf = io.BytesIO()
+    pq.write_table(old, buf)
+    path.write_bytes(buf.getvalue())
+    old_marker = {**marker, "schema_version": 2, "sha256": hashlib.sha256(buf.getvalue()).hexdigest()}
+    (tmp_path / "evaluate" / "s.done.json").write_text(json.dumps(old_marker))
+    table = commit.read_committed(str(tmp_path), "evaluate", "s")
+    assert "final_evaluated" not in table.column_names and table.num_rows == 2
+    doc, new = report.summarize(table), report.summarize(commit.read_committed(str(tmp_path / "new"), "evaluate", "s"))
+    assert [a["final_skipped"] for a in doc["attacks"]] == [0] * len(doc["attacks"])
+    assert doc["worst_case"] == new["worst_case"] and doc["attacks"][0]["robust"] == new["attacks"][0]["robust"]

@@ -94,7 +94,7 @@ def clean_stage(output: str, stage: str, markers: dict[str, dict[str, Any]]) -> 
 def read_marked(output: str, stage: str, sid: str, marker: dict[str, Any], columns: Sequence[str] | None = None,
                 read_dictionary: Sequence[str] = ()) -> pa.Table:
     """The records a shard's commit marker vouches for: the file it names, whose bytes must
-    match the marker's sha256 (else CommitError) and whose schema version must be the one
+    match the marker's sha256 (else CommitError) and whose schema version must be one
     this advpure reads for its kind of records (else ValueError). `columns`: the ones of
     these the file has (None: all); `read_dictionary`: string columns read dictionary-encoded."""
     url = storage.join(output, stage, marker["parquet"])
@@ -105,8 +105,10 @@ def read_marked(output: str, stage: str, sid: str, marker: dict[str, Any], colum
     pf = pq.ParquetFile(io.BytesIO(data), read_dictionary=list(read_dictionary) or None)
     expected = schema.schema_version(pf.schema_arrow)     # evaluation or corpus records
     version = marker.get("schema_version", expected)
-    if version != expected:
-        raise ValueError(f"{url}: records have schema version {version}; this advpure reads {expected}")
+    readable = schema.readable_versions(pf.schema_arrow)
+    if version not in readable:
+        raise ValueError(f"{url}: records have schema version {version}; this advpure reads "
+                         f"{' or '.join(map(str, readable))}")
     names = pf.schema_arrow.names
     return pf.read(columns=None if columns is None else [c for c in columns if c in names])
 
