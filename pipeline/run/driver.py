@@ -26,6 +26,7 @@ from pipeline.io import shards, storage
 from pipeline.run import commit, data_identity
 from pipeline.run import lease as lease_mod
 from pipeline.run.lease import Lease, LeaseLost
+from pipeline.run.local_pool import LocalPool, choose_executor
 from pipeline.run.signals import handle_sigterm
 from pipeline.run.worker import ShardWorker
 
@@ -215,9 +216,10 @@ class ClusterView:
 
 def gcs_address() -> str | None:
     """host:port of the GCS this driver is connected to (None before ray.init)."""
-    import ray
+    import sys
 
-    return ray.get_runtime_context().gcs_address if ray.is_initialized() else None
+    ray = sys.modules.get("ray")   # never imported (the local executor): no GCS, and no second spent importing it
+    return ray.get_runtime_context().gcs_address if ray is not None and ray.is_initialized() else None
 
 
 def gcs_reachable(address: str, timeout_s: float = 1.0) -> bool:
@@ -280,6 +282,10 @@ class ActorPool:
         self.running: dict[Any, _Task] = {}
         self.info: dict[int, dict[str, Any]] = {}   # id(actor) → its ready() answer
         self.start_failures = 0
+        from ray.exceptions import RayActorError, RayTaskError
+
+        self.task_errors = (RayTaskError,)      # the call raised; the actor is still healthy
+        self.worker_errors = (RayActorError,)   # the actor died (os._exit, OOM) or is unreachable
 
     def live(self) -> int:
         return len(self.idle) + len(self.running)
@@ -318,6 +324,19 @@ class ActorPool:
 
     def refs(self) -> list[Any]:
         return list(self.running) + list(self.starting)
+
+    def wait(self, refs: list[Any]) -> tuple[list[Any], list[Any]]:
+        import ray
+
+        return ray.wait(refs, num_returns=1, timeout=1.0)
+
+    def get(self, ref: Any) -> Any:
+        import ray
+
+        return ray.get(ref)
+
+    def kill(self, actor: Any) -> None:
+        _kill(actor)
 
     def expired(self, timeout_s: float) -> list[_Task]:
         """Running tasks past their deadline, removed from the pool."""
@@ -389,16 +408,25 @@ class _Progress:
 
 # ---------------------------------------------------------------------------- one stage
 
+def make_pool(cfg: Config, worker_cls: type = ShardWorker) -> ActorPool | LocalPool:
+    """The job's workers on the executor `choose_executor` picks: Ray actors (connecting to
+    Ray first), or one worker in this process (`pipeline.run.local_pool`)."""
+    if choose_executor(cfg)[0] == "local":
+        return LocalPool(cfg, worker_cls)
+    _connect(cfg)
+    return ActorPool(cfg, worker_cls)
+
+
 class JobActors:
     """A job's actor pool: started by the first stage that has work (after Ray is up), kept
     for the stages after it, killed by `close()` at the job's end."""
 
     def __init__(self) -> None:
-        self.pool: ActorPool | None = None
+        self.pool: ActorPool | LocalPool | None = None
 
-    def get(self, cfg: Config, worker_cls: type) -> ActorPool:
+    def get(self, cfg: Config, worker_cls: type) -> ActorPool | LocalPool:
         if self.pool is None:
-            self.pool = ActorPool(cfg, worker_cls)
+            self.pool = make_pool(cfg, worker_cls)
         return self.pool
 
     def close(self) -> None:
@@ -423,8 +451,7 @@ def run_stage(cfg: Config, stage: str, states: list[ShardState], worker_cls: typ
         log.info("%s: all %d shards already committed", stage, len(states))
     else:
         log.info("%s: %d shards to run, %d already committed", stage, len(todo), len(states) - len(todo))
-        _connect(cfg)
-        pool = actors.get(cfg, worker_cls) if actors is not None else ActorPool(cfg, worker_cls)
+        pool = actors.get(cfg, worker_cls) if actors is not None else make_pool(cfg, worker_cls)
         try:
             _schedule(cfg, stage, todo, states, result, pool, lease)
         finally:
@@ -500,7 +527,7 @@ def _schedule(cfg: Config, stage: str, todo: collections.deque, states: list[Sha
                 # reserve only what no other idle or starting actor is about to take
                 spare = pool.prefetch and len(todo) > len(pool.idle) - 1 + len(pool.starting)
                 pool.submit(s, stage, todo.popleft() if spare else None)
-            ready, _ = _wait(pool.refs())
+            ready, _ = pool.wait(pool.refs())
             for ref in ready:
                 if ref in pool.starting:
                     _on_started(pool, ref, c.max_actor_failures, result)
@@ -510,7 +537,7 @@ def _schedule(cfg: Config, stage: str, todo: collections.deque, states: list[Sha
                 fail(task.shard, f"timed out after {c.shard_timeout_s:.0f}s; worker killed")
                 requeue(task)
                 pool.info.pop(id(task.actor), None)
-                _kill(task.actor)
+                pool.kill(task.actor)
             committed = sum(1 for x in states if x.status in ("committed", "skipped"))
             note = f"shards {committed}/{len(states)} workers {pool.live()}"
             progress.note(" | ".join(filter(None, [note, waiting.check()])))
@@ -630,52 +657,40 @@ def cluster_lost() -> bool:
     return _CLUSTER_LOST.is_set()
 
 
-def _wait(refs: list[Any]) -> tuple[list[Any], list[Any]]:
-    import ray
-
-    return ray.wait(refs, num_returns=1, timeout=1.0)
-
-
-def _on_started(pool: ActorPool, ref: Any, max_failures: int, result: StageResult) -> None:
-    import ray
-    from ray.exceptions import RayActorError, RayTaskError
-
+def _on_started(pool: ActorPool | LocalPool, ref: Any, max_failures: int, result: StageResult) -> None:
     a, _ = pool.starting.pop(ref)
     try:
-        info = ray.get(ref)
+        info = pool.get(ref)
         log.info("worker ready: %s", info)
         pool.info[id(a)] = {k: info.get(k) for k in ("host", "pid", "node_id", "device", "gpu_ids")}
         result.workers.append(pool.info[id(a)])
         pool.idle.append(a)
-    except (RayActorError, RayTaskError) as err:
+    except pool.task_errors + pool.worker_errors as err:
         pool.start_failures += 1
         log.error("worker failed to start (%d/%d): %s", pool.start_failures, max_failures, _short(err))
         if pool.start_failures >= max_failures:
             result.aborted = f"{pool.start_failures} worker start failures; last: {_short(err)}"
             raise DriverError(result.aborted) from None
-        _kill(a)
+        pool.kill(a)
 
 
-def _on_finished(pool: ActorPool, ref: Any, fail, requeue, progress: _Progress) -> None:
-    import ray
-    from ray.exceptions import RayActorError, RayTaskError
-
+def _on_finished(pool: ActorPool | LocalPool, ref: Any, fail, requeue, progress: _Progress) -> None:
     task = pool.running.pop(ref)
     a, s = task.actor, task.shard
     requeue(task)  # first in the queue: the next submit gives it back to this (idle) actor
     try:
-        marker = ray.get(ref)
+        marker = pool.get(ref)
         s.status, s.rows = "committed", int(marker["rows"])
         s.attempts += 1
         progress.add(int(marker["samples"]), int(marker.get("nfe", 0)))
         pool.idle.append(a)
-    except RayTaskError as err:   # the shard raised; the actor is still healthy
+    except pool.task_errors as err:   # the shard raised; the actor is still healthy
         fail(s, _short(err))
         pool.idle.append(a)
-    except RayActorError as err:  # the actor died (os._exit, OOM) or is unreachable (node loss)
+    except pool.worker_errors as err:  # the actor died (os._exit, OOM) or is unreachable (node loss)
         fail(s, f"worker died: {_short(err)}")
         pool.info.pop(id(a), None)
-        _kill(a)  # it may be unreachable but alive; top_up starts a replacement
+        pool.kill(a)  # it may be unreachable but alive; top_up starts a replacement
 
 
 # ---------------------------------------------------------------------------- job
@@ -735,6 +750,7 @@ def run(cfg: Config) -> tuple[int, dict[str, Any]]:
     """
     states = plan_shards(cfg)
     c = cfg.cluster
+    log.info("executor: %s (%s)", *choose_executor(cfg))
     try:
         lease = lease_mod.acquire(cfg.job.output, cfg.job.name, c.lease_timeout_s, c.lease_heartbeat_s)
     except storage.StorageError as err:  # the first write to the output: fail before any work
