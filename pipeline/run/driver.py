@@ -756,19 +756,72 @@ def run(cfg: Config) -> tuple[int, dict[str, Any]]:
     except storage.StorageError as err:  # the first write to the output: fail before any work
         raise ConfigError(f"{cfg.source}: {err}") from None
     with lease:
-        from pipeline.evaluation import preflight  # torch: the data against the models, once, before any work
+        actors = JobActors()
+        try:
+            _prepare(cfg, states, lease, actors)
+            return _run_stages(cfg, states, lease, actors)
+        finally:
+            actors.close()
 
-        preflight.check(cfg, states[0].url)   # after the output proved writable (the lease), before any stage
-        if lease.took_over:
-            time.sleep(TAKEOVER_GRACE_S)
-        check_job_state(cfg, states)
-        return _run_stages(cfg, states, lease)
+
+def _checks(cfg: Config, states: list[ShardState], lease: Lease) -> None:
+    """What runs once before any stage: the data against the models (preflight, torch), then
+    the output's job state."""
+    from pipeline.evaluation import preflight
+
+    preflight.check(cfg, states[0].url)   # after the output proved writable (the lease), before any stage
+    if lease.took_over:
+        time.sleep(TAKEOVER_GRACE_S)
+    check_job_state(cfg, states)
 
 
-def _run_stages(cfg: Config, states: list[ShardState], lease: Lease) -> tuple[int, dict[str, Any]]:
+def _prepare(cfg: Config, states: list[ShardState], lease: Lease, actors: JobActors) -> None:
+    """The checks; on Ray with work left, overlapped with Ray's start and the first actors'
+    (their imports and model loading): Ray starts in this thread (ray.init wants the main
+    one), the checks run in another. A Ray this driver started for checks that fail is shut down."""
+    import sys
+
+    pending = _pending_estimate(cfg, states)
+    if not pending or choose_executor(cfg)[0] != "ray":
+        _checks(cfg, states, lease)
+        return
+    failed: list[BaseException] = []
+
+    def checks() -> None:
+        try:
+            _checks(cfg, states, lease)
+        except BaseException as err:  # noqa: BLE001 - re-raised in the driver's thread below
+            failed.append(err)
+
+    ours = "ray" not in sys.modules or not sys.modules["ray"].is_initialized()
+    thread = threading.Thread(target=checks, name="advpure-checks", daemon=True)
+    thread.start()
+    try:
+        _connect(cfg)
+        n = cfg.cluster.num_workers
+        actors.get(cfg, ShardWorker).start(min(pending, 1 if n == "auto" else int(n)))
+    finally:
+        thread.join()
+    if failed:
+        actors.close()
+        if ours:
+            import ray
+
+            ray.shutdown()
+        raise failed[0]
+
+
+def _pending_estimate(cfg: Config, states: list[ShardState]) -> int:
+    """Shards some stage of the job has not committed (read-only, before the lease's clean-up:
+    it only decides whether to start workers early)."""
+    sids = {s.sid for s in states}
+    return max(len(sids - set(commit.committed(cfg.job.output, stage))) for stage in cfg.job.stages)
+
+
+def _run_stages(cfg: Config, states: list[ShardState], lease: Lease,
+                actors: JobActors) -> tuple[int, dict[str, Any]]:
     results: list[StageResult] = []
     code = EXIT_OK
-    actors = JobActors()
     published: dict[str, list[ShardState]] = {}   # the image shards each finished stage wrote, indexed once
     try:
         for stage in cfg.job.stages:
@@ -788,5 +841,5 @@ def _run_stages(cfg: Config, states: list[ShardState], lease: Lease) -> tuple[in
             if r.quarantined:
                 code = EXIT_QUARANTINED
     finally:
-        actors.close()
+        actors.close()   # before the manifest: the job's workers end with its last stage
     return code, write_manifest(cfg, results)
