@@ -2,7 +2,8 @@
 failures, quarantines what keeps failing, and writes the manifest. It never touches tensors.
 
 One stage = resume (`pending_shards`) → the job's `ActorPool` (started with the first stage
-that has work, kept across stages) that starts, replaces and expires actors → a loop over
+that has work, kept across stages; or, with `cluster.executor: local`, a `LocalPool` that
+runs one worker in this process) that starts, replaces and expires actors → a loop over
 `ray.wait` that hands out shards, each with the next one reserved to the same actor so it
 prefetches it, and applies `retry_or_quarantine`.
 Scheduling is an explicit queue (not Ray's ActorPool, which loses track of failed work);
@@ -268,6 +269,7 @@ class ActorPool:
 
     def __init__(self, cfg: Config, worker_cls: type = ShardWorker):
         import ray
+        from ray.exceptions import RayActorError, RayTaskError
 
         c = cfg.cluster
         self.req = worker_resources(cfg)
@@ -282,8 +284,6 @@ class ActorPool:
         self.running: dict[Any, _Task] = {}
         self.info: dict[int, dict[str, Any]] = {}   # id(actor) → its ready() answer
         self.start_failures = 0
-        from ray.exceptions import RayActorError, RayTaskError
-
         self.task_errors = (RayTaskError,)      # the call raised; the actor is still healthy
         self.worker_errors = (RayActorError,)   # the actor died (os._exit, OOM) or is unreachable
 
@@ -411,7 +411,9 @@ class _Progress:
 def make_pool(cfg: Config, worker_cls: type = ShardWorker) -> ActorPool | LocalPool:
     """The job's workers on the executor `choose_executor` picks: Ray actors (connecting to
     Ray first), or one worker in this process (`pipeline.run.local_pool`)."""
-    if choose_executor(cfg)[0] == "local":
+    executor, why = choose_executor(cfg)
+    log.info("executor: %s (%s)", executor, why)
+    if executor == "local":
         return LocalPool(cfg, worker_cls)
     _connect(cfg)
     return ActorPool(cfg, worker_cls)
@@ -750,7 +752,6 @@ def run(cfg: Config) -> tuple[int, dict[str, Any]]:
     """
     states = plan_shards(cfg)
     c = cfg.cluster
-    log.info("executor: %s (%s)", *choose_executor(cfg))
     try:
         lease = lease_mod.acquire(cfg.job.output, cfg.job.name, c.lease_timeout_s, c.lease_heartbeat_s)
     except storage.StorageError as err:  # the first write to the output: fail before any work
@@ -797,9 +798,8 @@ def _prepare(cfg: Config, states: list[ShardState], lease: Lease, actors: JobAct
     thread = threading.Thread(target=checks, name="advpure-checks", daemon=True)
     thread.start()
     try:
-        _connect(cfg)
         n = cfg.cluster.num_workers
-        actors.get(cfg, ShardWorker).start(min(pending, 1 if n == "auto" else int(n)))
+        actors.get(cfg, ShardWorker).start(min(pending, 1 if n == "auto" else int(n)))   # connects to Ray
     finally:
         thread.join()
     if failed:

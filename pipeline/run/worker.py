@@ -12,6 +12,7 @@ import json
 import os
 import queue
 import socket
+import sys
 import threading
 import time
 from typing import Any, Callable, Sequence
@@ -46,10 +47,9 @@ def _versions() -> dict[str, str]:
 
 def _gpu_ids() -> list[str]:
     """The node's GPU ids Ray assigned to this worker ([] outside Ray or without GPUs)."""
+    ray = sys.modules.get("ray")   # a Ray worker has it; the local executor need not import it
     try:
-        import ray
-
-        return [str(g) for g in ray.get_gpu_ids()] if ray.is_initialized() else []
+        return [str(g) for g in ray.get_gpu_ids()] if ray is not None and ray.is_initialized() else []
     except Exception:  # not in a Ray worker
         return []
 
