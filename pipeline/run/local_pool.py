@@ -68,7 +68,7 @@ class _Call:
         try:
             self.value = fn(*args)
         except Exception as err:  # noqa: BLE001 - a shard's failure is the scheduler's to judge
-            log.debug("in-process call failed:\n%s", traceback.format_exc())
+            log.info("in-process call failed (the driver retries or quarantines it):\n%s", traceback.format_exc())
             self.error = ShardError(f"{type(err).__name__}: {err}")
 
 
@@ -148,4 +148,8 @@ class LocalPool:
             self.idle.remove(worker)
 
     def kill_all(self) -> None:
+        workers = self.idle + [t.actor for t in self.running.values()]
         self.idle, self.running, self.starting = [], {}, {}
+        for w in workers:
+            if hasattr(w, "close"):
+                w.close()   # a prefetched shard's decoding thread

@@ -135,6 +135,13 @@ class ShardWorker:
         host.release_freed_memory()  # kept within a shard (host.keep_freed_memory), handed back after it
         return marker
 
+    def close(self) -> None:
+        """Stop decoding a prefetched shard (the local executor's worker outlives no job; an
+        actor's process simply ends)."""
+        nxt, self._next = self._next, None
+        if nxt is not None:
+            nxt[2].close()
+
     def _open(self, url: str, expected: int | None) -> shards.ShardStream:
         return shards.ShardStream(url, expected, self.cfg.data.max_samples_per_shard,
                                   chunk=self.protocol.batch_size, depth=DECODE_QUEUE_CHUNKS)
