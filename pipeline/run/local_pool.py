@@ -1,11 +1,11 @@
 """The in-process executor (`cluster.executor: local`): the job's one worker is a ShardWorker
-built in the driver's own process, so a small job pays no Ray start (≈ 9 s on a 2-core
-machine, BENCHMARKS.md "Executors"). The driver schedules it exactly as it schedules actors —
+built in the driver's own process, so a small job pays no Ray start (8 s of a 13.5 s job on
+a 2-core machine, BENCHMARKS.md "Executors"). The driver schedules it exactly as it schedules actors —
 the same queue, commit markers, lease, resume, retries and quarantine (`driver._schedule`);
 only what an actor is and how its calls return differ, so `LocalPool` has ActorPool's interface.
 
 Why in the driver's process and not a child: the driver already imports torch (its preflight
-builds the models once), a child would pay torch's import and the models again, and a
+builds the classifier), a child would pay torch's import and the models again, and a
 synchronous call needs no messages, pickling or process management. What that costs:
 - a shard runs in the driver's main thread, so the driver checks its lease and prints
   progress between shards, not during one;
