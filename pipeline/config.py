@@ -96,6 +96,9 @@ class EvaluationConfig:
 class ClusterConfig:
     """Where and how wide the job runs (docs/storage_and_cluster.md)."""
     address: str | None = None      # Ray address (null: RAY_ADDRESS, else a local cluster)
+    # local: one worker in the driver's process, no Ray (small jobs); ray: worker actors;
+    # auto: local when no cluster is named and num_workers is 1, else ray (the log says which)
+    executor: Literal["auto", "local", "ray"] = "auto"
     # actors wanted; auto: as many as the cluster's nodes can host (grows when nodes join)
     num_workers: Union[int, Literal["auto"]] = 1
     cpus_per_worker: float = 1.0    # CPUs reserved per worker actor (reading and decoding shards)
@@ -327,8 +330,24 @@ def _check_ranges(cfg: Config) -> None:
     need(c.max_actor_failures >= 1, "cluster.max_actor_failures", "must be ≥ 1")
     for i, f in enumerate(cfg.faults):
         need(f.times >= 1, f"faults[{i}].times", "must be ≥ 1")
+    _check_local_executor(cfg, need)
     if cfg.corpus is not None:
         _check_corpus(cfg.corpus, need)
+
+
+def _check_local_executor(cfg: Config, need) -> None:
+    """What `cluster.executor: local` (one worker, in the driver's process) cannot do."""
+    c = cfg.cluster
+    if c.executor != "local":
+        return
+    need(c.num_workers in (1, "auto"), "cluster.num_workers",
+         f"is {c.num_workers}, but cluster.executor local runs one worker in the driver's process "
+         "(set num_workers 1, or executor ray)")
+    need(c.address in (None, "", "local"), "cluster.address",
+         f"names a Ray cluster ({c.address}), but cluster.executor is local (set executor ray or auto)")
+    for i, f in enumerate(cfg.faults):
+        need(f.mode == "raise", f"faults[{i}].mode",
+             f"{f.mode} would end or hang the driver itself under cluster.executor local (use executor ray)")
 
 
 def _check_corpus(c: CorpusConfig, need) -> None:

@@ -61,7 +61,7 @@ def _ended(proc: subprocess.Popen, timeout_s: float) -> int:
 def test_sigterm_ends_the_driver_with_one_line(digits_shards, digits_models, tmp_path):
     out = tmp_path / "out"
     job = job_dict(digits_shards["pattern"], digits_models, str(out), attacks=LONG,
-                   cluster={"num_workers": 1, "cpus_per_worker": 1})
+                   cluster={"num_workers": 1, "cpus_per_worker": 1, "executor": "ray"})
     proc, log = _start_driver(tmp_path, job, _env())
     try:
         _wait_for(log, "worker ready", proc)

@@ -121,7 +121,7 @@ def test_driver_sigkilled_mid_run_then_rerun_is_exactly_once(digits_shards, digi
     doc = make_shards("digits", str(tmp_path / "sh"), split="test", samples_per_shard=30)   # 12 shards
     cfg = job_dict(doc["pattern"], digits_models, str(tmp_path / "out"),
                    attacks=[{"name": "pgd", "params": {"eps": 0.2, "steps": 40}}],
-                   cluster={"num_workers": 1})
+                   cluster={"num_workers": 1, "executor": "ray"})
     path = tmp_path / "job.yaml"
     path.write_text(yaml.safe_dump(cfg))
     proc = _advpure("run", str(path))
@@ -149,7 +149,8 @@ def test_ctrl_c_stops_the_driver_at_once_with_a_message_and_a_consistent_output(
 
     doc = make_shards("digits", str(tmp_path / "sh"), split="test", samples_per_shard=30)
     cfg = job_dict(doc["pattern"], digits_models, str(tmp_path / "out"),
-                   attacks=[{"name": "pgd", "params": {"eps": 0.2, "steps": 40}}], cluster={"num_workers": 1})
+                   attacks=[{"name": "pgd", "params": {"eps": 0.2, "steps": 40}}],
+                   cluster={"num_workers": 1, "executor": "ray"})
     path = tmp_path / "job.yaml"
     path.write_text(yaml.safe_dump(cfg))
     # a shell's background job ignores SIGINT; a terminal's foreground one does not

@@ -2,7 +2,8 @@
 failures, quarantines what keeps failing, and writes the manifest. It never touches tensors.
 
 One stage = resume (`pending_shards`) → the job's `ActorPool` (started with the first stage
-that has work, kept across stages) that starts, replaces and expires actors → a loop over
+that has work, kept across stages; or, with `cluster.executor: local`, a `LocalPool` that
+runs one worker in this process) that starts, replaces and expires actors → a loop over
 `ray.wait` that hands out shards, each with the next one reserved to the same actor so it
 prefetches it, and applies `retry_or_quarantine`.
 Scheduling is an explicit queue (not Ray's ActorPool, which loses track of failed work);
@@ -26,6 +27,7 @@ from pipeline.io import shards, storage
 from pipeline.run import commit, data_identity
 from pipeline.run import lease as lease_mod
 from pipeline.run.lease import Lease, LeaseLost
+from pipeline.run.local_pool import LocalPool, choose_executor
 from pipeline.run.signals import handle_sigterm
 from pipeline.run.worker import ShardWorker
 
@@ -215,9 +217,10 @@ class ClusterView:
 
 def gcs_address() -> str | None:
     """host:port of the GCS this driver is connected to (None before ray.init)."""
-    import ray
+    import sys
 
-    return ray.get_runtime_context().gcs_address if ray.is_initialized() else None
+    ray = sys.modules.get("ray")   # never imported (the local executor): no GCS, and no second spent importing it
+    return ray.get_runtime_context().gcs_address if ray is not None and ray.is_initialized() else None
 
 
 def gcs_reachable(address: str, timeout_s: float = 1.0) -> bool:
@@ -266,6 +269,7 @@ class ActorPool:
 
     def __init__(self, cfg: Config, worker_cls: type = ShardWorker):
         import ray
+        from ray.exceptions import RayActorError, RayTaskError
 
         c = cfg.cluster
         self.req = worker_resources(cfg)
@@ -280,6 +284,8 @@ class ActorPool:
         self.running: dict[Any, _Task] = {}
         self.info: dict[int, dict[str, Any]] = {}   # id(actor) → its ready() answer
         self.start_failures = 0
+        self.task_errors = (RayTaskError,)      # the call raised; the actor is still healthy
+        self.worker_errors = (RayActorError,)   # the actor died (os._exit, OOM) or is unreachable
 
     def live(self) -> int:
         return len(self.idle) + len(self.running)
@@ -318,6 +324,19 @@ class ActorPool:
 
     def refs(self) -> list[Any]:
         return list(self.running) + list(self.starting)
+
+    def wait(self, refs: list[Any]) -> tuple[list[Any], list[Any]]:
+        import ray
+
+        return ray.wait(refs, num_returns=1, timeout=1.0)
+
+    def get(self, ref: Any) -> Any:
+        import ray
+
+        return ray.get(ref)
+
+    def kill(self, actor: Any) -> None:
+        _kill(actor)
 
     def expired(self, timeout_s: float) -> list[_Task]:
         """Running tasks past their deadline, removed from the pool."""
@@ -389,16 +408,27 @@ class _Progress:
 
 # ---------------------------------------------------------------------------- one stage
 
+def make_pool(cfg: Config, worker_cls: type = ShardWorker) -> ActorPool | LocalPool:
+    """The job's workers on the executor `choose_executor` picks: Ray actors (connecting to
+    Ray first), or one worker in this process (`pipeline.run.local_pool`)."""
+    executor, why = choose_executor(cfg)
+    log.info("executor: %s (%s)", executor, why)
+    if executor == "local":
+        return LocalPool(cfg, worker_cls)
+    _connect(cfg)
+    return ActorPool(cfg, worker_cls)
+
+
 class JobActors:
     """A job's actor pool: started by the first stage that has work (after Ray is up), kept
     for the stages after it, killed by `close()` at the job's end."""
 
     def __init__(self) -> None:
-        self.pool: ActorPool | None = None
+        self.pool: ActorPool | LocalPool | None = None
 
-    def get(self, cfg: Config, worker_cls: type) -> ActorPool:
+    def get(self, cfg: Config, worker_cls: type) -> ActorPool | LocalPool:
         if self.pool is None:
-            self.pool = ActorPool(cfg, worker_cls)
+            self.pool = make_pool(cfg, worker_cls)
         return self.pool
 
     def close(self) -> None:
@@ -423,8 +453,7 @@ def run_stage(cfg: Config, stage: str, states: list[ShardState], worker_cls: typ
         log.info("%s: all %d shards already committed", stage, len(states))
     else:
         log.info("%s: %d shards to run, %d already committed", stage, len(todo), len(states) - len(todo))
-        _connect(cfg)
-        pool = actors.get(cfg, worker_cls) if actors is not None else ActorPool(cfg, worker_cls)
+        pool = actors.get(cfg, worker_cls) if actors is not None else make_pool(cfg, worker_cls)
         try:
             _schedule(cfg, stage, todo, states, result, pool, lease)
         finally:
@@ -500,7 +529,7 @@ def _schedule(cfg: Config, stage: str, todo: collections.deque, states: list[Sha
                 # reserve only what no other idle or starting actor is about to take
                 spare = pool.prefetch and len(todo) > len(pool.idle) - 1 + len(pool.starting)
                 pool.submit(s, stage, todo.popleft() if spare else None)
-            ready, _ = _wait(pool.refs())
+            ready, _ = pool.wait(pool.refs())
             for ref in ready:
                 if ref in pool.starting:
                     _on_started(pool, ref, c.max_actor_failures, result)
@@ -510,7 +539,7 @@ def _schedule(cfg: Config, stage: str, todo: collections.deque, states: list[Sha
                 fail(task.shard, f"timed out after {c.shard_timeout_s:.0f}s; worker killed")
                 requeue(task)
                 pool.info.pop(id(task.actor), None)
-                _kill(task.actor)
+                pool.kill(task.actor)
             committed = sum(1 for x in states if x.status in ("committed", "skipped"))
             note = f"shards {committed}/{len(states)} workers {pool.live()}"
             progress.note(" | ".join(filter(None, [note, waiting.check()])))
@@ -630,52 +659,40 @@ def cluster_lost() -> bool:
     return _CLUSTER_LOST.is_set()
 
 
-def _wait(refs: list[Any]) -> tuple[list[Any], list[Any]]:
-    import ray
-
-    return ray.wait(refs, num_returns=1, timeout=1.0)
-
-
-def _on_started(pool: ActorPool, ref: Any, max_failures: int, result: StageResult) -> None:
-    import ray
-    from ray.exceptions import RayActorError, RayTaskError
-
+def _on_started(pool: ActorPool | LocalPool, ref: Any, max_failures: int, result: StageResult) -> None:
     a, _ = pool.starting.pop(ref)
     try:
-        info = ray.get(ref)
+        info = pool.get(ref)
         log.info("worker ready: %s", info)
         pool.info[id(a)] = {k: info.get(k) for k in ("host", "pid", "node_id", "device", "gpu_ids")}
         result.workers.append(pool.info[id(a)])
         pool.idle.append(a)
-    except (RayActorError, RayTaskError) as err:
+    except pool.task_errors + pool.worker_errors as err:
         pool.start_failures += 1
         log.error("worker failed to start (%d/%d): %s", pool.start_failures, max_failures, _short(err))
         if pool.start_failures >= max_failures:
             result.aborted = f"{pool.start_failures} worker start failures; last: {_short(err)}"
             raise DriverError(result.aborted) from None
-        _kill(a)
+        pool.kill(a)
 
 
-def _on_finished(pool: ActorPool, ref: Any, fail, requeue, progress: _Progress) -> None:
-    import ray
-    from ray.exceptions import RayActorError, RayTaskError
-
+def _on_finished(pool: ActorPool | LocalPool, ref: Any, fail, requeue, progress: _Progress) -> None:
     task = pool.running.pop(ref)
     a, s = task.actor, task.shard
     requeue(task)  # first in the queue: the next submit gives it back to this (idle) actor
     try:
-        marker = ray.get(ref)
+        marker = pool.get(ref)
         s.status, s.rows = "committed", int(marker["rows"])
         s.attempts += 1
         progress.add(int(marker["samples"]), int(marker.get("nfe", 0)))
         pool.idle.append(a)
-    except RayTaskError as err:   # the shard raised; the actor is still healthy
+    except pool.task_errors as err:   # the shard raised; the actor is still healthy
         fail(s, _short(err))
         pool.idle.append(a)
-    except RayActorError as err:  # the actor died (os._exit, OOM) or is unreachable (node loss)
+    except pool.worker_errors as err:  # the actor died (os._exit, OOM) or is unreachable (node loss)
         fail(s, f"worker died: {_short(err)}")
         pool.info.pop(id(a), None)
-        _kill(a)  # it may be unreachable but alive; top_up starts a replacement
+        pool.kill(a)  # it may be unreachable but alive; top_up starts a replacement
 
 
 # ---------------------------------------------------------------------------- job
@@ -740,19 +757,71 @@ def run(cfg: Config) -> tuple[int, dict[str, Any]]:
     except storage.StorageError as err:  # the first write to the output: fail before any work
         raise ConfigError(f"{cfg.source}: {err}") from None
     with lease:
-        from pipeline.evaluation import preflight  # torch: the data against the models, once, before any work
+        actors = JobActors()
+        try:
+            _prepare(cfg, states, lease, actors)
+            return _run_stages(cfg, states, lease, actors)
+        finally:
+            actors.close()
 
-        preflight.check(cfg, states[0].url)   # after the output proved writable (the lease), before any stage
-        if lease.took_over:
-            time.sleep(TAKEOVER_GRACE_S)
-        check_job_state(cfg, states)
-        return _run_stages(cfg, states, lease)
+
+def _checks(cfg: Config, states: list[ShardState], lease: Lease) -> None:
+    """What runs once before any stage: the data against the models (preflight, torch), then
+    the output's job state."""
+    from pipeline.evaluation import preflight
+
+    preflight.check(cfg, states[0].url)   # after the output proved writable (the lease), before any stage
+    if lease.took_over:
+        time.sleep(TAKEOVER_GRACE_S)
+    check_job_state(cfg, states)
 
 
-def _run_stages(cfg: Config, states: list[ShardState], lease: Lease) -> tuple[int, dict[str, Any]]:
+def _prepare(cfg: Config, states: list[ShardState], lease: Lease, actors: JobActors) -> None:
+    """The checks; on Ray with work left, overlapped with Ray's start and the first actors'
+    (their imports and model loading): Ray starts in this thread (ray.init wants the main
+    one), the checks run in another. A Ray this driver started for checks that fail is shut down."""
+    import sys
+
+    pending = _pending_estimate(cfg, states)
+    if not pending or choose_executor(cfg)[0] != "ray":
+        _checks(cfg, states, lease)
+        return
+    failed: list[BaseException] = []
+
+    def checks() -> None:
+        try:
+            _checks(cfg, states, lease)
+        except BaseException as err:  # noqa: BLE001 - re-raised in the driver's thread below
+            failed.append(err)
+
+    ours = "ray" not in sys.modules or not sys.modules["ray"].is_initialized()
+    thread = threading.Thread(target=checks, name="advpure-checks", daemon=True)
+    thread.start()
+    try:
+        n = cfg.cluster.num_workers
+        actors.get(cfg, ShardWorker).start(min(pending, 1 if n == "auto" else int(n)))   # connects to Ray
+    finally:
+        thread.join()
+    if failed:
+        actors.close()
+        if ours:
+            import ray
+
+            ray.shutdown()
+        raise failed[0]
+
+
+def _pending_estimate(cfg: Config, states: list[ShardState]) -> int:
+    """Shards some stage of the job has not committed (read-only, before the lease's clean-up:
+    it only decides whether to start workers early)."""
+    sids = {s.sid for s in states}
+    return max(len(sids - set(commit.committed(cfg.job.output, stage))) for stage in cfg.job.stages)
+
+
+def _run_stages(cfg: Config, states: list[ShardState], lease: Lease,
+                actors: JobActors) -> tuple[int, dict[str, Any]]:
     results: list[StageResult] = []
     code = EXIT_OK
-    actors = JobActors()
     published: dict[str, list[ShardState]] = {}   # the image shards each finished stage wrote, indexed once
     try:
         for stage in cfg.job.stages:
@@ -772,5 +841,5 @@ def _run_stages(cfg: Config, states: list[ShardState], lease: Lease) -> tuple[in
             if r.quarantined:
                 code = EXIT_QUARANTINED
     finally:
-        actors.close()
+        actors.close()   # before the manifest: the job's workers end with its last stage
     return code, write_manifest(cfg, results)

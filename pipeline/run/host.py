@@ -15,6 +15,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import os
+import sys
 
 import torch
 
@@ -66,9 +67,8 @@ def release_freed_memory() -> None:
 
 def node_id() -> str | None:
     """The Ray node this process runs on (None outside Ray)."""
+    ray = sys.modules.get("ray")   # a Ray worker has it; the local executor need not import it
     try:
-        import ray
-
-        return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+        return ray.get_runtime_context().get_node_id() if ray is not None and ray.is_initialized() else None
     except Exception:  # not in a Ray worker
         return None

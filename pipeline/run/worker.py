@@ -12,6 +12,7 @@ import json
 import os
 import queue
 import socket
+import sys
 import threading
 import time
 from typing import Any, Callable, Sequence
@@ -46,10 +47,9 @@ def _versions() -> dict[str, str]:
 
 def _gpu_ids() -> list[str]:
     """The node's GPU ids Ray assigned to this worker ([] outside Ray or without GPUs)."""
+    ray = sys.modules.get("ray")   # a Ray worker has it; the local executor need not import it
     try:
-        import ray
-
-        return [str(g) for g in ray.get_gpu_ids()] if ray.is_initialized() else []
+        return [str(g) for g in ray.get_gpu_ids()] if ray is not None and ray.is_initialized() else []
     except Exception:  # not in a Ray worker
         return []
 
@@ -134,6 +134,13 @@ class ShardWorker:
         del result, built
         host.release_freed_memory()  # kept within a shard (host.keep_freed_memory), handed back after it
         return marker
+
+    def close(self) -> None:
+        """Stop decoding a prefetched shard (the local executor's worker outlives no job; an
+        actor's process simply ends)."""
+        nxt, self._next = self._next, None
+        if nxt is not None:
+            nxt[2].close()
 
     def _open(self, url: str, expected: int | None) -> shards.ShardStream:
         return shards.ShardStream(url, expected, self.cfg.data.max_samples_per_shard,
