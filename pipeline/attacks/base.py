@@ -169,13 +169,17 @@ class BreakTracker:
         logits and goal are of the batch, or (with `rows` [n], int64) of those rows of it."""
         rows = torch.arange(self.broken_step.shape[0], device=self.broken_step.device) if rows is None \
             else rows.to(self.broken_step.device)
-        new = goal.success(logits).to(rows.device) & ~self.broken[rows]
+        # NaN / inf logits (a diverged purifier) break nothing: argmax of garbage is no break, and
+        # the row's final evaluation then reports it as non-finite
+        finite = torch.isfinite(logits).flatten(1).all(1).to(rows.device)
+        new = goal.success(logits).to(rows.device) & finite & ~self.broken[rows]
         first = new & (self.candidate_step[rows] < 0)
         self.candidate_step[rows[first]] = step
         if self.recheck is not None and bool(new.any()):
             idx = new.nonzero().squeeze(1)
             confirm_logits = self.recheck(x_adv[idx].detach(), rows[idx], step)  # positions in the batch
-            ok = goal.success(confirm_logits, idx).to(new.device)
+            confirmed = goal.success(confirm_logits, idx) & torch.isfinite(confirm_logits).flatten(1).all(1)
+            ok = confirmed.to(new.device)
             new = torch.zeros_like(new)
             new[idx[ok]] = True
         if bool(new.any()):
