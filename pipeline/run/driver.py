@@ -28,6 +28,7 @@ from pipeline.run import commit, data_identity
 from pipeline.run import lease as lease_mod
 from pipeline.run.lease import Lease, LeaseLost
 from pipeline.run.local_pool import LocalPool, choose_executor
+from pipeline.run.pool import Task, WorkerPool
 from pipeline.run.signals import handle_sigterm
 from pipeline.run.worker import ShardWorker
 
@@ -253,18 +254,9 @@ def cluster_view() -> ClusterView:
     return ClusterView(alive, dead)
 
 
-@dataclass
-class _Task:
-    """A shard running on an actor, and the shard reserved to follow it there (prefetched)."""
-    actor: Any
-    shard: ShardState
-    started: float
-    reserved: ShardState | None = None
-
-
-class ActorPool:
+class ActorPool(WorkerPool):
     """Worker actors: starting (ready ref → actor, since), idle, and running (task ref →
-    _Task). One pool serves every stage of a job (an actor's models are built once); how
+    Task). One pool serves every stage of a job (an actor's models are built once); how
     many to keep is the caller's decision."""
 
     def __init__(self, cfg: Config, worker_cls: type = ShardWorker):
@@ -278,29 +270,14 @@ class ActorPool:
         # stages registered outside the table go along: the actors' processes know only the built-in ones
         added = stage_table.added(cfg.job.stages)
         self._args = (cfg.to_dict(), c.cpus_per_worker, *([added] if added else []))
-        self.prefetch = c.prefetch_shards and getattr(worker_cls, "PREFETCH", False)
-        self.starting: dict[Any, tuple[Any, float]] = {}
-        self.idle: list[Any] = []
-        self.running: dict[Any, _Task] = {}
-        self.info: dict[int, dict[str, Any]] = {}   # id(actor) → its ready() answer
-        self.start_failures = 0
+        super().__init__(cfg, worker_cls)
         self.task_errors = (RayTaskError,)      # the call raised; the actor is still healthy
         self.worker_errors = (RayActorError,)   # the actor died (os._exit, OOM) or is unreachable
-
-    def live(self) -> int:
-        return len(self.idle) + len(self.running)
-
-    def reserved(self) -> int:
-        return sum(t.reserved is not None for t in self.running.values())
 
     def start(self, n: int = 1) -> None:
         for _ in range(n):
             a = self._cls.remote(*self._args)
             self.starting[a.ready.remote()] = (a, time.monotonic())
-
-    def top_up(self, want: int) -> None:
-        """Start actors until live + starting reaches `want`."""
-        self.start(max(0, want - self.live() - len(self.starting)))
 
     def submit(self, s: ShardState, stage: str, reserve: ShardState | None = None) -> None:
         """Run `s` on an idle actor; with `reserve` (only when the worker class prefetches),
@@ -311,7 +288,7 @@ class ActorPool:
             ref = a.process.remote(s.url, s.sid, stage, s.expected, (reserve.url, reserve.expected))
         else:
             ref = a.process.remote(s.url, s.sid, stage, s.expected)
-        self.running[ref] = _Task(a, s, time.time(), reserve)
+        self.running[ref] = Task(a, s, time.time(), reserve)
 
     def steal(self) -> ShardState | None:
         """A shard reserved behind a running one, taken back for an idle actor (the end of
@@ -321,9 +298,6 @@ class ActorPool:
                 s, t.reserved = t.reserved, None
                 return s
         return None
-
-    def refs(self) -> list[Any]:
-        return list(self.running) + list(self.starting)
 
     def wait(self, refs: list[Any]) -> tuple[list[Any], list[Any]]:
         import ray
@@ -338,7 +312,7 @@ class ActorPool:
     def kill(self, actor: Any) -> None:
         _kill(actor)
 
-    def expired(self, timeout_s: float) -> list[_Task]:
+    def expired(self, timeout_s: float) -> list[Task]:
         """Running tasks past their deadline, removed from the pool."""
         now = time.time()
         late = [ref for ref, t in self.running.items() if now - t.started > timeout_s]
@@ -514,7 +488,7 @@ def _schedule(cfg: Config, stage: str, todo: collections.deque, states: list[Sha
         if retry_or_quarantine(s, f"{err}", c.max_attempts):
             todo.append(s)
 
-    def requeue(task: _Task) -> None:  # a reserved shard never started: back first, no attempt counted
+    def requeue(task: Task) -> None:  # a reserved shard never started: back first, no attempt counted
         if task.reserved is not None:
             todo.appendleft(task.reserved)
 

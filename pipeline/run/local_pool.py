@@ -24,6 +24,7 @@ import traceback
 from typing import Any
 
 from pipeline.config import Config
+from pipeline.run.pool import Task, WorkerPool
 
 log = logging.getLogger(__name__)
 
@@ -72,12 +73,13 @@ class _Call:
             self.error = ShardError(f"{type(err).__name__}: {err}")
 
 
-class LocalPool:
+class LocalPool(WorkerPool):
     """At most one ShardWorker, in this process; ActorPool's interface and bookkeeping
     (starting, idle, running) so that `driver._schedule` drives it unchanged. Calls run at
     once, synchronously: `start` builds the worker, `submit` runs the shard, `wait` hands
     back what finished."""
 
+    max_workers = 1
     task_errors: tuple[type[BaseException], ...] = (ShardError,)
     worker_errors: tuple[type[BaseException], ...] = ()   # an in-process worker cannot die alone
 
@@ -85,20 +87,8 @@ class LocalPool:
         c = cfg.cluster
         self.req = {"CPU": c.cpus_per_worker, "GPU": 0.0}   # nothing is reserved: informational
         self._make = lambda: worker_cls(cfg.to_dict(), c.cpus_per_worker)   # this process knows every stage
-        self.prefetch = c.prefetch_shards and getattr(worker_cls, "PREFETCH", False)
-        self.starting: dict[Any, tuple[Any, float]] = {}
-        self.idle: list[Any] = []
-        self.running: dict[Any, Any] = {}
-        self.info: dict[int, dict[str, Any]] = {}
-        self.start_failures = 0
+        super().__init__(cfg, worker_cls)
         self._timeout_s = c.shard_timeout_s
-
-    # bookkeeping shared with ActorPool (one worker at most)
-    def live(self) -> int:
-        return len(self.idle) + len(self.running)
-
-    def reserved(self) -> int:
-        return sum(t.reserved is not None for t in self.running.values())
 
     def start(self, n: int = 1) -> None:
         for _ in range(n):
@@ -106,19 +96,14 @@ class LocalPool:
             call = built if built.error is not None else _Call(built.value.ready)
             self.starting[call] = (built.value, time.monotonic())
 
-    def top_up(self, want: int) -> None:
-        self.start(max(0, min(want, 1) - self.live() - len(self.starting)))
-
     def submit(self, s, stage: str, reserve=None) -> None:
-        from pipeline.run.driver import _Task  # the driver imports this module
-
         w = self.idle.pop()
         started = time.time()
         if reserve is not None:
             call = _Call(w.process, s.url, s.sid, stage, s.expected, (reserve.url, reserve.expected))
         else:
             call = _Call(w.process, s.url, s.sid, stage, s.expected)
-        self.running[call] = _Task(w, s, started, reserve)
+        self.running[call] = Task(w, s, started, reserve)
         took = time.time() - started
         if took > self._timeout_s:
             log.warning("shard %s took %.0fs, past cluster.shard_timeout_s (%.0fs): the local executor cannot stop "
@@ -127,9 +112,6 @@ class LocalPool:
 
     def steal(self):
         return None   # one worker: a reserved shard has no other worker to go to
-
-    def refs(self) -> list[Any]:
-        return list(self.running) + list(self.starting)
 
     def wait(self, refs: list[Any]) -> tuple[list[Any], list[Any]]:
         return refs[:1], refs[1:]   # every call has finished by the time it is listed
