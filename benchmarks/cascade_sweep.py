@@ -37,7 +37,7 @@ import pyarrow.parquet as pq  # noqa: E402
 import torch  # noqa: E402
 
 from pipeline import config, report  # noqa: E402
-from pipeline.evaluation import shard as shard_mod  # noqa: E402
+from pipeline.evaluation import stages  # noqa: E402
 from pipeline.io import datasets  # noqa: E402
 from pipeline.io import shards as shard_io  # noqa: E402
 from pipeline.io.make_shards import make_shards  # noqa: E402
@@ -76,12 +76,12 @@ def evaluate(shard: str, ckpt: str, d: dict, cascade: bool | str, out: Path, bat
     """One shard through the worker; the report and the committed rows, and its seconds.
     cascade "old": the pre-issue-22 cascade, one chain over the whole expanded list."""
     if cascade == "old":
-        groups = shard_mod.cascade_groups
-        shard_mod.cascade_groups = lambda attacks: [list(attacks)]
+        groups = stages.cascade_groups
+        stages.cascade_groups = lambda attacks: [list(attacks)]
         try:
             return evaluate(shard, ckpt, d, True, out, batch)
         finally:
-            shard_mod.cascade_groups = groups
+            stages.cascade_groups = groups
     cfg = config.from_dict({
         "job": {"name": "cascade_sweep", "output": str(out), "seed": 0},
         "data": {"shards": shard, "batch_size": batch},

@@ -6,7 +6,7 @@
 
 Hill et al.'s protocol (`hill2021`: BPDA+EOT, per-step re-check with H chains, R = H
 evaluation runs) on the digits EBM and CNN, as an evaluation worker runs it — the shard's
-samples through `pipeline.evaluation.shard.evaluate` in this process, no Ray (start-up is
+samples through `pipeline.evaluation.stages.evaluate` in this process, no Ray (start-up is
 hill_reference.py's business) — with a timer on each piece:
 - attack:  `run_attack` (the attack's steps with their EOT draws and the re-checks of
            candidate breaks);
@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from pipeline import config  # noqa: E402
-from pipeline.evaluation import shard, stages  # noqa: E402
+from pipeline.evaluation import batch, stages  # noqa: E402
 from pipeline.evaluation.protocol import build_protocol  # noqa: E402
 from pipeline.io import shards as shard_io  # noqa: E402
 from pipeline.io.make_shards import make_shards  # noqa: E402
@@ -55,11 +55,11 @@ def timed(name: str, fn):
 
 
 def instrument() -> None:
-    """Timers on the pieces, where shard.py and stages.py look them up."""
-    stages.run_attack = timed("attack", stages.run_attack)
-    stages.attack_rows = shard.attack_rows = timed("attack_rows", stages.attack_rows)
-    stages.clean_eval = shard.clean_eval = timed("clean", stages.clean_eval)
-    shard.first_batch_checks = timed("checks", shard.first_batch_checks)
+    """Timers on the pieces, where stages.py and batch.py look them up."""
+    batch.run_attack = timed("attack", batch.run_attack)
+    batch.attack_rows = stages.attack_rows = timed("attack_rows", batch.attack_rows)
+    batch.clean_eval = stages.clean_eval = timed("clean", batch.clean_eval)
+    stages.first_batch_checks = timed("checks", stages.first_batch_checks)
 
 
 def main() -> int:
@@ -93,7 +93,7 @@ def main() -> int:
     t0 = time.perf_counter()
     rows = 0
     for url in shard_io.expand(doc["pattern"]):
-        rows += len(shard.evaluate(p, shard_io.ShardStream(url, chunk=p.batch_size)).rows)
+        rows += len(stages.evaluate(p, shard_io.ShardStream(url, chunk=p.batch_size)).rows)
     total = time.perf_counter() - t0
     attack = SPENT["attack"]
     final = SPENT["attack_rows"] - attack

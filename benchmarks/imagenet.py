@@ -52,7 +52,7 @@ def child(shards: str, mode: str, limit: int, batch: int, threads: int, mem_gb: 
     import torch
 
     from pipeline import config
-    from pipeline.evaluation import shard as shard_mod
+    from pipeline.evaluation import stages
     from pipeline.evaluation.protocol import build_protocol
     from pipeline.io import shards as shards_mod
 
@@ -69,7 +69,7 @@ def child(shards: str, mode: str, limit: int, batch: int, threads: int, mem_gb: 
     p = build_protocol(cfg)
     samples = [s for u in shards_mod.expand(cfg.data.shards) for s in shards_mod.read_shard(u)][:limit]
     t0 = time.perf_counter()
-    rows = shard_mod.evaluate(p, samples).rows
+    rows = stages.evaluate(p, samples).rows
     seconds = time.perf_counter() - t0
     return {"mode": mode, "images": len(samples), "rows": len(rows), "seconds": seconds,
             "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,

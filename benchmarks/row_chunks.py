@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from pipeline import config  # noqa: E402
-from pipeline.evaluation import shard as shard_mod  # noqa: E402
+from pipeline.evaluation import stages  # noqa: E402
 from pipeline.evaluation.protocol import build_protocol  # noqa: E402
 from pipeline.io import shards  # noqa: E402
 from pipeline.run import plan  # noqa: E402
@@ -49,7 +49,7 @@ def main() -> int:
     attack = max(attacks, key=lambda x: x.eot)
     n = a.batch or cfg.data.batch_size
     samples = [s for s in shards.read_shard(shards.expand(cfg.data.shards)[0]) if s.error is None][:n]
-    b = next(shard_mod.batches(samples, n, p.device))
+    b = next(stages.batches(samples, n, p.device))
     rows = len(b.keys) * attack.eot
     sizes = sorted({min(r, rows) for r in a.rows})
     print(f"{a.config}: attack{attack.index}:{attack.name}, {len(b.keys)} images × EOT {attack.eot} = {rows} rows "

@@ -11,7 +11,7 @@ configs/imagenet_resnet50.yaml with a random-weight ResNet-50 on CPU, fp32: the 
 prediction and R = 2 runs of the Gaussian purifier (σ 0.25), no attack, batches of 16 —
 decoding a 224 px shard is real work here, which the streaming worker overlaps with compute.
 
-(a) bare loop: the worker's own math — `shard.evaluate` per shard: every batch's clean and
+(a) bare loop: the worker's own math — `stages.evaluate` per shard: every batch's clean and
     attacked evaluation, and the gradient-masking checks on each shard's first batch — over
     the same shards decoded beforehand, in a fresh process (models built before the clock
     starts), no Ray, no reading, no Parquet: the compute floor. Its first pass is the figure:
@@ -97,7 +97,7 @@ def prepare_imagenet(images: int, workers: int, tmp: Path) -> tuple[config.Confi
 
 
 def bare_loop(cfg: config.Config, passes: int = 1) -> list[float]:
-    """Seconds of each pass (the first cold, then warm) of the worker's own math — `shard.evaluate` per shard, the
+    """Seconds of each pass (the first cold, then warm) of the worker's own math — `stages.evaluate` per shard, the
     gradient-masking checks of each shard's first batch included — over the job's shards
     decoded beforehand, in a fresh process, as a script would run it: the first pass pays
     what any new process pays (first-touch memory, oneDNN primitives), and so does a new
@@ -110,7 +110,7 @@ def bare_loop(cfg: config.Config, passes: int = 1) -> list[float]:
 
 
 def bare_child(cfg_json: str, passes: int) -> list[float]:
-    from pipeline.evaluation import shard
+    from pipeline.evaluation import stages
     from pipeline.io import shards as shard_io
 
     cfg = config.from_dict(json.loads(cfg_json))
@@ -120,7 +120,7 @@ def bare_child(cfg_json: str, passes: int) -> list[float]:
     for _ in range(passes):
         t0 = time.perf_counter()
         for samples in decoded:
-            shard.evaluate(proc.protocol, samples)
+            stages.evaluate(proc.protocol, samples)
         seconds.append(time.perf_counter() - t0)
     return seconds
 

@@ -99,7 +99,7 @@ def purified_lineage(sample: Any, extra: Mapping[str, Any], origin: Origin) -> d
 
 # ---------------------------------------------------------------------------- the table
 
-_SHARD = "pipeline.evaluation.shard"
+_SHARD = "pipeline.evaluation.stages"
 _PLAN = "pipeline.run.plan"
 BUILT_IN = (
     Stage("evaluate", f"{_SHARD}:evaluate",

@@ -269,7 +269,7 @@ def test_a_tiny_diffpure_evaluation_through_the_pipeline(tmp_path):
 
     from pipeline import config
     from pipeline.classifiers import small_cnn
-    from pipeline.evaluation import shard
+    from pipeline.evaluation import stages
     from pipeline.evaluation.protocol import build_protocol
     from pipeline.io.shards import Sample
 
@@ -291,7 +291,7 @@ def test_a_tiny_diffpure_evaluation_through_the_pipeline(tmp_path):
     protocol = build_protocol(cfg)
     params = json.loads(protocol.provenance["purifier_params"])
     assert (params["t_star"], params["dt"], params["sampler"], params["net_arch"]) == (0.03, 0.01, "sde", "small_unet")
-    out = shard.evaluate(protocol, samples)
+    out = stages.evaluate(protocol, samples)
     assert len(out.rows) == 3 * 3 and set(out.checks) == {"0", "1", "2"}
     # per row: 3 solver steps for the clean evaluation and 3 for the adversarial one, which a
     # confirmed break does not need

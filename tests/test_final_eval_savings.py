@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from pipeline import config, schema
-from pipeline.evaluation import shard, stages
+from pipeline.evaluation import batch, stages
 from pipeline.evaluation.protocol import build_protocol
 from pipeline.io import shards
 from pipeline.report import aggregate, summary, tables
@@ -30,7 +30,7 @@ def _protocol(digits_shards, digits_models, tmp_path, defense: str):
 
 def _evaluate(p, samples, monkeypatch, skip: bool) -> tuple[list[dict], int]:
     """The shard's rows with the saving on or off, and the rows the purifier ran."""
-    monkeypatch.setattr(stages, "SKIP_CONFIRMED_BREAKS", skip)
+    monkeypatch.setattr(batch, "SKIP_CONFIRMED_BREAKS", skip)
     purify, count = p.defense.purifier.purify, [0]
 
     def counting(x, noise=None):
@@ -38,7 +38,7 @@ def _evaluate(p, samples, monkeypatch, skip: bool) -> tuple[list[dict], int]:
         return purify(x, noise)
 
     monkeypatch.setattr(p.defense.purifier, "purify", counting)
-    rows = shard.evaluate(p, samples).rows
+    rows = stages.evaluate(p, samples).rows
     monkeypatch.setattr(p.defense.purifier, "purify", purify)
     return rows, count[0]
 

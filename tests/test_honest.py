@@ -167,10 +167,10 @@ def test_issue22_chain_fails_the_record_check(digits_shards, digits_models, tmp_
     """The old cascade (one chain over the whole list) gives wrong verdicts at the small ε,
     and the report's cascade_chain check flags exactly those entries."""
     from pipeline import report
-    from pipeline.evaluation import shard as shard_mod
+    from pipeline.evaluation import stages
 
     off = _verdicts(sweep_off(False))
-    monkeypatch.setattr(shard_mod, "cascade_groups", lambda attacks: [list(attacks)])
+    monkeypatch.setattr(stages, "cascade_groups", lambda attacks: [list(attacks)])
     old = _sweep_records(digits_shards, digits_models, tmp_path / "old", True, False)
     assert _verdicts(old) != off
     doc = report.summarize(read_committed(str(tmp_path / "old"), "evaluate", "s"))

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from pipeline import config
-from pipeline.evaluation import shard as shard_mod
+from pipeline.evaluation import stages
 from pipeline.io import datasets, shards
 from pipeline.io.make_shards import make_shards
 
@@ -138,30 +138,30 @@ def test_batch_size_halves_on_out_of_memory_and_is_remembered():
         seen.append(list(b.keys))
         return len(b.keys)
 
-    out = [n for _, n in shard_mod.adaptive(p, _samples(10), work)]
+    out = [n for _, n in stages.adaptive(p, _samples(10), work)]
     assert p.batch_size == 2 and sum(out) == 10
     assert [k for batch in seen for k in batch] == [f"k{i}" for i in range(10)]  # order kept, nothing twice
     seen.clear()
-    list(shard_mod.adaptive(p, _samples(4), work))  # the next shard starts from what fitted
+    list(stages.adaptive(p, _samples(4), work))  # the next shard starts from what fitted
     assert [len(b) for b in seen] == [2, 2]
 
 
 def test_out_of_memory_on_cpu_and_other_errors():
-    assert shard_mod.is_out_of_memory(RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried"))
-    assert not shard_mod.is_out_of_memory(RuntimeError("shape mismatch"))
+    assert stages.is_out_of_memory(RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried"))
+    assert not stages.is_out_of_memory(RuntimeError("shape mismatch"))
     p = _FakeProtocol(4)
 
     def fails(b):
         raise RuntimeError("shape mismatch")
 
     with pytest.raises(RuntimeError, match="shape mismatch"):
-        list(shard_mod.adaptive(p, _samples(4), fails))
+        list(stages.adaptive(p, _samples(4), fails))
 
     def always_oom(b):
         raise RuntimeError("out of memory")
 
     with pytest.raises(RuntimeError, match="out of memory"):  # even one sample does not fit: raised
-        list(shard_mod.adaptive(p, _samples(4), always_oom))
+        list(stages.adaptive(p, _samples(4), always_oom))
     assert p.batch_size == 1
 
 
@@ -180,8 +180,8 @@ def _digits_protocol(digits_models, tmp_path, **evaluation):
 
 
 def test_bf16_and_channels_last_run_the_same_evaluation_on_cpu(digits_models, tmp_path):
+    from pipeline.evaluation.batch import evaluate_batch
     from pipeline.evaluation.defense import FastNet
-    from pipeline.evaluation.stages import evaluate_batch
 
     images, labels, _ = datasets.load_split("digits", "test")
     x, y = datasets.to_float_nchw(images[:32]), torch.from_numpy(labels[:32])

@@ -7,8 +7,7 @@ import json
 import torch
 
 from pipeline import config
-from pipeline.evaluation import shard as shard_mod
-from pipeline.evaluation import stages
+from pipeline.evaluation import batch, stages
 from pipeline.evaluation.protocol import build_protocol
 from pipeline.io import shards
 from pipeline.run import commit, plan
@@ -26,7 +25,7 @@ def _rows_of_whole_job(cfg) -> list[dict]:
     p = build_protocol(cfg)
     rows = []
     for url in shards.expand(cfg.data.shards):
-        rows += shard_mod.evaluate(p, shards.read_shard(url)[: cfg.data.max_samples_per_shard]).rows
+        rows += stages.evaluate(p, shards.read_shard(url)[: cfg.data.max_samples_per_shard]).rows
     return rows
 
 
@@ -35,7 +34,7 @@ def test_plan_predicts_the_evaluations_the_job_records(digits_shards, digits_mod
     calibration batch equals Σ attack_nfe + purify_nfe over every record of the job. (With
     the final evaluation of confirmed breaks skipped, they do: the plan extrapolates the
     calibration batch's share of them, so the exact count is checked with every sample's.)"""
-    monkeypatch.setattr(stages, "SKIP_CONFIRMED_BREAKS", False)
+    monkeypatch.setattr(batch, "SKIP_CONFIRMED_BREAKS", False)
     cfg = _cfg(digits_shards, digits_models, tmp_path, attacks=[
         {"name": "pgd", "params": {"eps": 0.2, "steps": 3, "step_size": 0.08}, "gradient": "classifier"},
         {"name": "pgd", "params": {"eps": 0.2, "steps": 2, "step_size": 0.08}, "gradient": "auto"}],
@@ -180,9 +179,9 @@ def test_cascade_estimate_chains_each_threat_model(digits_shards, digits_models,
     cfg = _cfg(digits_shards, digits_models, tmp_path, attacks=attacks, evaluation={"runs": 1, "cascade": True},
                data={"shards": digits_shards["pattern"], "batch_size": 32})
     p = build_protocol(cfg)
-    b = next(shard_mod.batches(shards.read_shard(shards.expand(cfg.data.shards)[0])[:32], 32, p.device))
+    b = next(stages.batches(shards.read_shard(shards.expand(cfg.data.shards)[0])[:32], 32, p.device))
     pieces = {m.name: m.fraction for m in plan.calibrate_evaluate(p, b)[0]}
-    rows = shard_mod.evaluate(dataclasses.replace(p, cascade=False), shards.read_shard(
+    rows = stages.evaluate(dataclasses.replace(p, cascade=False), shards.read_shard(
         shards.expand(cfg.data.shards)[0])[:32]).rows
     unbroken = {i: sum(r["robust"] for r in rows if r["attack_index"] == i) / 32 for i in (0, 1)}
     assert pieces["attack0:fgsm"] == pieces["attack1:fgsm"] == 1.0

@@ -18,7 +18,7 @@ import torch
 
 from pipeline import config, stage_table
 from pipeline.classifiers import small_cnn
-from pipeline.evaluation.shard import StageOutput
+from pipeline.evaluation.stages import StageOutput
 from pipeline.io import checkpoints, shards
 from pipeline.io.shards import Sample, to_unit_float
 from pipeline.report import load

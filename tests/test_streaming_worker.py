@@ -14,7 +14,7 @@ import torch
 
 from pipeline import config, stage_table
 from pipeline.classifiers import small_cnn
-from pipeline.evaluation import shard as stages
+from pipeline.evaluation import stages
 from pipeline.io import checkpoints, shards
 from pipeline.io.shards import ShardError, ShardStream
 from pipeline.run.commit import read_committed

@@ -250,7 +250,7 @@ class APGD(Attack):
              tracker: BreakTracker, rows: torch.Tensor, step0: int) -> tuple[torch.Tensor, torch.Tensor]:
         """One APGD run from x0 on `goal`'s loss, breaks judged by `judge`, over rows `rows` of
         the tracker's batch (x, x0, target and goals are of those rows); returns (x_max, f_max)."""
-        f_k, g_k, logits = self.evaluate(target, x0, goal, step0)
+        f_k, g_k, logits = self.loss_and_direction(target, x0, goal, step0)
         tracker.update(x0, logits, judge, step0, rows)
         x_k, x_prev = x0, x0
         x_max, f_max, g_max = x0.clone(), f_k.clone(), g_k.clone()
@@ -258,7 +258,7 @@ class APGD(Attack):
         control = StepSizeControl(f_k, self.steps, self.rho, self.schedule)
         for k in range(self.steps):
             x_new = self._step(x, x_k, x_prev, g_k, eta, 1.0 if k == 0 else self.momentum)
-            f_new, g_new, logits = self.evaluate(target, x_new, goal, step0 + k + 1)
+            f_new, g_new, logits = self.loss_and_direction(target, x_new, goal, step0 + k + 1)
             tracker.update(x_new, logits, judge, step0 + k + 1, rows)
             better = f_new > f_max
             x_max = torch.where(_bcast(better, x), x_new, x_max)

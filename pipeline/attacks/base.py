@@ -303,7 +303,7 @@ class Attack:
             goals.append(Goal(y, t.to(y.device), True))
         return goals
 
-    def evaluate(self, target: AttackTarget, x_adv: torch.Tensor, goal: Goal,
+    def loss_and_direction(self, target: AttackTarget, x_adv: torch.Tensor, goal: Goal,
                  step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(objective [B], ascent direction, logits [B, R, K]) at x_adv."""
         x_adv = x_adv.detach().requires_grad_(True)

@@ -24,7 +24,7 @@ class FGSM(Attack):
     def perturb(self, target: AttackTarget, x: torch.Tensor, y: torch.Tensor,
                 noise: Noise, recheck: Recheck | None = None) -> AttackResult:
         (goal,) = self.goals(target, x, y, noise)
-        _, direction, logits = self.evaluate(target, x, goal, step=0)
+        _, direction, logits = self.loss_and_direction(target, x, goal, step=0)
         tracker = BreakTracker(x, recheck)
         tracker.update(x, logits, goal, 0)
         x_adv = project(x + self.eps * normalized_step(direction, self.norm), x, self.eps, self.norm)

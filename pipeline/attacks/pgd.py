@@ -68,7 +68,7 @@ class PGD(Attack):
         x_adv = random_start(x, self.eps, self.norm, noise) if self.random_start else x.clone()
         tracker = BreakTracker(x, recheck)
         for t in range(self.steps):
-            _, direction, logits = self.evaluate(target, x_adv, goal, t)
+            _, direction, logits = self.loss_and_direction(target, x_adv, goal, t)
             tracker.update(x_adv, logits, goal, t)
             x_adv = project(x_adv + self.step_size * normalized_step(direction, self.norm), x, self.eps, self.norm)
         nfe = self.steps

@@ -38,7 +38,7 @@ class RFGSM(Attack):
         (goal,) = self.goals(target, x, y, noise)
         n = noise.normal(tuple(x.shape[1:]), "rfgsm").to(x)
         x_rand = project(x + self.alpha * normalized_step(n, self.norm), x, self.eps, self.norm)
-        _, direction, logits = self.evaluate(target, x_rand, goal, step=0)
+        _, direction, logits = self.loss_and_direction(target, x_rand, goal, step=0)
         tracker = BreakTracker(x, recheck)
         tracker.update(x_rand, logits, goal, 0)
         x_adv = project(x_rand + (self.eps - self.alpha) * normalized_step(direction, self.norm),

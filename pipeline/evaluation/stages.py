@@ -1,293 +1,250 @@
-"""Per-batch math of the three stages, as plain records (no I/O, no Ray, no pyarrow).
+"""The three stages over one shard's decoded samples, as pure functions: samples in (a list,
+or a stream taken batch by batch), rows (and images for the stages that write them) out.
+No I/O: the worker reads and writes; pipeline/stage_table.py names each function as a stage.
 
-- evaluate: clean → attack → purify (R runs; not for a confirmed break) → classify, one row
-            per (sample, attack);
-- attack:   adversarial examples only (the set is written as shards by the worker);
-- purify:   purify (R runs) and classify given images — an adversarial set made earlier,
-            or any corpus.
-Noise contexts are shared between stages, so attack + purify reproduce evaluate exactly
-(purify, which writes every image, also runs the R runs evaluate leaves out for a confirmed break):
-  eval/clean, eval/attack{i}           the R evaluation runs of clean and attacked inputs
-  attack{i}/{name}/step{t}             the attack's EOT draws at target step t
-  attack{i}/{name}/own                 the attack's own randomness (start, targets, squares)
-  attack{i}/{name}/recheck/step{t}     the draws that confirm a candidate break at step t
-  checks{i}, probe{i}/…                the gradient-masking checks and the EOT probe
+- evaluate: every attack on every sample (or, with `cascade`, each attack on the samples
+  every earlier attack of the same (norm, ε) failed to break), one row per (sample, attack);
+- attack:   adversarial examples for every attack, with their rows;
+- purify:   given images purified R times and classified; the first run's images returned.
 """
 from __future__ import annotations
 
-import time
-from dataclasses import dataclass
-from typing import Any, Sequence
+import functools
+import itertools
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Iterator, Sequence, TypeVar
 
+import numpy as np
 import torch
 
-from pipeline.attacks.recheck import make_defense_recheck
-from pipeline.evaluation.decision import decide, decide_all
-from pipeline.evaluation.defense import Defense
+from pipeline.evaluation import preflight
+from pipeline.evaluation.batch import (
+    CleanEval,
+    attack_batch,
+    attack_rows,
+    clean_eval,
+    eot_probe,
+    evaluate_batch,
+    gradient_checks,
+    is_broken,
+    purify_batch,
+)
 from pipeline.evaluation.protocol import NO_ATTACK, PlannedAttack, Protocol
-from pipeline.seeding import Noise
-from pipeline.vocabulary import DECISION_COLUMNS
+from pipeline.io.shards import Sample, ShardError, to_unit_float
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+# where a stage hands its images as batches complete: (output name, [(sample, image, extra)])
+ImageSink = Callable[[str, list[tuple[Sample, np.ndarray, dict[str, Any]]]], None]
+
+CHECK_SAMPLES = 16   # samples of a shard's first batch used for the gradient-masking checks
+# what an adversarial sample's lineage carries into the purify stage's records
+LINEAGE_COLUMNS = (*NO_ATTACK.keys(), "clean_pred", "linf", "l2", "candidate_step", "broken_step", "attack_steps",
+                   "attack_nfe")
 
 
 @dataclass
-class AttackOutcome:
-    x_adv: torch.Tensor          # [B, C, H, W]
-    candidate_step: torch.Tensor  # [B] first step the attack's own forward met the goal, -1 never
-    broken_step: torch.Tensor    # [B] first confirmed break, -1 never
-    steps: int                   # target steps the attack ran
-    nfe: list[int]               # attack-view evaluations of each sample (its steps × EOT draws)
+class Batch:
+    samples: list[Sample]
+    x: torch.Tensor          # [B, C, H, W] in [0, 1]
+    y: torch.Tensor          # [B]
+    keys: list[str]
 
 
 @dataclass
-class CleanEval:
-    """A batch's clean columns and defended clean logits, computed once per batch."""
-    columns: dict[str, list]
-    logits: torch.Tensor         # [B, R, K]
-    nfe: int
-
-    def take(self, rows: Sequence[int]) -> CleanEval:
-        return CleanEval({c: [v[i] for i in rows] for c, v in self.columns.items()}, self.logits[list(rows)],
-                         self.nfe)
-
-    @staticmethod
-    def stack(parts: Sequence[CleanEval]) -> CleanEval:
-        cols = {c: [v for p in parts for v in p.columns[c]] for c in parts[0].columns}
-        return CleanEval(cols, torch.cat([p.logits for p in parts]), parts[0].nfe)
+class StageOutput:
+    rows: list[dict[str, Any]]
+    checks: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    # images to write, per output: {name: [(sample, image [H, W, C] float32, extra fields)]}
+    images: dict[str, list[tuple[Sample, np.ndarray, dict[str, Any]]]] = field(default_factory=dict)
 
 
-# no final R-run evaluation of a sample whose break the attack confirmed: its verdict is
-# "broken" whatever that evaluation says (switched off only to test that verdicts agree)
-SKIP_CONFIRMED_BREAKS = True
-# the per-run columns of the final evaluation (with the decision rules' DECISION_COLUMNS)
-FINAL_COLUMNS = ("purified_preds", "purified_mean_logits", "worst_of_runs_correct")
+def batches(samples: Sequence[Sample], batch_size: int, device: torch.device) -> Iterator[Batch]:
+    shapes = {s.image.shape for s in samples}
+    if len(shapes) > 1:
+        raise ShardError(f"images of different shapes in one shard: {sorted(shapes)}")
+    for i in range(0, len(samples), batch_size):
+        part = list(samples[i:i + batch_size])
+        x = torch.from_numpy(np.stack([to_unit_float(s.image) for s in part])).permute(0, 3, 1, 2)
+        y = torch.tensor([s.label for s in part], dtype=torch.int64)
+        if device.type == "cuda":  # page-locked host copies: the copy overlaps compute
+            x, y = x.contiguous().pin_memory(), y.pin_memory()
+        yield Batch(part, x.contiguous().to(device, non_blocking=True), y.to(device, non_blocking=True),
+                    [s.key for s in part])
 
 
-def eval_context(attack_index: int) -> str:
-    return "eval/clean" if attack_index < 0 else f"eval/attack{attack_index}"
+def is_out_of_memory(err: BaseException) -> bool:
+    """A device (torch.cuda.OutOfMemoryError) or host allocation failure."""
+    text = str(err).lower()
+    return isinstance(err, torch.cuda.OutOfMemoryError) or (
+        isinstance(err, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text))
 
 
-def defended(defense: Defense, x: torch.Tensor, keys: Sequence[str], seed: int, context: str,
-             runs: int, keep_images: bool = False) -> tuple[torch.Tensor, int, torch.Tensor | None]:
-    """Logits [B, R, K] of the defended model, purifier evaluations per row, and (if asked)
-    the first run's purified images [B, C, H, W]."""
-    noise = Noise.for_batch(seed, keys, context, runs, x.device)
-    with torch.no_grad():
-        purified, nfe, _ = defense.purify(x.repeat_interleave(runs, 0), noise)  # [B·R, C, H, W]
-        logits = defense.classify(purified).view(x.shape[0], runs, -1)
-    first = purified.view(x.shape[0], runs, *x.shape[1:])[:, 0] if keep_images else None
-    return logits.float(), nfe, first
+def adaptive(p: Protocol, samples: Iterable[Sample], work: Callable[[Batch], T]) -> Iterator[tuple[Batch, T]]:
+    """(batch, work(batch)) over consecutive batches of p.batch_size samples, taken from a
+    list or a stream as they are needed (at most one batch of samples held here). On out of
+    memory the batch size is halved and the same samples retried; the protocol keeps the new
+    size, so this worker's later batches and shards start from what fits. Rows do not depend
+    on the batch they ran in (keyed noise), so the results are the same."""
+    source = iter(samples)
+    pending: list[Sample] = []
+    while True:
+        pending += itertools.islice(source, max(0, p.batch_size - len(pending)))
+        if not pending:
+            return
+        b = next(batches(pending[:p.batch_size], p.batch_size, p.device))
+        k = getattr(p.defense.classifier, "num_classes", None)
+        if k is not None:   # a label the classifier cannot predict would count as a wrong answer
+            preflight.check_labels([s.label for s in b.samples], int(k), f"samples {b.keys[0]} … {b.keys[-1]}")
+        try:
+            out = work(b)
+        except RuntimeError as err:
+            if not is_out_of_memory(err) or len(b.keys) <= 1:
+                raise
+            p.batch_size = max(1, len(b.keys) // 2)
+            log.warning("out of memory at batch size %d; retrying with %d: %s", len(b.keys), p.batch_size,
+                        str(err).splitlines()[0][:200])
+            del b
+            if p.device.type == "cuda":
+                torch.cuda.empty_cache()
+            continue
+        yield b, out
+        del pending[:len(b.keys)]
 
 
-def run_attack(p: Protocol, plan: PlannedAttack, x: torch.Tensor, y: torch.Tensor, keys: Sequence[str],
-               context: str | None = None, eot: int | None = None) -> AttackOutcome:
-    """One planned attack on a batch. Candidate breaks are confirmed with `plan.confirm_draws`
-    fresh draws of the real defense (Hill et al. 2021), so a lucky draw never counts as a break
-    and the attack keeps pushing until a break is confirmed."""
-    context = context or f"attack{plan.index}/{plan.name}"
-    eot = eot or plan.eot
-    target = (plan.surrogate or p.defense).attack_target(plan.gradient, p.seed, keys, context, eot)
-    own = Noise.for_batch(p.seed, keys, f"{context}/own", 1, x.device)
-    recheck = (make_defense_recheck(p.defense, p.seed, keys, f"{context}/recheck", plan.confirm_draws)
-               if plan.confirm_draws else None)
-    result = plan.attack(target, x, y, own, recheck=recheck)
-    candidate = result.candidate_step if result.candidate_step is not None else result.broken_step
-    per_sample = result.sample_nfe.tolist() if result.sample_nfe is not None else [result.nfe] * x.shape[0]
-    return AttackOutcome(result.x_adv.detach(), candidate.cpu(), result.broken_step.cpu(), result.nfe,
-                         [n * eot for n in per_sample])
+def _hwc(x: torch.Tensor) -> np.ndarray:
+    return x.permute(0, 2, 3, 1).cpu().numpy().astype(np.float32)
 
 
-def _prediction_columns(p: Protocol, x_adv: torch.Tensor, y: torch.Tensor, logits: torch.Tensor | None,
-                        broken_step: torch.Tensor, evaluated: torch.Tensor | None = None) -> dict[str, list]:
-    """The bare classifier on x_adv and, where the defended model was evaluated (logits
-    [B, R, K]; `evaluated` [B] bool, None: every row), its per-run columns and the verdict.
-    A row not evaluated has null per-run columns and `final_evaluated` false (see
-    `final_evaluation`); logits None with `evaluated` None: a stage without them."""
-    with torch.no_grad():
-        cols: dict[str, list] = {"adv_pred": p.defense.classifier(x_adv).argmax(1).tolist()}
-    if logits is None and evaluated is None:
-        return cols
-    B = len(y)
-    done = torch.ones(B, dtype=torch.bool) if evaluated is None else evaluated.cpu()
-    per_run: dict[str, list] = {c: [None] * B for c in (*FINAL_COLUMNS, *DECISION_COLUMNS.values())}
-    correct = torch.zeros(B, dtype=torch.bool)
-    if logits is not None:
-        preds = logits.argmax(2)                       # [B, R]
-        decided = decide_all(logits)                   # every rule's prediction is recorded
-        correct = (decided[p.decision].cpu() == y.cpu()) & done
-        per_run = {
-            "purified_preds": preds.tolist(),
-            "purified_mean_logits": logits.mean(1).tolist(),
-            **{DECISION_COLUMNS[rule]: pred.tolist() for rule, pred in decided.items()},
-            "worst_of_runs_correct": (preds == y[:, None]).all(1).tolist(),
-        }
-        skipped = (~done).nonzero().squeeze(1).tolist()
-        for values in per_run.values():
-            for i in skipped:
-                values[i] = None
-    cols.update({**per_run, "final_evaluated": done.tolist(), "decision": [p.decision] * B,
-                 "robust": ((broken_step.cpu() < 0) & correct).tolist()})
-    return cols
-
-
-def _rows(B: int, columns: dict[str, list], scalars: dict[str, Any]) -> list[dict[str, Any]]:
-    return [{**{k: v[i] for k, v in columns.items()}, **scalars} for i in range(B)]
-
-
-def _norms(x_adv: torch.Tensor, x: torch.Tensor) -> dict[str, list]:
-    delta = (x_adv - x).flatten(1)
-    return {"linf": delta.abs().amax(1).tolist(), "l2": delta.norm(dim=1).tolist()}
-
-
-def clean_eval(p: Protocol, x: torch.Tensor, y: torch.Tensor, keys: Sequence[str]) -> CleanEval:
-    """Per-sample clean columns, the defended clean logits [B, R, K] and purifier NFE."""
-    with torch.no_grad():
-        clean_pred = p.defense.classifier(x).argmax(1)
-    logits, nfe, _ = defended(p.defense, x, keys, p.seed, eval_context(-1), p.runs)
-    cols = {"label": y.tolist(), "key": list(keys), "clean_pred": clean_pred.tolist(),
-            "clean_purified_preds": logits.argmax(2).tolist(),
-            "clean_mean_logit_pred": decide(logits, "mean_logit").tolist()}
-    return CleanEval(cols, logits, nfe)
-
-
-def final_evaluation(p: Protocol, plan: PlannedAttack, x_adv: torch.Tensor, keys: Sequence[str],
-                     broken_step: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor, int]:
-    """The R-run evaluation of the returned images (`eval/attack{i}` draws), for the rows
-    without a confirmed break only (SKIP_CONFIRMED_BREAKS): (logits [B, R, K], zeros where not
-    evaluated, or None if no row was; the evaluated mask [B]; purifier evaluations per row).
-    Draws are keyed per sample, so a row's logits do not depend on which others ran."""
-    need = (broken_step < 0) if SKIP_CONFIRMED_BREAKS else torch.ones_like(broken_step, dtype=torch.bool)
-    idx = need.nonzero().squeeze(1)
-    if idx.numel() == len(keys):
-        logits, nfe, _ = defended(p.defense, x_adv, keys, p.seed, eval_context(plan.index), p.runs)
-        return logits, need, nfe
-    if idx.numel() == 0:
-        return None, need, 0
-    sub, nfe, _ = defended(p.defense, x_adv[idx.to(x_adv.device)], [keys[i] for i in idx.tolist()], p.seed,
-                           eval_context(plan.index), p.runs)
-    logits = sub.new_zeros(len(keys), *sub.shape[1:])
-    logits[idx.to(sub.device)] = sub
-    return logits, need, nfe
-
-
-def attack_rows(p: Protocol, plan: PlannedAttack | None, x: torch.Tensor, y: torch.Tensor,
-                keys: Sequence[str], clean: CleanEval) -> list[dict[str, Any]]:
-    """Rows of one attack (None: no attack) on a batch, given its clean evaluation."""
-    t0 = time.perf_counter()
-    B = x.shape[0]
-    if plan is None:
-        never = torch.full((B,), -1, dtype=torch.int64)
-        out = AttackOutcome(x, never, never, 0, [0] * B)
-        logits, evaluated, nfe, info = clean.logits, torch.ones(B, dtype=torch.bool), 0, NO_ATTACK
-    else:
-        out = run_attack(p, plan, x, y, keys)
-        logits, evaluated, nfe = final_evaluation(p, plan, out.x_adv, keys, out.broken_step)
-        info = plan.info()
-    cols = {**clean.columns, **_prediction_columns(p, out.x_adv, y, logits, out.broken_step, evaluated),
-            **_norms(out.x_adv, x), "broken_step": out.broken_step.tolist(),
-            "candidate_step": out.candidate_step.tolist(), "attack_nfe": out.nfe,
-            "purify_nfe": [clean.nfe + (nfe if e else 0) for e in evaluated.tolist()]}
-    return _rows(B, cols, {**info, "runs": p.runs, "attack_steps": out.steps,
-                           "seconds": (time.perf_counter() - t0) / B})
-
-
-def evaluate_batch(p: Protocol, x: torch.Tensor, y: torch.Tensor, keys: Sequence[str]) -> list[dict[str, Any]]:
-    """Rows (one per sample and attack) with every prediction the schema records."""
-    t0 = time.perf_counter()
-    clean = clean_eval(p, x, y, keys)
-    share = (time.perf_counter() - t0) / x.shape[0] / max(1, len(p.attacks))
+def evaluate(p: Protocol, samples: Iterable[Sample]) -> StageOutput:
+    """Rows of every (sample, attack), and the checks on the shard's first batch. Streams
+    batch by batch, except the cascade: it re-packs survivors across the whole shard."""
+    if p.cascade:
+        samples = list(samples)
+    checks: dict[str, list[dict[str, Any]]] = {}
     rows: list[dict[str, Any]] = []
-    for plan in list(p.attacks) or [None]:
-        rows += [{**r, "seconds": r["seconds"] + share} for r in attack_rows(p, plan, x, y, keys, clean)]
+
+    def work(b: Batch) -> tuple[dict | None, list[dict[str, Any]]]:
+        first = None if checks else first_batch_checks(p, b)
+        return first, ([] if p.cascade else evaluate_batch(p, b.x, b.y, b.keys))
+
+    for _, (first, batch_rows) in adaptive(p, samples if not p.cascade else samples[:p.batch_size], work):
+        checks = checks or first or {}
+        rows += batch_rows
+    if p.cascade:
+        rows = cascade(p, samples)
+    return StageOutput(rows, checks)
+
+
+def first_batch_checks(p: Protocol, b: Batch) -> dict[str, list[dict[str, Any]]]:
+    """Gradient-masking checks per attack on a few samples, and the EOT probe if asked."""
+    k = min(CHECK_SAMPLES, len(b.keys))
+    checks = {str(a.index): gradient_checks(p, a, b.x[:k], b.y[:k], b.keys[:k]) for a in p.attacks}
+    if p.eot_probe:
+        n = min(p.eot_probe, len(b.keys))
+        for a in p.attacks:
+            if a.gradient != "classifier" and p.defense.purifier.stochastic:
+                checks[str(a.index)].append(eot_probe(p, a, b.x[:n], b.y[:n], b.keys[:n]))
+    return checks
+
+
+def threat_model(plan: PlannedAttack) -> tuple[str, float]:
+    """The (norm, ε) an attack entry's verdict is about; the cascade chains entries only
+    within one (a break at ε = 0.2 says nothing about ε = 0.1)."""
+    return plan.attack.norm, float(plan.attack.eps)
+
+
+def cascade_groups(attacks: Sequence[PlannedAttack]) -> list[list[PlannedAttack]]:
+    """The attack entries grouped by threat model, each group in config order, groups in
+    order of first appearance: an ε sweep of a preset (APGD-CE 0.1, APGD-CE 0.2, APGD-T 0.1,
+    …) becomes one chain per ε."""
+    groups: dict[tuple[str, float], list[PlannedAttack]] = {}
+    for plan in attacks:
+        groups.setdefault(threat_model(plan), []).append(plan)
+    return list(groups.values())
+
+
+def cascade(p: Protocol, samples: Sequence[Sample]) -> list[dict[str, Any]]:
+    """Per threat model (norm, ε), the attacks in config order, each on the samples no
+    earlier attack of that threat model broke, re-packed into full batches across the shard
+    (AutoAttack); a broken sample's row is carried to the group's later attacks. Noise is
+    keyed per sample, so the samples robust at the end of a group are exactly those robust
+    under every one of its attacks run alone — at a fraction of the cost. Breaks are never
+    carried between groups: not to a smaller ε, not across norms, and not to a larger ε
+    either (sound, but then the ε-monotonicity check would hold by construction)."""
+    clean: dict[str, CleanEval] = {}
+    for b, ce in adaptive(p, samples, lambda b: clean_eval(p, b.x, b.y, b.keys)):
+        clean.update({k: ce.take([i]) for i, k in enumerate(b.keys)})
+    if not p.attacks:
+        return [r for b in batches(samples, p.batch_size, p.device)
+                for r in attack_rows(p, None, b.x, b.y, b.keys, CleanEval.stack([clean[k] for k in b.keys]))]
+    rows = [r for group in cascade_groups(p.attacks) for r in _chain(p, group, samples, clean)]
+    order = {plan.index: i for i, plan in enumerate(p.attacks)}
+    return sorted(rows, key=lambda r: order[r["attack_index"]])  # stable: config order, as without cascade
+
+
+def _chain(p: Protocol, group: Sequence[PlannedAttack], samples: Sequence[Sample],
+           clean: dict[str, CleanEval]) -> list[dict[str, Any]]:
+    """One threat model's attacks, each on the survivors of the earlier ones."""
+    rows: list[dict[str, Any]] = []
+    survivors = list(samples)
+    broken_rows: dict[str, dict[str, Any]] = {}
+    for plan in group:
+        for row in broken_rows.values():
+            rows.append({**row, **plan.info(), "cascade_from": row.get("cascade_from", row["attack_index"]),
+                         "attack_nfe": 0, "attack_steps": 0, "purify_nfe": 0, "seconds": 0.0})
+        still = []
+        work = functools.partial(_attack_rows, p, plan, clean)
+        for b, new in adaptive(p, survivors, work):
+            for r, s in zip(new, b.samples):
+                rows.append(r)
+                if is_broken(r):
+                    broken_rows[s.key] = r
+                else:
+                    still.append(s)
+        survivors = still
     return rows
 
 
-def attack_batch(p: Protocol, x: torch.Tensor, y: torch.Tensor,
-                 keys: Sequence[str]) -> tuple[list[dict[str, Any]], dict[int, torch.Tensor]]:
-    """Adversarial examples for every attack: (rows without purified columns, {index: x_adv})."""
-    B = x.shape[0]
-    with torch.no_grad():
-        clean_pred = p.defense.classifier(x).argmax(1).tolist()
-    rows: list[dict[str, Any]] = []
-    images: dict[int, torch.Tensor] = {}
-    for plan in p.attacks:
-        t1 = time.perf_counter()
-        out = run_attack(p, plan, x, y, keys)
-        images[plan.index] = out.x_adv
-        cols = {"label": y.tolist(), "key": list(keys), "clean_pred": clean_pred,
-                **_prediction_columns(p, out.x_adv, y, None, out.broken_step), **_norms(out.x_adv, x),
-                "broken_step": out.broken_step.tolist(), "candidate_step": out.candidate_step.tolist(),
-                "attack_nfe": out.nfe}
-        rows += _rows(B, cols, {**plan.info(), "runs": 0, "attack_steps": out.steps,
-                                "purify_nfe": 0, "seconds": (time.perf_counter() - t1) / B})
-    return rows, images
+def _attack_rows(p: Protocol, plan: Any, clean: dict[str, CleanEval], b: Batch) -> list[dict[str, Any]]:
+    return attack_rows(p, plan, b.x, b.y, b.keys, CleanEval.stack([clean[k] for k in b.keys]))
 
 
-def purify_batch(p: Protocol, x: torch.Tensor, y: torch.Tensor, keys: Sequence[str],
-                 attack_infos: Sequence[dict[str, Any]]) -> tuple[list[dict[str, Any]], torch.Tensor]:
-    """Purify given images (adversarial or not) R times: (rows, first run's purified images).
-
-    `attack_infos[i]` holds sample i's attack columns from its lineage (NO_ATTACK for a plain
-    corpus); its attack index picks the same evaluation draws as the evaluate stage, and its
-    confirmed break (broken_step) carries into the verdict.
-    """
-    t0 = time.perf_counter()
-    B = x.shape[0]
-    groups: dict[int, list[int]] = {}
-    for i, info in enumerate(attack_infos):
-        groups.setdefault(int(info["attack_index"]), []).append(i)
-    logits = torch.empty(0)
-    purified = torch.empty_like(x)
-    nfe_total = 0
-    for idx, members in groups.items():
-        sel = torch.tensor(members, device=x.device)
-        lg, nfe, first = defended(p.defense, x[sel], [keys[i] for i in members], p.seed, eval_context(idx), p.runs,
-                                  keep_images=True)
-        if logits.numel() == 0:
-            logits = torch.empty(B, p.runs, lg.shape[-1], device=lg.device)
-        logits[sel], purified[sel] = lg, first
-        nfe_total = max(nfe_total, nfe)
-    broken = torch.tensor([int(info.get("broken_step", -1)) for info in attack_infos], dtype=torch.int64)
-    cols = {"label": y.tolist(), "key": list(keys), **_prediction_columns(p, x, y, logits, broken)}
-    seconds = (time.perf_counter() - t0) / B
-    rows = []
-    for i, row in enumerate(_rows(B, cols, {"runs": p.runs, "purify_nfe": nfe_total, "seconds": seconds})):
-        rows.append({**row, **attack_infos[i]})
-    return rows, purified
+def _collect(out: StageOutput, emit: ImageSink | None) -> ImageSink:
+    """Where a stage's images go: `emit` (the worker encodes and writes them as batches
+    complete) or, without one, `out.images` (whole shard in memory)."""
+    return emit or (lambda name, items: out.images[name].extend(items))
 
 
-def is_broken(row: dict[str, Any]) -> bool:
-    """A sample the attack defeated: a confirmed break at some step, or a wrong final
-    prediction under the job's decision rule."""
-    return not row["robust"]
+def attack(p: Protocol, samples: Iterable[Sample], emit: ImageSink | None = None) -> StageOutput:
+    """Adversarial examples of every attack; images per attack index, with lineage columns.
+    `out.images` names every output (empty lists when the images went to `emit`)."""
+    out = StageOutput([], images={str(a.index): [] for a in p.attacks})
+    put = _collect(out, emit)
+    for b, (rows, images) in adaptive(p, samples, lambda b: attack_batch(p, b.x, b.y, b.keys)):
+        out.rows += rows
+        by_key = {(r["attack_index"], r["key"]): r for r in rows}
+        for idx, x_adv in images.items():
+            hwc = _hwc(x_adv)
+            put(str(idx), [(s, hwc[j], {c: by_key[(idx, s.key)][c] for c in LINEAGE_COLUMNS})
+                           for j, s in enumerate(b.samples)])
+    return out
 
 
-def gradient_checks(p: Protocol, plan: PlannedAttack, x: torch.Tensor, y: torch.Tensor,
-                    keys: Sequence[str]) -> list[dict[str, Any]]:
-    """The auto-attack style checks of one attack's view on one batch (plus the flag checks)."""
-    from pipeline.evaluation import checks
+def purify(p: Protocol, samples: Iterable[Sample], emit: ImageSink | None = None) -> StageOutput:
+    """Purify given images (an adversarial set with lineage, or any corpus) R times; the
+    first run's purified images go out under the name 'purified'."""
+    out = StageOutput([], images={"purified": []})
+    put = _collect(out, emit)
 
-    flags = p.defense.purifier.flags()
-    target = (plan.surrogate or p.defense).attack_target(plan.gradient, p.seed, keys, f"checks{plan.index}",
-                                                         plan.eot)
-    results = checks.run_gradient_checks(target, x, y, declared_stochastic=flags["stochastic"]
-                                         if plan.gradient != "classifier" else False)
-    results.append(checks.check_test_time_optimization(flags, plan.gradient))
-    results.append(checks.check_eot(flags, plan.eot, plan.gradient))
-    return results
+    def work(b: Batch) -> tuple[list[dict[str, Any]], torch.Tensor]:
+        infos = [{**NO_ATTACK, **{k: s.meta[k] for k in LINEAGE_COLUMNS if k in s.meta}} for s in b.samples]
+        return purify_batch(p, b.x, b.y, b.keys, infos)
 
+    for b, (rows, purified) in adaptive(p, samples, work):
+        out.rows += rows
+        hwc = _hwc(purified)
+        put("purified", [(s, hwc[j], {}) for j, s in enumerate(b.samples)])
+    return out
 
-def eot_probe(p: Protocol, plan: PlannedAttack, x: torch.Tensor, y: torch.Tensor,
-              keys: Sequence[str], max_drop: float = 0.02) -> dict[str, Any]:
-    """Re-run an attack with its EOT draws doubled on a few samples: if robust accuracy
-    drops by more than `max_drop`, the attack had not converged in EOT (too few draws)."""
-    acc = {}
-    for eot in (plan.eot, 2 * plan.eot):
-        out = run_attack(p, plan, x, y, keys, context=f"probe{plan.index}/eot{eot}", eot=eot)
-        logits, _, _ = defended(p.defense, out.x_adv, keys, p.seed, f"probe{plan.index}/eval{eot}", p.runs)
-        robust = (out.broken_step < 0) & (decide(logits, p.decision).cpu() == y.cpu())
-        acc[eot] = float(robust.float().mean())
-    drop = acc[plan.eot] - acc[2 * plan.eot]
-    return {"name": "eot_probe", "passed": drop <= max_drop,
-            "detail": f"robust accuracy {100 * acc[plan.eot]:.1f}% at EOT {plan.eot}, "
-                      f"{100 * acc[2 * plan.eot]:.1f}% at EOT {2 * plan.eot} on {len(keys)} samples",
-            "values": {"eot": plan.eot, "acc": acc[plan.eot], "acc_doubled": acc[2 * plan.eot], "n": len(keys)}}

@@ -35,8 +35,7 @@ import torch
 
 from pipeline import stage_table
 from pipeline.config import Config
-from pipeline.evaluation import shard as shard_mod
-from pipeline.evaluation import stages
+from pipeline.evaluation import batch, stages
 from pipeline.evaluation.protocol import NO_ATTACK, PlannedAttack, Protocol, build_protocol
 from pipeline.io import shards
 from pipeline.run import host
@@ -139,7 +138,7 @@ class Calibration:
     batch: int
     probe_row: torch.Tensor                                           # [1, C, H, W], the first image
     pieces: dict[str, list[Measured]] = field(default_factory=dict)   # stage → pieces
-    sample: shard_mod.Batch | None = None                             # the calibration batch
+    sample: stages.Batch | None = None                             # the calibration batch
 
     @property
     def row_bytes(self) -> int:
@@ -169,50 +168,50 @@ def _single_attack(p: Protocol, plan) -> Protocol:
 Images = dict[Any, torch.Tensor]
 
 
-def calibrate_evaluate(p: Protocol, b: shard_mod.Batch, inputs: Images | None = None
+def calibrate_evaluate(p: Protocol, b: stages.Batch, inputs: Images | None = None
                        ) -> tuple[list[Measured], Images]:
     """Checks (per shard), the clean evaluation, then each attack on the batch; with a
     cascade each attack is scaled to the share of samples that the earlier attacks of its
     threat model (norm, ε) left unbroken, as the cascade chains them."""
     n = len(b.keys)
-    checks, _ = _measure(p, "checks", lambda: ([], shard_mod.first_batch_checks(p, b)), n)
+    checks, _ = _measure(p, "checks", lambda: ([], stages.first_batch_checks(p, b)), n)
     checks.per_shard = True
-    clean, ce = _measure(p, "clean", lambda: stages.clean_eval(p, b.x, b.y, b.keys), n)
+    clean, ce = _measure(p, "clean", lambda: batch.clean_eval(p, b.x, b.y, b.keys), n)
     # records count the clean runs in every attack row's purify_nfe (as the markers sum them)
     clean.nfe = 0 if p.attacks else ce.nfe * n
     pieces = [checks, clean]
     alive: dict[tuple[str, float], torch.Tensor] = {}   # per threat model: not yet broken
     for plan in p.attacks:
         m, rows = _measure(p, f"attack{plan.index}:{plan.name}",
-                           lambda plan=plan: stages.attack_rows(p, plan, b.x, b.y, b.keys, ce), n)
-        left = alive.setdefault(shard_mod.threat_model(plan), torch.ones(n, dtype=torch.bool))
+                           lambda plan=plan: batch.attack_rows(p, plan, b.x, b.y, b.keys, ce), n)
+        left = alive.setdefault(stages.threat_model(plan), torch.ones(n, dtype=torch.bool))
         m.fraction = float(left.float().mean()) if p.cascade else 1.0
         if p.cascade:
-            left &= torch.tensor([not stages.is_broken(r) for r in rows])
+            left &= torch.tensor([not batch.is_broken(r) for r in rows])
         pieces.append(m)
     return pieces, {}
 
 
-def calibrate_attack(p: Protocol, b: shard_mod.Batch, inputs: Images | None = None
+def calibrate_attack(p: Protocol, b: stages.Batch, inputs: Images | None = None
                      ) -> tuple[list[Measured], Images]:
     """Each attack on the batch; its adversarial images (by attack index) for the purify stage."""
     pieces, images = [], {}
     for plan in p.attacks:
         m, (rows, imgs) = _measure(p, f"attack{plan.index}:{plan.name}",
-                                   lambda plan=plan: stages.attack_batch(_single_attack(p, plan), b.x, b.y, b.keys),
+                                   lambda plan=plan: batch.attack_batch(_single_attack(p, plan), b.x, b.y, b.keys),
                                    len(b.keys))
         pieces.append(m)
         images.update(imgs)
     return pieces, images
 
 
-def calibrate_purify(p: Protocol, b: shard_mod.Batch, inputs: Images | None = None
+def calibrate_purify(p: Protocol, b: stages.Batch, inputs: Images | None = None
                      ) -> tuple[list[Measured], Images]:
     """Purify (R runs) and classify: the adversarial images of an earlier attack stage (one
     set per attack: each source sample is purified once per set) or the shard's own images."""
     x = next(iter(inputs.values())) if inputs else b.x
     infos = [dict(NO_ATTACK)] * len(b.keys)
-    m, _ = _measure(p, "purify", lambda: stages.purify_batch(p, x, b.y, b.keys, infos), len(b.keys))
+    m, _ = _measure(p, "purify", lambda: batch.purify_batch(p, x, b.y, b.keys, infos), len(b.keys))
     m.fraction = float(max(1, len(inputs))) if inputs else 1.0
     return [m], {}
 
@@ -229,10 +228,10 @@ def calibrate(cfg: Config, batches: int = 1) -> tuple[Calibration, Protocol]:
     decode = (time.perf_counter() - t0) / max(1, len(samples))
     if not samples:
         raise ValueError(f"{url}: no decodable samples to calibrate on")
-    batch = next(shard_mod.batches(samples[: p.batch_size * batches], p.batch_size * batches, p.device))
-    _warm_up(p, batch)
+    first = next(stages.batches(samples[: p.batch_size * batches], p.batch_size * batches, p.device))
+    _warm_up(p, first)
     base = _rss_now() if p.device.type != "cuda" else int(torch.cuda.memory_allocated(p.device))
-    cal = Calibration(build, decode, base, len(batch.keys), batch.x[:1].detach().cpu(), sample=batch)
+    cal = Calibration(build, decode, base, len(first.keys), first.x[:1].detach().cpu(), sample=first)
     images: dict[str, Images] = {}   # each calibrated stage's images, for a stage that reads them
     for name in cfg.job.stages:
         stage = stage_table.get(name)
@@ -240,14 +239,14 @@ def calibrate(cfg: Config, batches: int = 1) -> tuple[Calibration, Protocol]:
             log.warning("stage %s has no calibration: the plan predicts no time for it", name)
             continue
         hook = stage_table.load(stage.calibrate)
-        cal.pieces[name], images[name] = hook(p, batch, images.get(stage.reads) if stage.reads else None)
+        cal.pieces[name], images[name] = hook(p, first, images.get(stage.reads) if stage.reads else None)
     return cal, p
 
 
-def _warm_up(p: Protocol, b: shard_mod.Batch) -> None:
+def _warm_up(p: Protocol, b: stages.Batch) -> None:
     """One small clean evaluation first: one-time costs (allocator, kernels) are not per sample."""
     k = min(2, len(b.keys))
-    stages.clean_eval(p, b.x[:k], b.y[:k], b.keys[:k])
+    batch.clean_eval(p, b.x[:k], b.y[:k], b.keys[:k])
 
 
 # ---------------------------------------------------------------------------- prediction
@@ -347,7 +346,7 @@ ROW_CHUNKS = (64, 128, 256, 512, 1024, 2048, 4096)
 CHUNK_GAIN = 0.9   # suggest another chunk only if ≥ 10 % faster: single timings on a shared CPU move that much
 
 
-def time_eot_step(p: Protocol, attack: PlannedAttack, b: shard_mod.Batch, max_rows: int) -> float:
+def time_eot_step(p: Protocol, attack: PlannedAttack, b: stages.Batch, max_rows: int) -> float:
     """Seconds of one attack step's gradient on the batch — `attack.eot` draws per image through
     the defense the attack differentiates (forward, cross-entropy of the mean logits, backward)
     — with evaluation.max_rows = max_rows rows per purifier and classifier call."""

@@ -23,7 +23,7 @@ import torch
 from pipeline import config as config_mod
 from pipeline import schema, stage_table
 from pipeline.evaluation.protocol import build_protocol
-from pipeline.evaluation.shard import StageOutput
+from pipeline.evaluation.stages import StageOutput
 from pipeline.io import shards, storage
 from pipeline.run import commit, faults, host
 
