@@ -1,5 +1,9 @@
-"""Job configuration: YAML → frozen dataclasses, checked strictly before any work starts.
+"""Job configuration: YAML → frozen pydantic dataclasses, checked strictly before any work starts.
 
+Each section is a pydantic v2 dataclass: strict types (no "3" for 3, no 1 for true), unknown
+keys refused, and every bound on a single value written once, on its field; `advpure
+config-schema` prints the JSON Schema of these same classes, so the editor's rules and the
+loader's cannot drift. Checks across fields, of components and of files follow the parse.
 Every error names the file and the dotted key: an unknown key, a wrong type, a value out
 of range, an unknown classifier/purifier/attack, parameters its constructor does not
 take, or a checkpoint/shard file that does not exist.
@@ -7,18 +11,23 @@ take, or a checkpoint/shard file that does not exist.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import hashlib
 import inspect
 import json
 import re
 import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import field
 from fractions import Fraction
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
+import pydantic
 import yaml
+from pydantic import AfterValidator, BeforeValidator, ConfigDict, Field
+from pydantic.dataclasses import dataclass
+from pydantic_core import ErrorDetails, PydanticKnownError
 
 from pipeline import stage_table
 from pipeline.vocabulary import DECISIONS, DEFAULT_DECISION, GRADIENT_REQUESTS
@@ -28,62 +37,126 @@ class ConfigError(ValueError):
     """A configuration problem, with the file and key it concerns."""
 
 
-@dataclass(frozen=True)
+# ---------------------------------------------------------------------------- value types
+
+_FRACTION = re.compile(r"\s*([+-]?\d+(?:\.\d*)?)\s*/\s*(\d+(?:\.\d*)?)\s*")
+
+
+def parse_fraction(value: str, where: str = "") -> float | None:
+    """`8/255` (or `0.5/255`) → the nearest float to the exact quotient; None when `value` is
+    not a fraction. YAML reads `8/255` as a string; ε is conventionally written so."""
+    m = _FRACTION.fullmatch(value)
+    if m is None:
+        return None
+    den = Fraction(m[2])
+    if den == 0:
+        raise ConfigError(f"{where}: {value!r} divides by zero" if where else f"{value!r} divides by zero")
+    return float(Fraction(m[1]) / den)
+
+
+def _fraction(value: Any) -> Any:
+    parsed = parse_fraction(value) if isinstance(value, str) else None
+    return value if parsed is None else parsed
+
+
+def _one_or_many(value: Any) -> Any:
+    """`shards: a.tar` reads as a one-item list; a list becomes the field's tuple."""
+    return (value,) if isinstance(value, str) else tuple(value) if isinstance(value, list) else value
+
+
+def _known_stage(name: str) -> str:
+    """A stage of the stage table as it is now (a test may register one after import)."""
+    stages = stage_table.job_stages()
+    if name not in stages:
+        raise ValueError(f"{name!r} is not one of {list(stages)}")
+    return name
+
+
+def _not_bool(value: Any) -> Any:
+    """JSON's true would pass as the literal 1."""
+    if isinstance(value, bool):
+        raise PydanticKnownError("int_type")
+    return value
+
+
+# a bound goes before the fraction reader, so that the schema shows it on the number
+Number = Annotated[float, BeforeValidator(_fraction)]   # also a fraction such as 8/255
+PositiveNumber = Annotated[float, Field(gt=0), BeforeValidator(_fraction)]
+NonNegativeNumber = Annotated[float, Field(ge=0), BeforeValidator(_fraction)]
+Positive = Annotated[int, Field(ge=1)]
+NonNegative = Annotated[int, Field(ge=0)]
+NonBlank = Annotated[str, Field(pattern=r"\S")]
+OneOrMore = Field(min_length=1)   # a list that names at least one item
+
+# strict types, unknown keys refused; frozen is the dataclass's own (FrozenInstanceError)
+STRICT = ConfigDict(strict=True, extra="forbid")
+
+
+# ---------------------------------------------------------------------------- sections
+
+@dataclass(frozen=True, config=STRICT)
 class JobConfig:
     """What the job is called, where its results go, and which stages it runs."""
-    name: str                       # the job's name (records, manifest, report)
-    output: str                     # results folder, local or s3:// (resumed if it holds this job)
-    seed: int = 0                   # run seed: every random draw is keyed by (seed, sample key, purpose, index)
-    stages: tuple[str, ...] = ("evaluate",)   # run in order, each resumed on its own (README, Stages)
+    name: NonBlank                  # the job's name (records, manifest, report)
+    output: NonBlank                # results folder, local or s3:// (resumed if it holds this job)
+    # run seed: every random draw is keyed by (seed, sample key, purpose, index)
+    seed: Annotated[int, Field(ge=0, lt=2**63)] = 0
+    # run in order, each resumed on its own (README, Stages)
+    stages: Annotated[tuple[Annotated[str, AfterValidator(_known_stage)], ...], OneOrMore,
+                      BeforeValidator(_one_or_many)] = ("evaluate",)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=STRICT)
 class DataConfig:
     """The input: WebDataset shards (advpure make-shards)."""
-    shards: tuple[str, ...]         # shard paths or brace patterns (shard-{000000..000009}.tar), local, s3:// or https://
-    index: str | None = None        # the shards' index.json (null: next to the shards)
-    batch_size: int = 128           # samples per batch (memory and speed; noise is keyed per sample)
-    max_samples_per_shard: int | None = None   # a quick job on the first samples of each shard (null: all)
+    # shard paths or brace patterns (shard-{000000..000009}.tar), local, s3:// or https://
+    shards: Annotated[tuple[str, ...], OneOrMore, BeforeValidator(_one_or_many)]
+    index: Optional[str] = None     # the shards' index.json (null: next to the shards)
+    batch_size: Positive = 128      # samples per batch (memory and speed; noise is keyed per sample)
+    max_samples_per_shard: Optional[Positive] = None   # a quick job on the first samples of each shard (null: all)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=STRICT)
 class ModelConfig:
     """A registered classifier or purifier (`advpure list`) and its parameters."""
     name: str                       # a registered name (`advpure list`); purifier none: no purification
     params: dict[str, Any] = field(default_factory=dict)   # constructor parameters (docs/ for each method)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=STRICT)
 class AttackConfig:
     """One attack, evaluated in order; one record per (sample, attack) (docs/attacks.md)."""
     name: str                       # a registered attack (`advpure list`)
     params: dict[str, Any] = field(default_factory=dict)   # eps, steps, norm, ...; ℓ∞ sizes in [0, 1] or as 8/255
     # how gradients cross the purifier: auto (from its flags), full, bpda, or classifier
     # (preprocessor-blind: the attack sees the bare classifier)
-    gradient: str = "auto"
-    eot: int = 1                    # expectation over transformation: purifier draws averaged per gradient
+    gradient: Literal[GRADIENT_REQUESTS] = "auto"
+    eot: Positive = 1               # expectation over transformation: purifier draws averaged per gradient
     # purifier-parameter overrides for the purifier the attack's gradient goes through
     # (a cheaper surrogate, Lee & Kim 2023); evaluation always uses the real purifier
     surrogate: dict[str, Any] = field(default_factory=dict)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=STRICT)
 class EvaluationConfig:
     """How samples are attacked, purified and decided."""
-    runs: int = 1                   # R: purification runs per sample, combined by the decision rule
+    runs: Positive = 1              # R: purification runs per sample, combined by the decision rule
     # AutoAttack-style cascade: each attack runs only on samples every earlier attack of the
     # same (norm, ε) failed to break; broken samples carry their breaking row forward
     cascade: bool = False
-    max_rows: int = 4096            # rows (samples × runs) per purifier/classifier call: memory only
+    # rows (samples × runs) per purifier/classifier call: memory only (auto: sized to the device)
+    max_rows: Union[Positive, Literal["auto"]] = 4096
     device: Literal["auto", "cpu", "cuda"] = "auto"   # auto: cuda when the worker has a GPU
     # how the R runs decide a prediction (robust = no confirmed break and this prediction right)
     decision: Literal[DECISIONS] = DEFAULT_DECISION
     # fresh draws of the real defense that confirm a break on a stochastic defense
     # (null: the attack's recheck_draws if set, else R); see docs/attacks.md
-    confirm_draws: int | None = None
+    confirm_draws: Optional[Positive] = None
     # samples of each shard's first batch on which every attack is re-run with 2×EOT: a check
     # flags an attack whose robust accuracy drops by more than 2 points (0 = off)
-    eot_probe: int = 0
+    eot_probe: NonNegative = 0
+    # samples of the whole job on which the gradient-masking checks run (0 = off)
+    check_samples: NonNegative = 16
     # speed on accelerators (docs/performance.md): bf16 autocast of classifier and purifier
     # networks (attack arithmetic, projections, losses and records stay fp32); channels_last
     # memory format for the networks and their inputs; torch.compile of the purifier's networks
@@ -92,68 +165,71 @@ class EvaluationConfig:
     compile: bool = False           # torch.compile the purifier's networks (see precision)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=STRICT)
 class ClusterConfig:
     """Where and how wide the job runs (docs/storage_and_cluster.md)."""
-    address: str | None = None      # Ray address (null: RAY_ADDRESS, else a local cluster)
+    address: Optional[str] = None   # Ray address (null: RAY_ADDRESS, else a local cluster)
     # local: one worker in the driver's process, no Ray (small jobs); ray: worker actors;
     # auto: local when no cluster is named and num_workers is 1, else ray (the log says which)
     executor: Literal["auto", "local", "ray"] = "auto"
     # actors wanted; auto: as many as the cluster's nodes can host (grows when nodes join)
-    num_workers: Union[int, Literal["auto"]] = 1
-    cpus_per_worker: float = 1.0    # CPUs reserved per worker actor (reading and decoding shards)
-    gpus_per_worker: Union[float, Literal["auto"]] = "auto"   # auto: 1 if the cluster has GPUs, else 0
+    num_workers: Union[Positive, Literal["auto"]] = 1
+    cpus_per_worker: PositiveNumber = 1.0    # CPUs reserved per worker actor (reading and decoding shards)
+    # auto: 1 if the cluster has GPUs, else 0
+    gpus_per_worker: Union[NonNegativeNumber, Literal["auto"]] = "auto"
     # k > 1: k actors share each GPU (fractional GPUs 1/k) for models that are small
-    workers_per_gpu: int = 1
-    max_attempts: int = 3           # tries per shard before it is reported failed
-    shard_timeout_s: float = 3600.0  # a shard running longer fails this attempt (its worker is killed)
+    workers_per_gpu: Positive = 1
+    max_attempts: Positive = 3      # tries per shard before it is reported failed
+    shard_timeout_s: PositiveNumber = 3600.0  # a shard running longer fails this attempt (its worker is killed)
     # give a busy worker its next shard with the current one, so it starts reading and
     # decoding it before the current shard ends (a hint: an idle worker may take it instead)
     prefetch_shards: bool = True
-    max_actor_failures: int = 3     # workers that fail to start before the job is aborted
+    max_actor_failures: Positive = 3   # workers that fail to start before the job is aborted
     # no live worker for this long while actors wait to be placed → abort (exit code 4)
-    actor_start_timeout_s: float = 600.0
+    actor_start_timeout_s: PositiveNumber = 600.0
     # the job lease on job.output: renewed every lease_heartbeat_s; a lease whose heartbeat
     # is older than lease_timeout_s belongs to a dead driver and is taken over
-    lease_timeout_s: float = 120.0
-    lease_heartbeat_s: float = 10.0   # how often the driver renews the lease (see lease_timeout_s)
+    lease_timeout_s: Number = 120.0
+    lease_heartbeat_s: PositiveNumber = 10.0   # how often the driver renews the lease (see lease_timeout_s)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=STRICT)
 class FaultConfig:
     """Injected failures for resilience testing: `times` failures on matching shards."""
     shard: str                      # the shard ids it fails (a glob)
     mode: Literal["raise", "exit", "hang"]   # raise an error, kill the worker process, or hang
     marker_dir: str                 # one marker file per failure claimed, so each happens once
-    times: int = 1                  # failures per matching shard
+    times: Positive = 1             # failures per matching shard
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=STRICT)
 class CorpusConfig:
     """The offline corpus job (`advpure purify`, docs/corpus.md): size policy and encoding."""
-    resize: int | None = None       # side of the square the purifier works at (null: native size)
+    resize: Optional[Positive] = None   # side of the square the purifier works at (null: native size)
     crop: bool = False              # centre-crop to resize×resize (shorter side scaled) instead of stretching
     restore_size: bool = False      # map the purified image back to the input's size
     interpolation: Literal["bicubic", "bilinear", "nearest"] = "bicubic"   # resampling (bicubic, bilinear antialiased)
-    jpeg_quality: int = 95          # JPEG and lossy WebP outputs; PNG and lossless WebP stay lossless
-    channels: int | None = None     # the purifier's input channels (null: from its first convolution)
-    max_pixels: int = 4096 * 4096   # larger images become too_large rows, never decoded
-    max_batch_pixels: int = 2**22   # purifier-input pixels per batch (memory only, not results)
+    # JPEG and lossy WebP outputs; PNG and lossless WebP stay lossless
+    jpeg_quality: Annotated[int, Field(ge=1, le=100)] = 95
+    # the purifier's input channels (null: from its first convolution)
+    channels: Annotated[Optional[Literal[1, 3]], BeforeValidator(_not_bool)] = None
+    max_pixels: Positive = 4096 * 4096   # larger images become too_large rows, never decoded
+    max_batch_pixels: Positive = 2**22   # purifier-input pixels per batch (memory only, not results)
     metrics: bool = True            # PSNR / SSIM between input and written output
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=STRICT)
 class Config:
     job: JobConfig
     data: DataConfig
     # required for evaluation jobs; optional for a corpus job (a corpus may have no labels)
-    classifier: ModelConfig | None = None
+    classifier: Optional[ModelConfig] = None
     purifier: ModelConfig = ModelConfig("none")
     attacks: tuple[AttackConfig, ...] = ()
     evaluation: EvaluationConfig = EvaluationConfig()
     cluster: ClusterConfig = ClusterConfig()
     faults: tuple[FaultConfig, ...] = ()
-    corpus: CorpusConfig | None = None   # set only by corpus jobs
+    corpus: Optional[CorpusConfig] = None   # set only by corpus jobs
     source: str = field(default="<dict>", compare=False)
 
     def to_dict(self) -> dict[str, Any]:
@@ -193,146 +269,157 @@ def _plain(obj: Any) -> Any:
 
 # ---------------------------------------------------------------------------- parsing
 
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+_CONFIG = pydantic.TypeAdapter(Config)
 
 
-def _coerce(value: Any, tp: Any, where: str) -> Any:
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if tp is Any:
-        return value
-    if origin in (Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for option in args:
-            if option is type(None):
-                continue
-            try:
-                return _coerce(value, option, where)
-            except ConfigError as err:
-                errors.append(str(err))
-        raise ConfigError(f"{where}: {value!r} is not {' or '.join(_type_name(a) for a in args)}")
-    if origin is Literal:
-        if value not in args:
-            raise ConfigError(f"{where}: {value!r} is not one of {list(args)}")
-        return value
-    if origin in (tuple, list):
-        if isinstance(value, (str, dict)) or not isinstance(value, (list, tuple)):
-            if origin is tuple and args and args[0] is str and isinstance(value, str):
-                value = [value]  # a single string where a list of strings is expected
-            else:
-                raise ConfigError(f"{where}: expected a list, got {type(value).__name__} {value!r}")
-        item = args[0] if args else Any
-        return tuple(_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value))
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__}")
-        return {str(k): v for k, v in value.items()}
-    if dataclasses.is_dataclass(tp):
-        return _build(tp, value, where)
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{where}: expected true/false, got {value!r}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{where}: expected an integer, got {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, str) and parse_fraction(value, where) is not None:
-            return parse_fraction(value, where)
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where}: expected a number, got {value!r}")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{where}: expected a string, got {value!r}")
-        return value
-    raise ConfigError(f"{where}: unsupported type {tp}")
+def _parse(data: dict[str, Any]) -> Config:
+    """`data` as a Config, or the first problem as a ConfigError naming its key."""
+    if "source" in data:                      # a field the loader sets, not a key of the file
+        raise ConfigError(_unknown_key("source", "source", Config))
+    try:
+        # JSON mode: strict about every value, while a mapping fills a section and a list a
+        # tuple as in the YAML file (strict Python mode wants the dataclasses themselves).
+        # Values JSON has no type for (YAML dates) are read as their text.
+        return _CONFIG.validate_json(json.dumps(data, default=str))
+    except pydantic.ValidationError as err:
+        raise ConfigError(_message(err.errors())) from None
 
 
-_FRACTION = re.compile(r"\s*([+-]?\d+(?:\.\d*)?)\s*/\s*(\d+(?:\.\d*)?)\s*")
+def _fields(cls: type) -> dict[str, Any]:
+    """A section's fields (pydantic FieldInfo: annotation, bounds), without the loader's own."""
+    return {k: v for k, v in cls.__pydantic_fields__.items() if k != "source"}
 
 
-def parse_fraction(value: str, where: str = "") -> float | None:
-    """`8/255` (or `0.5/255`) → the nearest float to the exact quotient; None when `value` is
-    not a fraction. YAML reads `8/255` as a string; ε is conventionally written so."""
-    m = _FRACTION.fullmatch(value)
-    if m is None:
-        return None
-    den = Fraction(m[2])
-    if den == 0:
-        raise ConfigError(f"{where}: {value!r} divides by zero")
-    return float(Fraction(m[1]) / den)
+def _section_in(tp: Any) -> type | None:
+    """The section class a field holds (directly, in a list, or nullable), else None."""
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
+        return tp
+    return next(filter(None, map(_section_in, typing.get_args(tp))), None)
 
 
-def _build(cls: type, data: Any, where: str) -> Any:
-    if not isinstance(data, dict):
-        raise ConfigError(f"{where or 'top level'}: expected a mapping, got {type(data).__name__}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "source"}
-    unknown = sorted(set(data) - set(fields))
-    if unknown:
-        prefix = f"{where}." if where else ""
-        raise ConfigError(f"unknown key {prefix}{unknown[0]!s} (allowed: {', '.join(fields)})")
-    kwargs = {}
-    for name, f in fields.items():
-        key = f"{where}.{name}" if where else name
-        if name in data:
-            kwargs[name] = _coerce(data[name], hints[name], key)
-        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-            raise ConfigError(f"missing required key {key}")
-    return cls(**kwargs)
+def _locate(loc: tuple[int | str, ...]) -> tuple[str, type | None, str]:
+    """pydantic's error location → (the dotted key as a user writes it, e.g. attacks[2].eot;
+    the section holding its last name; that name). A union member's tag ends the walk."""
+    key, section, owner, name = "", Config, None, ""
+    for part in loc:
+        if isinstance(part, int):
+            key += f"[{part}]"
+            continue
+        if section is None:               # inside a field: the rest tags a union member
+            break
+        key = f"{key}.{part}" if key else part
+        owner, name = section, part
+        info = _fields(section).get(part)
+        section = _section_in(info.annotation) if info is not None else None
+        if info is None:                  # an unknown key
+            break
+    return key, owner, name
 
 
-def _check_ranges(cfg: Config) -> None:
+def _message(errors: list[ErrorDetails]) -> str:
+    """pydantic's first error, worded as this loader words it (`key: what is wrong`). A union
+    (`int ≥ 1 or auto`) fails once per member: its bound or value error says most."""
+    key, owner, name = _locate(errors[0]["loc"])
+    err = min((e for e in errors if _locate(e["loc"])[0] == key), key=lambda e: e["type"] == "literal_error")
+    kind = err["type"]
+    if kind in ("missing", "missing_argument"):
+        return f"missing required key {key}"
+    if kind in ("unexpected_keyword_argument", "extra_forbidden"):
+        return _unknown_key(key, name, owner)
+    info = _fields(owner).get(name) if owner is not None else None
+    return f"{key or 'top level'}: {_problem(err, info, name)}"
+
+
+_EXPECTED = {"int_type": "an integer", "int_from_float": "an integer", "float_type": "a number",
+             "bool_type": "true/false", "string_type": "a string"}
+_SIGNS = {"greater_than_equal": ("ge", "≥"), "greater_than": ("gt", ">"),
+          "less_than_equal": ("le", "≤"), "less_than": ("lt", "<")}
+
+
+def _problem(err: ErrorDetails, info: Any, name: str) -> str:
+    kind, ctx, value = err["type"], err.get("ctx", {}), err["input"]
+    annotation = info.annotation if info is not None else None
+    alternatives = _alternatives(annotation)
+    if kind in _EXPECTED:
+        return f"expected {_EXPECTED[kind]}{alternatives}, got {value!r}"
+    if kind in ("dataclass_type", "dict_type"):
+        return f"expected a mapping, got {type(value).__name__}"
+    if kind in ("tuple_type", "list_type"):
+        return f"expected a list, got {type(value).__name__} {value!r}"
+    if kind == "literal_error":
+        return f"{value!r} is not one of {_literal_values(annotation)}{alternatives}"
+    if kind in _SIGNS:
+        return _out_of_range(kind, ctx, info.metadata if info is not None else [], alternatives)
+    if kind == "too_short":
+        return f"must name at least one {name.removesuffix('s')}"
+    if kind == "string_pattern_mismatch":
+        return "must not be empty"
+    if kind == "value_error":
+        return str(ctx["error"])
+    return err["msg"]
+
+
+def _out_of_range(kind: str, ctx: dict[str, Any], metadata: list[Any], alternatives: str) -> str:
+    """`must be ≥ 1`, or `must be in [1, 100]` for a field bounded on both sides."""
+    bounds = {type(m).__name__.lower(): getattr(m, type(m).__name__.lower()) for m in metadata
+              if type(m).__name__ in ("Ge", "Gt", "Le", "Lt")}
+    if len(bounds) == 2:
+        low, high = ("ge" in bounds, "le" in bounds)
+        lo, hi = bounds.get("ge", bounds.get("gt")), bounds.get("le", bounds.get("lt"))
+        return f"must be in {'[' if low else '('}{_number(lo)}, {_number(hi)}{']' if high else ')'}"
+    attr, sign = _SIGNS[kind]
+    return f"must be {sign} {_number(ctx[attr])}{alternatives}"
+
+
+def _number(v: float) -> str:
+    if isinstance(v, int) and v > 2**32 and v & (v - 1) == 0:
+        return f"2^{v.bit_length() - 1}"          # the seed's bound, as the docs write it
+    return f"{v:g}"
+
+
+def _literal_values(annotation: Any) -> list[Any]:
+    if typing.get_origin(annotation) is Literal:
+        return list(typing.get_args(annotation))
+    return [v for arg in typing.get_args(annotation) for v in _literal_values(arg)]
+
+
+def _alternatives(annotation: Any) -> str:
+    """` or null` for a nullable field, ` or auto` for a number that may also be auto."""
+    if typing.get_origin(annotation) not in (Union, types.UnionType):
+        return ""
+    args = typing.get_args(annotation)
+    words = [str(v) for a in args if typing.get_origin(a) is Literal for v in typing.get_args(a)]
+    if all(typing.get_origin(a) is Literal or a is type(None) for a in args):
+        words = []                                 # the literals are the field's values, not alternatives
+    return "".join(f" or {w}" for w in words + (["null"] if type(None) in args else []))
+
+
+def _unknown_key(key: str, name: str, section: type) -> str:
+    allowed = list(_fields(section))
+    close = difflib.get_close_matches(name, allowed, n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return f"unknown key {key}{hint} (allowed: {', '.join(allowed)})"
+
+
+def _check_across_fields(cfg: Config) -> None:
+    """What no single field's type or bound says."""
     def need(ok: bool, key: str, msg: str) -> None:
         if not ok:
             raise ConfigError(f"{key}: {msg}")
 
     if cfg.classifier is None and cfg.corpus is None:
         raise ConfigError("missing required key classifier")
-    need(bool(cfg.job.name.strip()), "job.name", "must not be empty")
-    need(bool(cfg.job.output.strip()), "job.output", "must not be empty")
-    need(0 <= cfg.job.seed < 2**63, "job.seed", "must be in [0, 2^63)")
-    need(len(cfg.job.stages) > 0, "job.stages", "must name at least one stage")
-    stages = stage_table.job_stages()
-    for i, s in enumerate(cfg.job.stages):
-        need(s in stages, f"job.stages[{i}]", f"{s!r} is not one of {list(stages)}")
-    need(len(cfg.data.shards) > 0, "data.shards", "must name at least one shard")
-    need(cfg.data.batch_size >= 1, "data.batch_size", "must be ≥ 1")
-    if cfg.data.max_samples_per_shard is not None:
-        need(cfg.data.max_samples_per_shard >= 1, "data.max_samples_per_shard", "must be ≥ 1")
-    for i, a in enumerate(cfg.attacks):
-        need(a.gradient in GRADIENT_REQUESTS, f"attacks[{i}].gradient",
-             f"{a.gradient!r} is not one of {list(GRADIENT_REQUESTS)}")
-        need(a.eot >= 1, f"attacks[{i}].eot", "must be ≥ 1")
-    need(cfg.evaluation.runs >= 1, "evaluation.runs", "must be ≥ 1")
-    need(cfg.evaluation.max_rows >= 1, "evaluation.max_rows", "must be ≥ 1")
-    ev = cfg.evaluation
-    need(ev.confirm_draws is None or ev.confirm_draws >= 1, "evaluation.confirm_draws", "must be ≥ 1 or null")
-    need(ev.eot_probe >= 0, "evaluation.eot_probe", "must be ≥ 0")
     c = cfg.cluster
-    need(c.num_workers == "auto" or c.num_workers >= 1, "cluster.num_workers", "must be ≥ 1 or auto")
-    need(c.workers_per_gpu >= 1, "cluster.workers_per_gpu", "must be ≥ 1")
     need(c.workers_per_gpu == 1 or c.gpus_per_worker in ("auto", 1.0), "cluster.workers_per_gpu",
          "k > 1 shares one GPU among k workers: needs gpus_per_worker auto or 1")
-    need(c.actor_start_timeout_s > 0, "cluster.actor_start_timeout_s", "must be > 0")
-    need(c.lease_heartbeat_s > 0, "cluster.lease_heartbeat_s", "must be > 0")
     need(c.lease_timeout_s >= 3 * c.lease_heartbeat_s, "cluster.lease_timeout_s",
          "must be ≥ 3 × cluster.lease_heartbeat_s (a live driver must renew well before it expires)")
-    need(c.cpus_per_worker > 0, "cluster.cpus_per_worker", "must be > 0")
-    need(c.gpus_per_worker == "auto" or c.gpus_per_worker >= 0, "cluster.gpus_per_worker", "must be ≥ 0 or auto")
-    need(c.max_attempts >= 1, "cluster.max_attempts", "must be ≥ 1")
-    need(c.shard_timeout_s > 0, "cluster.shard_timeout_s", "must be > 0")
-    need(c.max_actor_failures >= 1, "cluster.max_actor_failures", "must be ≥ 1")
-    for i, f in enumerate(cfg.faults):
-        need(f.times >= 1, f"faults[{i}].times", "must be ≥ 1")
     _check_local_executor(cfg, need)
     if cfg.corpus is not None:
-        _check_corpus(cfg.corpus, need)
+        need(not cfg.corpus.crop or cfg.corpus.resize is not None, "corpus.crop", "needs corpus.resize")
+        # the purified centre could not cover the whole input: its border would stay unpurified
+        need(not (cfg.corpus.crop and cfg.corpus.restore_size), "corpus.restore_size",
+             "cannot be combined with corpus.crop")
 
 
 def _check_local_executor(cfg: Config, need) -> None:
@@ -348,17 +435,6 @@ def _check_local_executor(cfg: Config, need) -> None:
     for i, f in enumerate(cfg.faults):
         need(f.mode == "raise", f"faults[{i}].mode",
              f"{f.mode} would end or hang the driver itself under cluster.executor local (use executor ray)")
-
-
-def _check_corpus(c: CorpusConfig, need) -> None:
-    need(c.resize is None or c.resize >= 1, "corpus.resize", "must be ≥ 1 or null")
-    need(not c.crop or c.resize is not None, "corpus.crop", "needs corpus.resize")
-    # the purified centre could not cover the whole input: its border would stay unpurified
-    need(not (c.crop and c.restore_size), "corpus.restore_size", "cannot be combined with corpus.crop")
-    need(1 <= c.jpeg_quality <= 100, "corpus.jpeg_quality", "must be in [1, 100]")
-    need(c.channels in (None, 1, 3), "corpus.channels", "must be 1, 3 or null")
-    need(c.max_pixels >= 1, "corpus.max_pixels", "must be ≥ 1")
-    need(c.max_batch_pixels >= 1, "corpus.max_batch_pixels", "must be ≥ 1")
 
 
 def is_file_param(name: str) -> bool:
@@ -508,10 +584,8 @@ def _expand_presets(data: dict[str, Any]) -> dict[str, Any]:
 
 def from_dict(data: dict[str, Any], source: str = "<dict>", check_components: bool = True) -> Config:
     try:
-        data = _expand_presets(data)
-        cfg = _build(Config, data, "")
-        cfg = dataclasses.replace(cfg, source=source)
-        _check_ranges(cfg)
+        cfg = dataclasses.replace(_parse(_expand_presets(data)), source=source)
+        _check_across_fields(cfg)
         if check_components:
             _check_components(cfg)
         cfg = _resolve_params(cfg)
