@@ -21,7 +21,7 @@ import typing
 from dataclasses import field
 from fractions import Fraction
 from pathlib import Path
-from typing import Annotated, Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Union
 
 import pydantic
 import yaml
@@ -111,9 +111,9 @@ class DataConfig:
     """The input: WebDataset shards (advpure make-shards)."""
     # shard paths or brace patterns (shard-{000000..000009}.tar), local, s3:// or https://
     shards: Annotated[tuple[str, ...], OneOrMore, BeforeValidator(_one_or_many)]
-    index: Optional[str] = None     # the shards' index.json (null: next to the shards)
+    index: str | None = None     # the shards' index.json (null: next to the shards)
     batch_size: Positive = 128      # samples per batch (memory and speed; noise is keyed per sample)
-    max_samples_per_shard: Optional[Positive] = None   # a quick job on the first samples of each shard (null: all)
+    max_samples_per_shard: Positive | None = None   # a quick job on the first samples of each shard (null: all)
 
 
 @dataclass(frozen=True, config=STRICT)
@@ -145,13 +145,13 @@ class EvaluationConfig:
     # same (norm, ε) failed to break; broken samples carry their breaking row forward
     cascade: bool = False
     # rows (samples × runs) per purifier/classifier call: memory only (auto: sized to the device)
-    max_rows: Union[Positive, Literal["auto"]] = 4096
+    max_rows: Positive | Literal["auto"] = 4096
     device: Literal["auto", "cpu", "cuda"] = "auto"   # auto: cuda when the worker has a GPU
     # how the R runs decide a prediction (robust = no confirmed break and this prediction right)
     decision: Literal[DECISIONS] = DEFAULT_DECISION
     # fresh draws of the real defense that confirm a break on a stochastic defense
     # (null: the attack's recheck_draws if set, else R); see docs/attacks.md
-    confirm_draws: Optional[Positive] = None
+    confirm_draws: Positive | None = None
     # samples of each shard's first batch on which every attack is re-run with 2×EOT: a check
     # flags an attack whose robust accuracy drops by more than 2 points (0 = off)
     eot_probe: NonNegative = 0
@@ -168,15 +168,15 @@ class EvaluationConfig:
 @dataclass(frozen=True, config=STRICT)
 class ClusterConfig:
     """Where and how wide the job runs (docs/storage_and_cluster.md)."""
-    address: Optional[str] = None   # Ray address (null: RAY_ADDRESS, else a local cluster)
+    address: str | None = None   # Ray address (null: RAY_ADDRESS, else a local cluster)
     # local: one worker in the driver's process, no Ray (small jobs); ray: worker actors;
     # auto: local when no cluster is named and num_workers is 1, else ray (the log says which)
     executor: Literal["auto", "local", "ray"] = "auto"
     # actors wanted; auto: as many as the cluster's nodes can host (grows when nodes join)
-    num_workers: Union[Positive, Literal["auto"]] = 1
+    num_workers: Positive | Literal["auto"] = 1
     cpus_per_worker: PositiveNumber = 1.0    # CPUs reserved per worker actor (reading and decoding shards)
     # auto: 1 if the cluster has GPUs, else 0
-    gpus_per_worker: Union[NonNegativeNumber, Literal["auto"]] = "auto"
+    gpus_per_worker: NonNegativeNumber | Literal["auto"] = "auto"
     # k > 1: k actors share each GPU (fractional GPUs 1/k) for models that are small
     workers_per_gpu: Positive = 1
     max_attempts: Positive = 3      # tries per shard before it is reported failed
@@ -205,14 +205,14 @@ class FaultConfig:
 @dataclass(frozen=True, config=STRICT)
 class CorpusConfig:
     """The offline corpus job (`advpure purify`, docs/corpus.md): size policy and encoding."""
-    resize: Optional[Positive] = None   # side of the square the purifier works at (null: native size)
+    resize: Positive | None = None   # side of the square the purifier works at (null: native size)
     crop: bool = False              # centre-crop to resize×resize (shorter side scaled) instead of stretching
     restore_size: bool = False      # map the purified image back to the input's size
     interpolation: Literal["bicubic", "bilinear", "nearest"] = "bicubic"   # resampling (bicubic, bilinear antialiased)
     # JPEG and lossy WebP outputs; PNG and lossless WebP stay lossless
     jpeg_quality: Annotated[int, Field(ge=1, le=100)] = 95
     # the purifier's input channels (null: from its first convolution)
-    channels: Annotated[Optional[Literal[1, 3]], BeforeValidator(_not_bool)] = None
+    channels: Annotated[Literal[1, 3] | None, BeforeValidator(_not_bool)] = None
     max_pixels: Positive = 4096 * 4096   # larger images become too_large rows, never decoded
     max_batch_pixels: Positive = 2**22   # purifier-input pixels per batch (memory only, not results)
     metrics: bool = True            # PSNR / SSIM between input and written output
@@ -223,13 +223,13 @@ class Config:
     job: JobConfig
     data: DataConfig
     # required for evaluation jobs; optional for a corpus job (a corpus may have no labels)
-    classifier: Optional[ModelConfig] = None
+    classifier: ModelConfig | None = None
     purifier: ModelConfig = ModelConfig("none")
     attacks: tuple[AttackConfig, ...] = ()
     evaluation: EvaluationConfig = EvaluationConfig()
     cluster: ClusterConfig = ClusterConfig()
     faults: tuple[FaultConfig, ...] = ()
-    corpus: Optional[CorpusConfig] = None   # set only by corpus jobs
+    corpus: CorpusConfig | None = None   # set only by corpus jobs
     source: str = field(default="<dict>", compare=False)
 
     def to_dict(self) -> dict[str, Any]:
@@ -307,27 +307,12 @@ def _locate(loc: tuple[int | str, ...]) -> tuple[str, type | None, str]:
             continue
         if section is None:               # inside a field: the rest tags a union member
             break
-        key = f"{key}.{part}" if key else part
-        owner, name = section, part
+        key, owner, name = f"{key}.{part}" if key else part, section, part
         info = _fields(section).get(part)
-        section = _section_in(info.annotation) if info is not None else None
         if info is None:                  # an unknown key
             break
+        section = _section_in(info.annotation)
     return key, owner, name
-
-
-def _message(errors: list[ErrorDetails]) -> str:
-    """pydantic's first error, worded as this loader words it (`key: what is wrong`). A union
-    (`int ≥ 1 or auto`) fails once per member: its bound or value error says most."""
-    key, owner, name = _locate(errors[0]["loc"])
-    err = min((e for e in errors if _locate(e["loc"])[0] == key), key=lambda e: e["type"] == "literal_error")
-    kind = err["type"]
-    if kind in ("missing", "missing_argument"):
-        return f"missing required key {key}"
-    if kind in ("unexpected_keyword_argument", "extra_forbidden"):
-        return _unknown_key(key, name, owner)
-    info = _fields(owner).get(name) if owner is not None else None
-    return f"{key or 'top level'}: {_problem(err, info, name)}"
 
 
 _EXPECTED = {"int_type": "an integer", "int_from_float": "an integer", "float_type": "a number",
@@ -336,39 +321,49 @@ _SIGNS = {"greater_than_equal": ("ge", "≥"), "greater_than": ("gt", ">"),
           "less_than_equal": ("le", "≤"), "less_than": ("lt", "<")}
 
 
-def _problem(err: ErrorDetails, info: Any, name: str) -> str:
+def _message(errors: list[ErrorDetails]) -> str:
+    """pydantic's first error, worded as this loader words it: `key: what is wrong`. A union
+    (`int ≥ 1 or auto`) fails once per member: its bound or value error says most."""
+    key, section, name = _locate(errors[0]["loc"])
+    err = min((e for e in errors if _locate(e["loc"])[0] == key), key=lambda e: e["type"] == "literal_error")
     kind, ctx, value = err["type"], err.get("ctx", {}), err["input"]
-    annotation = info.annotation if info is not None else None
-    alternatives = _alternatives(annotation)
+    if kind == "missing":
+        return f"missing required key {key}"
+    if kind == "unexpected_keyword_argument":
+        return _unknown_key(key, name, section)
+    info = _fields(section).get(name) if section is not None else None
+    values, alternatives = _choices(info.annotation if info is not None else None)
     if kind in _EXPECTED:
-        return f"expected {_EXPECTED[kind]}{alternatives}, got {value!r}"
-    if kind in ("dataclass_type", "dict_type"):
-        return f"expected a mapping, got {type(value).__name__}"
-    if kind in ("tuple_type", "list_type"):
-        return f"expected a list, got {type(value).__name__} {value!r}"
-    if kind == "literal_error":
-        return f"{value!r} is not one of {_literal_values(annotation)}{alternatives}"
-    if kind in _SIGNS:
-        return _out_of_range(kind, ctx, info.metadata if info is not None else [], alternatives)
-    if kind == "too_short":
-        return f"must name at least one {name.removesuffix('s')}"
-    if kind == "string_pattern_mismatch":
-        return "must not be empty"
-    if kind == "value_error":
-        return str(ctx["error"])
-    return err["msg"]
+        problem = f"expected {_EXPECTED[kind]}{alternatives}, got {value!r}"
+    elif kind in ("dataclass_type", "dict_type"):
+        problem = f"expected a mapping, got {type(value).__name__}"
+    elif kind == "tuple_type":
+        problem = f"expected a list, got {type(value).__name__} {value!r}"
+    elif kind == "literal_error":
+        problem = f"{value!r} is not one of {values}{alternatives}"
+    elif kind in _SIGNS:
+        attr, sign = _SIGNS[kind]
+        interval = _interval(info.metadata) if info is not None else None
+        problem = f"must be in {interval}" if interval else f"must be {sign} {_number(ctx[attr])}{alternatives}"
+    elif kind == "too_short":
+        problem = f"must name at least one {name.removesuffix('s')}"
+    elif kind == "string_pattern_mismatch":     # NonBlank's pattern
+        problem = "must not be empty"
+    elif kind == "value_error":
+        problem = str(ctx["error"])
+    else:
+        problem = err["msg"]
+    return f"{key or 'top level'}: {problem}"
 
 
-def _out_of_range(kind: str, ctx: dict[str, Any], metadata: list[Any], alternatives: str) -> str:
-    """`must be ≥ 1`, or `must be in [1, 100]` for a field bounded on both sides."""
-    bounds = {type(m).__name__.lower(): getattr(m, type(m).__name__.lower()) for m in metadata
-              if type(m).__name__ in ("Ge", "Gt", "Le", "Lt")}
-    if len(bounds) == 2:
-        low, high = ("ge" in bounds, "le" in bounds)
-        lo, hi = bounds.get("ge", bounds.get("gt")), bounds.get("le", bounds.get("lt"))
-        return f"must be in {'[' if low else '('}{_number(lo)}, {_number(hi)}{']' if high else ')'}"
-    attr, sign = _SIGNS[kind]
-    return f"must be {sign} {_number(ctx[attr])}{alternatives}"
+def _interval(metadata: list[Any]) -> str | None:
+    """`[1, 100]` or `[0, 2^63)` for a field bounded on both sides (annotated_types bounds)."""
+    b = {type(m).__name__.lower(): getattr(m, type(m).__name__.lower()) for m in metadata
+         if type(m).__name__ in ("Ge", "Gt", "Le", "Lt")}
+    if len(b) < 2:
+        return None
+    low = f"[{_number(b['ge'])}" if "ge" in b else f"({_number(b['gt'])}"
+    return f"{low}, {_number(b['le'])}]" if "le" in b else f"{low}, {_number(b['lt'])})"
 
 
 def _number(v: float) -> str:
@@ -377,21 +372,13 @@ def _number(v: float) -> str:
     return f"{v:g}"
 
 
-def _literal_values(annotation: Any) -> list[Any]:
-    if typing.get_origin(annotation) is Literal:
-        return list(typing.get_args(annotation))
-    return [v for arg in typing.get_args(annotation) for v in _literal_values(arg)]
-
-
-def _alternatives(annotation: Any) -> str:
-    """` or null` for a nullable field, ` or auto` for a number that may also be auto."""
-    if typing.get_origin(annotation) not in (Union, types.UnionType):
-        return ""
-    args = typing.get_args(annotation)
-    words = [str(v) for a in args if typing.get_origin(a) is Literal for v in typing.get_args(a)]
-    if all(typing.get_origin(a) is Literal or a is type(None) for a in args):
-        words = []                                 # the literals are the field's values, not alternatives
-    return "".join(f" or {w}" for w in words + (["null"] if type(None) in args else []))
+def _choices(annotation: Any) -> tuple[list[Any], str]:
+    """A field's Literal values, and what a number may also be: ` or auto`, ` or null`."""
+    args = typing.get_args(annotation) if typing.get_origin(annotation) in (Union, types.UnionType) else (annotation,)
+    values = [v for a in args if typing.get_origin(a) is Literal for v in typing.get_args(a)]
+    numeric = any(typing.get_origin(a) is not Literal and a is not type(None) for a in args)
+    words = [str(v) for v in values] if numeric else []
+    return values, "".join(f" or {w}" for w in words + (["null"] if type(None) in args else []))
 
 
 def _unknown_key(key: str, name: str, section: type) -> str:
