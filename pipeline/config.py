@@ -111,7 +111,7 @@ class DataConfig:
     """The input: WebDataset shards (advpure make-shards)."""
     # shard paths or brace patterns (shard-{000000..000009}.tar), local, s3:// or https://
     shards: Annotated[tuple[str, ...], OneOrMore, BeforeValidator(_one_or_many)]
-    index: str | None = None     # the shards' index.json (null: next to the shards)
+    index: str | None = None        # the shards' index.json (null: next to the shards)
     batch_size: Positive = 128      # samples per batch (memory and speed; noise is keyed per sample)
     max_samples_per_shard: Positive | None = None   # a quick job on the first samples of each shard (null: all)
 
@@ -168,7 +168,7 @@ class EvaluationConfig:
 @dataclass(frozen=True, config=STRICT)
 class ClusterConfig:
     """Where and how wide the job runs (docs/storage_and_cluster.md)."""
-    address: str | None = None   # Ray address (null: RAY_ADDRESS, else a local cluster)
+    address: str | None = None      # Ray address (null: RAY_ADDRESS, else a local cluster)
     # local: one worker in the driver's process, no Ray (small jobs); ray: worker actors;
     # auto: local when no cluster is named and num_workers is 1, else ray (the log says which)
     executor: Literal["auto", "local", "ray"] = "auto"
@@ -279,7 +279,7 @@ def _parse(data: dict[str, Any]) -> Config:
     try:
         # JSON mode: strict about every value, while a mapping fills a section and a list a
         # tuple as in the YAML file (strict Python mode wants the dataclasses themselves).
-        # Values JSON has no type for (YAML dates) are read as their text.
+        # A value JSON has no type for (a YAML date: output: 2024-01-01) is read as its str().
         return _CONFIG.validate_json(json.dumps(data, default=str))
     except pydantic.ValidationError as err:
         raise ConfigError(_message(err.errors())) from None
