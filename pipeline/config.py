@@ -276,13 +276,25 @@ def _parse(data: dict[str, Any]) -> Config:
     """`data` as a Config, or the first problem as a ConfigError naming its key."""
     if "source" in data:                      # a field the loader sets, not a key of the file
         raise ConfigError(_unknown_key("source", "source", Config))
+    _json_values(data, "")
     try:
         # JSON mode: strict about every value, while a mapping fills a section and a list a
-        # tuple as in the YAML file (strict Python mode wants the dataclasses themselves).
-        # A value JSON has no type for (a YAML date: output: 2024-01-01) is read as its str().
-        return _CONFIG.validate_json(json.dumps(data, default=str))
+        # tuple as in the YAML file (strict Python mode wants the dataclasses themselves)
+        return _CONFIG.validate_json(json.dumps(data))
     except pydantic.ValidationError as err:
         raise ConfigError(_message(err.errors())) from None
+
+
+def _json_values(node: Any, key: str) -> None:
+    """Refuse, at its key, a value JSON has no type for (a YAML date: output: 2024-01-01)."""
+    if isinstance(node, dict):
+        for k, v in node.items():
+            _json_values(v, f"{key}.{k}" if key else str(k))
+    elif isinstance(node, (list, tuple)):
+        for i, v in enumerate(node):
+            _json_values(v, f"{key}[{i}]")
+    elif not isinstance(node, (str, int, float, type(None))):
+        raise ConfigError(f"{key}: expected a string, number, true/false or null, got {node!r} (quote it for text)")
 
 
 def _fields(cls: type) -> dict[str, Any]:
