@@ -34,7 +34,7 @@ class WorkerKind:
             raise ValueError(f"worker class {self.ref!r} cannot be loaded: {err}") from err
 
 
-SHARD_WORKER = WorkerKind("pipeline.run.worker:ShardWorker", prefetch=True)
+SHARD_WORKER = WorkerKind("pipeline.run.worker:ShardWorker", prefetch=True)   # the evaluation job's
 
 
 class ActorHost:

@@ -3,11 +3,11 @@ schedules the rest, retries failures, quarantines what keeps failing. It never t
 tensors, and never imports torch (the workers are named, `actor_host.WorkerKind`). The job
 around the stages (lease, checks, manifest) is `job_runner`'s.
 
-One stage = resume (`pending_shards`) → the job's `ActorPool` (started with the first stage
-that has work, kept across stages; or, with `cluster.executor: local`, a `LocalPool` that
-runs one worker in this process) that starts, replaces and expires actors → a loop over
-`ray.wait` that hands out shards, each with the next one reserved to the same actor so it
-prefetches it, and applies `retry_or_quarantine`.
+One stage = resume (`pending_shards`) → the job's `ActorPool` (started before the first stage
+for the data check, `check_data_on_a_worker`, and kept across stages; or, with
+`cluster.executor: local`, a `LocalPool` that runs one worker in this process) that starts,
+replaces and expires actors → a loop over `ray.wait` that hands out shards, each with the
+next one reserved to the same actor so it prefetches it, and applies `retry_or_quarantine`.
 Scheduling is an explicit queue (not Ray's ActorPool, which loses track of failed work);
 actors run with max_restarts=0 and max_task_retries=0: every retry is decided here.
 """

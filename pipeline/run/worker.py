@@ -49,9 +49,6 @@ class ShardWorker(WorkerBase):
     """The evaluation job's worker (WorkerBase: config, process set-up, ready info), tested
     and run in-process as it is; an actor holds one (`actor_host`)."""
 
-    # process() takes `prefetch`: the driver may name the next shard it will send
-    PREFETCH = True
-
     def __init__(self, cfg_dict: dict[str, Any], cpus: float = 1.0, stages: Sequence[stage_table.Stage] = ()):
         stage_table.adopt(stages)   # the job's stages registered outside the table (stage_table.added)
         super().__init__(cfg_dict, cpus)

@@ -55,9 +55,6 @@ class WorkerBase:
     executor holds it in the driver's process). A subclass builds its models after
     `super().__init__`, sets `device`, and answers `describe` and `data_check`."""
 
-    # process() takes `prefetch`: the driver may name the next shard it will send
-    PREFETCH = False
-
     device: torch.device = torch.device("cpu")
 
     def __init__(self, cfg_dict: dict[str, Any], cpus: float = 1.0):
