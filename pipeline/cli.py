@@ -497,8 +497,8 @@ def main(argv: list[str] | None = None) -> int:
     _setup_logging(args.verbose)
     handle_sigterm()
     code = _call(args)
-    driver = sys.modules.get("pipeline.run.driver")
-    if driver is not None and driver.cluster_lost():   # Ray's core would hang the exit, then exit 1
+    scheduler = sys.modules.get("pipeline.run.scheduler")
+    if scheduler is not None and scheduler.cluster_lost():   # Ray's core would hang the exit, then exit 1
         import logging
         import os
 

@@ -14,7 +14,7 @@ from PIL import Image
 from pipeline import schema
 from pipeline.config import ConfigError
 from pipeline.corpus import images, job, synth
-from pipeline.corpus.engine import Batcher
+from pipeline.corpus.engine import Batcher, check_resize
 from pipeline.corpus.reader import ShardReader
 from pipeline.corpus.worker import STAGE, CorpusWorker
 from pipeline.io import checkpoints
@@ -325,8 +325,32 @@ def test_a_resize_the_purifier_cannot_take_is_refused_before_work(tmp_path):
         "needs height and width divisible by 4 (it down-samples by 4 and up-samples back); purify at a size it "
         "takes: --resize N (corpus.resize) with N divisible by 4, e.g. --resize 8, the size its checkpoint was "
         "trained on; add --restore-size to write the input's size back")
-    assert not (tmp_path / "out").exists()
-    job.check_resize(job.build_config(url, "o", purifier="dae", params={"checkpoint": ckpt}, corpus={"resize": 28}))
+    # checked on the job's worker, under the job lease: nothing but the released lease is left
+    assert [p.name for p in (tmp_path / "out").rglob("*") if not p.name.startswith(".lease")] == []
+    check_resize(job.build_config(url, "o", purifier="dae", params={"checkpoint": ckpt}, corpus={"resize": 28}))
+
+
+def test_the_corpus_worker_applies_the_host_memory_policy_and_says_where_it_runs(tmp_path, monkeypatch):
+    from pipeline.run import host
+
+    calls = []
+    monkeypatch.setattr(host, "keep_freed_memory", lambda: calls.append("keep freed memory") or True)
+    monkeypatch.setattr(host.torch, "set_num_threads", lambda n: calls.append(("threads", n)))
+    cfg = job.build_config("unused.tar", str(tmp_path / "out"), purifier="none")
+    w = CorpusWorker(cfg.to_dict(), cpus=4)
+    assert calls == [("threads", 2), "keep freed memory"] and w.encode_threads == 2   # half the CPUs encode
+    info = w.ready()
+    assert info["device"] == "cpu" and info["node_id"] is None, info   # no Ray in this process
+    assert {"host", "pid", "gpu_ids", "flags", "channels"} <= set(info)
+
+
+def test_the_corpus_workers_data_check_names_the_users_file(tmp_path):
+    url = _shard(tmp_path, _good_members(2))
+    ckpt = _dae(tmp_path, 1, {checkpoints.INPUT_SHAPE: [1, 8, 8]})
+    w = _worker(tmp_path, purifier="dae", params={"checkpoint": ckpt}, resize=30)
+    problem = w.check_data(url, "job.yaml")
+    assert problem.startswith("job.yaml: corpus.resize 30: the purifier's small_dae network"), problem
+    assert _worker(tmp_path, purifier="dae", params={"checkpoint": ckpt}, resize=8).check_data(url, "job.yaml") is None
 
 
 def test_end_of_run_lines_name_the_dropped_keys_and_why(tmp_path):

@@ -1,5 +1,5 @@
 """What identifies an output's job: its config hash and its data (shard names and checksums).
-No Ray: `driver.check_job_state` against outputs whose commits are written directly."""
+No Ray: `job_runner.check_job_state` against outputs whose commits are written directly."""
 from __future__ import annotations
 
 import json
@@ -11,7 +11,7 @@ import pytest
 from pipeline import config
 from pipeline.config import ConfigError
 from pipeline.io.make_shards import make_shards
-from pipeline.run import commit, data_identity, driver
+from pipeline.run import commit, data_identity, driver, job_runner
 from tests.conftest import job_dict
 
 MODELS = {"cnn": "cnn.pt", "dae": "dae.pt"}   # never loaded: components are not checked here
@@ -32,7 +32,7 @@ def _cfg(pattern: str, out: Path, **over) -> config.Config:
 
 def _start(cfg: config.Config) -> list[driver.ShardState]:
     states = driver.plan_shards(cfg)
-    driver.check_job_state(cfg, states)
+    job_runner.check_job_state(cfg, states)
     return states
 
 

@@ -145,3 +145,47 @@ def test_local_and_ray_runs_write_identical_records(shards4, tiny_cnn, tmp_path,
         assert a == b, a["key"]
     markers = commit.committed(str(tmp_path / "ray"), "evaluate").values()
     assert all(m["node_id"] for m in markers)   # the Ray run really ran on actors
+
+
+def test_the_drivers_modules_import_no_torch_and_the_local_executor_imports_it_at_its_worker(shards4, tiny_cnn,
+                                                                                              tmp_path):
+    """The driver never touches a tensor: its modules (evaluation and corpus jobs, the runner,
+    the scheduler, the CLI) import no torch; the local executor imports the worker's class,
+    and torch with it, only when it starts its worker."""
+    import pickle
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    # built here: building a Config checks its components against the registries, which import them
+    (tmp_path / "cfg.pkl").write_bytes(pickle.dumps(_cfg(shards4, tiny_cnn, tmp_path / "out", executor="local")))
+    code = ("import pickle, sys\n"
+            "import pipeline.cli, pipeline.corpus.job, pipeline.run.driver, pipeline.run.job_runner\n"
+            "from pipeline.run import actor_host, local_pool, scheduler\n"
+            "assert 'torch' not in sys.modules, 'importing the driver imported torch'\n"
+            f"cfg = pickle.loads(open({str(tmp_path / 'cfg.pkl')!r}, 'rb').read())\n"
+            "pool = scheduler.make_pool(cfg, actor_host.SHARD_WORKER)\n"
+            "assert isinstance(pool, local_pool.LocalPool) and 'torch' not in sys.modules\n"
+            "pool.start(1)\n"
+            "assert [c.error for c in pool.starting] == [None]\n"
+            "assert 'torch' in sys.modules and 'ray' not in sys.modules\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+
+
+def test_a_data_check_that_fails_ends_the_job_before_any_stage_work(shards4, tiny_cnn, tmp_path):
+    """The pre-work data check (evaluation.preflight) runs on the job's worker — here in this
+    process — and its ConfigError (exit 2 from the CLI) comes before the job state and any shard."""
+    from pipeline.io import shards
+
+    w = shards.ShardWriter(str(tmp_path / "big"), samples_per_shard=2)
+    for i in range(2):
+        w.write(f"img-{i}", torch.zeros(28, 28, 1, dtype=torch.uint8).numpy(), i)
+    w.close()
+    job = _job(w.pattern(), tiny_cnn, tmp_path / "out", executor="local")
+    with pytest.raises(ConfigError) as err:
+        driver.run(config_mod.from_dict(job, source="job.yaml"))
+    assert str(err.value).startswith("job.yaml: data.shards: the images are 1×28×28 (C×H×W; sample img-0 of "), err
+    assert "classifier (classifier.params.checkpoint" in str(err.value)
+    assert [p.name for p in (tmp_path / "out").rglob("*") if not p.name.startswith(".lease")] == []

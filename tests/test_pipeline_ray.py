@@ -15,7 +15,7 @@ import yaml
 from pipeline import config, report
 from pipeline.config import ConfigError
 from pipeline.io import datasets
-from pipeline.run import commit, driver
+from pipeline.run import commit, driver, scheduler
 from tests.conftest import ROOT, job_dict
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
@@ -210,11 +210,55 @@ def test_truncated_shard_in_a_job_is_quarantined_with_its_name(ray_local, digits
     assert len(_rows(cfg.job.output)) == 240
 
 
+def test_on_ray_the_drivers_process_never_imports_torch(digits_shards, digits_models, tmp_path):
+    """The job's whole life in the driver's process — lease, the data check (run on the first
+    actor: a wrong image size is the ConfigError `advpure run` exits 2 with, before any stage
+    work), job state, stages, manifest — imports no torch. The Config is built here and
+    unpickled there: building one checks the components against the registries, which
+    import them (config.py's part, not the driver's)."""
+    import pickle
+
+    import numpy as np
+
+    from pipeline.io import shards
+
+    w = shards.ShardWriter(str(tmp_path / "big"), samples_per_shard=2)
+    for i in range(2):
+        w.write(f"img-{i}", np.zeros((28, 28, 1), dtype=np.uint8), i)
+    w.close()
+    good = _cfg(digits_shards, digits_models, tmp_path / "good", attacks=[],
+                cluster={"num_workers": 1, "executor": "ray", "cpus_per_worker": 1})
+    bad = config.from_dict(job_dict(w.pattern(), digits_models, str(tmp_path / "bad" / "out"), attacks=[],
+                                    cluster={"num_workers": 1, "executor": "ray"}), "bad.yaml")
+    (tmp_path / "cfgs.pkl").write_bytes(pickle.dumps((good, bad)))
+    code = ("import pickle, sys\n"
+            "import ray\n"
+            "from pipeline.config import ConfigError\n"
+            "from pipeline.run import driver\n"
+            "ray.init(address='local', num_cpus=2, include_dashboard=False, logging_level='ERROR')\n"
+            f"good, bad = pickle.loads(open({str(tmp_path / 'cfgs.pkl')!r}, 'rb').read())\n"
+            "try:\n"
+            "    driver.run(bad)\n"
+            "    raise SystemExit('the data check let 28x28 images through')\n"
+            "except ConfigError as err:\n"
+            "    print('REFUSED', err)\n"
+            "code, manifest = driver.run(good)\n"
+            "assert code == driver.EXIT_OK, manifest\n"
+            "assert 'torch' not in sys.modules, 'the driver imported torch'\n")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_AUTH_MODE": "disabled"}
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=400)
+    assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
+    assert "REFUSED bad.yaml: data.shards: the images are 1×28×28 (C×H×W; sample img-0 of " in out.stdout, out.stdout
+    assert [p.name for p in (tmp_path / "bad" / "out").rglob("*") if not p.name.startswith(".lease")] == []
+    assert len(commit.committed(good.job.output, "evaluate")) == 4
+
+
 def test_sizer_grows_with_the_cluster(digits_shards, digits_models, tmp_path, monkeypatch):
     cfg = _cfg(digits_shards, digits_models, tmp_path, cluster={"num_workers": "auto", "cpus_per_worker": 1})
-    views = iter([driver.ClusterView([{"CPU": 1}], []), driver.ClusterView([{"CPU": 1}, {"CPU": 4}], [])])
-    monkeypatch.setattr(driver, "cluster_view", lambda: next(views))
-    sizer = driver._Sizer(cfg, {"CPU": 1, "GPU": 0})
+    views = iter([scheduler.ClusterView([{"CPU": 1}], []), scheduler.ClusterView([{"CPU": 1}, {"CPU": 4}], [])])
+    monkeypatch.setattr(scheduler, "cluster_view", lambda: next(views))
+    sizer = scheduler._Sizer(cfg, {"CPU": 1, "GPU": 0})
     assert sizer.want(10) == 1
     sizer._read = -1e9                                       # the next refresh: a 4-CPU node joined
     assert sizer.want(10) == 5 and sizer.want(3) == 3 and sizer.want(0) == 0
@@ -251,7 +295,7 @@ def test_actors_are_placed_per_gpu_and_records_say_where(ray_fake_gpus, digits_s
     cfg = _cfg(digits_shards, digits_models, tmp_path, attacks=[], data={"shards": digits_shards["pattern"],
                "max_samples_per_shard": 30}, cluster={"num_workers": "auto", "workers_per_gpu": 2,
                                                       "cpus_per_worker": 0.5})
-    assert driver.worker_resources(cfg) == {"CPU": 0.5, "GPU": 0.5}
+    assert scheduler.worker_resources(cfg) == {"CPU": 0.5, "GPU": 0.5}
     code, manifest = driver.run(cfg)
     assert code == driver.EXIT_OK
     workers = manifest["stages"]["evaluate"]["workers"]
@@ -262,7 +306,7 @@ def test_actors_are_placed_per_gpu_and_records_say_where(ray_fake_gpus, digits_s
     assert {m["pid"] for m in markers} <= {w["pid"] for w in workers}
     # k = 1: one actor per GPU, each with its own CUDA_VISIBLE_DEVICES
     one = _cfg(digits_shards, digits_models, tmp_path / "one", cluster={"workers_per_gpu": 1})
-    pool = driver.ActorPool(one)
+    pool = scheduler.ActorPool(one)
     assert pool.req == {"CPU": 1.0, "GPU": 1.0}
     pool.start(2)
     try:

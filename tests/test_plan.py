@@ -157,7 +157,7 @@ def test_marker_carries_the_shards_model_evaluations(digits_shards, digits_model
 
 
 def test_progress_shows_evaluations_per_second():
-    from pipeline.run.driver import _Progress
+    from pipeline.run.scheduler import _Progress
 
     prog = _Progress(10, "evaluate")
     try:

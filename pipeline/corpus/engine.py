@@ -22,11 +22,13 @@ import torch
 from torch import nn
 
 from pipeline import config as config_mod
-from pipeline.config import Config
+from pipeline.config import Config, ConfigError
+from pipeline.evaluation import preflight
 from pipeline.evaluation.decision import decide
 from pipeline.evaluation.defense import Defense
 from pipeline.evaluation.protocol import pick_device
 from pipeline.io import checkpoints, storage
+from pipeline.purifiers import nets
 from pipeline.purifiers.nets import InputSizeError
 from pipeline.registry import CLASSIFIERS, PURIFIERS
 from pipeline.seeding import Noise
@@ -184,6 +186,26 @@ def size_hint(err: InputSizeError, trained: tuple[int, int, int] | None, given: 
     now = f"corpus.resize {given} does not fit it; " if given is not None and not err.fits(given) else ""
     return (f"{now}purify at a size it takes: --resize N (corpus.resize) with {need}, e.g. --resize {example}"
             f"{why}; add --restore-size to write the input's size back")
+
+
+def check_resize(cfg: Config) -> None:
+    """corpus.resize must be a size the purifier's networks take (known from the arch our
+    checkpoints record): refused before any work rather than found out sample by sample."""
+    side = cfg.corpus.resize if cfg.corpus is not None else None
+    for role, key, url in preflight.model_files(cfg) if side is not None else []:
+        raw = checkpoints.load_raw(url) if role == "purifier" else None
+        if not (isinstance(raw, dict) and "arch" in raw):
+            continue   # not ours (a published format): the worker names what fails
+        arch, params, meta = raw["arch"], raw.get("arch_params") or {}, raw.get("meta") or {}
+        size = int(params.get("image_size", 32)) if arch == "ebm" else None
+        if arch not in nets.SIDE_MULTIPLE and size is None:
+            continue
+        err = InputSizeError(arch, (side, side), multiple=nets.SIDE_MULTIPLE.get(arch), size=size)
+        if not err.fits(side):
+            shape = meta.get(checkpoints.INPUT_SHAPE)
+            trained = tuple(int(v) for v in shape) if isinstance(shape, (list, tuple)) and len(shape) == 3 else None
+            raise ConfigError(f"{cfg.source}: corpus.resize {side}: the purifier's {arch} network ({key}: {url}) "
+                              f"needs {err.need}; {size_hint(err, trained, None)}")
 
 
 class Batcher:

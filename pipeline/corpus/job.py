@@ -1,9 +1,12 @@
 """The corpus job: `advpure purify SHARDS OUTPUT` as a config, a driver stage, indexes and a manifest.
 
-The job is one stage, `purify_corpus`, run by the evaluation driver (`run_stage` with
-`CorpusWorker` actors) under the same job lease and results protocol: a shard is done iff
+The job is one stage, `purify_corpus`, run on `CorpusWorker`s by the job runner every job
+shares (`pipeline.run.job_runner`: lease, the data check on a worker — here that corpus.resize
+fits the purifier —, job state, manifest) and the same results protocol: a shard is done iff
 its commit marker exists, a re-run skips committed shards, a failing shard is retried and
-then quarantined with its reason. Output layout under OUTPUT:
+then quarantined with its reason. `CorpusJob` adds what is the corpus's own: its plan of
+shards, the clean-up of quarantined shards' outputs, the indexes and the manifest's summary.
+Torch-free, like the driver. Output layout under OUTPUT:
 
   <shard>.tar                 purified shards, the input's names, keys and fields
   index.json                  advpure shard index (names, sample counts, sha256)
@@ -16,20 +19,18 @@ from __future__ import annotations
 
 import json
 import logging
-import time
-from typing import Any
+from typing import Any, Sequence
 
 import yaml
 
 from pipeline import config as config_mod
 from pipeline.config import Config, ConfigError
-from pipeline.corpus import engine
-from pipeline.corpus.worker import EXAMPLE_KEYS, STAGE, CorpusWorker
-from pipeline.evaluation import preflight
-from pipeline.io import checkpoints, shards, storage
-from pipeline.purifiers import nets
-from pipeline.run import commit, data_identity, driver
-from pipeline.run import lease as lease_mod
+from pipeline.corpus import EXAMPLE_KEYS, STAGE
+from pipeline.io import shards, storage
+from pipeline.run import commit, data_identity
+from pipeline.run.actor_host import WorkerKind
+from pipeline.run.job_runner import JobRunner
+from pipeline.run.scheduler import ShardState, StageResult
 
 log = logging.getLogger(__name__)
 
@@ -77,26 +78,6 @@ def build_config(shard_pattern: str, output: str, *, config_path: str | None = N
     return config_mod.from_dict(data, source)
 
 
-def check_resize(cfg: Config) -> None:
-    """corpus.resize must be a size the purifier's networks take (known from the arch our
-    checkpoints record): refused before any work rather than found out sample by sample."""
-    side = cfg.corpus.resize if cfg.corpus is not None else None
-    for role, key, url in preflight.model_files(cfg) if side is not None else []:
-        raw = checkpoints.load_raw(url) if role == "purifier" else None
-        if not (isinstance(raw, dict) and "arch" in raw):
-            continue   # not ours (a published format): the worker names what fails
-        arch, params, meta = raw["arch"], raw.get("arch_params") or {}, raw.get("meta") or {}
-        size = int(params.get("image_size", 32)) if arch == "ebm" else None
-        if arch not in nets.SIDE_MULTIPLE and size is None:
-            continue
-        err = nets.InputSizeError(arch, (side, side), multiple=nets.SIDE_MULTIPLE.get(arch), size=size)
-        if not err.fits(side):
-            shape = meta.get(checkpoints.INPUT_SHAPE)
-            trained = tuple(int(v) for v in shape) if isinstance(shape, (list, tuple)) and len(shape) == 3 else None
-            raise ConfigError(f"{cfg.source}: corpus.resize {side}: the purifier's {arch} network ({key}: {url}) "
-                              f"needs {err.need}; {engine.size_hint(err, trained, None)}")
-
-
 def output_url(cfg: Config, sid: str) -> str:
     return storage.join(cfg.job.output, f"{sid}.tar")
 
@@ -122,7 +103,7 @@ def expected_counts(urls: list[str], index: str | None) -> dict[str, int | None]
     return {u: count(e) for u, e in index_entries(urls, index).items()}
 
 
-def plan(cfg: Config) -> list[driver.ShardState]:
+def plan(cfg: Config) -> list[ShardState]:
     urls = shards.expand(cfg.data.shards)
     missing = [u for u in urls if not storage.exists(u)]
     if missing:
@@ -132,35 +113,40 @@ def plan(cfg: Config) -> list[driver.ShardState]:
     if clash:
         raise ConfigError(f"{cfg.source}: job.output {cfg.job.output} would overwrite input shard {clash[0]}")
     counts = expected_counts(urls, cfg.data.index)
-    return [driver.ShardState(u, sid, counts[u]) for u, sid in zip(urls, sids)]
+    return [ShardState(u, sid, counts[u]) for u, sid in zip(urls, sids)]
 
 
 def run(cfg: Config) -> tuple[int, dict[str, Any]]:
     """Run (or resume) the corpus job; returns (exit code, manifest)."""
     if cfg.corpus is None:
         raise ConfigError(f"{cfg.source}: not a corpus job (no corpus section)")
-    states = plan(cfg)
-    check_resize(cfg)
-    c = cfg.cluster
-    with lease_mod.acquire(cfg.job.output, cfg.job.name, c.lease_timeout_s, c.lease_heartbeat_s) as lease:
-        if lease.took_over:
-            time.sleep(driver.TAKEOVER_GRACE_S)
-        driver.check_job_state(cfg, states, index_entries([s.url for s in states], cfg.data.index))
-        try:
-            result = driver.run_stage(cfg, STAGE, states, worker_cls=CorpusWorker, lease=lease)
-        except (driver.DriverError, lease_mod.LeaseLost) as err:
-            log.error("%s aborted: %s", STAGE, err)
-            result = driver.StageResult(STAGE, {s.sid: s for s in states}, 0.0, aborted=str(err))
-            if isinstance(err, lease_mod.LeaseLost):  # the output is no longer ours to write
-                return driver.EXIT_ABORTED, {"stages": {STAGE: {"aborted": result.aborted}}}
-            return driver.EXIT_ABORTED, write_manifest(cfg, result, {})
-        markers = commit.committed(cfg.job.output, STAGE)
+    return CorpusJob(cfg).run()
+
+
+class CorpusJob(JobRunner):
+    """The corpus job's answers to the runner's hooks."""
+
+    worker = WorkerKind("pipeline.corpus.worker:CorpusWorker")
+
+    def plan(self) -> list[ShardState]:
+        return plan(self.cfg)
+
+    def stages(self) -> Sequence[str]:
+        return (STAGE,)
+
+    def index_entries(self, states: list[ShardState]) -> dict[str, dict[str, Any] | None]:
+        return index_entries([s.url for s in states], self.cfg.data.index)   # a wids index too
+
+    def after_stage(self, result: StageResult) -> None:
+        markers = commit.committed(self.cfg.job.output, STAGE)
         for sid in result.quarantined:  # a shard put by an attempt that never committed is no output
             if sid not in markers:
-                storage.remove(output_url(cfg, sid))
-        write_indexes(cfg, markers)
-        manifest = write_manifest(cfg, result, markers)
-    return (driver.EXIT_QUARANTINED if result.quarantined else driver.EXIT_OK), manifest
+                storage.remove(output_url(self.cfg, sid))
+        write_indexes(self.cfg, markers)
+
+    def manifest_extra(self, results: list[StageResult], finished: bool) -> dict[str, Any]:
+        markers = commit.committed(self.cfg.job.output, STAGE) if finished else {}
+        return {"corpus": corpus_summary(self.cfg, results[-1], markers)}
 
 
 def write_indexes(cfg: Config, markers: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
@@ -175,7 +161,7 @@ def write_indexes(cfg: Config, markers: dict[str, dict[str, Any]]) -> list[dict[
     return entries
 
 
-def corpus_summary(cfg: Config, result: driver.StageResult, markers: dict[str, dict[str, Any]]) -> dict[str, Any]:
+def corpus_summary(cfg: Config, result: StageResult, markers: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """What the output holds against what came in: per shard and in all, ok and dropped by reason."""
     per_shard: dict[str, Any] = {}
     dropped: dict[str, int] = {}
@@ -196,13 +182,6 @@ def corpus_summary(cfg: Config, result: driver.StageResult, markers: dict[str, d
             "samples": sum(s["samples"] for s in per_shard.values()),
             "ok": sum(s["ok"] for s in per_shard.values()), "dropped": dict(sorted(dropped.items())),
             "dropped_examples": dict(sorted(examples.items())), "shards": per_shard}
-
-
-def write_manifest(cfg: Config, result: driver.StageResult, markers: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    doc = driver.write_manifest(cfg, [result])
-    doc["corpus"] = corpus_summary(cfg, result, markers)
-    storage.put_text(storage.join(cfg.job.output, "manifest.json"), json.dumps(doc, indent=1))
-    return doc
 
 
 def key_values(items: list[str], flag: str) -> dict[str, Any]:

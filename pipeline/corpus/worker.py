@@ -15,7 +15,6 @@ file, marker last). A shard that fails writes nothing and is retried or quaranti
 from __future__ import annotations
 
 import logging
-import os
 import queue
 import socket
 import threading
@@ -26,20 +25,19 @@ from typing import Any, Callable
 
 import torch
 
-from pipeline import config as config_mod
 from pipeline import schema
-from pipeline.corpus import images
-from pipeline.corpus.engine import Batcher, Engine, Outcome
+from pipeline.config import Config
+from pipeline.corpus import EXAMPLE_KEYS, STAGE, images
+from pipeline.corpus.engine import Batcher, Engine, Outcome, check_resize
 from pipeline.corpus.reader import RawSample, ShardReader
 from pipeline.corpus.writer import TarSink
 from pipeline.io import shards, storage
 from pipeline.run import commit, faults, host
+from pipeline.run.worker_base import WorkerBase
 from pipeline.schema import CorpusStatus
 
 log = logging.getLogger(__name__)
 
-STAGE = "purify_corpus"
-EXAMPLE_KEYS = 5          # dropped samples named per reason in the commit marker (all are in the records)
 QUEUE_ITEMS = 32          # decoded items waiting for the purifier
 QUEUE_BATCHES = 1         # purified batches waiting for the encoder
 WINDOW_BATCHES = 4        # an item waits at most this many batches' worth of samples for its shape's batch
@@ -96,29 +94,35 @@ class _Channel:
                 continue
 
 
-class CorpusWorker:
-    """The corpus job's actor logic without Ray (the driver wraps it in `ray.remote`)."""
+class CorpusWorker(WorkerBase):
+    """The corpus job's worker (WorkerBase: config, process set-up with the host memory
+    policy, ready info); an actor holds one (`actor_host`)."""
 
     def __init__(self, cfg_dict: dict[str, Any], cpus: float = 1.0):
-        self.cfg = config_mod.from_dict(cfg_dict, source="<worker>")
+        super().__init__(cfg_dict, cpus)
         if self.cfg.corpus is None:
             raise ValueError("CorpusWorker needs a corpus job config (a `corpus:` section)")
-        # the CPUs are shared with the decode thread and the encoders: torch's intra-op threads
-        # spin at their barriers, and oversubscribed they slow the purifier several-fold
         n = max(1, int(cpus))
-        torch.set_num_threads(max(1, n // 2))
-        self.encode_threads = max(1, n - n // 2)
+        self.encode_threads = max(1, n - self.compute_threads(cpus))
         # one pool for the worker's life: threads (and their malloc arenas) are not renewed per shard
         self.encoders = ThreadPoolExecutor(self.encode_threads, thread_name_prefix="encode")
         self.engine = Engine(self.cfg)
+        self.device = self.engine.device
         c = self.cfg.corpus
         self.policy = images.SizePolicy(c.resize, c.crop, c.restore_size, c.interpolation)
         if c.metrics:  # scikit-image imports in seconds: not inside the first sample's timing
             import skimage.metrics  # noqa: F401
 
-    def ready(self) -> dict[str, Any]:
-        return {"host": socket.gethostname(), "pid": os.getpid(), "device": str(self.engine.device),
-                "flags": self.engine.defense.purifier.flags(), "channels": self.engine.channels}
+    def compute_threads(self, cpus: float) -> int:
+        # the CPUs are shared with the decode thread and the encoders: torch's intra-op threads
+        # spin at their barriers, and oversubscribed they slow the purifier several-fold
+        return max(1, max(1, int(cpus)) // 2)
+
+    def describe(self) -> dict[str, Any]:
+        return {"flags": self.engine.defense.purifier.flags(), "channels": self.engine.channels}
+
+    def data_check(self, cfg: Config, url: str) -> None:
+        check_resize(cfg)   # a corpus.resize the purifier's networks cannot take
 
     def process(self, url: str, sid: str, stage: str = STAGE, expected: int | None = None) -> dict[str, Any]:
         """One input shard → output shard `<sid>.tar` → records → commit marker."""
@@ -147,8 +151,8 @@ class CorpusWorker:
                     ex["keys"].append(r["key"])
         marker = commit.commit_records(self.cfg.job.output, stage, sid, run.rows, {
             "source": url, "samples": len(run.rows), "config_hash": self.cfg.hash(),
-            "seconds": time.time() - t0, "host": socket.gethostname(), "device": str(self.engine.device),
-            "node_id": host.node_id(), "outputs": [entry], "ok": counts.get(CorpusStatus.OK.value, 0),
+            "seconds": time.time() - t0, **self.placement(), "outputs": [entry],
+            "ok": counts.get(CorpusStatus.OK.value, 0),
             "dropped": {k: v for k, v in sorted(counts.items()) if k != CorpusStatus.OK.value},
             "dropped_examples": dict(sorted(examples.items())),
             "input_bytes": run.reader.bytes_read, "non_file_members": run.reader.non_file_members,

@@ -1,12 +1,14 @@
-"""The in-process executor (`cluster.executor: local`): the job's one worker is a ShardWorker
-built in the driver's own process, so a small job pays no Ray start (8 s of a 13.5 s job on
-a 2-core machine, BENCHMARKS.md "Executors"). The driver schedules it exactly as it schedules actors —
-the same queue, commit markers, lease, resume, retries and quarantine (`driver._schedule`);
+"""The in-process executor (`cluster.executor: local`): the job's one worker (a ShardWorker,
+or the corpus job's CorpusWorker) is built in the driver's own process, so a small job pays
+no Ray start (8 s of a 13.5 s job on a 2-core machine, BENCHMARKS.md "Executors"). The
+driver schedules it exactly as it schedules actors —
+the same queue, commit markers, lease, resume, retries and quarantine (`scheduler._schedule`);
 only what an actor is and how its calls return differ, so `LocalPool` has ActorPool's interface.
 
-Why in the driver's process and not a child: the driver already imports torch (its preflight
-builds the classifier), a child would pay torch's import and the models again, and a
-synchronous call needs no messages, pickling or process management. What that costs:
+Why in the driver's process and not a child: a child would pay torch's import and the models
+as an actor does, and a synchronous call needs no messages, pickling or process management.
+The worker's class (and with it torch) is imported only when this executor starts it: the
+driver on Ray imports neither. What that costs:
 - a shard runs in the driver's main thread, so the driver checks its lease and prints
   progress between shards, not during one;
 - `cluster.shard_timeout_s` cannot be enforced (a Python call cannot be killed): a shard
@@ -24,6 +26,7 @@ import traceback
 from typing import Any
 
 from pipeline.config import Config
+from pipeline.run.actor_host import WorkerKind
 from pipeline.run.pool import Task, WorkerPool
 
 log = logging.getLogger(__name__)
@@ -39,7 +42,7 @@ def choose_executor(cfg: Config) -> tuple[str, str]:
         return c.executor, "cluster.executor"
     if c.address not in (None, "", "local") or os.environ.get("RAY_ADDRESS"):
         return "ray", "auto: a Ray cluster is named (cluster.address or RAY_ADDRESS)"
-    if _ray_started():
+    if ray_started():
         return "ray", "auto: Ray is already initialised in this process"
     if c.num_workers != 1:
         return "ray", f"auto: cluster.num_workers is {c.num_workers}"
@@ -48,7 +51,8 @@ def choose_executor(cfg: Config) -> tuple[str, str]:
     return "local", "auto: one worker on this machine (cluster.num_workers 1, no cluster address)"
 
 
-def _ray_started() -> bool:
+def ray_started() -> bool:
+    """Whether this process has initialised Ray."""
     import sys
 
     ray = sys.modules.get("ray")   # not imported: not started (and importing it costs a second)
@@ -74,8 +78,8 @@ class _Call:
 
 
 class LocalPool(WorkerPool):
-    """At most one ShardWorker, in this process; ActorPool's interface and bookkeeping
-    (starting, idle, running) so that `driver._schedule` drives it unchanged. Calls run at
+    """At most one worker, in this process; ActorPool's interface and bookkeeping
+    (starting, idle, running) so that `scheduler._schedule` drives it unchanged. Calls run at
     once, synchronously: `start` builds the worker, `submit` runs the shard, `wait` hands
     back what finished."""
 
@@ -83,11 +87,12 @@ class LocalPool(WorkerPool):
     task_errors: tuple[type[BaseException], ...] = (ShardError,)
     worker_errors: tuple[type[BaseException], ...] = ()   # an in-process worker cannot die alone
 
-    def __init__(self, cfg: Config, worker_cls: type) -> None:
+    def __init__(self, cfg: Config, worker: WorkerKind) -> None:
         c = cfg.cluster
         self.req = {"CPU": c.cpus_per_worker, "GPU": 0.0}   # nothing is reserved: informational
-        self._make = lambda: worker_cls(cfg.to_dict(), c.cpus_per_worker)   # this process knows every stage
-        super().__init__(cfg, worker_cls)
+        # imported at the first start (torch with it); this process knows every stage
+        self._make = lambda: worker.load()(cfg.to_dict(), c.cpus_per_worker)
+        super().__init__(cfg, worker)
         self._timeout_s = c.shard_timeout_s
 
     def start(self, n: int = 1) -> None:
@@ -95,6 +100,9 @@ class LocalPool(WorkerPool):
             built = _Call(self._make)   # the worker; its ready() answer is what a start returns
             call = built if built.error is not None else _Call(built.value.ready)
             self.starting[call] = (built.value, time.monotonic())
+
+    def call(self, worker: Any, method: str, *args: Any) -> _Call:
+        return _Call(getattr(worker, method), *args)
 
     def submit(self, s, stage: str, reserve=None) -> None:
         w = self.idle.pop()

@@ -1,17 +1,19 @@
-"""What a pool of shard workers keeps for the driver's scheduler (`driver._schedule`), whatever
-runs the workers: Ray actors (`driver.ActorPool`) or the driver's own process
+"""What a pool of shard workers keeps for the driver's scheduler (`scheduler._schedule`), whatever
+runs the workers: Ray actors (`scheduler.ActorPool`) or the driver's own process
 (`local_pool.LocalPool`). The subclasses differ in how a worker starts, runs a shard and ends."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any
 
+from pipeline.run.actor_host import WorkerKind
+
 
 @dataclass
 class Task:
     """A shard running on a worker, and the shard reserved to follow it there (prefetched)."""
     actor: Any
-    shard: Any   # driver.ShardState
+    shard: Any   # scheduler.ShardState
     started: float
     reserved: Any = None
 
@@ -21,8 +23,8 @@ class WorkerPool:
 
     max_workers: int | None = None   # None: as many as the caller wants
 
-    def __init__(self, cfg: Any, worker_cls: type):
-        self.prefetch = cfg.cluster.prefetch_shards and getattr(worker_cls, "PREFETCH", False)
+    def __init__(self, cfg: Any, worker: WorkerKind):
+        self.prefetch = cfg.cluster.prefetch_shards and worker.prefetch
         self.starting: dict[Any, tuple[Any, float]] = {}
         self.idle: list[Any] = []
         self.running: dict[Any, Task] = {}
@@ -30,6 +32,10 @@ class WorkerPool:
         self.start_failures = 0
 
     def start(self, n: int = 1) -> None:
+        raise NotImplementedError
+
+    def call(self, worker: Any, method: str, *args: Any) -> Any:
+        """Call one of a worker's methods; the returned call is read with `get`."""
         raise NotImplementedError
 
     def live(self) -> int:

@@ -9,59 +9,24 @@ memory follows its batch size, not its shard's size; records are still committed
 from __future__ import annotations
 
 import json
-import os
 import queue
-import socket
-import sys
 import threading
 import time
 from typing import Any, Callable, Sequence
 
 import numpy as np
-import torch
 
-from pipeline import config as config_mod
 from pipeline import schema, stage_table
+from pipeline.config import Config
+from pipeline.evaluation import preflight
 from pipeline.evaluation.protocol import build_protocol
 from pipeline.evaluation.stages import StageOutput
 from pipeline.io import shards, storage
 from pipeline.run import commit, faults, host
+from pipeline.run.worker_base import WorkerBase, device_name
 
 DECODE_QUEUE_CHUNKS = 2      # decoded batches waiting for compute (each of the protocol's batch size)
 ENCODE_QUEUE_BATCHES = 2     # computed batches of images waiting for the encoder
-
-
-def _versions() -> dict[str, str]:
-    """The software that produced a result, for the report's provenance."""
-    import platform
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {"python": platform.python_version(), "torch": torch.__version__}
-    for pkg in ("advpure", "ray", "pyarrow", "numpy"):
-        try:
-            out[pkg] = version(pkg)
-        except PackageNotFoundError:
-            out[pkg] = "not installed"
-    return out
-
-
-def _gpu_ids() -> list[str]:
-    """The node's GPU ids Ray assigned to this worker ([] outside Ray or without GPUs)."""
-    ray = sys.modules.get("ray")   # a Ray worker has it; the local executor need not import it
-    try:
-        return [str(g) for g in ray.get_gpu_ids()] if ray is not None and ray.is_initialized() else []
-    except Exception:  # not in a Ray worker
-        return []
-
-
-def _device_name(device: torch.device) -> str:
-    """cpu, or cuda:<id> naming the node's GPU this worker was given."""
-    if device.type != "cuda":
-        return device.type
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    ids = _gpu_ids()
-    # Ray narrows CUDA_VISIBLE_DEVICES to the assigned GPUs: torch's index i is the node's ids[i]
-    return f"cuda:{ids[index] if index < len(ids) else index}"
 
 
 def _mark_nonfinite(row: dict[str, Any]) -> dict[str, Any]:
@@ -80,25 +45,23 @@ def _total_nfe(rows: list[dict[str, Any]]) -> int:
     return int(sum(int(r.get("attack_nfe") or 0) + int(r.get("purify_nfe") or 0) for r in rows))
 
 
-class ShardWorker:
-    """The worker's logic without Ray (the driver wraps it in `ray.remote`), so it can be
-    tested and run in-process."""
-
-    # process() takes `prefetch`: the driver may name the next shard it will send
-    PREFETCH = True
+class ShardWorker(WorkerBase):
+    """The evaluation job's worker (WorkerBase: config, process set-up, ready info), tested
+    and run in-process as it is; an actor holds one (`actor_host`)."""
 
     def __init__(self, cfg_dict: dict[str, Any], cpus: float = 1.0, stages: Sequence[stage_table.Stage] = ()):
         stage_table.adopt(stages)   # the job's stages registered outside the table (stage_table.added)
-        self.cfg = config_mod.from_dict(cfg_dict, source="<worker>")
-        host.prepare_compute_process(cpus)
+        super().__init__(cfg_dict, cpus)
         self.protocol = build_protocol(self.cfg)
+        self.device = self.protocol.device
         self._next: tuple[str, int | None, shards.ShardStream] | None = None  # the prefetched shard
 
-    def ready(self) -> dict[str, Any]:
+    def describe(self) -> dict[str, Any]:
         p = self.protocol
-        return {"host": socket.gethostname(), "pid": os.getpid(), "device": str(p.device), "node_id": host.node_id(),
-                "gpu_ids": _gpu_ids(), "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
-                "flags": p.defense.purifier.flags(), "gradients": {a.index: a.gradient for a in p.attacks}}
+        return {"flags": p.defense.purifier.flags(), "gradients": {a.index: a.gradient for a in p.attacks}}
+
+    def data_check(self, cfg: Config, url: str) -> None:
+        preflight.check(cfg, url)   # input size and labels against the models
 
     def process(self, url: str, sid: str, stage: str = "evaluate", expected: int | None = None,
                 prefetch: tuple[str, int | None] | None = None) -> dict[str, Any]:
@@ -158,18 +121,17 @@ class ShardWorker:
 
     def _commit(self, stage: str, sid: str, url: str, source: shards.ShardStream, result: StageOutput,
                 outputs: list[dict[str, Any]], t0: float, prefetched: bool) -> dict[str, Any]:
+        where = self.placement()
         common = {**self.protocol.provenance, "schema_version": schema.SCHEMA_VERSION, "stage": stage, "shard": sid,
-                  "node_id": host.node_id(), "host": socket.gethostname(), "device": _device_name(self.protocol.device)}
+                  "node_id": where["node_id"], "host": where["host"], "device": device_name(self.device)}
         rows = [{**common, "key": s.key, "label": s.label, "status": schema.Status.DECODE_ERROR.value,
                  "error": s.error} for s in source.errors]
         rows += [_mark_nonfinite({**common, **r, "status": schema.Status.OK.value, "error": None})
                  for r in result.rows]
         return commit.commit_records(self.cfg.job.output, stage, sid, rows, {
             "source": url, "samples": source.samples, "config_hash": self.protocol.provenance["config_hash"],
-            "seconds": time.time() - t0, "host": socket.gethostname(), "device": str(self.protocol.device),
-            "node_id": host.node_id(), "gpu_ids": _gpu_ids(), "pid": os.getpid(), "checks": result.checks,
-            "outputs": outputs, "versions": _versions(), "nfe": _total_nfe(result.rows),
-            "prefetched": prefetched})
+            "seconds": time.time() - t0, **where, "checks": result.checks,
+            "outputs": outputs, "nfe": _total_nfe(result.rows), "prefetched": prefetched})
 
     def _image_member(self, stage: stage_table.Stage, sid: str, url: str) -> Callable[..., tuple]:
         """(sample, image, extra) → TarBuilder.add_sample arguments: the input's key, and a
