@@ -33,31 +33,48 @@ def _adversarial(output: str) -> dict[str, tuple[np.ndarray, dict]]:
     return out
 
 
-def test_attack_then_purify_reproduces_evaluate(ray_local, digits_shards, digits_models, tmp_path):
-    staged = _cfg(digits_shards, digits_models, tmp_path / "staged", job={
-        "name": "staged", "output": str(tmp_path / "staged"), "stages": ["attack", "purify"]})
-    code, manifest = driver.run(staged)
-    assert code == driver.EXIT_OK
-    # one pool of actors serves both stages: the purify stage starts no new worker
+@pytest.fixture(scope="module")
+def staged(ray_local, digits_shards, digits_models, tmp_path_factory) -> dict:
+    """One [attack, purify] job and the same job as one evaluate stage, run once for the
+    cases below (each checks one property of the hand-off)."""
+    root = tmp_path_factory.mktemp("staged")
+    cfg = _cfg(digits_shards, digits_models, root / "staged", job={
+        "name": "staged", "output": str(root / "staged"), "stages": ["attack", "purify"]})
+    code, manifest = driver.run(cfg)
+    assert code == driver.EXIT_OK, manifest
+    whole = _cfg(digits_shards, digits_models, root / "whole")
+    assert driver.run(whole)[0] == driver.EXIT_OK
+    return {"cfg": cfg, "manifest": manifest, "whole": whole}
+
+
+def test_one_actor_pool_serves_attack_and_purify(staged):
+    manifest, out = staged["manifest"], staged["cfg"].job.output
     pids = {st: {w["pid"] for w in manifest["stages"][st]["workers"]} for st in ("attack", "purify")}
-    assert pids["attack"] == pids["purify"] and len(pids["attack"]) == 2
-    assert {m["pid"] for m in commit.committed(staged.job.output, "purify").values()} <= pids["attack"]
-    adv = _adversarial(staged.job.output)
+    assert pids["attack"] == pids["purify"] and len(pids["attack"]) == 2   # purify starts no new worker
+    assert {m["pid"] for m in commit.committed(out, "purify").values()} <= pids["attack"]
+
+
+def test_adversarial_shards_hold_float_images_with_their_lineage(staged):
+    cfg = staged["cfg"]
+    adv = _adversarial(cfg.job.output)
     assert len(adv) == 360 * 2
     image, lineage = adv[("shard-000000-a0.tar", "digits-0000")]
     assert image.dtype == np.float32 and image.shape == (8, 8, 1)
     assert lineage["source_key"] == "digits-0000" and lineage["attack_name"] == "pgd"
-    assert lineage["config_hash"] == staged.hash() and lineage["source_shard"].endswith("shard-000000.tar")
-    # purified shards: same keys out as in
-    purified = json.loads(Path(staged.job.output, "purified", "index.json").read_text())
+    assert lineage["config_hash"] == cfg.hash() and lineage["source_shard"].endswith("shard-000000.tar")
+
+
+def test_purified_shards_keep_the_keys_of_their_input(staged):
+    out = staged["cfg"].job.output
+    purified = json.loads(Path(out, "purified", "index.json").read_text())
     assert purified["total_samples"] == 720
-    got = shards.read_shard(str(Path(staged.job.output, "purified", "shard-000000-a0.tar")))
+    got = shards.read_shard(str(Path(out, "purified", "shard-000000-a0.tar")))
     assert [s.key for s in got] == [f"digits-{i:04d}" for i in range(0, 450, 5)]
-    # the same job as one evaluate stage: identical predictions, sample by sample
-    whole = _cfg(digits_shards, digits_models, tmp_path / "whole")
-    assert driver.run(whole)[0] == driver.EXIT_OK
-    ev = {(r["attack_index"], r["key"]): r for r in commit.load_records(whole.job.output).to_pylist()}
-    pu = commit.load_records(staged.job.output, "purify").to_pylist()
+
+
+def test_attack_then_purify_reproduces_evaluate_sample_by_sample(staged):
+    ev = {(r["attack_index"], r["key"]): r for r in commit.load_records(staged["whole"].job.output).to_pylist()}
+    pu = commit.load_records(staged["cfg"].job.output, "purify").to_pylist()
     assert len(pu) == 720
     for r in pu:
         e = ev[(r["attack_index"], r["key"])]
@@ -68,8 +85,12 @@ def test_attack_then_purify_reproduces_evaluate(ray_local, digits_shards, digits
         if e["final_evaluated"]:
             assert r["purified_preds"] == e["purified_preds"]
         assert r["linf"] == pytest.approx(e["linf"], abs=1e-6)
-    # a re-run skips both stages
-    code, manifest = driver.run(staged)
+
+
+def test_a_rerun_of_attack_then_purify_skips_both_stages(staged):
+    code, manifest = driver.run(staged["cfg"])
+    assert code == driver.EXIT_OK
+    assert set(manifest["stages"]) == {"attack", "purify"}
     assert all(s["status"] == "skipped" for st in manifest["stages"].values() for s in st["shards"].values())
 
 
