@@ -3,11 +3,19 @@ attack ordering, Square vs gradient attacks, cascade chains, clean accuracy abov
 Through report.summarize: tests/test_report.py."""
 from __future__ import annotations
 
+import json
+
 import pytest
 from scipy.stats import binom
 
 from pipeline.report import record_checks
-from tests.test_checks import _roundtrip
+
+
+def _roundtrip(r: dict) -> dict:
+    """A check's result: the four keys every check returns, and plain JSON."""
+    assert set(r) == {"name", "passed", "detail", "values"}
+    assert json.loads(json.dumps(r)) == r
+    return r
 
 
 def test_attack_ordering_flags_a_weaker_attack_beating_the_main_one():
