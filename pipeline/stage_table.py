@@ -15,6 +15,7 @@ driver). Stages registered outside this module travel to the worker actors with 
 from __future__ import annotations
 
 import importlib
+import re
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
@@ -48,9 +49,11 @@ class Stage:
     given when the stage writes images; None for a stage whose records another job's worker
     writes (the corpus job's), which no evaluation job may name. `reads`: the stage whose
     image shards this one takes as input when the same job ran it earlier; otherwise (or
-    None) the job's data.shards. `noise`: the seeding contexts its draws are keyed by (see
-    pipeline/seeding.py). `calibrate`: "module:function", (protocol, batch, inputs) →
-    (measured pieces, images by output), inputs = the images the `reads` stage's calibration
+    None) the job's data.shards. `noise`: every seeding context its draws are keyed by
+    (pipeline/seeding.py), as templates over NOISE_FIELDS; tests/test_stage_table.py runs each
+    stage with the seeding instrumented and holds this list to exactly what it uses.
+    `calibrate`: "module:function", (protocol, batch, inputs) → (measured pieces, images by
+    output), inputs = the images the `reads` stage's calibration
     returned (None when it did not run); None: `advpure plan` predicts no time for it.
     Registered in the order a job runs them (a stage after the one it reads)."""
     name: str
@@ -69,6 +72,20 @@ class Stage:
     def lineage(self) -> Callable[..., dict[str, Any]]:
         assert self.images is not None, self.name
         return load(self.images.lineage)
+
+
+# the fields a `noise` template may name: an attack's index in the job and its registered
+# name, a target step, a number of EOT draws
+NOISE_FIELDS = {"i": r"\d+", "name": r"[a-z0-9_]+", "t": r"\d+", "n": r"\d+"}
+
+
+def noise_pattern(template: str) -> re.Pattern[str]:
+    """The contexts a `noise` template stands for, e.g. "attack{i}/{name}/own" → attack0/pgd/own."""
+    parts = re.split(r"\{(\w+)\}", template)
+    unknown = set(parts[1::2]) - set(NOISE_FIELDS)
+    if unknown:
+        raise ValueError(f"noise context {template!r} names {sorted(unknown)}; the fields are {list(NOISE_FIELDS)}")
+    return re.compile("".join(re.escape(p) if i % 2 == 0 else NOISE_FIELDS[p] for i, p in enumerate(parts)) + "$")
 
 
 def load(ref: str) -> Callable[..., Any]:
@@ -101,18 +118,23 @@ def purified_lineage(sample: Any, extra: Mapping[str, Any], origin: Origin) -> d
 
 _SHARD = "pipeline.evaluation.stages"
 _PLAN = "pipeline.run.plan"
+# the R evaluation runs of clean and attacked images: shared by evaluate and purify, so that
+# [attack, purify] reproduces [evaluate]
+_EVAL = ("eval/clean", "eval/attack{i}")
+# an attack's EOT draws at target step t, its own randomness, the draws confirming a break
+_ATTACK = ("attack{i}/{name}/step{t}", "attack{i}/{name}/own", "attack{i}/{name}/recheck/step{t}")
+# a shard's first batch: gradient-masking checks; the EOT probe reruns an attack with n draws
+_CHECKS = ("checks{i}/step{t}", "probe{i}/eot{n}/step{t}", "probe{i}/eot{n}/own",
+           "probe{i}/eot{n}/recheck/step{t}", "probe{i}/eval{n}")
 BUILT_IN = (
-    Stage("evaluate", f"{_SHARD}:evaluate",
-          noise=("eval/clean", "eval/attack{i}", "attack{i}/{name}/…", "checks{i}", "probe{i}/…"),
+    Stage("evaluate", f"{_SHARD}:evaluate", noise=_EVAL + _ATTACK + _CHECKS,
           calibrate=f"{_PLAN}:calibrate_evaluate", report_rank=0),
     Stage("attack", f"{_SHARD}:attack",
           images=ImageOutput("adversarial", "{sid}-a{output}.tar", f"{__name__}:origin_lineage"),
-          noise=("attack{i}/{name}/step{t}", "attack{i}/{name}/own", "attack{i}/{name}/recheck/step{t}"),
-          calibrate=f"{_PLAN}:calibrate_attack", report_rank=2),
+          noise=_ATTACK, calibrate=f"{_PLAN}:calibrate_attack", report_rank=2),
     Stage("purify", f"{_SHARD}:purify", reads="attack",
           images=ImageOutput("purified", "{sid}.tar", f"{__name__}:purified_lineage"),
-          noise=("eval/clean", "eval/attack{i}"),   # an adversarial image's runs are evaluate's
-          calibrate=f"{_PLAN}:calibrate_purify", report_rank=1),
+          noise=_EVAL, calibrate=f"{_PLAN}:calibrate_purify", report_rank=1),
     Stage("purify_corpus", None, noise=("purify_corpus",), report_rank=3),   # pipeline/corpus: its own worker
 )
 _TABLE: dict[str, Stage] = {}
@@ -128,6 +150,11 @@ def register(stage: Stage) -> Stage:
     for ref in (stage.run, stage.calibrate, stage.images and stage.images.lineage):
         if ref is not None and ":" not in ref:
             raise ValueError(f"stage {stage.name!r}: {ref!r} is not a 'module:function' name")
+    for template in stage.noise:
+        try:
+            noise_pattern(template)
+        except ValueError as err:
+            raise ValueError(f"stage {stage.name!r}: {err}") from None
     _TABLE[stage.name] = stage
     return stage
 

@@ -67,13 +67,6 @@ def test_step_size_closed_form_for_linear_score():
     assert torch.all(alpha_rep == 1e-5)
 
 
-def test_grid_maps_are_inverse():
-    x = torch.rand(3, 1, 4, 4, dtype=torch.float64)
-    torch.testing.assert_close(steps.from_score_grid(steps.to_score_grid(x)), x)
-    assert steps.to_score_grid(torch.tensor(0.0)) == 1 / 512
-    assert steps.to_score_grid(torch.tensor(1.0)) == 1 - 1 / 512
-
-
 def test_one_adp_step_hand_computed():
     m, v, lam = 0.4, 0.5, 0.05
     x = torch.rand(3, 1, 8, 8, dtype=torch.float64)
@@ -106,13 +99,6 @@ def test_shared_helpers_straight_through_and_chunks():
     torch.testing.assert_close(chunked.images, whole.images, rtol=0, atol=0)
     assert chunked.nfe == whole.nfe == 8
     assert torch.equal(chunked.stats["steps"], whole.stats["steps"])  # per-row stats concatenated
-
-
-def test_update_clips_to_unit_interval():
-    x = torch.full((1, 1, 2, 2), 0.5, dtype=torch.float64)
-    g = torch.tensor([[[[10.0, -10.0], [0.1, 0.0]]]], dtype=torch.float64)
-    out = steps.adp_update(x, g, torch.tensor([0.1], dtype=torch.float64), torch.tensor([True]))
-    assert out.flatten().tolist() == [1.0, 0.0, pytest.approx(0.51), 0.5]
 
 
 def test_stopped_rows_stay_fixed_while_others_move():

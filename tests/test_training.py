@@ -179,3 +179,50 @@ def test_train_classifier_job_end_to_end(tmp_path):
     a, b = torch.load(out, weights_only=True), torch.load(again, weights_only=True)
     assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])  # seeded
     assert a["meta"]["split"] == "train" and a["meta"]["limit"] == 256
+
+
+
+# ---------------------------------------------------------------- the EBM recipe and its loss
+def test_recipe_settings_and_adam_schedule():
+    import importlib.util
+    from pathlib import Path
+
+    from pipeline.train.recipes import EBM_RECIPES, adam_schedule
+
+    spec = importlib.util.spec_from_file_location("train_ebm", Path(__file__).parents[1] / "jobs" / "train_ebm.py")
+    job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job)
+    args = job.parse_args(["--out", "x.pt", "--recipe", "digits", "--steps", "7", "--act", "leaky_relu"])
+    cfg = job.settings(args)
+    assert cfg["steps"] == 7 and cfg["act"] == "leaky_relu"  # flags over the recipe
+    assert {k: cfg[k] for k in ("init", "bank_size", "shortrun_steps")} == \
+        {k: EBM_RECIPES["digits"][k] for k in ("init", "bank_size", "shortrun_steps")}
+    assert job.settings(job.parse_args(["--out", "x.pt"]))["init"] == "persistent"  # reference by default
+    opt = torch.optim.Adam([torch.zeros(1, requires_grad=True)], lr=1.0)
+    at = adam_schedule(opt, 1e-3, 1e-4, 11)
+    lrs = [at(t).param_groups[0]["lr"] for t in (1, 6, 11, 12)]
+    torch.testing.assert_close(torch.tensor(lrs, dtype=torch.float64),
+                               torch.tensor([1e-3, 10 ** -3.5, 1e-4, 1e-4], dtype=torch.float64))
+
+
+def test_energy_dsm_loss_is_zero_exactly_for_the_ideal_energy():
+    """Closed form: data at one point μ, one noise level σ — the ideal energy is
+    E(x) = ‖x − μ‖² / (2σ²) (∇E(x̃) = n/σ), whose loss is 0; any other width is not."""
+    from pipeline.train.objectives import energy_dsm_loss
+
+    scale, sigma = 5e-5, 0.1
+    mu = torch.linspace(-1, 1, 64).view(1, 1, 8, 8)
+
+    class Quadratic(torch.nn.Module):
+        def __init__(self, width: float):
+            super().__init__()
+            self.width = width
+
+        def forward(self, x):
+            return scale * ((x - mu) ** 2).flatten(1).sum(1) / (2 * self.width ** 2)
+
+    x = mu.expand(16, 1, 8, 8)
+    ideal = energy_dsm_loss(Quadratic(sigma), x, (sigma, sigma), scale, torch.Generator().manual_seed(0))
+    wrong = energy_dsm_loss(Quadratic(2 * sigma), x, (sigma, sigma), scale, torch.Generator().manual_seed(0))
+    assert float(ideal.detach()) < 1e-6
+    assert float(wrong.detach()) > 1.0  # ½‖n/2 − n‖² ≈ 64/8 = 8 per image

@@ -130,26 +130,44 @@ def _bcast(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 class APGD(Attack):
     """Auto-PGD with the CE or DLR loss; APGD-T with targeted=True (DLR-targeted by default).
 
-    Paper: Croce & Hein, ICML 2020; checkpoint schedule of AutoAttack's code by default.
+    Paper: Croce & Hein, "Reliable evaluation of adversarial robustness with an ensemble of
+    diverse parameter-free attacks", ICML 2020, https://arxiv.org/abs/2003.01690; the
+    checkpoint schedule of AutoAttack's code (fra31/auto-attack) by default.
     Threat model: ℓ∞ or ℓ2 ball of radius eps (image units) ∩ [0, 1].
-    Arguments:
-      eps; steps N (100; nfe = N + 1 per run: the start point and every iterate are evaluated);
-      norm ("linf" | "l2"); loss ("ce" | "dlr", default "ce");
-      targeted (False) with target_mode ("top" default: the n-th most likely wrong class of
-        the clean input, as APGD-T; "least_likely" | "random" | "given") and n_target_classes
-        (1; 9 in AutoAttack's APGD-T), one run per target class;
-      targeted_success ("target": a targeted run breaks a sample when it hits the target;
-        "misclassified": when it is misclassified at all, as AutoAttack's APGD-T counts);
-      restarts (1); every run (restart, and target class) starts from its own keyed random point,
-        as AutoAttack draws a fresh start per run; random_start (True; False starts at x);
-      schedule ("autoattack" | "paper", see the module docstring); rho (0.75);
-      momentum (0.75); initial_step (2.0, in units of eps);
-      eot_reduction ("mean_loss" | "mean_logits" | "sign_sum"); recheck_draws (0).
+    Shapes: x [B, C, H, W] in [0, 1], y [B] → x_adv [B, C, H, W]; the target's logits are
+    [B, R, K]. nfe per sample and run: steps + 1 (the start point and every iterate are
+    evaluated); runs = restarts × n_target_classes.
     Each run attacks only the samples no earlier run broke (AutoAttack), and none is left once
-    every sample has met the goal; `sample_nfe` counts each sample's own evaluations.
+    every sample has met the goal; `sample_nfe` counts each sample's own evaluations. Every run
+    starts from its own keyed random point, as AutoAttack draws a fresh start per run.
     Returns, per sample, the first iterate that met the goal (confirmed by `recheck` if given),
     else the highest-loss point over all runs; `broken_step` counts target steps over runs,
     run j owning steps j·(N+1) … j·(N+1)+N.
+
+    Arguments:
+        eps (float): radius in [0, 1] image units, ℓ∞ ≤ 1. Paper. (Default: required)
+        steps (int): iterations N per run, ≥ 1. Paper. (Default: 100)
+        norm (str): "linf" or "l2". Paper. (Default: "linf")
+        loss (str): "ce" or "dlr". Paper. (Default: "ce")
+        targeted (bool): APGD-T: minimise the loss towards a target class. Paper. (Default: False)
+        target_mode (str): targeted only: "top" (the n-th most likely wrong class of the clean
+            input, as APGD-T), "least_likely", "random" or "given". Paper. (Default: "top")
+        n_target_classes (int): target classes, one run each, ≥ 1 (1 untargeted; 9 in
+            AutoAttack's APGD-T). AutoAttack's. (Default: 1)
+        restarts (int): runs per target class, ≥ 1. Paper. (Default: 1)
+        random_start (bool): start each run at a keyed random point; False starts at x. Paper. (Default: True)
+        rho (float): oscillation threshold of the step-size test (1), in (0, 1]. Paper. (Default: 0.75)
+        momentum (float): α of the update after the first step, in (0, 1]. Paper. (Default: 0.75)
+        initial_step (float): the first step η in units of eps, > 0. Paper. (Default: 2.0)
+        eot_reduction (str): how R draws make one gradient, "mean_loss", "mean_logits" or
+            "sign_sum" (pipeline.attacks.eot). Ours. (Default: "mean_loss")
+        recheck_draws (int): H ≥ 0 draws of the real defense that confirm each candidate break
+            (Hill et al. 2021); 0: the attack's own forward decides. Hill et al.'s. (Default: 0)
+        schedule (str): the step-size checkpoints, "autoattack" (AutoAttack's code) or "paper"
+            (module docstring). AutoAttack's. (Default: "autoattack")
+        targeted_success (str): "target" (a targeted run breaks a sample when it hits the
+            target; Paper) or "misclassified" (when it is misclassified at all, as AutoAttack's
+            APGD-T counts). (Default: "target")
     """
 
     name = "apgd"

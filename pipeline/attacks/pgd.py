@@ -25,18 +25,36 @@ from pipeline.seeding import Noise
 
 @ATTACKS.register("pgd")
 class PGD(Attack):
-    """Projected gradient descent on the (EOT) loss.
+    """Projected gradient descent on the (EOT) loss; BIM with random_start=False.
 
+    Paper: Madry, Makelov, Schmidt, Tsipras, Vladu, "Towards Deep Learning Models Resistant to
+    Adversarial Attacks", ICLR 2018, https://arxiv.org/abs/1706.06083.
     Threat model: ℓ∞ or ℓ2 ball of radius eps (image units in [0, 1]) intersected with [0, 1].
-    Arguments: eps, steps (≥1, default 40), step_size (default 2.5·eps/steps),
-    norm ("linf" | "l2"), random_start (True), targeted (False),
-    eot_reduction ("mean_loss" | "mean_logits" | "sign_sum"), loss ("ce" | "dlr"),
-    target_mode ("given"), keep_broken (True), recheck_draws (0).
+    Shapes: x [B, C, H, W] in [0, 1], y [B] → x_adv [B, C, H, W]; the target's logits are
+    [B, R, K]. nfe per sample: steps + 1 with keep_broken, else steps.
     Iterate t (t = 0 … steps−1) is evaluated with target step t and then updated.
     With keep_broken (the default; implied whenever breaks are re-checked) the final iterate
     is evaluated too (step `steps`, nfe = steps + 1) and samples with a confirmed break return
     their breaking iterate, the others the final iterate; keep_broken False returns the final
     iterate always (nfe = steps), the textbook PGD.
+
+    Arguments:
+        eps (float): radius in [0, 1] image units, ℓ∞ ≤ 1. Paper. (Default: required)
+        steps (int): iterations, ≥ 1. Paper: 40 on MNIST. (Default: 40)
+        step_size (float | None): step in image units, > 0; None = 2.5·eps/steps (Madry et
+            al.'s rule of thumb). Paper. (Default: None)
+        norm (str): "linf" or "l2". Paper. (Default: "linf")
+        random_start (bool): start at a keyed uniform point of the ball. Paper. (Default: True)
+        keep_broken (bool): return a confirmed break's breaking iterate (evaluating the final
+            iterate too). Ours. (Default: True)
+        targeted (bool): minimise the loss towards a target class instead of maximising it. Ours. (Default: False)
+        target_mode (str): targeted only: "given" (y is the target), "top", "least_likely" or
+            "random" (y is the true label; see Attack). Ours. (Default: "given")
+        eot_reduction (str): how R draws make one gradient, "mean_loss", "mean_logits" or
+            "sign_sum" (pipeline.attacks.eot). Ours. (Default: "mean_loss")
+        loss (str): "ce" or "dlr" (DLR: Croce & Hein 2020). Paper: CE. (Default: "ce")
+        recheck_draws (int): H ≥ 0 draws of the real defense that confirm each candidate break
+            (Hill et al. 2021); 0: the attack's own forward decides. Hill et al.'s. (Default: 0)
     """
 
     name = "pgd"

@@ -12,12 +12,28 @@ from pipeline.seeding import Noise
 class RFGSM(Attack):
     """FGSM from a random point: x' = x + α·sign(N(0, I)), then x' + (ε − α)·sign(∇ loss(x')).
 
+    Paper: Tramèr, Kurakin, Papernot, Goodfellow, Boneh, McDaniel, "Ensemble Adversarial
+    Training: Attacks and Defenses", ICLR 2018, https://arxiv.org/abs/1705.07204.
     The random step escapes the sharp curvature next to data points that makes single-step
     attacks weak against (single-step) adversarially trained models.
-    Threat model: ℓ∞ (paper). ℓ2 (ours): x' = x + α·n/‖n‖₂, then an ℓ2 gradient step of ε − α.
-    Arguments: eps, alpha (default eps/2; 0 ≤ alpha < eps), norm ("linf" | "l2"), targeted,
-    eot_reduction, loss, target_mode, recheck_draws. The noise is keyed per sample
-    (purpose "rfgsm"). `broken_step` 0 means the random point x' already met the goal.
+    Threat model: ℓ∞ (paper). ℓ2 (ours): x' = x + α·n/‖n‖₂, then an ℓ2 gradient step of ε − α;
+    radius eps in [0, 1] image units, intersected with [0, 1].
+    Shapes: x [B, C, H, W] in [0, 1], y [B] → x_adv [B, C, H, W]; the target's logits are
+    [B, R, K]. nfe 1 per sample. The noise is keyed per sample (purpose "rfgsm");
+    `broken_step` 0 means the random point x' already met the goal.
+
+    Arguments:
+        eps (float): radius in [0, 1] image units, ℓ∞ ≤ 1. Paper. (Default: required)
+        alpha (float | None): size of the random step, 0 ≤ alpha < eps; None = eps/2. Paper. (Default: None)
+        norm (str): "linf" (Paper) or "l2" (Ours). (Default: "linf")
+        targeted (bool): minimise the loss towards a target class instead of maximising it. Ours. (Default: False)
+        target_mode (str): targeted only: "given" (y is the target), "top", "least_likely" or
+            "random" (y is the true label; see Attack). Ours. (Default: "given")
+        eot_reduction (str): how R draws make one gradient, "mean_loss", "mean_logits" or
+            "sign_sum" (pipeline.attacks.eot). Ours. (Default: "mean_loss")
+        loss (str): "ce" or "dlr" (DLR: Croce & Hein 2020). Paper: CE. (Default: "ce")
+        recheck_draws (int): H ≥ 0 draws of the real defense that confirm each candidate break
+            (Hill et al. 2021); 0: the attack's own forward decides. Hill et al.'s. (Default: 0)
     """
 
     name = "rfgsm"

@@ -131,20 +131,30 @@ def margin_and_loss(logits: torch.Tensor, goal: Goal) -> tuple[torch.Tensor, tor
 class Square(Attack):
     """Square Attack: gradient-free random search on the margin (untargeted) or CE (targeted) loss.
 
-    Paper: Andriushchenko, Croce, Flammarion, Hein, ECCV 2020 (as used in AutoAttack).
+    Paper: Andriushchenko, Croce, Flammarion, Hein, "Square Attack: a query-efficient black-box
+    adversarial attack via random search", ECCV 2020, https://arxiv.org/abs/1912.00049 (as used
+    in AutoAttack; differences from the reference code in the module docstring).
     Threat model: ℓ∞ or ℓ2 ball of radius eps (image units) ∩ [0, 1].
-    Arguments:
-      eps: radius (ℓ∞ ≤ 1);
-      norm: "linf" (default) | "l2";
-      n_queries: 5000, iterations after the first query (nfe ≤ n_queries + 1);
-      p_init: 0.8, fraction of pixels in the first windows, in (0, 1];
-      rescale_schedule: True, stretch the p table to n_queries (False: AutoAttack's setting);
-      targeted: False; target_mode: "given" (y is the target) | "top" | "least_likely" | "random";
-      recheck_draws: 0 (H > 0: every candidate break is confirmed by H draws of the real defense).
+    Shapes: x [B, C, H, W] in [0, 1], y [B] → x_adv [B, C, H, W]; the target's logits are
+    [B, R, K], averaged over R. nfe per sample ≤ n_queries + 1 (`sample_nfe`: each sample's own).
     Query 0 is the start point, query i + 1 the proposal of iteration i (the target's `step`).
     Each iteration queries only the samples not yet broken (AutoAttack), so the run stops once
-    every sample has met the goal; `sample_nfe` counts each sample's own queries. Returns, per sample, the first
-    query that met the goal (confirmed by `recheck` if given), else the last accepted point.
+    every sample has met the goal. Returns, per sample, the first query that met the goal
+    (confirmed by `recheck` if given), else the last accepted point.
+
+    Arguments:
+        eps (float): radius in [0, 1] image units, ℓ∞ ≤ 1. Paper. (Default: required)
+        norm (str): "linf" or "l2". Paper. (Default: "linf")
+        n_queries (int): iterations after the first query, ≥ 1. Paper. (Default: 5000)
+        p_init (float): fraction of pixels in the first windows, in (0, 1]. Paper. (Default: 0.8)
+        rescale_schedule (bool): stretch the p table (written for 10,000 queries) to n_queries,
+            as the reference code's resc_schedule=True; False runs it unscaled, as AutoAttack
+            does. Reference code's. (Default: True)
+        targeted (bool): CE towards a target class instead of the margin. Paper. (Default: False)
+        target_mode (str): targeted only: "given" (y is the target), "top", "least_likely" or
+            "random" (y is the true label; see Attack). Ours. (Default: "given")
+        recheck_draws (int): H ≥ 0 draws of the real defense that confirm each candidate break
+            (Hill et al. 2021); 0: the attack's own forward decides. Hill et al.'s. (Default: 0)
     """
 
     name = "square"

@@ -6,12 +6,9 @@
 - purify:   purify (R runs) and classify given images — an adversarial set made earlier,
             or any corpus.
 Noise contexts are shared between stages, so attack + purify reproduce evaluate exactly
-(purify, which writes every image, also runs the R runs evaluate leaves out for a confirmed break):
-  eval/clean, eval/attack{i}           the R evaluation runs of clean and attacked inputs
-  attack{i}/{name}/step{t}             the attack's EOT draws at target step t
-  attack{i}/{name}/own                 the attack's own randomness (start, targets, squares)
-  attack{i}/{name}/recheck/step{t}     the draws that confirm a candidate break at step t
-  checks{i}, probe{i}/…                the gradient-masking checks and the EOT probe
+(purify, which writes every image, also runs the R runs evaluate leaves out for a confirmed break).
+Each stage's contexts are declared in its pipeline/stage_table.py entry (`noise`), which
+tests/test_stage_table.py holds to exactly the contexts these functions draw from.
 """
 from __future__ import annotations
 

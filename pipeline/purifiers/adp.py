@@ -54,7 +54,7 @@ class ADPSettings(PurifierSettings):
         alpha_min (float): lower clip of the step size α, > 0. Paper. (Default: 1e-5)
         alpha_max (float): upper clip of the step size α, ≥ alpha_min. Paper. (Default: 1e-1)
         stop_alpha (float): a row stops for good once its α ≤ stop_alpha. Paper. (Default: 1e-3)
-        noise_type (str): "gaussian", or "binary" (±σ·√(2/π), the reference code's option). (Default: "gaussian")
+        noise_type (str): "gaussian", or "binary" (±σ·√(2/π), the reference code's option). Paper. (Default: "gaussian")
         regrid_each_step (bool): reproduce the reference's per-step grid quirk (module
             docstring). Ours. (Default: False)
         checkpoint_segment (int): steps per gradient-checkpoint segment when a graph is
@@ -62,8 +62,8 @@ class ADPSettings(PurifierSettings):
             values unchanged. Ours. (Default: −1)
         arch (str | None): expected arch of our checkpoint, or the arch of a published one
             ("ncsnv2"). Ours. (Default: None)
-        net (Mapping | None): arch params of a published checkpoint (CIFAR-10 NCSNv2). (Default: None)
-        ema (bool): load the EMA weights of a published NCSNv2 list. (Default: False)
+        net (Mapping | None): arch params of a published checkpoint (CIFAR-10 NCSNv2). Ours. (Default: None)
+        ema (bool): load the EMA weights of a published NCSNv2 list. Ours. (Default: False)
     """
 
     sigma: float = 0.25
@@ -95,8 +95,8 @@ class ADPPurifier(Purifier):
     smoothing, then score ascent with an adaptive step size.
 
     Stochastic (the smoothing noise), differentiable (full-gradient attack through both score
-    evaluations per step), no test-time optimisation (a fixed, short ascent). 2 score-network
-    evaluations per step and row; the loop ends early once every row has stopped.
+    evaluations per step), no test-time optimisation (a fixed, short ascent). nfe per row: 2
+    score-network evaluations per step; the loop ends early once every row has stopped.
     Shapes: x [N, C, H, W] in [0, 1] → x̂ [N, C, H, W] in [0, 1]; stats: "steps" [N], the
     ascent steps each row took.
 

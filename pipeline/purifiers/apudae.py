@@ -76,9 +76,9 @@ class APuDAESettings(PurifierSettings):
         calibration (str | None): μ/σ JSON from jobs/calibrate_dae.py; None =
             <checkpoint>.calib.json. Ours. (Default: None)
         mu (float | None): calibration mean of r(x); None = from the calibration file
-            (needed unless variant="simple"). (Default: None)
+            (needed unless variant="simple"). Ours (measured on our DAE). (Default: None)
         sigma (float | None): calibration std of r(x), > 0; None = from the calibration
-            file (needed unless "simple"). (Default: None)
+            file (needed unless "simple"). Ours (measured on our DAE). (Default: None)
         steps (int | None): Adam steps, ≥ 0; None = the variant's 13 / 12 / 16. Paper. (Default: None)
         lr (float | None): Adam learning rate; None = the variant's 2/255, 1/255, 1/255. Paper. (Default: None)
         noise_eps (float): kick scale ε of the adaptive variant. Paper. (Default: 0.7/255)
@@ -143,7 +143,7 @@ def recon_error(dae: nn.Module, z: torch.Tensor, clip: bool = False) -> torch.Te
 
 class APuDAEPurifier(Purifier):
     """APuDAE (Kalaria et al. 2022, arXiv:2208.13838): Adam on δ against the DAE's
-    reconstruction error at x + δ, with adaptive kicks. One DAE evaluation per step and row.
+    reconstruction error at x + δ, with adaptive kicks. nfe per row: one DAE evaluation per step.
 
     Flags: test-time optimisation always; stochastic for the `adaptive` variant (the kicks);
     differentiable only when `unrolled` (otherwise forward is straight-through, BPDA).

@@ -28,7 +28,8 @@ class DAESettings(PurifierSettings):
 class DAEPurifier(Purifier):
     """One pass through a denoiser, clipped to [0, 1] (MagNet's reformer, arXiv:1705.09064).
 
-    Deterministic, differentiable; 1 network evaluation per row, no stats.
+    Deterministic, differentiable, no test-time optimisation: the honest attack is the full
+    gradient. nfe 1 per row (one network evaluation), no stats.
     Shapes: x [N, C, H, W] in [0, 1] → x̂ [N, C, H, W] in [0, 1].
 
     Arguments:

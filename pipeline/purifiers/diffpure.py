@@ -148,7 +148,7 @@ class DiffPureSettings(PurifierSettings):
             "guided_diffusion" (e.g. 256x256_diffusion_uncond.pt, ε-model with learned σ).
             Paper's networks. (Default: "ours")
         net (Mapping | None): arch params of a published network when not the published
-            configuration (nets/ncsnpp.py, nets/guided_unet.py); null for ours. (Default: None)
+            configuration (nets/ncsnpp.py, nets/guided_unet.py); null for our network. Ours. (Default: None)
         dtype (str): "float32" or "bfloat16" for a published network's weights (inputs and
             outputs stay float32). Ours. (Default: "float32")
     """

@@ -55,37 +55,38 @@ log = logging.getLogger(__name__)
 class DIPSettings(PurifierSettings):
     """Settings of the DIP defense (Ding et al. 2021, arXiv:2108.00180). The paper gives the
     method but not its settings: every value below is ours (docs/apudae_dip.md), except
-    Adam's betas and eps (Kingma & Ba) and the skip network's shape, after Ulyanov et al.'s
-    Deep Image Prior. Iterations count DIP fitting steps; images are in [0, 1].
+    Adam's betas and eps (Kingma & Ba) and the settings marked Ulyanov et al.'s, from their
+    Deep Image Prior (arXiv:1711.10925). Iterations count DIP fitting steps; images are in [0, 1].
 
     Arguments:
         classifier (str): registered name of the classifier whose decisions the method
-            analyses (steps 2–4; its checkpoint is the builder's `classifier_checkpoint`). (Default: "small_cnn")
-        classifier_params (Mapping | None): extra classifier builder params. (Default: None)
-        iterations (int): DIP fitting steps, ≥ 1. (Default: 300)
-        lr (float): Adam learning rate of the fit, > 0. (Default: 0.01)
-        check_every (int): record and classify every this many iterations, ≥ 1. (Default: 2)
-        warmup (int): records before this iteration are ignored by detection, ≥ 0. (Default: 30)
-        code_channels (int): channels of the random code z, ≥ 1. (Default: 16)
-        code_scale (float): z ~ U[0, code_scale), ≥ 0. (Default: 0.1)
-        reg_noise_std (float): std of the per-iteration noise added to z, ≥ 0. (Default: 1/30)
-        down (tuple[int, ...]): channels of the encoder levels (one entry per level). (Default: (16, 16, 16))
-        up (tuple[int, ...] | None): channels of the decoder levels; None = down. (Default: None)
+            analyses (steps 2–4; its checkpoint is the builder's `classifier_checkpoint`). Ours. (Default: "small_cnn")
+        classifier_params (Mapping | None): extra classifier builder params. Ours. (Default: None)
+        iterations (int): DIP fitting steps, ≥ 1. Ours. (Default: 300)
+        lr (float): Adam learning rate of the fit, > 0. Ulyanov et al.'s. (Default: 0.01)
+        check_every (int): record and classify every this many iterations, ≥ 1. Ours. (Default: 2)
+        warmup (int): records before this iteration are ignored by detection, ≥ 0. Ours. (Default: 30)
+        code_channels (int): channels of the random code z, ≥ 1. Ours. (Default: 16)
+        code_scale (float): z ~ U[0, code_scale), ≥ 0. Ours. (Default: 0.1)
+        reg_noise_std (float): std of the per-iteration noise added to z, ≥ 0. Ulyanov et al.'s. (Default: 1/30)
+        down (tuple[int, ...]): channels of the encoder levels (one entry per level).
+            Ours (Ulyanov et al.'s skip net, narrower for 28×28). (Default: (16, 16, 16))
+        up (tuple[int, ...] | None): channels of the decoder levels; None = down. Ours. (Default: None)
         skip (int | tuple[int, ...]): channels of the skip connections (one per level, or
-            one for all). (Default: 4)
-        kernel (int): convolution kernel size, odd. (Default: 3)
-        upsample (str): "bilinear" or "nearest". (Default: "bilinear")
-        pad_mode (str): convolution padding, "reflect", "replicate" or "zeros". (Default: "reflect")
-        bisect_steps (int): bisection steps of the boundary localisation, ≥ 0. (Default: 8)
-        push (float): x_push = x_on − push·(x − x_on). (Default: 0.5)
-        stitch_window (int): on-manifold reconstructions averaged with x_push, ≥ 0. (Default: 2)
-        early_window (int): iterations after warmup whose records define y_early, ≥ 0. (Default: 50)
-        fallback (str): output without a crossing, "last" (reconstruction) or "input". (Default: "last")
-        detection (str): "early" (the paper's reading) or "last_switch". (Default: "early")
+            one for all). Ours. (Default: 4)
+        kernel (int): convolution kernel size, odd. Ulyanov et al.'s. (Default: 3)
+        upsample (str): "bilinear" or "nearest". Ulyanov et al.'s. (Default: "bilinear")
+        pad_mode (str): convolution padding, "reflect", "replicate" or "zeros". Ulyanov et al.'s. (Default: "reflect")
+        bisect_steps (int): bisection steps of the boundary localisation, ≥ 0. Ours. (Default: 8)
+        push (float): x_push = x_on − push·(x − x_on). Ours. (Default: 0.5)
+        stitch_window (int): on-manifold reconstructions averaged with x_push, ≥ 0. Ours. (Default: 2)
+        early_window (int): iterations after warmup whose records define y_early, ≥ 0. Ours. (Default: 50)
+        fallback (str): output without a crossing, "last" (reconstruction) or "input". Ours. (Default: "last")
+        detection (str): "early" (the paper's reading) or "last_switch". Ours. (Default: "early")
         chunk_rows (int): rows fitted together, ≥ 1; memory of the recorded trace only,
-            values unchanged. (Default: 64)
-        betas (tuple[float, float]): Adam β₁, β₂ in [0, 1). (Default: (0.9, 0.999))
-        adam_eps (float): Adam ε, > 0. (Default: 1e-8)
+            values unchanged. Ours. (Default: 64)
+        betas (tuple[float, float]): Adam β₁, β₂ in [0, 1). Adam's. (Default: (0.9, 0.999))
+        adam_eps (float): Adam ε, > 0. Adam's. (Default: 1e-8)
     """
 
     classifier: str = "small_cnn"

@@ -24,7 +24,7 @@ class GaussianSettings(PurifierSettings):
 
     Arguments:
         sigma (float): noise standard deviation in [0, 1] image units, > 0; the paper's
-            CIFAR-10 values are 0.12, 0.25, 0.5, 1.0. (Default: 0.25)
+            CIFAR-10 values are 0.12, 0.25, 0.5, 1.0. Paper. (Default: 0.25)
     """
 
     sigma: float = 0.25
@@ -37,7 +37,8 @@ class GaussianSettings(PurifierSettings):
 class GaussianPurifier(Purifier):
     """Adds keyed Gaussian noise and clips to [0, 1] (Cohen et al. 2019, arXiv:1902.02918).
 
-    Stochastic, differentiable, no network: nfe 0, no stats.
+    Stochastic, differentiable, no test-time optimisation: the honest attack is the full
+    gradient with EOT. No network: nfe 0, no stats.
     Shapes: x [N, C, H, W] in [0, 1] → x̂ [N, C, H, W] in [0, 1].
 
     Arguments:

@@ -18,8 +18,13 @@ class IdentitySettings(PurifierSettings):
 class IdentityPurifier(Purifier):
     """No purification: the undefended classifier, as a baseline row in every report.
 
-    Deterministic and differentiable; no network evaluations (nfe 0), no stats.
+    Paper: none (no defense).
+    Deterministic and differentiable, no test-time optimisation: the honest attack is the
+    classifier's own gradient. No network evaluations (nfe 0), no stats.
     Shapes: x [N, C, H, W] → x unchanged.
+
+    Arguments:
+        settings (IdentitySettings): none. (Default: IdentitySettings())
     """
 
     def __init__(self, settings: IdentitySettings = IdentitySettings()):

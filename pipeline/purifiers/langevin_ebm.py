@@ -54,7 +54,7 @@ class LangevinEBMSettings(PurifierSettings):
         checkpoint_segment (int): steps per gradient-checkpoint segment when a graph is
             needed (steps.run_steps): −1 memory-optimal, 0 off, k > 0 fixed. Memory only,
             values unchanged. Ours. (Default: −1)
-        net (Mapping | None): arch params of a published state dict (CIFAR-10 EBM). (Default: None)
+        net (Mapping | None): arch params of a published state dict (CIFAR-10 EBM). Ours. (Default: None)
     """
 
     steps: int = 1500
@@ -72,7 +72,7 @@ class LangevinEBMSettings(PurifierSettings):
 
 class LangevinEBMPurifier(Purifier):
     """Long-run Langevin purification (Hill et al. 2021, arXiv:2005.13525, Eq. 2): K steps
-    X ← X − ∇U(X) + ε·Z on X = 2x − 1. One energy-gradient evaluation per step and row.
+    X ← X − ∇U(X) + ε·Z on X = 2x − 1. nfe per row: one energy gradient per step.
 
     Stochastic, differentiable (second-order through ∇U), no test-time optimisation.
     Shapes: x [N, C, H, W] in [0, 1] → x̂ [N, C, H, W] (in [0, 1] when clip_output); no stats.

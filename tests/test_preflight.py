@@ -1,18 +1,16 @@
-"""A model fed the wrong images: the pre-work checks (input size against the checkpoint's
-recorded one, labels against the classifier's classes) and the report's clean-accuracy-
-above-chance check."""
+"""pipeline.evaluation.preflight: a model fed the wrong images is refused before work starts
+(input size against the checkpoint's recorded one, labels against the classifier's classes).
+The report's clean-accuracy-above-chance check: tests/test_record_checks.py."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
-from scipy.stats import binom
 
 from pipeline import config
 from pipeline.config import ConfigError
 from pipeline.evaluation import preflight
 from pipeline.io import checkpoints, shards
-from pipeline.report import record_checks
 from tests.conftest import job_dict
 
 
@@ -73,40 +71,3 @@ def test_a_later_label_outside_the_classes_fails_its_shard_by_name(tiny_models, 
     with pytest.raises(ValueError, match=r"labels -1, 14, 15 are outside the classifier's 10 classes \(0–9"):
         ShardWorker(cfg.to_dict()).process(shards.expand(pattern)[0], "shard-000000")
     preflight.check_labels(torch.arange(10), 10, "x")
-
-
-# ---------------------------------------------------------------------------- the report
-
-def test_chance_bound_is_the_binomial_upper_quantile():
-    for n, p in ((10, 0.1), (360, 0.1), (1000, 0.25), (50000, 0.001)):
-        b = record_checks.chance_bound(n, p)
-        assert binom.sf(b, n, p) <= record_checks.CHANCE_ALPHA < binom.sf(b - 1, n, p)
-    # the upper bound is Clopper-Pearson's: at it, k or fewer successes have probability alpha
-    for k, n in ((0, 10), (32, 360), (9, 10)):
-        up = record_checks.accuracy_upper(k, n)
-        assert binom.cdf(k, n, up) == pytest.approx(record_checks.CHANCE_ALPHA, rel=1e-6)
-
-
-def test_clean_accuracy_near_chance_is_flagged_with_a_margin_from_n():
-    balanced = {c: 36 for c in range(10)}
-    wrong_images = record_checks.check_clean_above_chance(32, 360, balanced)     # the issue's 8.8 %
-    assert not wrong_images["passed"] and "not above chance (10.0 %" in wrong_images["detail"]
-    assert record_checks.check_clean_above_chance(330, 360, balanced)["passed"]
-    # a tiny job is never flagged, only left undecided: 2 of 10 may be a working model's bad luck
-    tiny = record_checks.check_clean_above_chance(2, 10, {c: 1 for c in range(10)})
-    assert tiny["passed"] and "10 samples are too few to tell" in tiny["detail"]
-    assert record_checks.check_clean_above_chance(4, 5, {c: 1 for c in range(5)})["passed"]
-    assert not record_checks.check_clean_above_chance(3, 30, {c: 3 for c in range(10)})["passed"]
-    # the best constant guess sets chance: 4 labels, one of them 70 % of the data
-    skewed = {0: 70, 1: 10, 2: 10, 3: 10}
-    assert not record_checks.check_clean_above_chance(72, 100, skewed)["passed"]
-
-
-def test_run_data_checks_reads_the_report_fields():
-    per_class = [{"label": c, "clean_classifier": {"k": 3, "n": 36}} for c in range(10)]
-    clean = {"classifier": {"k": 32, "n": 360}, "defended": {"k": 31, "n": 360}}
-    out = record_checks.run_data_checks(clean, per_class)
-    assert [(c["name"], c["values"]["which"], c["passed"]) for c in out] == [
-        ("clean_above_chance", "classifier", False), ("clean_above_chance", "defended", False)]
-    same = {"classifier": {"k": 300, "n": 360}, "defended": {"k": 300, "n": 360}}
-    assert len(record_checks.run_data_checks(same, per_class)) == 1 and record_checks.run_data_checks(None, []) == []
