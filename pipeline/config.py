@@ -74,7 +74,8 @@ class EvaluationConfig:
     # AutoAttack-style cascade: each attack runs only on samples every earlier attack of the
     # same (norm, ε) failed to break; broken samples carry their breaking row forward
     cascade: bool = False
-    max_rows: int = 4096            # rows (samples × runs) per purifier/classifier call: memory only
+    # rows (samples × runs) per purifier/classifier call; auto: measured per worker (evaluation/row_chunks.py)
+    max_rows: Union[int, Literal["auto"]] = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"   # auto: cuda when the worker has a GPU
     # how the R runs decide a prediction (robust = no confirmed break and this prediction right)
     decision: Literal[DECISIONS] = DEFAULT_DECISION
@@ -310,8 +311,8 @@ def _check_ranges(cfg: Config) -> None:
              f"{a.gradient!r} is not one of {list(GRADIENT_REQUESTS)}")
         need(a.eot >= 1, f"attacks[{i}].eot", "must be ≥ 1")
     need(cfg.evaluation.runs >= 1, "evaluation.runs", "must be ≥ 1")
-    need(cfg.evaluation.max_rows >= 1, "evaluation.max_rows", "must be ≥ 1")
     ev = cfg.evaluation
+    need(ev.max_rows == "auto" or ev.max_rows >= 1, "evaluation.max_rows", "must be ≥ 1 or auto")
     need(ev.confirm_draws is None or ev.confirm_draws >= 1, "evaluation.confirm_draws", "must be ≥ 1 or null")
     need(ev.eot_probe >= 0, "evaluation.eot_probe", "must be ≥ 0")
     c = cfg.cluster

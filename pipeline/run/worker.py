@@ -22,7 +22,7 @@ import torch
 
 from pipeline import config as config_mod
 from pipeline import schema, stage_table
-from pipeline.evaluation.protocol import build_protocol
+from pipeline.evaluation.protocol import Protocol, build_protocol
 from pipeline.evaluation.stages import StageOutput
 from pipeline.io import shards, storage
 from pipeline.run import commit, faults, host
@@ -78,6 +78,11 @@ def _total_nfe(rows: list[dict[str, Any]]) -> int:
     """Model evaluations a shard cost: Σ over rows of attack_nfe + purify_nfe (shown as
     evaluations/s by the driver's progress bar)."""
     return int(sum(int(r.get("attack_nfe") or 0) + int(r.get("purify_nfe") or 0) for r in rows))
+
+
+def _rows_choice(p: Protocol) -> dict[str, Any] | None:
+    """The chunk this worker's calls used and why (evaluation/row_chunks.py), for the marker."""
+    return p.rows_choice.record() if p.rows_choice is not None else None
 
 
 class ShardWorker:
@@ -169,7 +174,7 @@ class ShardWorker:
             "seconds": time.time() - t0, "host": socket.gethostname(), "device": str(self.protocol.device),
             "node_id": host.node_id(), "gpu_ids": _gpu_ids(), "pid": os.getpid(), "checks": result.checks,
             "outputs": outputs, "versions": _versions(), "nfe": _total_nfe(result.rows),
-            "prefetched": prefetched})
+            "prefetched": prefetched, "max_rows": _rows_choice(self.protocol)})
 
     def _image_member(self, stage: stage_table.Stage, sid: str, url: str) -> Callable[..., tuple]:
         """(sample, image, extra) → TarBuilder.add_sample arguments: the input's key, and a
