@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from pipeline import config
-from pipeline.evaluation import stages
+from pipeline.evaluation import row_chunks, stages
 from pipeline.io import datasets, shards
 from pipeline.io.make_shards import make_shards
 
@@ -122,6 +122,7 @@ class _FakeProtocol:
     def __init__(self, batch_size: int):
         self.batch_size, self.device = batch_size, torch.device("cpu")
         self.defense = types.SimpleNamespace(classifier=None)   # no class count: labels unchecked
+        self.rows_choice = row_chunks.Choice(4096, "configured", 0, "a fake protocol: nothing to settle")
 
 
 def _samples(n: int) -> list[shards.Sample]:

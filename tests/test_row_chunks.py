@@ -117,9 +117,10 @@ def test_worker_settles_once_and_records_the_choice(digits_shards, digits_models
 
 
 def test_records_do_not_depend_on_the_chunk(digits_shards, digits_models, tmp_path):
-    """A stochastic defense (keyed Gaussian noise, EOT 8, R 3) under APGD: the records with
-    chunks of 7 rows and of the whole batch (one call) hold the same predictions, logits,
-    adversarial steps and verdicts."""
+    """A stochastic defense (keyed Gaussian noise, EOT 8, R 3) under APGD: chunks of 7 rows
+    and one call of the whole batch give the same verdicts, predictions and break steps. The
+    float32 logits agree to rounding only: a CPU convolution's last bits depend on how many
+    rows it runs (1 ulp in the logits), so the per-run values are compared within 1e-4."""
     tables = []
     for rows in (7, 4096):
         cfg = _noise_job(digits_shards, digits_models, tmp_path, rows, name=f"out{rows}")
@@ -129,8 +130,12 @@ def test_records_do_not_depend_on_the_chunk(digits_shards, digits_models, tmp_pa
         tables.append(commit.load_records(cfg.job.output).sort_by("key"))
     a, b = tables
     assert a.num_rows == b.num_rows == 24          # one row per (sample, attack)
-    for col in ("key", "attack_index", "clean_purified_preds", "purified_preds", "purified_mean_logits",
-                "mean_logit_pred", "linf", "l2", "candidate_step", "broken_step", "attack_steps", "robust",
-                "attack_nfe", "purify_nfe"):
+    for col in ("key", "attack_index", "clean_purified_preds", "purified_preds", "mean_logit_pred", "vote_pred",
+                "candidate_step", "broken_step", "attack_steps", "robust", "attack_nfe", "purify_nfe"):
         assert a[col].to_pylist() == b[col].to_pylist(), col
+    for col in ("purified_mean_logits", "linf", "l2"):
+        for u, v in zip(a[col].to_pylist(), b[col].to_pylist()):   # None: not evaluated (a confirmed break)
+            assert (u is None) == (v is None), col
+            if u is not None:
+                assert torch.allclose(torch.tensor(u), torch.tensor(v), rtol=0, atol=1e-4), col
     assert 0 < pc.sum(pc.cast(a["robust"], "int64")).as_py() < a.num_rows   # some broken, some not
