@@ -78,6 +78,7 @@ def run_ours(a: argparse.Namespace, job_file: Path, out: Path, env: dict) -> tup
     proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", str(job_file)], env=env,
                           capture_output=True, text=True)
     wall = time.perf_counter() - t0
+    (out.parent / "advpure_run.log").write_text(proc.stdout + proc.stderr)   # the last run's log
     if proc.returncode != 0:
         raise SystemExit(f"advpure run failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     rows = commit.load_records(str(out)).to_pylist()
