@@ -186,7 +186,7 @@ def main() -> int:
               flush=True)
     print(f"median advpure / AutoAttack: {statistics.median(ratios):.2f} (pairs: "
           f"{', '.join(f'{r:.2f}' for r in ratios)})")
-    if mr:
+    if mr and mr.get("how") != "configured":
         print(f"max_rows: {mr.get('rows')} — {mr.get('detail')} ({mr.get('workload')}, settled in "
               f"{mr.get('seconds')} s)")
     return 0
