@@ -7,7 +7,7 @@ Builds the job's protocol as a worker does (in this process, no Ray), reads the 
 first batch (--batch, default the job's batch size) and times one step of the attack with the
 most rows per step (batch × EOT) — the draws through the defense the attack differentiates,
 cross-entropy of the mean logits, backward — with evaluation.max_rows set to each --rows value
-(`pipeline.run.plan.time_eot_step`, what `advpure plan` uses for its max_rows suggestion).
+(`pipeline.evaluation.row_chunks.time_eot_step`, what `max_rows: auto` and `advpure plan` time).
 Sizes at or above the step's rows are one call; the sizes run interleaved, --repeats rounds,
 after one warm-up step. Prints each size's median seconds and its ratio to one call.
 """
@@ -25,16 +25,15 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from pipeline import config  # noqa: E402
-from pipeline.evaluation import stages  # noqa: E402
+from pipeline.evaluation import row_chunks, stages  # noqa: E402
 from pipeline.evaluation.protocol import build_protocol  # noqa: E402
 from pipeline.io import shards  # noqa: E402
-from pipeline.run import plan  # noqa: E402
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("config")
-    ap.add_argument("--rows", type=int, nargs="+", default=list(plan.ROW_CHUNKS))
+    ap.add_argument("--rows", type=int, nargs="+", default=list(row_chunks.ROW_CHUNKS))
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--batch", type=int, default=None)
     ap.add_argument("--threads", type=int, default=1)
@@ -54,11 +53,11 @@ def main() -> int:
     sizes = sorted({min(r, rows) for r in a.rows})
     print(f"{a.config}: attack{attack.index}:{attack.name}, {len(b.keys)} images × EOT {attack.eot} = {rows} rows "
           f"per step, {a.threads} thread(s), {p.device}; load {os.getloadavg()[0]:.1f}", flush=True)
-    plan.time_eot_step(p, attack, b, rows)  # warm-up
+    row_chunks.time_eot_step(p, attack, b.x, b.y, b.keys, rows)  # warm-up
     times: dict[int, list[float]] = {s: [] for s in sizes}
     for _ in range(a.repeats):
         for s in sizes:
-            times[s].append(plan.time_eot_step(p, attack, b, s))
+            times[s].append(row_chunks.time_eot_step(p, attack, b.x, b.y, b.keys, s))
     whole = statistics.median(times[rows]) if rows in times else None
     for s in sizes:
         med = statistics.median(times[s])

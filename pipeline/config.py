@@ -144,8 +144,8 @@ class EvaluationConfig:
     # AutoAttack-style cascade: each attack runs only on samples every earlier attack of the
     # same (norm, ε) failed to break; broken samples carry their breaking row forward
     cascade: bool = False
-    # rows (samples × runs) per purifier/classifier call: memory only (auto: sized to the device)
-    max_rows: Positive | Literal["auto"] = 4096
+    # rows (samples × runs) per purifier/classifier call; auto: measured per worker (evaluation/row_chunks.py)
+    max_rows: Positive | Literal["auto"] = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"   # auto: cuda when the worker has a GPU
     # how the R runs decide a prediction (robust = no confirmed break and this prediction right)
     decision: Literal[DECISIONS] = DEFAULT_DECISION

@@ -7,7 +7,7 @@ import json
 import torch
 
 from pipeline import config
-from pipeline.evaluation import batch, stages
+from pipeline.evaluation import batch, row_chunks, stages
 from pipeline.evaluation.protocol import build_protocol
 from pipeline.io import shards
 from pipeline.run import commit, plan
@@ -89,21 +89,29 @@ def _noise_defense_cfg(digits_shards, digits_models, tmp_path):
                 data={"shards": digits_shards["pattern"], "batch_size": 16, "max_samples_per_shard": 16})
 
 
-def test_plan_times_row_chunks_below_the_attack_steps_rows(digits_shards, digits_models, tmp_path):
+def test_plan_says_what_auto_picks_for_the_attack_steps_rows(digits_shards, digits_models, tmp_path):
     r = plan.plan(_noise_defense_cfg(digits_shards, digits_models, tmp_path), workers=[1])
     mr = r["max_rows"]
-    assert mr["rows"] == 128 and mr["eot"] == 8 and mr["configured"] == 4096
-    assert sorted(mr["seconds"]) == [64, 128] and all(s > 0 for s in mr["seconds"].values())
-    assert mr["suggested"] in (64, 4096)
-    assert "max_rows: configured 4096" in plan.format_plan(r)
+    assert mr["configured"] == "auto" and mr["suggested"] == "auto"
+    a = mr["auto"]
+    assert a["needed"] == 128 and a["how"] == "timed" and a["rows"] in (64, 128)
+    assert set(a["seconds_per_row"]) <= {"64", "128"} and "EOT-8 gradient step of attack0:pgd" in a["workload"]
+    assert f"max_rows: auto picks {a['rows']} on this machine" in plan.format_plan(r)
 
 
-def test_suggested_max_rows_needs_a_clear_gain(digits_shards, digits_models, tmp_path, monkeypatch):
-    cal, p = plan.calibrate(_noise_defense_cfg(digits_shards, digits_models, tmp_path))
-    assert p.defense.max_rows == 4096  # timing restores the configured chunk
-    for timings, expected in (({64: 1.0, 128: 2.0}, 64), ({64: 1.9, 128: 2.0}, 4096), ({64: 3.0, 128: 2.0}, 4096)):
-        monkeypatch.setattr(plan, "time_eot_step", lambda p, a, b, n, t=timings: t[n])
-        assert plan.suggest_max_rows(p, cal)["suggested"] == expected
+def test_a_pinned_max_rows_gives_way_to_auto_only_for_a_clear_gain(digits_shards, digits_models, tmp_path,
+                                                                     monkeypatch):
+    cfg = _noise_defense_cfg(digits_shards, digits_models, tmp_path)
+    cfg = dataclasses.replace(cfg, evaluation=dataclasses.replace(cfg.evaluation, max_rows=4096))
+    cal, p = plan.calibrate(cfg)
+    assert p.defense.max_rows == 4096 and p.rows_choice.how == "configured"  # timing restores the pinned chunk
+    for per_row, expected in (({64: 1.0, 128: 2.0}, "auto"), ({64: 1.9, 128: 2.0}, 4096), ({64: 3.0, 128: 2.0}, 4096)):
+        monkeypatch.setattr(row_chunks, "time_eot_step",
+                            lambda p, a, x, y, keys, n, t=per_row: 1e-4 * t[n] * len(keys) * a.eot)
+        mr = plan.suggest_max_rows(p, cal)
+        assert mr["suggested"] == expected and mr["configured"] == 4096
+        assert mr["auto"]["rows"] == min(per_row, key=per_row.get)
+    assert "max_rows: configured 4096, suggested 4096; auto picks 128" in plan._max_rows_line(mr)
 
 
 def test_makespan_spreads_longest_first():

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from pipeline import config, report
-from pipeline.evaluation import stages
+from pipeline.evaluation import row_chunks, stages
 from pipeline.io import shards
 from pipeline.run import commit, driver
 from tests.conftest import job_dict
@@ -146,6 +146,7 @@ class _FakeProtocol:
     def __init__(self, batch_size: int):
         self.batch_size, self.device = batch_size, torch.device("cpu")
         self.defense = types.SimpleNamespace(classifier=None)   # no class count: labels unchecked
+        self.rows_choice = row_chunks.Choice(4096, "configured", 0, "a fake protocol: nothing to settle")
 
 
 def _samples(n: int) -> list[shards.Sample]:

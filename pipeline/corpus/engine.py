@@ -23,7 +23,7 @@ from torch import nn
 
 from pipeline import config as config_mod
 from pipeline.config import Config, ConfigError
-from pipeline.evaluation import preflight
+from pipeline.evaluation import preflight, row_chunks
 from pipeline.evaluation.decision import decide
 from pipeline.evaluation.defense import Defense
 from pipeline.evaluation.protocol import pick_device
@@ -87,7 +87,8 @@ class Engine:
             classifier = _frozen(CLASSIFIERS.build(cfg.classifier.name, **cfg.classifier.params))
         self.has_classifier = classifier is not None
         self.defense = Defense(classifier if classifier is not None else nn.Identity(), purifier,
-                               cfg.evaluation.max_rows).to(self.device)
+                               row_chunks.initial_rows(cfg.evaluation.max_rows)).to(self.device)
+        self.rows_choice: row_chunks.Choice | None = None   # the chunk in force, once settled
         given = cfg.corpus.channels if cfg.corpus is not None else None
         self.channels = given or input_channels(purifier)
         self.provenance = {
@@ -124,6 +125,7 @@ class Engine:
     def _batch(self, x: torch.Tensor, keys: list[str]) -> list[Outcome]:
         t0 = time.perf_counter()
         x = x.to(self.device)
+        self._settle_rows(x, keys)
         with torch.no_grad():  # no attack here: nothing needs gradients (test-time optimisers enable their own)
             images, nfe = self._purify(x, keys)                     # [B, R, C, H, W]
         if images.shape[2:] != x.shape[1:]:
@@ -139,6 +141,33 @@ class Engine:
                 continue
             out.append(Outcome(first[i], nfe, seconds, None, **{k: v[i] for k, v in cls.items()}))
         return out
+
+    def _settle_rows(self, x: torch.Tensor, keys: list[str]) -> None:
+        """evaluation.max_rows: auto → timed once, on the first batch: the R-run purify at each
+        candidate chunk (pipeline/evaluation/row_chunks.py); an int is kept as configured."""
+        if self.rows_choice is not None:
+            return
+        requested, needed = self.cfg.evaluation.max_rows, x.shape[0] * self.runs
+
+        def timer(c: int, whole: bool) -> tuple[float, int]:
+            n = x.shape[0] if whole else max(1, min(x.shape[0], c // self.runs))
+            old, self.defense.max_rows = self.defense.max_rows, c
+            try:
+                t0 = time.perf_counter()
+                with torch.no_grad():
+                    self._purify(x[:n], [f"{row_chunks.CONTEXT}/{k}" for k in keys[:n]])
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)
+                return time.perf_counter() - t0, n * self.runs
+            finally:
+                self.defense.max_rows = old
+        if requested == row_chunks.AUTO:
+            self.rows_choice = row_chunks.choose(self.device, needed, timer, f"the {self.runs}-run purify")
+        else:
+            self.rows_choice = row_chunks.Choice(int(requested), "configured", needed, "pinned in the config")
+        self.defense.max_rows = self.rows_choice.rows
+        log.info("evaluation.max_rows %s: %d rows per call (%s; %s)", requested, self.rows_choice.rows,
+                 self.rows_choice.how, self.rows_choice.detail)
 
     def _purify(self, x: torch.Tensor, keys: list[str]) -> tuple[torch.Tensor, int]:
         B, C, H, W = x.shape

@@ -156,6 +156,7 @@ class CorpusWorker(WorkerBase):
             "dropped": {k: v for k, v in sorted(counts.items()) if k != CorpusStatus.OK.value},
             "dropped_examples": dict(sorted(examples.items())),
             "input_bytes": run.reader.bytes_read, "non_file_members": run.reader.non_file_members,
+            "max_rows": self.engine.rows_choice.record() if self.engine.rows_choice is not None else None,
         }, table_schema=schema.CORPUS_SCHEMA)
         del run, data
         host.release_freed_memory()

@@ -13,6 +13,7 @@ import torch
 from pipeline import config as config_mod
 from pipeline.attacks.base import Attack
 from pipeline.config import Config
+from pipeline.evaluation import row_chunks
 from pipeline.evaluation.defense import Defense, honest_gradient_mode, speed_up
 from pipeline.io import checkpoints, storage
 from pipeline.registry import ATTACKS, CLASSIFIERS, PURIFIERS
@@ -57,6 +58,8 @@ class Protocol:
     eot_probe: int                 # samples of a shard's first batch for the EOT-doubling probe
     device: torch.device
     provenance: dict[str, Any]     # the record columns that identify job, config and models
+    max_rows: int | str = row_chunks.AUTO   # evaluation.max_rows as configured (an int pins it)
+    rows_choice: row_chunks.Choice | None = None   # the chunk in force, once settled (row_chunks.settle)
 
 
 def resolve_gradient(requested: str, defense: Defense) -> str:
@@ -112,7 +115,7 @@ def _plan_attacks(cfg: Config, defense: Defense) -> list[PlannedAttack]:
             checkpoint, settings = PURIFIERS.parse(cfg.purifier.name, cfg.purifier.params, "purifier.params")
             settings = settings.replace(a.surrogate, f"attacks[{i}].surrogate")
             sp = _frozen(PURIFIERS.get(cfg.purifier.name)(checkpoint, settings))
-            surrogate = Defense(defense.classifier, sp, ev.max_rows)
+            surrogate = Defense(defense.classifier, sp, row_chunks.initial_rows(ev.max_rows))
         attack = ATTACKS.build(a.name, **a.params)
         gradient = resolve_gradient(a.gradient, surrogate or defense)
         draws = confirm_draws(attack, gradient, surrogate, defense, ev.runs, ev.confirm_draws)
@@ -126,7 +129,7 @@ def build_protocol(cfg: Config) -> Protocol:
     classifier = _frozen(CLASSIFIERS.build(cfg.classifier.name, **cfg.classifier.params)).to(device)
     purifier = _frozen(PURIFIERS.build(cfg.purifier.name, **cfg.purifier.params)).to(device)
     classifier = speed_up(classifier, purifier, ev.precision, ev.channels_last, ev.compile)
-    defense = Defense(classifier, purifier, ev.max_rows).to(device)
+    defense = Defense(classifier, purifier, row_chunks.initial_rows(ev.max_rows)).to(device)
     attacks = _plan_attacks(cfg, defense)
     for a in attacks:
         if a.surrogate is not None:
@@ -139,4 +142,4 @@ def build_protocol(cfg: Config) -> Protocol:
         "purifier_params": json.dumps({**cfg.purifier.params, **purifier.record()}, sort_keys=True, default=str),
     }
     return Protocol(defense, attacks, cfg.job.seed, ev.runs, ev.decision, cfg.data.batch_size, ev.cascade,
-                    ev.eot_probe, device, provenance)
+                    ev.eot_probe, device, provenance, ev.max_rows)

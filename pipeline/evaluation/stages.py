@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence, TypeVar
 import numpy as np
 import torch
 
-from pipeline.evaluation import preflight
+from pipeline.evaluation import preflight, row_chunks
 from pipeline.evaluation.batch import (
     CleanEval,
     attack_batch,
@@ -97,6 +97,7 @@ def adaptive(p: Protocol, samples: Iterable[Sample], work: Callable[[Batch], T])
         k = getattr(p.defense.classifier, "num_classes", None)
         if k is not None:   # a label the classifier cannot predict would count as a wrong answer
             preflight.check_labels([s.label for s in b.samples], int(k), f"samples {b.keys[0]} … {b.keys[-1]}")
+        row_chunks.settle(p, b.x, b.y, b.keys)   # max_rows: auto is measured once, on the first batch
         try:
             out = work(b)
         except RuntimeError as err:

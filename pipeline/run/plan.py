@@ -10,10 +10,10 @@ scaled to the job's sample counts (the shard index), per-shard costs (the first-
 checks, decoding) to its shard count, and shards are spread over W workers longest-first.
 
 Suggestions: a batch size (memory), a checkpoint segment (full-gradient graphs through an
-iterative purifier) and evaluation.max_rows — the rows per purifier and classifier call, timed
-on one step of the attack with the most rows per step at the configured chunk and at smaller
-powers of two (one CPU thread: one 2,000-row call took twice as long as chunks of 250,
-BENCHMARKS.md "Row chunks").
+iterative purifier) and evaluation.max_rows — the rows per purifier and classifier call: what
+`auto` picks on this machine (pipeline/evaluation/row_chunks.py, as each worker settles it;
+one CPU thread: one 2,000-row call took twice as long as chunks of 250, BENCHMARKS.md "Row
+chunks"), compared with a pinned chunk on one whole step.
 
 Start-up: a fresh interpreter importing the worker is timed in a subprocess, plus the
 protocol's build; a local Ray start only with `--ray-startup` (it starts Ray). What it cannot
@@ -35,8 +35,8 @@ import torch
 
 from pipeline import stage_table
 from pipeline.config import Config
-from pipeline.evaluation import batch, stages
-from pipeline.evaluation.protocol import NO_ATTACK, PlannedAttack, Protocol, build_protocol
+from pipeline.evaluation import batch, row_chunks, stages
+from pipeline.evaluation.protocol import NO_ATTACK, Protocol, build_protocol
 from pipeline.io import shards
 from pipeline.run import host
 
@@ -230,6 +230,7 @@ def calibrate(cfg: Config, batches: int = 1) -> tuple[Calibration, Protocol]:
         raise ValueError(f"{url}: no decodable samples to calibrate on")
     first = next(stages.batches(samples[: p.batch_size * batches], p.batch_size * batches, p.device))
     _warm_up(p, first)
+    row_chunks.settle(p, first.x, first.y, first.keys)   # as the worker does: the stages run at the chunk in force
     base = _rss_now() if p.device.type != "cuda" else int(torch.cuda.memory_allocated(p.device))
     cal = Calibration(build, decode, base, len(first.keys), first.x[:1].detach().cpu(), sample=first)
     images: dict[str, Images] = {}   # each calibrated stage's images, for a stage that reads them
@@ -342,50 +343,38 @@ def _steps_field(pur) -> str:
     return "steps" if hasattr(pur.settings, "steps") else "max_iter"
 
 
-ROW_CHUNKS = (64, 128, 256, 512, 1024, 2048, 4096)
-CHUNK_GAIN = 0.9   # suggest another chunk only if ≥ 10 % faster: single timings on a shared CPU move that much
-
-
-def time_eot_step(p: Protocol, attack: PlannedAttack, b: stages.Batch, max_rows: int) -> float:
-    """Seconds of one attack step's gradient on the batch — `attack.eot` draws per image through
-    the defense the attack differentiates (forward, cross-entropy of the mean logits, backward)
-    — with evaluation.max_rows = max_rows rows per purifier and classifier call."""
-    defense = attack.surrogate or p.defense
-    old = defense.max_rows
-    defense.max_rows = max(1, int(max_rows))
-    try:
-        target = defense.attack_target(attack.gradient, p.seed, b.keys, "plan/max_rows", attack.eot)
-        x = b.x.detach().clone().requires_grad_(True)
-        t0 = time.perf_counter()
-        with torch.enable_grad():
-            loss = torch.nn.functional.cross_entropy(target(x, 0).mean(1), b.y)
-            torch.autograd.grad(loss, x)
-        if p.device.type == "cuda":
-            torch.cuda.synchronize(p.device)
-        return time.perf_counter() - t0
-    finally:
-        defense.max_rows = old
+CHUNK_GAIN = 0.9   # auto over a pinned chunk only if ≥ 10 % faster: single timings on a shared CPU move that much
 
 
 def suggest_max_rows(p: Protocol, cal: Calibration) -> dict[str, Any] | None:
-    """evaluation.max_rows by measurement: one step of the attack with the most rows per step
-    (batch × EOT) timed at the configured chunk and at each of ROW_CHUNKS below its rows;
-    the fastest is suggested where it beats the configured chunk by 1 − CHUNK_GAIN."""
-    attacks = [a for a in p.attacks if a.gradient != "classifier"]
-    if not attacks or cal.sample is None:
+    """evaluation.max_rows by measurement: what `auto` picks on this machine (row_chunks.choose,
+    as each worker does: settled in `calibrate` when auto is configured, else run here). A
+    pinned chunk is compared with it on one full step of the dominant work (row_chunks.
+    protocol_timer) and auto is suggested where it is faster by 1 − CHUNK_GAIN."""
+    if cal.sample is None:
         return None
-    attack = max(attacks, key=lambda a: a.eot)
-    rows = len(cal.sample.keys) * attack.eot
-    configured = (attack.surrogate or p.defense).max_rows
-    sizes = sorted({c for c in ROW_CHUNKS if c < rows} | {min(configured, rows)})
-    if len(sizes) < 2:
-        return None
-    seconds = {n: time_eot_step(p, attack, cal.sample, n) for n in sizes}
-    best = min(seconds, key=seconds.get)
-    mine = seconds[min(configured, rows)]
-    suggested = best if seconds[best] < CHUNK_GAIN * mine else configured
-    return {"attack": f"attack{attack.index}:{attack.name}", "eot": attack.eot, "rows": rows,
-            "configured": configured, "suggested": suggested, "seconds": seconds}
+    b = cal.sample
+    timer, draws, workload = row_chunks.protocol_timer(p, b.x, b.y, b.keys)
+    needed = p.batch_size * max(draws, p.runs)
+    if p.max_rows == row_chunks.AUTO and p.rows_choice is not None:
+        return {"configured": "auto", "auto": p.rows_choice.record(), "suggested": "auto", "seconds": {}}
+    auto = row_chunks.choose(p.device, needed, timer, workload)
+    pinned = min(int(p.max_rows), len(b.keys) * draws)
+    seconds = {n: timer(n, True)[0] for n in sorted({pinned, auto.rows})}
+    better = seconds[auto.rows] < CHUNK_GAIN * seconds[pinned]
+    return {"configured": int(p.max_rows), "auto": auto.record(), "suggested": "auto" if better else int(p.max_rows),
+            "seconds": seconds}
+
+
+def _max_rows_line(mr: dict[str, Any]) -> str:
+    a = mr["auto"]
+    picks = f"auto picks {a['rows']} on this machine ({a['how']}: {a['detail']}; {a['workload']}, " \
+            f"{a['needed']} rows a call)"
+    if mr["configured"] == "auto":
+        return f"max_rows: {picks}"
+    timed = ", ".join(f"{n} rows {s:.2f} s" for n, s in mr["seconds"].items())
+    return (f"max_rows: configured {mr['configured']}, suggested {mr['suggested']}; {picks}; "
+            f"one whole step: {timed}")
 
 
 def _graph_bytes_per_row_step(pur, device: torch.device, cal: Calibration) -> float:
@@ -513,12 +502,8 @@ def format_plan(r: dict[str, Any]) -> str:
     lines.append(f"  (includes a measured local Ray start of {ray:.1f} s)" if ray is not None else
                  "  (Ray start-up not included: --ray-startup measures a local one)")
     lines.append(_batch_line(r))
-    mr = r.get("max_rows")
-    if mr:
-        timed = ", ".join(f"{n} rows {s:.2f} s" for n, s in mr["seconds"].items())
-        lines.append(f"max_rows: configured {mr['configured']}, suggested {mr['suggested']} (one step of "
-                     f"{mr['attack']}, {mr['rows'] // mr['eot']} images × EOT {mr['eot']} = {mr['rows']} rows: "
-                     f"{timed})")
+    if r.get("max_rows"):
+        lines.append(_max_rows_line(r["max_rows"]))
     seg = r["checkpoint_segment"]
     if seg:
         lines.append(f"checkpoint_segment: configured {seg['configured']}, suggested {seg['suggested']} "

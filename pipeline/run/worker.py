@@ -19,7 +19,7 @@ import numpy as np
 from pipeline import schema, stage_table
 from pipeline.config import Config
 from pipeline.evaluation import preflight
-from pipeline.evaluation.protocol import build_protocol
+from pipeline.evaluation.protocol import Protocol, build_protocol
 from pipeline.evaluation.stages import StageOutput
 from pipeline.io import shards, storage
 from pipeline.run import commit, faults, host
@@ -43,6 +43,11 @@ def _total_nfe(rows: list[dict[str, Any]]) -> int:
     """Model evaluations a shard cost: Σ over rows of attack_nfe + purify_nfe (shown as
     evaluations/s by the driver's progress bar)."""
     return int(sum(int(r.get("attack_nfe") or 0) + int(r.get("purify_nfe") or 0) for r in rows))
+
+
+def _rows_choice(p: Protocol) -> dict[str, Any] | None:
+    """The chunk this worker's calls used and why (evaluation/row_chunks.py), for the marker."""
+    return p.rows_choice.record() if p.rows_choice is not None else None
 
 
 class ShardWorker(WorkerBase):
@@ -131,7 +136,8 @@ class ShardWorker(WorkerBase):
         return commit.commit_records(self.cfg.job.output, stage, sid, rows, {
             "source": url, "samples": source.samples, "config_hash": self.protocol.provenance["config_hash"],
             "seconds": time.time() - t0, **where, "checks": result.checks,
-            "outputs": outputs, "nfe": _total_nfe(result.rows), "prefetched": prefetched})
+            "outputs": outputs, "nfe": _total_nfe(result.rows), "prefetched": prefetched,
+            "max_rows": _rows_choice(self.protocol)})
 
     def _image_member(self, stage: stage_table.Stage, sid: str, url: str) -> Callable[..., tuple]:
         """(sample, image, extra) → TarBuilder.add_sample arguments: the input's key, and a

@@ -1,0 +1,196 @@
+"""`autoattack_rand` against AutoAttack's own `version='rand'`, whole processes, paired (issue 23).
+
+    python benchmarks/autoattack_official.py --autoattack DIR [--samples 50] [--steps 20] [--eot 20]
+        [--eps 0.1] [--sigma 0.15] [--threads 1] [--pairs 3] [--max-rows auto] [--classifier CKPT]
+        [--workdir DIR]
+
+DIR holds the official code's `autoattack` package (fra31/auto-attack, e.g. extracted from a
+fetched mirror into /tmp); it is imported from there at run time, never copied into this repo.
+
+The same model, images and budget on both sides: the small CNN (trained first if missing,
+jobs/train_classifier.py's recipe: held-out MNIST `t10k-fit` when the MNIST test files are
+there, else the digits train split) behind the `gaussian` purifier (σ, stochastic), the first
+--samples images of `t10k-holdout` (or digits test) in one shard, ℓ∞ ε, APGD-CE then APGD-DLR with
+--steps iterations and EOT --eot, one restart.
+- A (advpure): `advpure run JOB` with default settings (evaluation.max_rows auto, runs 1,
+  no cascade, the local executor), the `autoattack_rand` preset with eps/steps/eot overridden,
+  batch = all samples; its robust accuracy from the committed records (per-sample worst case).
+- B (AutoAttack): a process that imports the official package, wraps the defended forward —
+  classifier(clip(x + σ·z)), z fresh from torch.randn on every call, as AutoAttack expects of
+  a randomized model — and runs `AutoAttack(model, 'Linf', eps, version='rand')` with
+  apgd.n_iter = --steps and eot_iter = --eot over all samples in one batch.
+Both processes get --threads torch threads (OMP/MKL too). Runs alternate A B A B … (the
+machine is shared: pairs let the load fall on both sides); each pair's ratio A/B and the
+median are printed with both robust accuracies and what `max_rows: auto` picked (commit marker).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def prepare(a: argparse.Namespace, work: Path) -> tuple[str, str, str]:
+    """(dataset label, the shard, classifier checkpoint), training the CNN if missing."""
+    from pipeline.io import datasets
+    from pipeline.io import shards as shard_io
+    from pipeline.io.make_shards import make_shards
+    from pipeline.train import recipes
+
+    mnist = datasets.mnist_available()
+    source, split, fit = ("mnist", "t10k-holdout", "t10k-fit") if mnist else ("digits", "test", "train")
+    ckpt = a.classifier or str(ROOT / "runs/models" / f"{source}_cnn.pt")
+    if not Path(ckpt).exists():
+        Path(ckpt).parent.mkdir(parents=True, exist_ok=True)
+        meta = recipes.train_small_cnn(ckpt, source, fit, epochs=3 if mnist else 40, seed=0)
+        print(f"trained {ckpt}: train accuracy {meta['train_accuracy']:.4f}, {meta['seconds']:.0f} s", flush=True)
+    doc = make_shards(source, str(work / "shards"), split=split, samples_per_shard=a.samples, limit=a.samples)
+    return f"{source} {split}", shard_io.expand(doc["pattern"])[0], ckpt
+
+
+def job(a: argparse.Namespace, shard: str, ckpt: str, out: Path) -> dict:
+    ev = {} if a.max_rows == "auto" else {"max_rows": int(a.max_rows)}   # default: auto
+    return {"job": {"name": "autoattack_official", "output": str(out), "seed": 0},
+            "data": {"shards": shard, "batch_size": a.samples},
+            "classifier": {"name": "small_cnn", "params": {"checkpoint": ckpt}},
+            "purifier": {"name": "gaussian", "params": {"sigma": a.sigma}},
+            "attacks": [{"preset": "autoattack_rand", "overrides": {"eps": a.eps, "steps": a.steps, "eot": a.eot}}],
+            "evaluation": {"device": "cpu", **ev},
+            "cluster": {"num_workers": 1, "cpus_per_worker": a.threads}}
+
+
+def run_ours(a: argparse.Namespace, job_file: Path, out: Path, env: dict) -> tuple[float, dict]:
+    """Wall seconds of `advpure run`, and (robust accuracy, max_rows record) from its output."""
+    from pipeline.run import commit
+
+    shutil.rmtree(out, ignore_errors=True)
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", str(job_file)], env=env,
+                          capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    (out.parent / "advpure_run.log").write_text(proc.stdout + proc.stderr)   # the last run's log
+    if proc.returncode != 0:
+        raise SystemExit(f"advpure run failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    rows = commit.load_records(str(out)).to_pylist()
+    robust: dict[str, bool] = {}
+    for r in rows:   # per-sample worst case over the two entries
+        robust[r["key"]] = robust.get(r["key"], True) and bool(r["robust"])
+    marker = next(iter(commit.committed(str(out), "evaluate").values()))
+    return wall, {"robust": sum(robust.values()) / len(robust), "max_rows": marker.get("max_rows")}
+
+
+def run_autoattack(a: argparse.Namespace, shard: str, ckpt: str, env: dict) -> tuple[float, dict]:
+    args = [sys.executable, __file__, "--side", "autoattack", "--autoattack", a.autoattack, "--shard", shard,
+            "--classifier", ckpt, "--samples", str(a.samples), "--steps", str(a.steps), "--eot", str(a.eot),
+            "--eps", str(a.eps), "--sigma", str(a.sigma), "--threads", str(a.threads)]
+    t0 = time.perf_counter()
+    proc = subprocess.run(args, env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise SystemExit(f"AutoAttack run failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return wall, json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def autoattack_side(a: argparse.Namespace) -> int:
+    """B: the official AutoAttack 'rand' on the defended model (this process is timed whole)."""
+    import torch
+
+    torch.set_num_threads(a.threads)
+    sys.path.insert(0, a.autoattack)
+    from autoattack import AutoAttack
+
+    from pipeline.io import shards as shard_io
+    from pipeline.registry import CLASSIFIERS
+
+    clf = CLASSIFIERS.build("small_cnn", checkpoint=a.classifier).eval().requires_grad_(False)
+    sigma = a.sigma
+
+    class Defended(torch.nn.Module):   # the gaussian purifier's math with fresh torch noise per call
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return clf((x + sigma * torch.randn_like(x)).clamp(0.0, 1.0))
+
+    samples = [s for s in shard_io.read_shard(a.shard) if s.error is None][: a.samples]
+    x = torch.from_numpy(__import__("numpy").stack([shard_io.to_unit_float(s.image) for s in samples]))
+    x, y = x.permute(0, 3, 1, 2).contiguous(), torch.tensor([s.label for s in samples])
+    torch.manual_seed(0)
+    adversary = AutoAttack(Defended().eval(), norm="Linf", eps=a.eps, version="rand", device="cpu", verbose=False,
+                           seed=0)
+    adversary.apgd.n_iter = a.steps
+    adversary.apgd.eot_iter = a.eot
+    with open(os.devnull, "w") as null:   # AutoAttack prints its own progress and warnings
+        stdout, sys.stdout = sys.stdout, null
+        try:
+            x_adv = adversary.run_standard_evaluation(x, y, bs=len(samples))
+            with torch.no_grad():
+                robust = (Defended()(x_adv).argmax(1) == y).float().mean().item()
+        finally:
+            sys.stdout = stdout
+    print(json.dumps({"robust": robust}))
+    return 0
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--autoattack", required=True, help="folder holding the official `autoattack` package")
+    ap.add_argument("--samples", type=int, default=50)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--eot", type=int, default=20)
+    ap.add_argument("--eps", type=float, default=0.1)
+    ap.add_argument("--sigma", type=float, default=0.15)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--pairs", type=int, default=3)
+    ap.add_argument("--max-rows", default="auto", help="advpure's evaluation.max_rows (default: auto, the default)")
+    ap.add_argument("--classifier", default=None)
+    ap.add_argument("--workdir", default=None)
+    ap.add_argument("--side", choices=["autoattack"], help=argparse.SUPPRESS)
+    ap.add_argument("--shard", help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.side == "autoattack":
+        return autoattack_side(a)
+    if not (Path(a.autoattack) / "autoattack" / "autoattack.py").exists():
+        print(f"--autoattack {a.autoattack}: no autoattack/autoattack.py there", file=sys.stderr)
+        return 2
+    work = Path(a.workdir or tempfile.mkdtemp(prefix="aa_official_"))
+    label, shard, ckpt = prepare(a, work)
+    job_file, out = work / "job.json", work / "out"
+    job_file.write_text(json.dumps(job(a, shard, ckpt, out)))
+    threads = str(a.threads)
+    env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads,
+           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    print(f"{label}: {a.samples} images, small CNN behind gaussian σ={a.sigma:g}; APGD-CE + APGD-DLR, "
+          f"{a.steps} steps, EOT {a.eot}, ℓ∞ ε={a.eps:g}; {a.threads} thread(s); max_rows {a.max_rows}; "
+          f"load {os.getloadavg()[0]:.1f}", flush=True)
+    print("| pair | advpure s | AutoAttack s | advpure / AutoAttack | robust advpure | robust AutoAttack | "
+          "max_rows (auto) | load |\n|---|---|---|---|---|---|---|---|", flush=True)
+    ratios = []
+    for i in range(a.pairs):
+        first_ours = i % 2 == 0   # alternate which side starts a pair
+        runs = {}
+        for side in (("ours", "aa") if first_ours else ("aa", "ours")):
+            runs[side] = run_ours(a, job_file, out, env) if side == "ours" else run_autoattack(a, shard, ckpt, env)
+        (ws, rs), (wa, ra) = runs["ours"], runs["aa"]
+        ratios.append(ws / wa)
+        mr = rs["max_rows"] or {}
+        print(f"| {i + 1} | {ws:.1f} | {wa:.1f} | {ws / wa:.2f} | {100 * rs['robust']:.1f} % | "
+              f"{100 * ra['robust']:.1f} % | {mr.get('rows')} ({mr.get('how')}) | {os.getloadavg()[0]:.1f} |",
+              flush=True)
+    print(f"median advpure / AutoAttack: {statistics.median(ratios):.2f} (pairs: "
+          f"{', '.join(f'{r:.2f}' for r in ratios)})")
+    if mr and mr.get("how") != "configured":
+        print(f"max_rows: {mr.get('rows')} — {mr.get('detail')} ({mr.get('workload')}, settled in "
+              f"{mr.get('seconds')} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
