@@ -171,6 +171,8 @@ def main() -> int:
     ap.add_argument("--timeout", type=float, default=1800, help="seconds per plan before it is stopped")
     ap.add_argument("--imagenet-attack", action="store_true",
                     help="plan ImageNet with one APGD-CE step through the purifier (needs > 8 GiB here)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="a further config override for every plan, e.g. purifier.params.dtype=bfloat16")
     ap.add_argument("--bf16", action="store_true",
                     help="instead of planning: a float32 and a bfloat16 forward of each network file under --out")
     args = ap.parse_args()
@@ -190,7 +192,7 @@ def main() -> int:
         data = random_shards(out / "shards" / "cifar10", 2, 256, 32, 10)
         sets = [f"data.shards={data}", f"classifier.params.checkpoint={wrn}", f"purifier.params.checkpoint={ckpt}",
                 threads, f"job.output={out / 'runs' / 'cifar10'}", *CUTS["cifar10"]]
-        rc |= run_plan("configs/diffpure_cifar10.yaml", sets, args.timeout)
+        rc |= run_plan("configs/diffpure_cifar10.yaml", sets + args.set, args.timeout)
     if args.only in (None, "imagenet"):
         ckpt = guided_checkpoint(out / "models" / "256x256_diffusion_uncond.pt")
         _, r50 = classifier_checkpoints(out / "models")
@@ -199,7 +201,7 @@ def main() -> int:
                 threads, f"job.output={out / 'runs' / 'imagenet'}", *CUTS["imagenet"]]
         if args.imagenet_attack:
             sets.append(IMAGENET_ATTACK)
-        rc |= run_plan("configs/diffpure_imagenet.yaml", sets, args.timeout)
+        rc |= run_plan("configs/diffpure_imagenet.yaml", sets + args.set, args.timeout)
     return rc
 
 
