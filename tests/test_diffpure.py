@@ -301,6 +301,30 @@ def test_a_tiny_diffpure_evaluation_through_the_pipeline(tmp_path):
     assert surrogate["dt"] == 0.015 and surrogate["t_star"] == 0.03
 
 
+def test_chen2024_goes_through_the_exact_solver_without_a_second_network(tmp_path):
+    """The chen2024 preset's surrogate {gradient_method: exact} on a purifier that is already
+    exact builds no copy (one network in memory); a surrogate that changes a setting does."""
+    from pipeline import config
+    from pipeline.classifiers import small_cnn
+    from pipeline.evaluation.protocol import build_protocol
+
+    unet, cnn = str(tmp_path / "unet.pt"), str(tmp_path / "cnn.pt")
+    checkpoints.save(unet, small_unet.ARCH, {"channels": 1, "width": 8, "blocks": 1},
+                     small_unet.SmallUNet(1, width=8).state_dict(), {})
+    checkpoints.save(cnn, small_cnn.ARCH, {"in_channels": 1, "width": 8}, small_cnn.make(1, width=8).state_dict(), {})
+    cfg = config.from_dict({
+        "job": {"name": "dp", "output": str(tmp_path / "out")}, "data": {"shards": "unused.tar"},
+        "classifier": {"name": "small_cnn", "params": {"checkpoint": cnn}},
+        "purifier": {"name": "diffpure", "params": {"checkpoint": unet, "t_star": 0.03, "dt": 0.01}},
+        "attacks": [{"preset": "chen2024", "overrides": {"eps": 0.2, "steps": 1}},
+                    {"name": "pgd", "params": {"eps": 0.2, "steps": 1}, "gradient": "full",
+                     "surrogate": {"dt": 0.015}}]})
+    pgd, apgd, coarse = build_protocol(cfg).attacks
+    assert (pgd.gradient, pgd.eot, apgd.gradient, apgd.eot) == ("full", 32, "full", 20)
+    assert pgd.surrogate is None and apgd.surrogate is None
+    assert coarse.surrogate is not None and coarse.surrogate.purifier.settings.dt == 0.015
+
+
 # ------------------------------------------------------- the published networks (nets/ncsnpp.py, guided_unet.py)
 
 TINY_NCSNPP = {"nf": 8, "ch_mult": (1, 2), "num_res_blocks": 1, "image_size": 8, "attn_resolutions": (4,),

@@ -302,6 +302,20 @@ def test_bfloat16_forward_tracks_float32(make, cfg, t):
     assert rel < 0.05, rel          # bf16 keeps ~3 significant digits per operation
 
 
+def test_published_cifar10_network_runs_in_bfloat16():
+    """DDPM++ deep at the published size (106.6 M parameters, random weights) in bf16 as the
+    loaders cast it: float32 in and out, close to float32. (The 552.8 M-parameter ImageNet
+    U-Net takes ~30 s a forward on a CPU: benchmarks/diffpure_plan.py --bf16 runs it.)"""
+    torch.manual_seed(0)
+    net = NCSNpp(**PUBLISHED_CIFAR10).eval()
+    x, t = torch.rand(1, 3, 32, 32) * 2 - 1, torch.tensor([99.9])
+    with torch.no_grad():
+        ref = net(x, t)
+        out = net.to(torch.bfloat16)(x, t)
+    assert out.dtype == torch.float32 and out.shape == ref.shape == (1, 3, 32, 32)
+    assert float((out - ref).norm() / ref.norm()) < 0.05
+
+
 def test_loaders_cast_to_bfloat16(tmp_path):
     net = GuidedUNet(**TINY_GUIDED)
     torch.save(net.state_dict(), tmp_path / "g.pt")

@@ -12,7 +12,7 @@ from pipeline.registry import ATTACKS
 
 def test_every_preset_builds():
     assert {"hill2021", "adp2021", "lee_kim2023", "autoattack_rand", "autoattack_standard",
-            "advpure_apgd_eot", "sanity_sweep"} <= set(preset_names())
+            "advpure_apgd_eot", "sanity_sweep", "diffpure2022", "chen2024"} <= set(preset_names())
     assert "apgd_eot" not in preset_names()  # renamed: our combination must say it is ours
     for name in preset_names():
         entries = expand_preset(name)
@@ -72,6 +72,35 @@ def test_diffpure2022_is_both_autoattack_versions():
     assert entries == expand_preset("autoattack_rand") + expand_preset("autoattack_standard")
     assert [e["eot"] for e in entries] == [20, 20, 1, 1, 1]
     assert "adjoint" in get_preset("diffpure2022").paper and "FAB-T" in get_preset("diffpure2022").ours
+
+
+def test_chen2024_is_exact_gradient_pgd_and_apgd_with_eot():
+    """Chen et al. (ICML 2024) on DiffPure: PGD-200 without random start, EOT 32, and APGD-DLR
+    with EOT 20 (their DiffPure attack script), both through the exact, checkpointed solver."""
+    from pipeline.purifiers.diffpure import DiffPureSettings
+
+    pgd, apgd = expand_preset("chen2024")
+    assert pgd["name"] == "pgd" and pgd["eot"] == 32 and pgd["params"] == {
+        "eps": 8 / 255, "steps": 200, "step_size": 2 / 255, "norm": "linf", "random_start": False,
+        "eot_reduction": "mean_loss"}
+    assert apgd["name"] == "apgd" and apgd["eot"] == 20 and apgd["params"]["loss"] == "dlr"
+    assert apgd["params"]["steps"] == 100 and apgd["params"]["eps"] == 8 / 255
+    for e in (pgd, apgd):   # the gradient the purifier needs: through it, by its exact unrolled solver
+        assert e["gradient"] == "full" and e["surrogate"] == {"gradient_method": "exact"}
+        assert DiffPureSettings().replace(e["surrogate"], "attacks[0].surrogate") == DiffPureSettings()
+    p = get_preset("chen2024")
+    assert "2305.15241" in p.reference and "DiffusionClassifier" in p.reference
+    assert "not in the authors' released code" in p.description and "2/255" in p.ours
+    # their ImageNet script's settings as overrides; the surrogate can be dropped for another purifier
+    pgd_in, apgd_in = expand_preset("chen2024", {"eps": 4 / 255, "steps": 80, "step_size": 1 / 255,
+                                                 "eot": 20, "surrogate": {}})
+    assert pgd_in["params"]["step_size"] == 1 / 255 and "step_size" not in apgd_in["params"]
+    assert pgd_in["params"]["steps"] == apgd_in["params"]["steps"] == 80
+    assert "surrogate" not in pgd_in and pgd_in["eot"] == apgd_in["eot"] == 20
+    with pytest.raises(ValueError, match=r"preset 'chen2024': unexpected parameters \['eot_iter'\]"):
+        expand_preset("chen2024", {"eot_iter": 20})
+    with pytest.raises(ValueError, match="cannot be overridden"):
+        expand_preset("chen2024", {"name": "fgsm"})
 
 
 def test_overrides_and_sweeps():

@@ -113,9 +113,10 @@ def _plan_attacks(cfg: Config, defense: Defense) -> list[PlannedAttack]:
         surrogate = None
         if a.surrogate:  # the gradient goes through a cheaper copy; evaluation uses the real one
             checkpoint, settings = PURIFIERS.parse(cfg.purifier.name, cfg.purifier.params, "purifier.params")
-            settings = settings.replace(a.surrogate, f"attacks[{i}].surrogate")
-            sp = _frozen(PURIFIERS.get(cfg.purifier.name)(checkpoint, settings))
-            surrogate = Defense(defense.classifier, sp, row_chunks.initial_rows(ev.max_rows))
+            changed = settings.replace(a.surrogate, f"attacks[{i}].surrogate")
+            if changed != settings:  # e.g. chen2024's {gradient_method: exact} on an exact purifier: no copy
+                sp = _frozen(PURIFIERS.get(cfg.purifier.name)(checkpoint, changed))
+                surrogate = Defense(defense.classifier, sp, row_chunks.initial_rows(ev.max_rows))
         attack = ATTACKS.build(a.name, **a.params)
         gradient = resolve_gradient(a.gradient, surrogate or defense)
         draws = confirm_draws(attack, gradient, surrogate, defense, ev.runs, ev.confirm_draws)

@@ -247,7 +247,9 @@ class SavedBytes(torch.autograd.graph.saved_tensors_hooks):
             if t.dim() and t.shape[0] == rows and key not in seen:
                 seen.add(key)
                 self.total += t.numel() * t.element_size()
-            return t
+            # detached: a node that saves its own output would otherwise hold that tensor, and
+            # so itself, in a reference cycle autograd never frees (the whole graph leaked)
+            return t.detach()
 
         super().__init__(pack, lambda t: t)
 
