@@ -186,6 +186,22 @@ def test_auto_segment_is_memory_optimal():
     assert steps.auto_segment(10, 1000, 1) == 10         # never above K
 
 
+def test_measuring_a_step_graph_keeps_nothing_alive():
+    """step_graph_bytes' graph is freed once measured, saved outputs included (tanh saves its
+    result); packing a saved output as-is made a cycle that leaked every measured graph."""
+    import weakref
+
+    outs: list[weakref.ref] = []
+
+    def step(x: torch.Tensor, t: int) -> torch.Tensor:
+        y = torch.tanh(2.0 * x)
+        outs.append(weakref.ref(y))
+        return y
+
+    assert steps.step_graph_bytes(step, torch.randn(3, 4), 0) > 0
+    assert outs and outs[0]() is None
+
+
 def test_checkpointed_chain_under_bf16_autocast_matches_its_recomputation():
     """The recomputation in backward runs under the forward's autocast state: the
     gradient equals the one of the same chain run without checkpointing."""

@@ -247,7 +247,9 @@ class SavedBytes(torch.autograd.graph.saved_tensors_hooks):
             if t.dim() and t.shape[0] == rows and key not in seen:
                 seen.add(key)
                 self.total += t.numel() * t.element_size()
-            return t
+            # not t itself: a saved output packed as-is refers back to its own grad_fn, a
+            # cycle the garbage collector cannot see, so every measured graph would leak
+            return t.detach()
 
         super().__init__(pack, lambda t: t)
 
