@@ -33,7 +33,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import pyarrow.parquet as pq  # noqa: E402
 import torch  # noqa: E402
 
 from pipeline import config, report  # noqa: E402
@@ -41,7 +40,7 @@ from pipeline.evaluation import stages  # noqa: E402
 from pipeline.io import datasets  # noqa: E402
 from pipeline.io import shards as shard_io  # noqa: E402
 from pipeline.io.make_shards import make_shards  # noqa: E402
-from pipeline.run.commit import committed_parquet  # noqa: E402
+from pipeline.run import commit  # noqa: E402
 from pipeline.run.worker import ShardWorker  # noqa: E402
 from pipeline.train import recipes  # noqa: E402
 
@@ -91,7 +90,7 @@ def evaluate(shard: str, ckpt: str, d: dict, cascade: bool | str, out: Path, bat
     t0 = time.perf_counter()
     ShardWorker(cfg.to_dict()).process(shard, "s")
     seconds = time.perf_counter() - t0
-    table = pq.read_table(committed_parquet(str(out), "evaluate", "s"))
+    table = commit.read_marked(str(out), "evaluate", "s", commit.committed(str(out), "evaluate")["s"])
     return report.summarize(table), table.to_pylist(), seconds
 
 
