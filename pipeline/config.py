@@ -84,6 +84,9 @@ class EvaluationConfig:
     # samples of each shard's first batch on which every attack is re-run with 2×EOT: a check
     # flags an attack whose robust accuracy drops by more than 2 points (0 = off)
     eot_probe: int = 0
+    # samples of the whole job for the gradient-masking checks, spread over the shards in order
+    # from each one's first batch (0 = off)
+    check_samples: int = 16
     # speed on accelerators (docs/performance.md): bf16 autocast of classifier and purifier
     # networks (attack arithmetic, projections, losses and records stay fp32); channels_last
     # memory format for the networks and their inputs; torch.compile of the purifier's networks
@@ -314,6 +317,7 @@ def _check_ranges(cfg: Config) -> None:
     ev = cfg.evaluation
     need(ev.confirm_draws is None or ev.confirm_draws >= 1, "evaluation.confirm_draws", "must be ≥ 1 or null")
     need(ev.eot_probe >= 0, "evaluation.eot_probe", "must be ≥ 0")
+    need(ev.check_samples >= 0, "evaluation.check_samples", "must be ≥ 0 (0: no gradient-masking checks)")
     c = cfg.cluster
     need(c.num_workers == "auto" or c.num_workers >= 1, "cluster.num_workers", "must be ≥ 1 or auto")
     need(c.workers_per_gpu >= 1, "cluster.workers_per_gpu", "must be ≥ 1")

@@ -39,6 +39,7 @@ BOUNDS: dict[str, dict[str, Any]] = {
     "EvaluationConfig.max_rows": {"minimum": 1},
     "EvaluationConfig.confirm_draws": {"minimum": 1},
     "EvaluationConfig.eot_probe": {"minimum": 0},
+    "EvaluationConfig.check_samples": {"minimum": 0},
     "ClusterConfig.num_workers": {"minimum": 1},
     "ClusterConfig.workers_per_gpu": {"minimum": 1},
     "ClusterConfig.max_attempts": {"minimum": 1},

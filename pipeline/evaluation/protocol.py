@@ -57,6 +57,9 @@ class Protocol:
     eot_probe: int                 # samples of a shard's first batch for the EOT-doubling probe
     device: torch.device
     provenance: dict[str, Any]     # the record columns that identify job, config and models
+    # gradient-masking check samples of the shard at hand: the job's evaluation.check_samples,
+    # of which the worker sets each shard's share (stages.check_share)
+    check_samples: int = 16
 
 
 def resolve_gradient(requested: str, defense: Defense) -> str:
@@ -139,4 +142,4 @@ def build_protocol(cfg: Config) -> Protocol:
         "purifier_params": json.dumps({**cfg.purifier.params, **purifier.record()}, sort_keys=True, default=str),
     }
     return Protocol(defense, attacks, cfg.job.seed, ev.runs, ev.decision, cfg.data.batch_size, ev.cascade,
-                    ev.eot_probe, device, provenance)
+                    ev.eot_probe, device, provenance, ev.check_samples)

@@ -23,7 +23,7 @@ import torch
 from pipeline import config as config_mod
 from pipeline import schema, stage_table
 from pipeline.evaluation.protocol import build_protocol
-from pipeline.evaluation.stages import StageOutput
+from pipeline.evaluation.stages import StageOutput, check_share
 from pipeline.io import shards, storage
 from pipeline.run import commit, faults, host
 
@@ -93,6 +93,8 @@ class ShardWorker:
         host.prepare_compute_process(cpus)
         self.protocol = build_protocol(self.cfg)
         self._next: tuple[str, int | None, shards.ShardStream] | None = None  # the prefetched shard
+        # each shard's position in the job's order: its share of evaluation.check_samples
+        self._order = {u: i for i, u in enumerate(shards.expand(self.cfg.data.shards))}
 
     def ready(self) -> dict[str, Any]:
         p = self.protocol
@@ -115,6 +117,9 @@ class ShardWorker:
         faults.inject(self.cfg.faults, sid)
         st = stage_table.get(stage)
         run = st.function()
+        total = self.cfg.evaluation.check_samples   # a shard outside the job's list: a job of its own
+        self.protocol.check_samples = (check_share(total, self._order[url], len(self._order))
+                                       if url in self._order else total)
         source, prefetched = self._stream(url, expected)
         if prefetch is not None:
             self._next = (*prefetch, self._open(*prefetch))
@@ -168,6 +173,7 @@ class ShardWorker:
             "source": url, "samples": source.samples, "config_hash": self.protocol.provenance["config_hash"],
             "seconds": time.time() - t0, "host": socket.gethostname(), "device": str(self.protocol.device),
             "node_id": host.node_id(), "gpu_ids": _gpu_ids(), "pid": os.getpid(), "checks": result.checks,
+            "check_samples": result.check_samples,
             "outputs": outputs, "versions": _versions(), "nfe": _total_nfe(result.rows),
             "prefetched": prefetched})
 
