@@ -43,6 +43,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -168,23 +169,26 @@ def advpure_record(out: Path, steps: int) -> tuple[list[int], list[bool]]:
     return record + [sum(1 for r in rows if r["robust"])], [bool(r["robust"]) for r in rows]
 
 
-def timed(cmd: list[str], env: dict, log: Path) -> float:
-    t0 = time.perf_counter()
+def timed(cmd: list[str], env: dict, log: Path) -> tuple[float, float]:
+    """(wall seconds, CPU seconds: user + system of the process and the children it waited
+    for — on a loaded machine the wall depends on the others' work, the CPU time much less;
+    Ray's own processes, which the run does not wait for, are not in it)."""
+    t0, r0 = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)
     with open(log, "w") as f:
         done = subprocess.run(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT)
-    wall = time.perf_counter() - t0
+    wall, r1 = time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_CHILDREN)
     if done.returncode:
         raise SystemExit(f"{' '.join(cmd)} failed (exit {done.returncode}); its output: {log}")
-    return wall
+    return wall, (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
 
 
 def run_reference(work: Path, a: argparse.Namespace, seed: int, official: bool) -> dict:
     cmd = [sys.executable, str(ROOT / "benchmarks/hill_official.py"), str(work), "--seed", str(seed),
            "--threads", str(a.threads)] + (["--official", str(a.official)] if official else [])
     log = work / f"{'official' if official else 'restated'}-{seed}-{time.time_ns()}.log"
-    wall = timed(cmd, dict(os.environ), log)
+    wall, cpu = timed(cmd, dict(os.environ), log)
     line = [ln for ln in log.read_text().splitlines() if ln.startswith("HILL_RESULT ")][-1]
-    return {"wall": wall, **json.loads(line.split(" ", 1)[1])}
+    return {"wall": wall, "cpu": cpu, **json.loads(line.split(" ", 1)[1])}
 
 
 def run_advpure(work: Path, a: argparse.Namespace, seed: int, pattern: str) -> dict:
@@ -192,14 +196,14 @@ def run_advpure(work: Path, a: argparse.Namespace, seed: int, pattern: str) -> d
     rows_file = work / f"rows-{out.name}.txt"
     env = {**os.environ, "HILL_BENCH_ROWS": str(rows_file),
            "PYTHONPATH": os.pathsep.join([str(work / "hook"), str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    wall = timed([sys.executable, "-m", "pipeline.cli", "run", str(job)], env, work / f"{out.name}.log")
+    wall, cpu = timed([sys.executable, "-m", "pipeline.cli", "run", str(job)], env, work / f"{out.name}.log")
     parts: dict[str, int] = {}
     for line in (rows_file.read_text().splitlines() if rows_file.exists() else []):
         n, part = line.split()
         parts[part] = parts.get(part, 0) + int(n)
     record, verdicts = advpure_record(out, a.attack_steps)
-    return {"side": f"advpure-{a.executor}", "wall": wall, "chain_rows": sum(parts.values()), "parts": parts,
-            "record": record, "verdicts": verdicts}
+    return {"side": f"advpure-{a.executor}", "wall": wall, "cpu": cpu, "chain_rows": sum(parts.values()),
+            "parts": parts, "record": record, "verdicts": verdicts}
 
 
 def run_pair(work: Path, a: argparse.Namespace, seed: int, pattern: str, refs: list[bool],
@@ -221,7 +225,8 @@ def parts_text(r: dict) -> str:
 
 
 def show(seed: int, r: dict) -> None:
-    print(f"seed {seed}  {r['side']:<14} {r['wall']:7.1f} s  chain rows {r['chain_rows']:5d} ({parts_text(r)})  "
+    print(f"seed {seed}  {r['side']:<14} {r['wall']:7.1f} s (CPU {r['cpu']:.1f} s)  "
+          f"chain rows {r['chain_rows']:5d} ({parts_text(r)})  "
           f"record {r['record']}  load {os.getloadavg()[0]:.1f}", flush=True)
 
 
@@ -273,9 +278,9 @@ def main() -> int:
 
 
 def summarise(results: list[tuple[int, dict, list[dict]]]) -> None:
-    print("\n| seed | reference | reference s | advpure s | advpure ÷ reference | chain rows ref / advpure "
-          "(per image) | reference parts | advpure parts | evaluation share (advpure) | verdicts agree |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("\n| seed | reference | reference s | advpure s | advpure ÷ reference | CPU s ref / advpure (÷) | chain rows "
+          "ref / advpure (per image) | reference parts | advpure parts | evaluation share (advpure) | verdicts agree |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     ratios: dict[str, list[float]] = {}
     for seed, mine, refs in results:
         n = len(mine["verdicts"])
@@ -286,6 +291,7 @@ def summarise(results: list[tuple[int, dict, list[dict]]]) -> None:
             ratios.setdefault(r["side"], []).append(ratio)
             agree = sum(u == v for u, v in zip(r["verdicts"], mine["verdicts"]))
             print(f"| {seed} | {r['side']} | {r['wall']:.1f} | {mine['wall']:.1f} | {ratio:.2f} | "
+                  f"{r['cpu']:.1f} / {mine['cpu']:.1f} ({mine['cpu'] / r['cpu']:.2f}) | "
                   f"{r['chain_rows']} / {mine['chain_rows']} "
                   f"({r['chain_rows'] / n:.1f} / {mine['chain_rows'] / n:.1f}) "
                   f"| {parts_text(r)} | {parts_text(mine)} | {100 * share:.0f} % | {agree} of {n} |")
