@@ -77,7 +77,8 @@ class PGD(Attack):
         for t in range(self.steps + (1 if keep else 0)):
             # with keep_broken a confirmed break returns its breaking iterate whatever comes
             # after, so (as AutoAttack) each step attacks the samples not yet broken only
-            rows = (~tracker.broken).nonzero().squeeze(1) if keep and SKIP_BROKEN else torch.arange(x.shape[0])
+            rows = ((~tracker.broken).nonzero().squeeze(1) if keep and SKIP_BROKEN
+                    else torch.arange(x.shape[0], device=x.device))
             if rows.numel() == 0:
                 break
             sub, sub_goal, xs = restrict(target, rows, x), goal.select(rows), x_adv[rows]
