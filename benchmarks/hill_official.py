@@ -101,19 +101,38 @@ def run_official(path: Path, work: Path, b: dict, seed: int) -> dict:
     utils.import_data = lambda *a, **k: (torch.utils.data.TensorDataset(x, y), 10)
     # the script calls WideResNet(num_classes=…) and nets.py calls super(WideResNet, self): set defaults
     nets.WideResNet.__init__.__defaults__ = (b["depth"], b["widen"], 10, 0.0)
-    rows = [0]
+    rows: dict[str, int] = {}
     forward = nets.EBM.forward
 
     def counted(self, X):
-        rows[0] += X.shape[0]
+        part = _script_part(sys._getframe(1))
+        rows[part] = rows.get(part, 0) + X.shape[0]
         return forward(self, X)
 
     nets.EBM.forward = counted
     runpy.run_path(str(run_dir / "bpda_eot_attack.py"), run_name="__main__")
     results = sorted(run_dir.glob("out_attack/*/log/results.pth"))[-1]
     class_path = torch.load(results)["class_path"]
-    return {"chain_rows": rows[0] // b["langevin_steps"],
-            "record": [int(v) for v in class_path.sum(1)]}
+    parts = {k: v // b["langevin_steps"] for k, v in rows.items()}
+    return {"chain_rows": sum(parts.values()), "parts": parts,
+            "record": [int(v) for v in class_path.sum(1)], "verdicts": [bool(v) for v in class_path[-1]]}
+
+
+def _script_part(frame) -> str:
+    """Which part of the script an EBM call belongs to: its baseline check of the clean images
+    (step −1: the EOT forward and the re-check of its candidates) as "clean", the EOT forwards
+    of iterates 0 … steps as "attack", their candidates' re-checks as "re-checks"."""
+    step, verifying = None, False
+    while frame is not None:
+        name = frame.f_code.co_name
+        verifying |= name == "eot_defense_verification"
+        if name == "eval_and_attack_grad":
+            step = frame.f_locals.get("step")
+            break
+        frame = frame.f_back
+    if step == -1:
+        return "clean"
+    return "re-checks" if verifying else "attack"
 
 
 class Restated:
@@ -121,10 +140,12 @@ class Restated:
 
     def __init__(self, clf: torch.nn.Module, ebm: torch.nn.Module, b: dict):
         self.clf, self.ebm, self.b = clf, ebm, b
-        self.rows = 0
+        self.rows: dict[str, int] = {}
+        self.part = "clean"   # the baseline check; "attack" from iterate 0
 
-    def purify(self, X: torch.Tensor) -> torch.Tensor:
-        self.rows += X.shape[0]
+    def purify(self, X: torch.Tensor, recheck: bool = False) -> torch.Tensor:
+        part = "re-checks" if recheck and self.part == "attack" else self.part
+        self.rows[part] = self.rows.get(part, 0) + X.shape[0]
         X = X.detach()
         for _ in range(self.b["langevin_steps"]):
             X.requires_grad_(True)
@@ -133,9 +154,10 @@ class Restated:
             X = X.detach() - grad + self.b["langevin_eps"] * torch.randn_like(X)
         return X
 
-    def mean_logits(self, X: torch.Tensor, draws: int, grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def mean_logits(self, X: torch.Tensor, draws: int, grad: bool,
+                    recheck: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(logits averaged over `draws` chains per image [B, K], BPDA gradient [B, ...] or None)."""
-        purified = self.purify(X.repeat(draws, 1, 1, 1)).requires_grad_(grad)
+        purified = self.purify(X.repeat(draws, 1, 1, 1), recheck).requires_grad_(grad)
         with torch.set_grad_enabled(grad):
             logits = self.clf(purified).view(draws, X.shape[0], -1).mean(0)
         if not grad:
@@ -148,7 +170,7 @@ class Restated:
         logits, g = self.mean_logits(X, self.b["eot"], grad)
         for i in ((logits.argmax(1) != self.y) & defended).nonzero().flatten().tolist():
             with torch.no_grad():
-                verdict = self.mean_logits(X[i:i + 1], self.b["chains"], False)[0].argmax(1)
+                verdict = self.mean_logits(X[i:i + 1], self.b["chains"], False, recheck=True)[0].argmax(1)
             defended[i] = bool(verdict == self.y[i])
         return g
 
@@ -159,11 +181,13 @@ class Restated:
         self.check(X, defended, grad=False)
         record = [int(defended.sum())]
         X_adv = (X + eps * (2 * torch.rand_like(X) - 1)).clamp(-1, 1)
+        self.part = "attack"
         for step in range(self.b["attack_steps"] + 1):
             g = self.check(X_adv, defended, grad=True)
             record.append(int(defended.sum()))
             if step < self.b["attack_steps"]:
                 X_adv = torch.min(torch.max(X_adv + eta * g.sign(), X - eps), X + eps).clamp(-1, 1)
+        self.verdicts = [bool(v) for v in defended]
         return record
 
 
@@ -181,7 +205,7 @@ def run_restated(work: Path, b: dict, seed: int) -> dict:
     side = Restated(clf, ebm, b)
     x, y = images_pm1(work)
     record = side.attack(x, y)
-    return {"chain_rows": side.rows, "record": record}
+    return {"chain_rows": sum(side.rows.values()), "parts": side.rows, "record": record, "verdicts": side.verdicts}
 
 
 def main() -> int:

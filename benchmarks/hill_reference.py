@@ -2,7 +2,8 @@
 
     python benchmarks/hill_reference.py [--official PATH] [--restated] [--images 20]
         [--langevin-steps 20] [--attack-steps 5] [--eot 4] [--chains 16] [--eps-255 8]
-        [--step-255 2] [--threads 2] [--workers 1] [--pairs 2] [--seeds 0 1] [--work DIR]
+        [--step-255 2] [--threads 2] [--workers 1] [--executor auto|local|ray] [--check-samples N]
+        [--pairs 2] [--seeds 0 1] [--work DIR]
 
 Reference side: with --official PATH (a copy of point0bar1/ebm-defense, the folder holding
 `bpda_eot_attack.py`), that script itself, run unchanged with the run-time adaptations listed in
@@ -26,16 +27,23 @@ seed and saved as state dicts that every side loads. Random weights do not chang
 they make the baseline mostly wrong, so re-checks happen where the attack starts.
 
 Whole processes are timed, interleaved in pairs (the order alternates) so machine load hits
-both sides. Chain rows (Langevin chains of K steps) are counted on each side: the script's and
-the re-statement's EBM forward rows ÷ K; advpure's rows through LangevinEBMPurifier.purify,
-counted by a sitecustomize hook on the run's PYTHONPATH that appends one line per call (Ray
-workers inherit it). Prints one line per process and a table with each pair's ratio.
+both sides. Chain rows (Langevin chains of K steps) are counted on each side and per part:
+the script's and the re-statement's EBM forward rows ÷ K — its baseline check of the clean
+images (step −1: an EOT forward and the re-check of its candidates) as "clean", the EOT
+forwards of iterates 0 … steps as "attack", their re-checks as "re-checks"; advpure's rows
+through LangevinEBMPurifier.purify, counted by a sitecustomize hook on the run's PYTHONPATH
+that appends one line per call with the part its caller names (gradient-masking checks, clean
+R-run evaluation, attack, re-checks, final evaluation; Ray workers inherit it). Prints one
+line per process and a table with each pair's ratio, the parts, advpure's evaluation share
+(rows outside the attack and its re-checks) and how many per-image verdicts agree (the
+script's defended-after-the-last-iterate against advpure's `robust`).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -63,6 +71,17 @@ ROW_HOOK = '''\
 import importlib.abc, importlib.util, os, sys
 
 _OUT = os.environ.get("HILL_BENCH_ROWS")
+# the caller that names a call's part, innermost first (a re-check runs inside the attack)
+_PARTS = (("gradient_checks", "checks"), ("eot_probe", "checks"), ("recheck", "re-checks"),
+          ("clean_eval", "clean"), ("final_evaluation", "final"), ("run_attack", "attack"))
+
+
+def _part():
+    names, f = set(), sys._getframe(2)
+    while f is not None:
+        names.add(f.f_code.co_name)
+        f = f.f_back
+    return next((part for fn, part in _PARTS if fn in names), "other")
 
 
 class _Hook(importlib.abc.MetaPathFinder):
@@ -80,7 +99,7 @@ class _Hook(importlib.abc.MetaPathFinder):
 
             def counted(self, x, noise=None):
                 with open(_OUT, "a") as f:
-                    f.write(f"{x.shape[0]}\\n")
+                    f.write(f"{x.shape[0]} {_part()}\\n")
                 return purify(self, x, noise)
 
             cls.purify = counted
@@ -129,42 +148,47 @@ def advpure_config(work: Path, a: argparse.Namespace, seed: int, pattern: str) -
                "checkpoint": str(work / "ebm.pth"), "net": {"n_c": 3, "n_f": 32, "leak": 0.05, "image_size": 32},
                "steps": a.langevin_steps, "eps": a.langevin_eps, "clip_output": False}},
            "attacks": [{"preset": "hill2021", "overrides": overrides}],
-           "evaluation": {"runs": a.chains},
-           "cluster": {"num_workers": a.workers, "cpus_per_worker": a.threads / a.workers}}
+           "evaluation": {"runs": a.chains, **({} if a.check_samples is None else {"check_samples": a.check_samples})},
+           "cluster": {"executor": a.executor, "num_workers": a.workers, "cpus_per_worker": a.threads / a.workers}}
     path = work / f"job-{seed}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return Path(cfg["job"]["output"]), path
 
 
-def advpure_record(out: Path, steps: int) -> list[int]:
-    """Images defended before the attack (clean R-run mean logits) and after each iterate
-    0 … steps (no confirmed break yet), then the robust count (record and final evaluation)."""
+def advpure_record(out: Path, steps: int) -> tuple[list[int], list[bool]]:
+    """(images defended before the attack (clean R-run mean logits) and after each iterate
+    0 … steps (no confirmed break yet), then the robust count (record and final evaluation);
+    each image's verdict, in image order)."""
     from pipeline.report.load import iter_committed
 
-    cols = ["label", "clean_mean_logit_pred", "broken_step", "robust"]
-    rows = [r for _, _, t in iter_committed(str(out), "evaluate", cols) for r in t.to_pylist()]
+    cols = ["key", "label", "clean_mean_logit_pred", "broken_step", "robust"]
+    rows = sorted((r for _, _, t in iter_committed(str(out), "evaluate", cols) for r in t.to_pylist()),
+                  key=lambda r: r["key"])
     ok = [r for r in rows if r["clean_mean_logit_pred"] == r["label"]]
     record = [len(ok)] + [sum(1 for r in ok if not 0 <= r["broken_step"] <= s) for s in range(steps + 1)]
-    return record + [sum(1 for r in rows if r["robust"])]
+    return record + [sum(1 for r in rows if r["robust"])], [bool(r["robust"]) for r in rows]
 
 
-def timed(cmd: list[str], env: dict, log: Path) -> float:
-    t0 = time.perf_counter()
+def timed(cmd: list[str], env: dict, log: Path) -> tuple[float, float]:
+    """(wall seconds, CPU seconds: user + system of the process and the children it waited
+    for — on a loaded machine the wall depends on the others' work, the CPU time much less;
+    Ray's own processes, which the run does not wait for, are not in it)."""
+    t0, r0 = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)
     with open(log, "w") as f:
         done = subprocess.run(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT)
-    wall = time.perf_counter() - t0
+    wall, r1 = time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_CHILDREN)
     if done.returncode:
         raise SystemExit(f"{' '.join(cmd)} failed (exit {done.returncode}); its output: {log}")
-    return wall
+    return wall, (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
 
 
 def run_reference(work: Path, a: argparse.Namespace, seed: int, official: bool) -> dict:
     cmd = [sys.executable, str(ROOT / "benchmarks/hill_official.py"), str(work), "--seed", str(seed),
            "--threads", str(a.threads)] + (["--official", str(a.official)] if official else [])
     log = work / f"{'official' if official else 'restated'}-{seed}-{time.time_ns()}.log"
-    wall = timed(cmd, dict(os.environ), log)
+    wall, cpu = timed(cmd, dict(os.environ), log)
     line = [ln for ln in log.read_text().splitlines() if ln.startswith("HILL_RESULT ")][-1]
-    return {"wall": wall, **json.loads(line.split(" ", 1)[1])}
+    return {"wall": wall, "cpu": cpu, **json.loads(line.split(" ", 1)[1])}
 
 
 def run_advpure(work: Path, a: argparse.Namespace, seed: int, pattern: str) -> dict:
@@ -172,9 +196,14 @@ def run_advpure(work: Path, a: argparse.Namespace, seed: int, pattern: str) -> d
     rows_file = work / f"rows-{out.name}.txt"
     env = {**os.environ, "HILL_BENCH_ROWS": str(rows_file),
            "PYTHONPATH": os.pathsep.join([str(work / "hook"), str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    wall = timed([sys.executable, "-m", "pipeline.cli", "run", str(job)], env, work / f"{out.name}.log")
-    rows = sum(int(n) for n in rows_file.read_text().split()) if rows_file.exists() else 0
-    return {"side": "advpure", "wall": wall, "chain_rows": rows, "record": advpure_record(out, a.attack_steps)}
+    wall, cpu = timed([sys.executable, "-m", "pipeline.cli", "run", str(job)], env, work / f"{out.name}.log")
+    parts: dict[str, int] = {}
+    for line in (rows_file.read_text().splitlines() if rows_file.exists() else []):
+        n, part = line.split()
+        parts[part] = parts.get(part, 0) + int(n)
+    record, verdicts = advpure_record(out, a.attack_steps)
+    return {"side": f"advpure-{a.executor}", "wall": wall, "cpu": cpu, "chain_rows": sum(parts.values()),
+            "parts": parts, "record": record, "verdicts": verdicts}
 
 
 def run_pair(work: Path, a: argparse.Namespace, seed: int, pattern: str, refs: list[bool],
@@ -187,8 +216,17 @@ def run_pair(work: Path, a: argparse.Namespace, seed: int, pattern: str, refs: l
             for s in order]
 
 
+PARTS = ("checks", "clean", "attack", "re-checks", "final", "other")
+
+
+def parts_text(r: dict) -> str:
+    """Chain rows per part (those that ran), e.g. "clean 368, attack 480, re-checks 16"."""
+    return ", ".join(f"{p} {r['parts'][p]}" for p in PARTS if r["parts"].get(p))
+
+
 def show(seed: int, r: dict) -> None:
-    print(f"seed {seed}  {r['side']:<9} {r['wall']:7.1f} s  chain rows {r['chain_rows']:5d}  "
+    print(f"seed {seed}  {r['side']:<14} {r['wall']:7.1f} s (CPU {r['cpu']:.1f} s)  "
+          f"chain rows {r['chain_rows']:5d} ({parts_text(r)})  "
           f"record {r['record']}  load {os.getloadavg()[0]:.1f}", flush=True)
 
 
@@ -208,6 +246,9 @@ def main() -> int:
     ap.add_argument("--widen", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2, help="torch threads of a reference side; advpure's CPUs")
     ap.add_argument("--workers", type=int, default=1, help="advpure actors (threads ÷ workers CPUs each)")
+    ap.add_argument("--executor", choices=("auto", "local", "ray"), default="auto", help="advpure's cluster.executor")
+    ap.add_argument("--check-samples", type=int, default=None,
+                    help="advpure's evaluation.check_samples (default: the config's default, 16)")
     ap.add_argument("--pairs", type=int, default=2, help="pairs per seed")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     ap.add_argument("--work", type=Path, default=None, help="keep inputs, logs and records here")
@@ -223,28 +264,37 @@ def main() -> int:
         pattern = prepare(work, a)["pattern"]
         print(f"{a.images} digits at 32×32×3, WRN-{a.depth}-{a.widen} and EBM random, K = {a.langevin_steps}, "
               f"{a.attack_steps} steps, EOT {a.eot}, H = {a.chains}, ε = {a.eps_255}/255; reference "
-              f"{a.threads} threads, advpure {a.workers} actor(s); load {os.getloadavg()[0]:.1f}", flush=True)
+              f"{a.threads} threads, advpure {a.workers} worker(s), executor {a.executor}; "
+              f"load {os.getloadavg()[0]:.1f}", flush=True)
         results: list[tuple[int, dict, list[dict]]] = []
         for n, (seed, _) in enumerate((s, i) for s in a.seeds for i in range(a.pairs)):
             out = run_pair(work, a, seed, pattern, refs, advpure_first=bool(n % 2))  # alternating order
             for r in out:
                 show(seed, r)
-            mine = next(r for r in out if r["side"] == "advpure")
-            results.append((seed, mine, [r for r in out if r["side"] != "advpure"]))
+            mine = next(r for r in out if r["side"].startswith("advpure"))
+            results.append((seed, mine, [r for r in out if not r["side"].startswith("advpure")]))
         summarise(results)
     return 0
 
 
 def summarise(results: list[tuple[int, dict, list[dict]]]) -> None:
-    print("\n| seed | reference | reference s | advpure s | advpure ÷ reference | chain rows ref / advpure |")
-    print("|---|---|---|---|---|---|")
+    print("\n| seed | reference | reference s | advpure s | advpure ÷ reference | CPU s ref / advpure (÷) | chain rows "
+          "ref / advpure (per image) | reference parts | advpure parts | evaluation share (advpure) | verdicts agree |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     ratios: dict[str, list[float]] = {}
     for seed, mine, refs in results:
+        n = len(mine["verdicts"])
+        attack = sum(mine["parts"].get(p, 0) for p in ("attack", "re-checks"))
+        share = 1 - attack / mine["chain_rows"] if mine["chain_rows"] else float("nan")
         for r in refs:
             ratio = mine["wall"] / r["wall"]
             ratios.setdefault(r["side"], []).append(ratio)
+            agree = sum(u == v for u, v in zip(r["verdicts"], mine["verdicts"]))
             print(f"| {seed} | {r['side']} | {r['wall']:.1f} | {mine['wall']:.1f} | {ratio:.2f} | "
-                  f"{r['chain_rows']} / {mine['chain_rows']} |")
+                  f"{r['cpu']:.1f} / {mine['cpu']:.1f} ({mine['cpu'] / r['cpu']:.2f}) | "
+                  f"{r['chain_rows']} / {mine['chain_rows']} "
+                  f"({r['chain_rows'] / n:.1f} / {mine['chain_rows'] / n:.1f}) "
+                  f"| {parts_text(r)} | {parts_text(mine)} | {100 * share:.0f} % | {agree} of {n} |")
     for side, rs in ratios.items():
         print(f"advpure ÷ {side}: median {statistics.median(rs):.2f} (range {min(rs):.2f}–{max(rs):.2f}, "
               f"{len(rs)} pairs); above 1 means advpure is slower")

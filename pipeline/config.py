@@ -155,7 +155,8 @@ class EvaluationConfig:
     # samples of each shard's first batch on which every attack is re-run with 2×EOT: a check
     # flags an attack whose robust accuracy drops by more than 2 points (0 = off)
     eot_probe: NonNegative = 0
-    # samples of the whole job on which the gradient-masking checks run (0 = off)
+    # samples of the whole job for the gradient-masking checks, spread over the shards in order
+    # from each one's first batch (0 = off)
     check_samples: NonNegative = 16
     # speed on accelerators (docs/performance.md): bf16 autocast of classifier and purifier
     # networks (attack arithmetic, projections, losses and records stay fp32); channels_last

@@ -18,9 +18,13 @@ from pipeline.attacks.base import (
     normalized_step,
     project,
     random_start,
+    restrict,
 )
 from pipeline.registry import ATTACKS
 from pipeline.seeding import Noise
+
+# no further steps on a sample whose break is confirmed (switched off only to test that verdicts agree)
+SKIP_BROKEN = True
 
 
 @ATTACKS.register("pgd")
@@ -36,7 +40,8 @@ class PGD(Attack):
     With keep_broken (the default; implied whenever breaks are re-checked) the final iterate
     is evaluated too (step `steps`, nfe = steps + 1) and samples with a confirmed break return
     their breaking iterate, the others the final iterate; keep_broken False returns the final
-    iterate always (nfe = steps), the textbook PGD.
+    iterate always (nfe = steps), the textbook PGD. With keep_broken each step attacks only the
+    samples without a confirmed break (`sample_nfe` counts each sample's own evaluations).
 
     Arguments:
         eps (float): radius in [0, 1] image units, ℓ∞ ≤ 1. Paper. (Default: required)
@@ -85,15 +90,27 @@ class PGD(Attack):
         (goal,) = self.goals(target, x, y, noise)
         x_adv = random_start(x, self.eps, self.norm, noise) if self.random_start else x.clone()
         tracker = BreakTracker(x, recheck)
-        for t in range(self.steps):
-            _, direction, logits = self.loss_and_direction(target, x_adv, goal, t)
-            tracker.update(x_adv, logits, goal, t)
-            x_adv = project(x_adv + self.step_size * normalized_step(direction, self.norm), x, self.eps, self.norm)
-        nfe = self.steps
-        if self.keep_broken or recheck is not None:
-            with torch.no_grad():  # the last iterate's forward: no gradient needed
-                logits = target(x_adv, self.steps)
-            tracker.update(x_adv, logits, goal, self.steps)
+        sample_nfe = torch.zeros(x.shape[0], dtype=torch.int64, device=x.device)
+        keep = self.keep_broken or recheck is not None
+        for t in range(self.steps + (1 if keep else 0)):
+            # with keep_broken a confirmed break returns its breaking iterate whatever comes
+            # after, so (as AutoAttack) each step attacks the samples not yet broken only
+            rows = ((~tracker.broken).nonzero().squeeze(1) if keep and SKIP_BROKEN
+                    else torch.arange(x.shape[0], device=x.device))
+            if rows.numel() == 0:
+                break
+            sub, sub_goal, xs = restrict(target, rows, x), goal.select(rows), x_adv[rows]
+            if t == self.steps:   # the last iterate's forward: no gradient needed
+                with torch.no_grad():
+                    logits = sub(xs, t)
+            else:
+                _, direction, logits = self.loss_and_direction(sub, xs, sub_goal, t)
+            tracker.update(xs, logits, sub_goal, t, rows=rows)
+            if t < self.steps:
+                x_adv[rows] = project(xs + self.step_size * normalized_step(direction, self.norm), x[rows],
+                                      self.eps, self.norm)
+            sample_nfe[rows] += 1
+        nfe = self.steps + (1 if keep else 0)
+        if keep:
             x_adv = tracker.merge(x_adv)
-            nfe += 1
-        return tracker.result(x_adv, nfe, goal.y_target)
+        return tracker.result(x_adv, nfe, goal.y_target, sample_nfe)

@@ -60,6 +60,9 @@ class Protocol:
     provenance: dict[str, Any]     # the record columns that identify job, config and models
     max_rows: int | str = row_chunks.AUTO   # evaluation.max_rows as configured (an int pins it)
     rows_choice: row_chunks.Choice | None = None   # the chunk in force, once settled (row_chunks.settle)
+    # gradient-masking check samples of the shard at hand: the job's evaluation.check_samples,
+    # of which the worker sets each shard's share (stages.check_share)
+    check_samples: int = 16
 
 
 def resolve_gradient(requested: str, defense: Defense) -> str:
@@ -143,4 +146,4 @@ def build_protocol(cfg: Config) -> Protocol:
         "purifier_params": json.dumps({**cfg.purifier.params, **purifier.record()}, sort_keys=True, default=str),
     }
     return Protocol(defense, attacks, cfg.job.seed, ev.runs, ev.decision, cfg.data.batch_size, ev.cascade,
-                    ev.eot_probe, device, provenance, ev.max_rows)
+                    ev.eot_probe, device, provenance, ev.max_rows, check_samples=ev.check_samples)

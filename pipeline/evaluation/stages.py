@@ -38,7 +38,6 @@ T = TypeVar("T")
 # where a stage hands its images as batches complete: (output name, [(sample, image, extra)])
 ImageSink = Callable[[str, list[tuple[Sample, np.ndarray, dict[str, Any]]]], None]
 
-CHECK_SAMPLES = 16   # samples of a shard's first batch used for the gradient-masking checks
 # what an adversarial sample's lineage carries into the purify stage's records
 LINEAGE_COLUMNS = (*NO_ATTACK.keys(), "clean_pred", "linf", "l2", "candidate_step", "broken_step", "attack_steps",
                    "attack_nfe")
@@ -56,6 +55,7 @@ class Batch:
 class StageOutput:
     rows: list[dict[str, Any]]
     checks: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    check_samples: int = 0   # samples the gradient-masking checks ran on (this shard's share)
     # images to write, per output: {name: [(sample, image [H, W, C] float32, extra fields)]}
     images: dict[str, list[tuple[Sample, np.ndarray, dict[str, Any]]]] = field(default_factory=dict)
 
@@ -123,30 +123,46 @@ def evaluate(p: Protocol, samples: Iterable[Sample]) -> StageOutput:
     batch by batch, except the cascade: it re-packs survivors across the whole shard."""
     if p.cascade:
         samples = list(samples)
-    checks: dict[str, list[dict[str, Any]]] = {}
-    rows: list[dict[str, Any]] = []
+    out = StageOutput([])
+    checked = False
 
     def work(b: Batch) -> tuple[dict | None, list[dict[str, Any]]]:
-        first = None if checks else first_batch_checks(p, b)
+        first = None if checked else first_batch_checks(p, b)
         return first, ([] if p.cascade else evaluate_batch(p, b.x, b.y, b.keys))
 
-    for _, (first, batch_rows) in adaptive(p, samples if not p.cascade else samples[:p.batch_size], work):
-        checks = checks or first or {}
-        rows += batch_rows
+    for b, (first, batch_rows) in adaptive(p, samples if not p.cascade else samples[:p.batch_size], work):
+        if not checked:   # the first batch, even when this shard's share of check samples is 0
+            out.checks, out.check_samples, checked = first or {}, check_count(p, b), True
+        out.rows += batch_rows
     if p.cascade:
-        rows = cascade(p, samples)
-    return StageOutput(rows, checks)
+        out.rows = cascade(p, samples)
+    return out
+
+
+def check_share(total: int, position: int, shards: int) -> int:
+    """Shard `position`'s share (0-based, in the job's shard order) of `total` check samples
+    spread evenly over `shards` shards: the first `total % shards` take one more; with fewer
+    samples than shards, the shards past the sample take none."""
+    if shards < 1 or not 0 <= position < shards:
+        raise ValueError(f"shard position {position} outside a job of {shards} shards")
+    return total // shards + (1 if position < total % shards else 0)
+
+
+def check_count(p: Protocol, b: Batch) -> int:
+    """Samples of the first batch b the gradient-masking checks take (the shard's share)."""
+    return min(p.check_samples, len(b.keys)) if p.attacks else 0
 
 
 def first_batch_checks(p: Protocol, b: Batch) -> dict[str, list[dict[str, Any]]]:
-    """Gradient-masking checks per attack on a few samples, and the EOT probe if asked."""
-    k = min(CHECK_SAMPLES, len(b.keys))
-    checks = {str(a.index): gradient_checks(p, a, b.x[:k], b.y[:k], b.keys[:k]) for a in p.attacks}
+    """Gradient-masking checks per attack on this shard's share of the job's check samples
+    (none: no checks), and the EOT probe if asked."""
+    k = check_count(p, b)
+    checks = {str(a.index): gradient_checks(p, a, b.x[:k], b.y[:k], b.keys[:k]) for a in p.attacks} if k else {}
     if p.eot_probe:
         n = min(p.eot_probe, len(b.keys))
         for a in p.attacks:
             if a.gradient != "classifier" and p.defense.purifier.stochastic:
-                checks[str(a.index)].append(eot_probe(p, a, b.x[:n], b.y[:n], b.keys[:n]))
+                checks.setdefault(str(a.index), []).append(eot_probe(p, a, b.x[:n], b.y[:n], b.keys[:n]))
     return checks
 
 

@@ -61,6 +61,7 @@ def run_report(output: str, stage: str | None = None, keep_samples: bool = False
     doc["run"] = output
     doc["stages_with_records"] = found
     doc["checks"]["shard"] = commit.merge_shard_checks(markers)
+    doc["checks"]["sample"] = commit.check_sample(markers)
     doc["provenance"] = provenance(doc, markers, load.run_documents(output), stage)
     return doc, agg.get("samples")
 

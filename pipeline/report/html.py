@@ -207,14 +207,16 @@ def _checks(doc: dict[str, Any]) -> str:
         items.append((c, "record"))
     for idx, results in sorted(doc["checks"]["shard"].items()):
         items += [({**c, "attack_index": idx}, "shard") for c in results]
+    sample = tables.check_sample_line(doc)
+    note = f"<p class='note'>{html.escape(sample)}</p>" if sample else ""
     if not items:
-        return "<p class='note'>no checks apply to these records</p>"
+        return "<p class='note'>no checks apply to these records</p>" + note
     rows = "".join(f"<tr><td class='{'ok' if c['passed'] else 'flag'}'>{'passed' if c['passed'] else 'FLAGGED'}"
                    f"</td><td>{kind}</td><td>{html.escape(str(c.get('attack_index', c.get('eps', ''))))}</td>"
                    f"<td>{html.escape(c['name'])}</td><td style='text-align:left'>{html.escape(c['detail'])}</td></tr>"
                    for c, kind in items)
     return ("<table><thead><tr><th>result</th><th>level</th><th>attack / ε</th><th>check</th><th>detail</th>"
-            f"</tr></thead><tbody>{rows}</tbody></table>")
+            f"</tr></thead><tbody>{rows}</tbody></table>{note}")
 
 
 def _provenance(doc: dict[str, Any]) -> str:

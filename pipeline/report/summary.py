@@ -277,7 +277,7 @@ def document(agg: dict[str, Any], markers: list[dict[str, Any]] | None = None) -
         "clean": clean, "worst_case": worst, "attacks": attacks, "per_class": classes,
         "cost": cost(agg, attacks, markers), "curves": curves(agg, attacks, worst),
         "checks": {"record": record_checks.run_record_checks(attacks) + record_checks.run_data_checks(clean, classes),
-                   "shard": {}},
+                   "shard": {}, "sample": None},
         "models": {"classifier": meta["classifier"], "classifier_sha256": meta["classifier_sha256"],
                    "purifier": meta["purifier"], "purifier_params": meta["purifier_params"],
                    "purifier_sha256": meta["purifier_sha256"], "seed": meta["seed"],

@@ -136,22 +136,36 @@ def class_section(doc: dict[str, Any]) -> Section:
                    + [f"worst case {_eps(e, n)}" for e, n in keys], rows, notes)
 
 
+def check_sample_line(doc: dict[str, Any]) -> str | None:
+    """What the gradient-masking checks ran on (evaluation.check_samples spread over the
+    shards); None for records whose markers do not say."""
+    sample = (doc.get("checks") or {}).get("sample")
+    if not sample:
+        return None
+    if not sample["samples"]:
+        return "gradient-masking checks: none ran (evaluation.check_samples 0, or no attack)"
+    of = f" (of {sample['of_shards']} committed)" if sample["of_shards"] != sample["shards"] else ""
+    return (f"gradient-masking checks on {sample['samples']} sample{'s' * (sample['samples'] != 1)} over "
+            f"{sample['shards']} shard{'s' * (sample['shards'] != 1)}{of}")
+
+
 def checks_lines(doc: dict[str, Any]) -> list[str]:
     checks = doc.get("checks") or {}
     failed = [c for c in checks.get("record", []) if not c["passed"]]
     for idx, results in sorted((checks.get("shard") or {}).items()):
         failed += [{**c, "attack_index": int(idx)} for c in results if not c["passed"]]
     n = len(checks.get("record", [])) + sum(len(v) for v in (checks.get("shard") or {}).values())
+    sample = [line for line in [check_sample_line(doc)] if line]
     if not n:
-        return ["checks: none apply to these records"]
+        return ["checks: none apply to these records"] + sample
     if not failed:
         return [f"checks: all {n} passed (record-level: ε sweep, attack ordering, Square vs gradient, "
-                "convergence; shard-level: gradients, randomness, EOT)"]
+                "convergence; shard-level: gradients, randomness, EOT)"] + sample
     lines = [FLAGGED]
     for c in failed:
         where = f"attack {c['attack_index']}: " if "attack_index" in c else ""
         lines.append(f"  - {where}{c['name']}: {c['detail']}")
-    return lines
+    return lines + sample
 
 
 def run_sections(doc: dict[str, Any]) -> list[Section]:

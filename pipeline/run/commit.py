@@ -135,6 +135,15 @@ def load_records(output: str, stage: str = "evaluate") -> pa.Table:
     return pa.concat_tables([table for _, _, table in iter_marked(output, stage)])
 
 
+def check_sample(markers: list[dict[str, Any]]) -> dict[str, int] | None:
+    """The gradient-masking checks' sample over the committed shards: {samples, shards (those
+    that ran checks), of_shards}; None when no marker records it (written before it was)."""
+    counted = [int(m["check_samples"]) for m in markers if m.get("check_samples") is not None]
+    if not counted:
+        return None
+    return {"samples": sum(counted), "shards": sum(1 for n in counted if n), "of_shards": len(markers)}
+
+
 def merge_shard_checks(markers: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
     """Per attack index, each check merged over shards: passed only if it passed everywhere;
     the detail of the first failure, and in how many shards it failed."""

@@ -20,7 +20,7 @@ from pipeline import schema, stage_table
 from pipeline.config import Config
 from pipeline.evaluation import preflight
 from pipeline.evaluation.protocol import Protocol, build_protocol
-from pipeline.evaluation.stages import StageOutput
+from pipeline.evaluation.stages import StageOutput, check_share
 from pipeline.io import shards, storage
 from pipeline.run import commit, faults, host
 from pipeline.run.worker_base import WorkerBase, device_name
@@ -60,6 +60,8 @@ class ShardWorker(WorkerBase):
         self.protocol = build_protocol(self.cfg)
         self.device = self.protocol.device
         self._next: tuple[str, int | None, shards.ShardStream] | None = None  # the prefetched shard
+        # each shard's position in the job's order: its share of evaluation.check_samples
+        self._order = {u: i for i, u in enumerate(shards.expand(self.cfg.data.shards))}
 
     def describe(self) -> dict[str, Any]:
         p = self.protocol
@@ -83,6 +85,9 @@ class ShardWorker(WorkerBase):
         faults.inject(self.cfg.faults, sid)
         st = stage_table.get(stage)
         run = st.function()
+        total = self.cfg.evaluation.check_samples   # a shard outside the job's list: a job of its own
+        self.protocol.check_samples = (check_share(total, self._order[url], len(self._order))
+                                       if url in self._order else total)
         source, prefetched = self._stream(url, expected)
         if prefetch is not None:
             self._next = (*prefetch, self._open(*prefetch))
@@ -136,6 +141,7 @@ class ShardWorker(WorkerBase):
         return commit.commit_records(self.cfg.job.output, stage, sid, rows, {
             "source": url, "samples": source.samples, "config_hash": self.protocol.provenance["config_hash"],
             "seconds": time.time() - t0, **where, "checks": result.checks,
+            "check_samples": result.check_samples,
             "outputs": outputs, "nfe": _total_nfe(result.rows), "prefetched": prefetched,
             "max_rows": _rows_choice(self.protocol)})
 
