@@ -23,6 +23,7 @@ SHIPPED_HASHES = {
     "diffpure_cifar10.yaml": "42998c7cb6ce2e02",
     "diffpure_digits.yaml": "c0904183a29a970d",
     "diffpure_imagenet.yaml": "b9bd7dc59f8e26f1",
+    "diffpure_mnist.yaml": "46d52318d41de11a",   # added after the move to pydantic: pinned as first hashed
     "dip_mnist.yaml": "2f95c622210e58ef",
     "ebm_cifar10.yaml": "c285faf230192fc6",
     "ebm_digits.yaml": "704f58bbb2605bd0",
