@@ -9,6 +9,7 @@ driver's process (`WorkerKind.load`), only once it has chosen to run a worker th
 from __future__ import annotations
 
 import importlib
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,13 +46,19 @@ class ActorHost:
         self.worker = kind.load()(*args)
 
     def ready(self) -> dict[str, Any]:
-        return self.worker.ready()
+        return _plain(self.worker.ready())
 
     def check_data(self, url: str, source: str) -> str | None:
         return self.worker.check_data(url, source)
 
     def process(self, *args: Any) -> dict[str, Any]:
-        return self.worker.process(*args)
+        return _plain(self.worker.process(*args))
+
+
+def _plain(doc: dict[str, Any]) -> dict[str, Any]:
+    """JSON's own types only: an object of a worker-side class (an enum of a module that imports
+    torch) would make the driver import that module when Ray unpickles the answer."""
+    return json.loads(json.dumps(doc))
 
 
 def actor_class(kind: WorkerKind) -> type:
