@@ -22,7 +22,8 @@ SAMPLES = 45
 
 def _protocol(digits_shards, digits_models, tmp_path, defense: str):
     purifier, runs = DEFENSES[defense]
-    over = {"attacks": ATTACKS, "evaluation": {"runs": runs}}
+    # max_rows pinned: auto would time (and so count) purifier rows on the first call
+    over = {"attacks": ATTACKS, "evaluation": {"runs": runs, "max_rows": 4096}}
     if purifier:
         over["purifier"] = purifier
     return build_protocol(config.from_dict(job_dict(digits_shards["pattern"], digits_models, str(tmp_path), **over)))

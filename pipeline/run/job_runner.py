@@ -90,9 +90,7 @@ class JobRunner:
         """Before any stage: the data check on a worker (only when a stage has work: a worker
         is started for it, and kept for the stages), then the output's job state."""
         if any(pending.values()):
-            n = self.cfg.cluster.num_workers
-            want = min(max(pending.values()), 1 if n == "auto" else int(n))
-            check_data_on_a_worker(self.cfg, actors, states[0].url, want, lease)
+            check_data_on_a_worker(self.cfg, actors, states[0].url, max(pending.values()), lease)
         if lease.took_over:
             time.sleep(TAKEOVER_GRACE_S)
         check_job_state(self.cfg, states, self.index_entries(states))

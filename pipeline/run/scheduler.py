@@ -384,16 +384,18 @@ def run_stage(cfg: Config, stage: str, states: list[ShardState], worker: WorkerK
     return result
 
 
-def check_data_on_a_worker(cfg: Config, actors: JobActors, url: str, want: int, lease: Lease | None = None) -> None:
+def check_data_on_a_worker(cfg: Config, actors: JobActors, url: str, shards: int, lease: Lease | None = None) -> None:
     """The job's pre-work data check (its worker's `check_data`: the data against the models,
-    torch) on the job's first worker, before any stage work: start `want` workers (the first
-    stage's; Ray connected first), wait for one as a stage waits (start failures, placement,
-    the GCS: DriverError), and ask it about shard `url`. What it finds is a ConfigError (exit
-    2); a check that crashes, a RuntimeError. A Ray started here for a check that fails is shut down."""
+    torch) on the job's first worker, before any stage work: start the workers the first
+    stage will want for `shards` shards (num_workers, or with auto what the cluster hosts:
+    all of them start now, not after the check), wait for one as a stage waits (start
+    failures, placement, the GCS: DriverError), and ask it about shard `url`. What it finds
+    is a ConfigError (exit 2); a check that crashes, a RuntimeError. A Ray started here for
+    a check that fails is shut down."""
     ours = not ray_started()
     pool = actors.get()
     try:
-        pool.top_up(want)
+        pool.top_up(1 if isinstance(pool, LocalPool) else _Sizer(cfg, pool.req).want(shards))
         worker = _first_ready(cfg, pool, lease)
         try:
             problem = pool.get(pool.call(worker, "check_data", url, cfg.source))
