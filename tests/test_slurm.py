@@ -184,8 +184,8 @@ def advpure(cluster, cwd: Path, *args: str, timeout: float = 120) -> subprocess.
 
 
 def _write_job(tmp_path: Path, shards: str, models: dict, out: str, steps: int = 3, name: str = "job.yaml",
-               **kw) -> Path:
-    d = job_dict(shards, models, out, attacks=[{"name": "pgd", "params": {"eps": 0.2, "steps": steps,
+               eps: float = 0.2, **kw) -> Path:
+    d = job_dict(shards, models, out, attacks=[{"name": "pgd", "params": {"eps": eps, "steps": steps,
                                                                            "step_size": 0.02}}], **kw)
     path = tmp_path / name
     path.write_text(yaml.safe_dump(d))
@@ -324,7 +324,9 @@ def _markers(out: str) -> int:
 @pytest.mark.slow
 def test_scancel_mid_job_then_resubmit_every_sample_once(cluster, small_shards, tiny_models, tmp_path):
     out = str(tmp_path / "out")
-    job = _write_job(tmp_path, small_shards["twelve"], tiny_models, out, steps=40)
+    # a radius too small to break most samples: PGD stops stepping a broken sample, and the
+    # cancel must land while the job still has work (every step of every sample runs)
+    job = _write_job(tmp_path, small_shards["twelve"], tiny_models, out, steps=100, eps=0.002)
     first = _submit(cluster, tmp_path, job)
     deadline = time.monotonic() + 150
     while _markers(out) < 1 and time.monotonic() < deadline:
