@@ -2,7 +2,7 @@
 
     python benchmarks/autoattack_official.py --autoattack DIR [--samples 50] [--steps 20] [--eot 20]
         [--eps 0.1] [--sigma 0.15] [--threads 1] [--pairs 3] [--max-rows auto] [--classifier CKPT]
-        [--workdir DIR]
+        [--workdir DIR] [--unchunked]
 
 DIR holds the official code's `autoattack` package (fra31/auto-attack, e.g. extracted from a
 fetched mirror into /tmp); it is imported from there at run time, never copied into this repo.
@@ -22,6 +22,9 @@ there, else the digits train split) behind the `gaussian` purifier (σ, stochast
 Both processes get --threads torch threads (OMP/MKL too). Runs alternate A B A B … (the
 machine is shared: pairs let the load fall on both sides); each pair's ratio A/B and the
 median are printed with both robust accuracies and what `max_rows: auto` picked (commit marker).
+--unchunked adds a third run to every pair: advpure with EOT gradient steps in one forward and
+one backward per batch (pipeline.attacks.base.SAMPLE_CHUNKS off, as before sample chunks), for
+a same-load comparison.
 """
 from __future__ import annotations
 
@@ -69,14 +72,21 @@ def job(a: argparse.Namespace, shard: str, ckpt: str, out: Path) -> dict:
             "cluster": {"num_workers": 1, "cpus_per_worker": a.threads}}
 
 
-def run_ours(a: argparse.Namespace, job_file: Path, out: Path, env: dict) -> tuple[float, dict]:
+# `advpure run` with EOT gradient steps in one call per batch (pipeline.attacks.base.SAMPLE_CHUNKS off):
+# the local executor runs the worker in this process, so the flag reaches it
+UNCHUNKED = ("import sys; import pipeline.attacks.base as b; b.SAMPLE_CHUNKS = False; "
+             "from pipeline.cli import main; sys.exit(main(sys.argv[1:]))")
+
+
+def run_ours(a: argparse.Namespace, job_file: Path, out: Path, env: dict, chunked: bool = True
+             ) -> tuple[float, dict]:
     """Wall seconds of `advpure run`, and (robust accuracy, max_rows record) from its output."""
     from pipeline.run import commit
 
     shutil.rmtree(out, ignore_errors=True)
+    cmd = ["-m", "pipeline.cli"] if chunked else ["-c", UNCHUNKED]
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", str(job_file)], env=env,
-                          capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, *cmd, "run", str(job_file)], env=env, capture_output=True, text=True)
     wall = time.perf_counter() - t0
     (out.parent / "advpure_run.log").write_text(proc.stdout + proc.stderr)   # the last run's log
     if proc.returncode != 0:
@@ -151,6 +161,8 @@ def main() -> int:
     ap.add_argument("--pairs", type=int, default=3)
     ap.add_argument("--max-rows", default="auto", help="advpure's evaluation.max_rows (default: auto, the default)")
     ap.add_argument("--classifier", default=None)
+    ap.add_argument("--unchunked", action="store_true",
+                    help="each pair also runs advpure with EOT gradients in one call per batch (SAMPLE_CHUNKS off)")
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--side", choices=["autoattack"], help=argparse.SUPPRESS)
     ap.add_argument("--shard", help=argparse.SUPPRESS)
@@ -170,22 +182,32 @@ def main() -> int:
     print(f"{label}: {a.samples} images, small CNN behind gaussian σ={a.sigma:g}; APGD-CE + APGD-DLR, "
           f"{a.steps} steps, EOT {a.eot}, ℓ∞ ε={a.eps:g}; {a.threads} thread(s); max_rows {a.max_rows}; "
           f"load {os.getloadavg()[0]:.1f}", flush=True)
-    print("| pair | advpure s | AutoAttack s | advpure / AutoAttack | robust advpure | robust AutoAttack | "
-          "max_rows (auto) | load |\n|---|---|---|---|---|---|---|---|", flush=True)
-    ratios = []
+    off = " advpure unchunked s | unchunked / AutoAttack | robust unchunked |" if a.unchunked else ""
+    print(f"| pair | advpure s | AutoAttack s | advpure / AutoAttack | robust advpure | robust AutoAttack |{off} "
+          f"max_rows (auto) | load |\n|---|---|---|---|---|---|{'---|---|---|' if off else ''}---|---|", flush=True)
+    ratios, ratios_off = [], []
     for i in range(a.pairs):
-        first_ours = i % 2 == 0   # alternate which side starts a pair
+        sides = ("ours", "aa", "off") if a.unchunked else ("ours", "aa")
         runs = {}
-        for side in (("ours", "aa") if first_ours else ("aa", "ours")):
-            runs[side] = run_ours(a, job_file, out, env) if side == "ours" else run_autoattack(a, shard, ckpt, env)
+        for side in (sides if i % 2 == 0 else sides[::-1]):   # alternate which side starts a pair
+            runs[side] = (run_autoattack(a, shard, ckpt, env) if side == "aa"
+                          else run_ours(a, job_file, out, env, chunked=side == "ours"))
         (ws, rs), (wa, ra) = runs["ours"], runs["aa"]
         ratios.append(ws / wa)
         mr = rs["max_rows"] or {}
+        extra = ""
+        if a.unchunked:
+            wo, ro = runs["off"]
+            ratios_off.append(wo / wa)
+            extra = f" {wo:.1f} | {wo / wa:.2f} | {100 * ro['robust']:.1f} % |"
         print(f"| {i + 1} | {ws:.1f} | {wa:.1f} | {ws / wa:.2f} | {100 * rs['robust']:.1f} % | "
-              f"{100 * ra['robust']:.1f} % | {mr.get('rows')} ({mr.get('how')}) | {os.getloadavg()[0]:.1f} |",
+              f"{100 * ra['robust']:.1f} % |{extra} {mr.get('rows')} ({mr.get('how')}) | {os.getloadavg()[0]:.1f} |",
               flush=True)
     print(f"median advpure / AutoAttack: {statistics.median(ratios):.2f} (pairs: "
           f"{', '.join(f'{r:.2f}' for r in ratios)})")
+    if ratios_off:
+        print(f"median advpure unchunked / AutoAttack: {statistics.median(ratios_off):.2f} (pairs: "
+              f"{', '.join(f'{r:.2f}' for r in ratios_off)})")
     if mr and mr.get("how") != "configured":
         print(f"max_rows: {mr.get('rows')} — {mr.get('detail')} ({mr.get('workload')}, settled in "
               f"{mr.get('seconds')} s)")
