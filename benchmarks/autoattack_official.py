@@ -21,7 +21,9 @@ there, else the digits train split) behind the `gaussian` purifier (σ, stochast
   apgd.n_iter = --steps and eot_iter = --eot over all samples in one batch.
 Both processes get --threads torch threads (OMP/MKL too). Runs alternate A B A B … (the
 machine is shared: pairs let the load fall on both sides); each pair's ratio A/B and the
-median are printed with both robust accuracies and what `max_rows: auto` picked (commit marker).
+median are printed with both robust accuracies and what `max_rows: auto` picked (commit marker),
+and the ratio of CPU seconds (user + system of each process: what the machine's other load
+adds to least).
 --unchunked adds a third run to every pair: advpure with EOT gradient steps in one forward and
 one backward per batch (pipeline.attacks.base.SAMPLE_CHUNKS off, as before sample chunks), for
 a same-load comparison.
@@ -31,6 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -85,9 +88,7 @@ def run_ours(a: argparse.Namespace, job_file: Path, out: Path, env: dict, chunke
 
     shutil.rmtree(out, ignore_errors=True)
     cmd = ["-m", "pipeline.cli"] if chunked else ["-c", UNCHUNKED]
-    t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, *cmd, "run", str(job_file)], env=env, capture_output=True, text=True)
-    wall = time.perf_counter() - t0
+    proc, wall, cpu = timed([sys.executable, *cmd, "run", str(job_file)], env)
     (out.parent / "advpure_run.log").write_text(proc.stdout + proc.stderr)   # the last run's log
     if proc.returncode != 0:
         raise SystemExit(f"advpure run failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
@@ -96,19 +97,28 @@ def run_ours(a: argparse.Namespace, job_file: Path, out: Path, env: dict, chunke
     for r in rows:   # per-sample worst case over the two entries
         robust[r["key"]] = robust.get(r["key"], True) and bool(r["robust"])
     marker = next(iter(commit.committed(str(out), "evaluate").values()))
-    return wall, {"robust": sum(robust.values()) / len(robust), "max_rows": marker.get("max_rows")}
+    return wall, {"robust": sum(robust.values()) / len(robust), "max_rows": marker.get("max_rows"), "cpu": cpu}
 
 
 def run_autoattack(a: argparse.Namespace, shard: str, ckpt: str, env: dict) -> tuple[float, dict]:
     args = [sys.executable, __file__, "--side", "autoattack", "--autoattack", a.autoattack, "--shard", shard,
             "--classifier", ckpt, "--samples", str(a.samples), "--steps", str(a.steps), "--eot", str(a.eot),
             "--eps", str(a.eps), "--sigma", str(a.sigma), "--threads", str(a.threads)]
+    proc, wall, cpu = timed(args, env)
+    if proc.returncode != 0:
+        raise SystemExit(f"AutoAttack run failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return wall, {**json.loads(proc.stdout.strip().splitlines()[-1]), "cpu": cpu}
+
+
+def timed(args: list[str], env: dict) -> tuple[subprocess.CompletedProcess, float, float]:
+    """(the finished process, its wall seconds, its CPU seconds: user + system of the child,
+    which the machine's other load does not add to)."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     proc = subprocess.run(args, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - t0
-    if proc.returncode != 0:
-        raise SystemExit(f"AutoAttack run failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-    return wall, json.loads(proc.stdout.strip().splitlines()[-1])
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return proc, wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
 
 
 def autoattack_side(a: argparse.Namespace) -> int:
@@ -149,6 +159,42 @@ def autoattack_side(a: argparse.Namespace) -> int:
     return 0
 
 
+def pairs(a: argparse.Namespace, job_file: Path, out: Path, shard: str, ckpt: str, env: dict) -> dict:
+    """Runs the pairs (or triples, with --unchunked), printing a table row each and the medians
+    of the wall and CPU ratios; returns the last run's max_rows record."""
+    off = " unchunked s (CPU) | wall ratio | CPU ratio | robust unchunked |" if a.unchunked else ""
+    rule = "|---" * (9 + (4 if off else 0)) + "|"
+    print(f"| pair | advpure s (CPU) | AutoAttack s (CPU) | wall ratio | CPU ratio | robust advpure | "
+          f"robust AutoAttack |{off} max_rows (auto) | load |\n{rule}", flush=True)
+    ratios: dict[str, list[float]] = {"wall": [], "cpu": [], "wall unchunked": [], "cpu unchunked": []}
+    for i in range(a.pairs):
+        sides = ("ours", "aa", "off") if a.unchunked else ("ours", "aa")
+        runs = {}
+        for side in (sides if i % 2 == 0 else sides[::-1]):   # alternate which side starts a pair
+            runs[side] = (run_autoattack(a, shard, ckpt, env) if side == "aa"
+                          else run_ours(a, job_file, out, env, chunked=side == "ours"))
+        (wa, ra) = runs["aa"]
+        cells = []
+        for side, tag in (("ours", ""), ("off", " unchunked")):
+            if side in runs:
+                w, r = runs[side]
+                ratios["wall" + tag].append(w / wa)
+                ratios["cpu" + tag].append(r["cpu"] / ra["cpu"])
+                cells.append(f"{w:.1f} ({r['cpu']:.1f}) | {w / wa:.2f} | {r['cpu'] / ra['cpu']:.2f} | "
+                             f"{100 * r['robust']:.1f} %")
+        ours = cells[0].split(" | ")
+        mr = runs["ours"][1]["max_rows"] or {}
+        row = [str(i + 1), ours[0], f"{wa:.1f} ({ra['cpu']:.1f})", *ours[1:3], ours[3], f"{100 * ra['robust']:.1f} %",
+               *cells[1:], f"{mr.get('rows')} ({mr.get('how')})", f"{os.getloadavg()[0]:.1f}"]
+        print("| " + " | ".join(row) + " |", flush=True)
+    for k, v in ratios.items():   # "wall", "cpu", "wall unchunked", "cpu unchunked"
+        if v:
+            what, _, tag = k.partition(" ")
+            print(f"median advpure{' ' + tag if tag else ''} / AutoAttack, {what}: {statistics.median(v):.2f} "
+                  f"(pairs: {', '.join(f'{r:.2f}' for r in v)})")
+    return mr
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--autoattack", required=True, help="folder holding the official `autoattack` package")
@@ -182,32 +228,7 @@ def main() -> int:
     print(f"{label}: {a.samples} images, small CNN behind gaussian σ={a.sigma:g}; APGD-CE + APGD-DLR, "
           f"{a.steps} steps, EOT {a.eot}, ℓ∞ ε={a.eps:g}; {a.threads} thread(s); max_rows {a.max_rows}; "
           f"load {os.getloadavg()[0]:.1f}", flush=True)
-    off = " advpure unchunked s | unchunked / AutoAttack | robust unchunked |" if a.unchunked else ""
-    print(f"| pair | advpure s | AutoAttack s | advpure / AutoAttack | robust advpure | robust AutoAttack |{off} "
-          f"max_rows (auto) | load |\n|---|---|---|---|---|---|{'---|---|---|' if off else ''}---|---|", flush=True)
-    ratios, ratios_off = [], []
-    for i in range(a.pairs):
-        sides = ("ours", "aa", "off") if a.unchunked else ("ours", "aa")
-        runs = {}
-        for side in (sides if i % 2 == 0 else sides[::-1]):   # alternate which side starts a pair
-            runs[side] = (run_autoattack(a, shard, ckpt, env) if side == "aa"
-                          else run_ours(a, job_file, out, env, chunked=side == "ours"))
-        (ws, rs), (wa, ra) = runs["ours"], runs["aa"]
-        ratios.append(ws / wa)
-        mr = rs["max_rows"] or {}
-        extra = ""
-        if a.unchunked:
-            wo, ro = runs["off"]
-            ratios_off.append(wo / wa)
-            extra = f" {wo:.1f} | {wo / wa:.2f} | {100 * ro['robust']:.1f} % |"
-        print(f"| {i + 1} | {ws:.1f} | {wa:.1f} | {ws / wa:.2f} | {100 * rs['robust']:.1f} % | "
-              f"{100 * ra['robust']:.1f} % |{extra} {mr.get('rows')} ({mr.get('how')}) | {os.getloadavg()[0]:.1f} |",
-              flush=True)
-    print(f"median advpure / AutoAttack: {statistics.median(ratios):.2f} (pairs: "
-          f"{', '.join(f'{r:.2f}' for r in ratios)})")
-    if ratios_off:
-        print(f"median advpure unchunked / AutoAttack: {statistics.median(ratios_off):.2f} (pairs: "
-              f"{', '.join(f'{r:.2f}' for r in ratios_off)})")
+    mr = pairs(a, job_file, out, shard, ckpt, env)
     if mr and mr.get("how") != "configured":
         print(f"max_rows: {mr.get('rows')} — {mr.get('detail')} ({mr.get('workload')}, settled in "
               f"{mr.get('seconds')} s)")

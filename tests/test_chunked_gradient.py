@@ -57,14 +57,15 @@ def test_chunks_of_samples_give_the_whole_batch_step(purifier, mode, eot, reduct
     goal = Goal(y, (y + 3) % 10, True) if targeted else Goal(y, None, False)
     loss = "dlr" if targeted else "ce"
     out = {}
-    for rows in (4096, 3 * eot):                 # one call; chunks of 3 samples (10 = 3 + 3 + 3 + 1)
+    # one call; chunks of 3 samples (10 = 3 + 3 + 3 + 1), not of max_rows rows (3.5 samples)
+    for rows in (4096, 3 * eot + eot // 2):
         defense.max_rows = rows
         defense.classifier.calls.clear()
         target = defense.attack_target(mode, 7, keys, "ctx", eot)
         out[rows] = eot_step(target, x, goal, 5, loss, reduction)
         expected = [10 * eot] if rows == 4096 else [3 * eot] * 3 + [eot]
         assert defense.classifier.calls == expected
-    for whole, chunked in zip(out[4096], out[3 * eot]):
+    for whole, chunked in zip(out[4096], out[3 * eot + eot // 2]):
         assert whole.shape == chunked.shape
         assert torch.allclose(whole, chunked, rtol=1e-9, atol=1e-12)
     assert out[4096][1].abs().sum() > 0
@@ -117,13 +118,13 @@ def test_pgd_eot_records_do_not_depend_on_the_sample_chunk(digits_shards, digits
 
 def test_calibration_times_the_chunked_step(digits_shards, digits_models, tmp_path):
     """`max_rows: auto` times the path attacks take: at chunk c, forward and backward per
-    c // EOT samples."""
+    c // EOT samples (not one forward in chunks of c rows, then one backward)."""
     cfg = _noise_job(digits_shards, digits_models, tmp_path, 100)
     p = build_protocol(cfg)
     b = next(stages.batches(shards.read_shard(shards.expand(cfg.data.shards)[0])[:24], 24, p.device))
     seen: list[int] = []
     real = p.defense.classifier.forward
     p.defense.classifier.forward = lambda x: seen.append(x.shape[0]) or real(x)
-    row_chunks.time_eot_step(p, p.attacks[0], b.x, b.y, b.keys, 64)
-    assert seen == [64] * 3                            # 24 images × EOT 8 in chunks of 8 images
+    row_chunks.time_eot_step(p, p.attacks[0], b.x, b.y, b.keys, 60)
+    assert seen == [56] * 3 + [24]                     # 24 images × EOT 8 in chunks of 7 images
     assert p.defense.max_rows == 100                   # restored
