@@ -326,10 +326,11 @@ def eot_step(target: AttackTarget, x: torch.Tensor, goal: Goal, step: int, loss:
     """(objective [B], ascent direction, logits [B, R, K]) at x: one EOT gradient step.
 
     Forward and backward run per chunk of samples (`sample_chunk`), each sample's R draws
-    together: the activations a backward reads are still in cache (AutoAttack runs forward and
-    backward per draw on the batch), and only one chunk's graph is held at a time. Every EOT
-    reduction is per sample and the views keep each sample's keyed draws, so the result is the
-    whole batch's up to float rounding."""
+    together, as AutoAttack runs forward and backward per draw: only one chunk's graph is held
+    at a time, not the whole batch × EOT (half the peak memory, a few per cent less CPU:
+    BENCHMARKS.md "Forward and backward per chunk of samples"). Every EOT reduction is per
+    sample and the views keep each sample's keyed draws, so the result is the whole batch's up
+    to float rounding."""
     B = x.shape[0]
     chunk = sample_chunk(target, B)
     if chunk >= B:

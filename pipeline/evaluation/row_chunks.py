@@ -4,9 +4,9 @@ A batch of B images × R draws (EOT or R runs) is pushed through purifier and cl
 [B·R, ...] rows, in calls of at most max_rows rows. On one CPU thread a 2,000-row forward and
 backward runs at half the speed of chunks of 250 (BENCHMARKS.md "Row chunks": cache-sized
 calls win), while a GPU wants the largest call that fits. An attack's EOT gradient step runs
-forward and backward per chunk of max_rows // EOT samples (`pipeline.attacks.base.eot_step`), so
-a backward reads activations still in cache. Results do not depend on the chunk: draws are
-keyed per row (pipeline.seeding).
+forward and backward per chunk of max_rows // EOT samples (`pipeline.attacks.base.eot_step`),
+and the calibration times that path. Results do not depend on the chunk: draws are keyed per
+row (pipeline.seeding).
 
 `max_rows: auto` (the default) settles the chunk once per worker, on the first batch it
 computes (`settle`, called by the stages' batch loop), and keeps it for the job:
