@@ -2,7 +2,7 @@
 
     python benchmarks/autoattack_official.py --autoattack DIR [--samples 50] [--steps 20] [--eot 20]
         [--eps 0.1] [--sigma 0.15] [--threads 1] [--pairs 3] [--max-rows auto] [--classifier CKPT]
-        [--workdir DIR]
+        [--workdir DIR] [--unchunked]
 
 DIR holds the official code's `autoattack` package (fra31/auto-attack, e.g. extracted from a
 fetched mirror into /tmp); it is imported from there at run time, never copied into this repo.
@@ -21,13 +21,19 @@ there, else the digits train split) behind the `gaussian` purifier (σ, stochast
   apgd.n_iter = --steps and eot_iter = --eot over all samples in one batch.
 Both processes get --threads torch threads (OMP/MKL too). Runs alternate A B A B … (the
 machine is shared: pairs let the load fall on both sides); each pair's ratio A/B and the
-median are printed with both robust accuracies and what `max_rows: auto` picked (commit marker).
+median are printed with both robust accuracies and what `max_rows: auto` picked (commit marker),
+and the ratio of CPU seconds (user + system of each process: what the machine's other load
+adds to least).
+--unchunked adds a third run to every pair: advpure with EOT gradient steps in one forward and
+one backward per batch (pipeline.attacks.base.SAMPLE_CHUNKS off, as before sample chunks), for
+a same-load comparison.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -69,15 +75,20 @@ def job(a: argparse.Namespace, shard: str, ckpt: str, out: Path) -> dict:
             "cluster": {"num_workers": 1, "cpus_per_worker": a.threads}}
 
 
-def run_ours(a: argparse.Namespace, job_file: Path, out: Path, env: dict) -> tuple[float, dict]:
+# `advpure run` with EOT gradient steps in one call per batch (pipeline.attacks.base.SAMPLE_CHUNKS off):
+# the local executor runs the worker in this process, so the flag reaches it
+UNCHUNKED = ("import sys; import pipeline.attacks.base as b; b.SAMPLE_CHUNKS = False; "
+             "from pipeline.cli import main; sys.exit(main(sys.argv[1:]))")
+
+
+def run_ours(a: argparse.Namespace, job_file: Path, out: Path, env: dict, chunked: bool = True
+             ) -> tuple[float, dict]:
     """Wall seconds of `advpure run`, and (robust accuracy, max_rows record) from its output."""
     from pipeline.run import commit
 
     shutil.rmtree(out, ignore_errors=True)
-    t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", str(job_file)], env=env,
-                          capture_output=True, text=True)
-    wall = time.perf_counter() - t0
+    cmd = ["-m", "pipeline.cli"] if chunked else ["-c", UNCHUNKED]
+    proc, wall, cpu = timed([sys.executable, *cmd, "run", str(job_file)], env)
     (out.parent / "advpure_run.log").write_text(proc.stdout + proc.stderr)   # the last run's log
     if proc.returncode != 0:
         raise SystemExit(f"advpure run failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
@@ -86,19 +97,28 @@ def run_ours(a: argparse.Namespace, job_file: Path, out: Path, env: dict) -> tup
     for r in rows:   # per-sample worst case over the two entries
         robust[r["key"]] = robust.get(r["key"], True) and bool(r["robust"])
     marker = next(iter(commit.committed(str(out), "evaluate").values()))
-    return wall, {"robust": sum(robust.values()) / len(robust), "max_rows": marker.get("max_rows")}
+    return wall, {"robust": sum(robust.values()) / len(robust), "max_rows": marker.get("max_rows"), "cpu": cpu}
 
 
 def run_autoattack(a: argparse.Namespace, shard: str, ckpt: str, env: dict) -> tuple[float, dict]:
     args = [sys.executable, __file__, "--side", "autoattack", "--autoattack", a.autoattack, "--shard", shard,
             "--classifier", ckpt, "--samples", str(a.samples), "--steps", str(a.steps), "--eot", str(a.eot),
             "--eps", str(a.eps), "--sigma", str(a.sigma), "--threads", str(a.threads)]
+    proc, wall, cpu = timed(args, env)
+    if proc.returncode != 0:
+        raise SystemExit(f"AutoAttack run failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return wall, {**json.loads(proc.stdout.strip().splitlines()[-1]), "cpu": cpu}
+
+
+def timed(args: list[str], env: dict) -> tuple[subprocess.CompletedProcess, float, float]:
+    """(the finished process, its wall seconds, its CPU seconds: user + system of the child,
+    which the machine's other load does not add to)."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     proc = subprocess.run(args, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - t0
-    if proc.returncode != 0:
-        raise SystemExit(f"AutoAttack run failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-    return wall, json.loads(proc.stdout.strip().splitlines()[-1])
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return proc, wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
 
 
 def autoattack_side(a: argparse.Namespace) -> int:
@@ -139,6 +159,42 @@ def autoattack_side(a: argparse.Namespace) -> int:
     return 0
 
 
+def pairs(a: argparse.Namespace, job_file: Path, out: Path, shard: str, ckpt: str, env: dict) -> dict:
+    """Runs the pairs (or triples, with --unchunked), printing a table row each and the medians
+    of the wall and CPU ratios; returns the last run's max_rows record."""
+    off = " unchunked s (CPU) | wall ratio | CPU ratio | robust unchunked |" if a.unchunked else ""
+    rule = "|---" * (9 + (4 if off else 0)) + "|"
+    print(f"| pair | advpure s (CPU) | AutoAttack s (CPU) | wall ratio | CPU ratio | robust advpure | "
+          f"robust AutoAttack |{off} max_rows (auto) | load |\n{rule}", flush=True)
+    ratios: dict[str, list[float]] = {"wall": [], "cpu": [], "wall unchunked": [], "cpu unchunked": []}
+    for i in range(a.pairs):
+        sides = ("ours", "aa", "off") if a.unchunked else ("ours", "aa")
+        runs = {}
+        for side in (sides if i % 2 == 0 else sides[::-1]):   # alternate which side starts a pair
+            runs[side] = (run_autoattack(a, shard, ckpt, env) if side == "aa"
+                          else run_ours(a, job_file, out, env, chunked=side == "ours"))
+        (wa, ra) = runs["aa"]
+        cells = []
+        for side, tag in (("ours", ""), ("off", " unchunked")):
+            if side in runs:
+                w, r = runs[side]
+                ratios["wall" + tag].append(w / wa)
+                ratios["cpu" + tag].append(r["cpu"] / ra["cpu"])
+                cells.append(f"{w:.1f} ({r['cpu']:.1f}) | {w / wa:.2f} | {r['cpu'] / ra['cpu']:.2f} | "
+                             f"{100 * r['robust']:.1f} %")
+        ours = cells[0].split(" | ")
+        mr = runs["ours"][1]["max_rows"] or {}
+        row = [str(i + 1), ours[0], f"{wa:.1f} ({ra['cpu']:.1f})", *ours[1:3], ours[3], f"{100 * ra['robust']:.1f} %",
+               *cells[1:], f"{mr.get('rows')} ({mr.get('how')})", f"{os.getloadavg()[0]:.1f}"]
+        print("| " + " | ".join(row) + " |", flush=True)
+    for k, v in ratios.items():   # "wall", "cpu", "wall unchunked", "cpu unchunked"
+        if v:
+            what, _, tag = k.partition(" ")
+            print(f"median advpure{' ' + tag if tag else ''} / AutoAttack, {what}: {statistics.median(v):.2f} "
+                  f"(pairs: {', '.join(f'{r:.2f}' for r in v)})")
+    return mr
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--autoattack", required=True, help="folder holding the official `autoattack` package")
@@ -151,6 +207,8 @@ def main() -> int:
     ap.add_argument("--pairs", type=int, default=3)
     ap.add_argument("--max-rows", default="auto", help="advpure's evaluation.max_rows (default: auto, the default)")
     ap.add_argument("--classifier", default=None)
+    ap.add_argument("--unchunked", action="store_true",
+                    help="each pair also runs advpure with EOT gradients in one call per batch (SAMPLE_CHUNKS off)")
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--side", choices=["autoattack"], help=argparse.SUPPRESS)
     ap.add_argument("--shard", help=argparse.SUPPRESS)
@@ -170,22 +228,7 @@ def main() -> int:
     print(f"{label}: {a.samples} images, small CNN behind gaussian σ={a.sigma:g}; APGD-CE + APGD-DLR, "
           f"{a.steps} steps, EOT {a.eot}, ℓ∞ ε={a.eps:g}; {a.threads} thread(s); max_rows {a.max_rows}; "
           f"load {os.getloadavg()[0]:.1f}", flush=True)
-    print("| pair | advpure s | AutoAttack s | advpure / AutoAttack | robust advpure | robust AutoAttack | "
-          "max_rows (auto) | load |\n|---|---|---|---|---|---|---|---|", flush=True)
-    ratios = []
-    for i in range(a.pairs):
-        first_ours = i % 2 == 0   # alternate which side starts a pair
-        runs = {}
-        for side in (("ours", "aa") if first_ours else ("aa", "ours")):
-            runs[side] = run_ours(a, job_file, out, env) if side == "ours" else run_autoattack(a, shard, ckpt, env)
-        (ws, rs), (wa, ra) = runs["ours"], runs["aa"]
-        ratios.append(ws / wa)
-        mr = rs["max_rows"] or {}
-        print(f"| {i + 1} | {ws:.1f} | {wa:.1f} | {ws / wa:.2f} | {100 * rs['robust']:.1f} % | "
-              f"{100 * ra['robust']:.1f} % | {mr.get('rows')} ({mr.get('how')}) | {os.getloadavg()[0]:.1f} |",
-              flush=True)
-    print(f"median advpure / AutoAttack: {statistics.median(ratios):.2f} (pairs: "
-          f"{', '.join(f'{r:.2f}' for r in ratios)})")
+    mr = pairs(a, job_file, out, shard, ckpt, env)
     if mr and mr.get("how") != "configured":
         print(f"max_rows: {mr.get('rows')} — {mr.get('detail')} ({mr.get('workload')}, settled in "
               f"{mr.get('seconds')} s)")

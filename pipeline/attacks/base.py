@@ -32,6 +32,7 @@ from pipeline.seeding import Noise
 NORMS = ("linf", "l2")
 TARGET_MODES = ("given", "top", "least_likely", "random")
 SELECT_STEP = -1  # the target call that picks target classes from the clean input
+SAMPLE_CHUNKS = True  # EOT gradients per chunk of samples (`eot_step`); False: one call (benchmarks)
 
 
 class AttackTarget(Protocol):
@@ -39,7 +40,9 @@ class AttackTarget(Protocol):
         """logits [B, R, K] for inputs x [B, C, H, W]; `step` keys the draws.
 
         A target may also offer `select_rows(rows) -> AttackTarget`: the same view for rows
-        `rows` [n] of the batch only, each keeping its own keyed draws (see `restrict`)."""
+        `rows` [n] of the batch only, each keeping its own keyed draws (see `restrict`), and
+        with it `sample_chunk() -> int`: how many samples one gradient call should take
+        (read at call time; see `eot_step`)."""
 
 
 class Recheck(Protocol):
@@ -306,8 +309,44 @@ class Attack:
     def loss_and_direction(self, target: AttackTarget, x_adv: torch.Tensor, goal: Goal,
                  step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(objective [B], ascent direction, logits [B, R, K]) at x_adv."""
-        x_adv = x_adv.detach().requires_grad_(True)
-        logits = target(x_adv, step)
-        obj, direction = eot_gradient(logits, x_adv, goal.y_true, goal.y_target, self.loss,
-                                      self.eot_reduction, goal.targeted)
-        return obj.detach(), direction.detach(), logits.detach()
+        return eot_step(target, x_adv, goal, step, self.loss, self.eot_reduction)
+
+
+def sample_chunk(target: AttackTarget, batch: int) -> int:
+    """Samples per forward-and-backward call: the target's `sample_chunk()` where it offers
+    one (with `select_rows`, and SAMPLE_CHUNKS on), else the whole batch."""
+    chunk = getattr(target, "sample_chunk", None)
+    if not SAMPLE_CHUNKS or not callable(chunk) or not callable(getattr(target, "select_rows", None)):
+        return batch
+    return max(1, int(chunk()))
+
+
+def eot_step(target: AttackTarget, x: torch.Tensor, goal: Goal, step: int, loss: str = "ce",
+             reduction: str = "mean_loss") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(objective [B], ascent direction, logits [B, R, K]) at x: one EOT gradient step.
+
+    Forward and backward run per chunk of samples (`sample_chunk`), each sample's R draws
+    together, as AutoAttack runs forward and backward per draw: only one chunk's graph is held
+    at a time, not the whole batch × EOT (half the peak memory, a few per cent less CPU:
+    BENCHMARKS.md "Forward and backward per chunk of samples"). Every EOT reduction is per
+    sample and the views keep each sample's keyed draws, so the result is the whole batch's up
+    to float rounding."""
+    B = x.shape[0]
+    chunk = sample_chunk(target, B)
+    if chunk >= B:
+        return _eot_step(target, x, goal, step, loss, reduction)
+    parts = []
+    for i in range(0, B, chunk):
+        rows = torch.arange(i, min(B, i + chunk), device=x.device)
+        parts.append(_eot_step(target.select_rows(rows), x[i:i + chunk], goal.select(rows), step, loss, reduction))
+    obj, direction, logits = zip(*parts)
+    return torch.cat(obj), torch.cat(direction), torch.cat(logits)
+
+
+def _eot_step(target: AttackTarget, x: torch.Tensor, goal: Goal, step: int, loss: str,
+              reduction: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    x = x.detach().requires_grad_(True)
+    with torch.enable_grad():
+        logits = target(x, step)
+        obj, direction = eot_gradient(logits, x, goal.y_true, goal.y_target, loss, reduction, goal.targeted)
+    return obj.detach(), direction.detach(), logits.detach()

@@ -134,4 +134,7 @@ class Defense(nn.Module):
         # the same view for some rows only (attacks skip broken samples); draws stay per sample
         target.select_rows = lambda rows: self.attack_target(mode, seed, [keys[i] for i in rows.tolist()],
                                                              context, eot)
+        # an EOT gradient step runs forward and backward per chunk of samples whose rows fit one
+        # call (read at call time: `max_rows: auto` settles max_rows on the first batch)
+        target.sample_chunk = lambda: max(1, self.max_rows // (1 if mode == "classifier" else eot))
         return target

@@ -3,8 +3,10 @@
 A batch of B images × R draws (EOT or R runs) is pushed through purifier and classifier as
 [B·R, ...] rows, in calls of at most max_rows rows. On one CPU thread a 2,000-row forward and
 backward runs at half the speed of chunks of 250 (BENCHMARKS.md "Row chunks": cache-sized
-calls win), while a GPU wants the largest call that fits. Results do not depend on the chunk:
-draws are keyed per row (pipeline.seeding).
+calls win), while a GPU wants the largest call that fits. An attack's EOT gradient step runs
+forward and backward per chunk of max_rows // EOT samples (`pipeline.attacks.base.eot_step`),
+and the calibration times that path. Results do not depend on the chunk: draws are keyed per
+row (pipeline.seeding).
 
 `max_rows: auto` (the default) settles the chunk once per worker, on the first batch it
 computes (`settle`, called by the stages' batch loop), and keeps it for the job:
@@ -28,6 +30,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
 
+from pipeline.attacks.base import Goal, eot_step
 from pipeline.seeding import Noise
 
 if TYPE_CHECKING:
@@ -150,18 +153,17 @@ def _cuda_oom(err: BaseException) -> bool:
 def time_eot_step(p: Protocol, attack: PlannedAttack, x: torch.Tensor, y: torch.Tensor, keys: Sequence[str],
                   max_rows: int) -> float:
     """Seconds of one attack step's gradient on images x — `attack.eot` draws per image through
-    the defense the attack differentiates (forward, cross-entropy of the mean logits, backward)
-    — with max_rows rows per purifier and classifier call (restored afterwards)."""
+    the defense the attack differentiates, the path attacks take (`eot_step`: forward and
+    backward per chunk of samples, cross-entropy, the attack's EOT reduction) — with max_rows
+    rows per purifier and classifier call (restored afterwards)."""
     defense = attack.surrogate or p.defense
     old = defense.max_rows
     defense.max_rows = max(1, int(max_rows))
     try:
         target = defense.attack_target(attack.gradient, p.seed, keys, CONTEXT, attack.eot)
-        x = x.detach().clone().requires_grad_(True)
+        reduction = getattr(attack.attack, "eot_reduction", "mean_loss")
         t0 = time.perf_counter()
-        with torch.enable_grad():
-            loss = torch.nn.functional.cross_entropy(target(x, 0).mean(1), y)
-            torch.autograd.grad(loss, x)
+        eot_step(target, x, Goal(y, None, False), 0, "ce", reduction)
         _sync(p.device)
         return time.perf_counter() - t0
     finally:
