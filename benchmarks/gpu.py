@@ -60,7 +60,7 @@ from torch import nn  # noqa: E402
 
 from pipeline.evaluation import defense  # noqa: E402
 from pipeline.evaluation.defense import Defense, FastNet, autocast_safe, speed_up  # noqa: E402
-from pipeline.evaluation.stages import is_out_of_memory  # noqa: E402
+from pipeline.evaluation.row_chunks import is_out_of_memory  # noqa: E402
 from pipeline.purifiers import steps  # noqa: E402
 from pipeline.purifiers.identity import IdentityPurifier  # noqa: E402
 from pipeline.seeding import Noise  # noqa: E402

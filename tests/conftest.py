@@ -39,6 +39,23 @@ def digits_models(tmp_path_factory) -> dict:
     return {"cnn": cnn, "dae": dae}
 
 
+def evaluate_counting_purifier_rows(p, samples, monkeypatch) -> tuple[list[dict], int]:
+    """A shard's evaluate rows, and the rows the purifier ran to make them (the cost a saving
+    must cut while every verdict stays)."""
+    from pipeline.evaluation import stages
+
+    purify, count = p.defense.purifier.purify, [0]
+
+    def counting(x, noise=None):
+        count[0] += x.shape[0]
+        return purify(x, noise)
+
+    monkeypatch.setattr(p.defense.purifier, "purify", counting)
+    rows = stages.evaluate(p, samples).rows
+    monkeypatch.setattr(p.defense.purifier, "purify", purify)
+    return rows, count[0]
+
+
 def job_dict(shards: str, models: dict, output: str, **overrides) -> dict:
     """A small evaluation job over digits shards; `overrides` replace whole sections."""
     cfg = {

@@ -7,11 +7,11 @@ from __future__ import annotations
 import pytest
 
 from pipeline import config, schema
-from pipeline.evaluation import batch, stages
+from pipeline.evaluation import batch
 from pipeline.evaluation.protocol import build_protocol
 from pipeline.io import shards
 from pipeline.report import aggregate, summary, tables
-from tests.conftest import job_dict
+from tests.conftest import evaluate_counting_purifier_rows, job_dict
 
 ATTACKS = [{"name": "pgd", "params": {"eps": 0.2, "steps": 4, "step_size": 0.08}, "eot": 2},
            {"name": "fgsm", "params": {"eps": 0.15}, "gradient": "classifier"}]
@@ -32,16 +32,7 @@ def _protocol(digits_shards, digits_models, tmp_path, defense: str):
 def _evaluate(p, samples, monkeypatch, skip: bool) -> tuple[list[dict], int]:
     """The shard's rows with the saving on or off, and the rows the purifier ran."""
     monkeypatch.setattr(batch, "SKIP_CONFIRMED_BREAKS", skip)
-    purify, count = p.defense.purifier.purify, [0]
-
-    def counting(x, noise=None):
-        count[0] += x.shape[0]
-        return purify(x, noise)
-
-    monkeypatch.setattr(p.defense.purifier, "purify", counting)
-    rows = stages.evaluate(p, samples).rows
-    monkeypatch.setattr(p.defense.purifier, "purify", purify)
-    return rows, count[0]
+    return evaluate_counting_purifier_rows(p, samples, monkeypatch)
 
 
 def _document(rows: list[dict]) -> dict:

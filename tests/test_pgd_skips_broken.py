@@ -9,10 +9,9 @@ import pytest
 
 from pipeline import config
 from pipeline.attacks import pgd
-from pipeline.evaluation import stages
 from pipeline.evaluation.protocol import build_protocol
 from pipeline.io import shards
-from tests.conftest import job_dict
+from tests.conftest import evaluate_counting_purifier_rows, job_dict
 
 ATTACKS = [{"name": "pgd", "params": {"eps": 0.1, "steps": 4, "step_size": 0.03}, "eot": 2},
            {"name": "pgd", "params": {"eps": 0.1, "steps": 3, "step_size": 0.04, "random_start": False},
@@ -25,16 +24,7 @@ SAME = ("robust", "broken_step", "candidate_step", "adv_pred", "linf", "l2", "fi
 
 def _evaluate(p, samples, monkeypatch, skip: bool) -> tuple[list[dict], int]:
     monkeypatch.setattr(pgd, "SKIP_BROKEN", skip)
-    purify, count = p.defense.purifier.purify, [0]
-
-    def counting(x, noise=None):
-        count[0] += x.shape[0]
-        return purify(x, noise)
-
-    monkeypatch.setattr(p.defense.purifier, "purify", counting)
-    rows = stages.evaluate(p, samples).rows
-    monkeypatch.setattr(p.defense.purifier, "purify", purify)
-    return rows, count[0]
+    return evaluate_counting_purifier_rows(p, samples, monkeypatch)
 
 
 @pytest.mark.parametrize("defense", sorted(DEFENSES))

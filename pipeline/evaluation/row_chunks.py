@@ -112,7 +112,7 @@ def choose(device: torch.device, needed: int, timer: Timer, workload: str,
         return Choice(needed, "one_call", needed, f"a call needs {needed} rows ≤ {ROW_CHUNKS[0]}: one call, "
                       "nothing timed", workload)
     if device.type == "cuda":
-        return _largest_fit(chunks, needed, timer, workload, is_oom or _cuda_oom, t0)
+        return _largest_fit(chunks, needed, timer, workload, is_oom or is_out_of_memory, t0)
     per_row, spent = sweep(timer, chunks)
     if not per_row:   # the warm-up alone passed the budget
         return Choice(chunks[0], "budget", needed, f"one call of ~{chunks[0]} rows took {spent:.1f} s, over the "
@@ -144,8 +144,11 @@ def _largest_fit(chunks: Sequence[int], needed: int, timer: Timer, workload: str
                   time.perf_counter() - t0)
 
 
-def _cuda_oom(err: BaseException) -> bool:
-    return isinstance(err, torch.cuda.OutOfMemoryError) or "out of memory" in str(err).lower()
+def is_out_of_memory(err: BaseException) -> bool:
+    """A device (torch.cuda.OutOfMemoryError) or host allocation failure."""
+    text = str(err).lower()
+    return isinstance(err, torch.cuda.OutOfMemoryError) or (
+        isinstance(err, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text))
 
 
 # ---------------------------------------------------------------------------- the protocol's work

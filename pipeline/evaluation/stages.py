@@ -31,6 +31,7 @@ from pipeline.evaluation.batch import (
     purify_batch,
 )
 from pipeline.evaluation.protocol import NO_ATTACK, PlannedAttack, Protocol
+from pipeline.evaluation.row_chunks import is_out_of_memory
 from pipeline.io.shards import Sample, ShardError, to_unit_float
 
 log = logging.getLogger(__name__)
@@ -72,13 +73,6 @@ def batches(samples: Sequence[Sample], batch_size: int, device: torch.device) ->
             x, y = x.contiguous().pin_memory(), y.pin_memory()
         yield Batch(part, x.contiguous().to(device, non_blocking=True), y.to(device, non_blocking=True),
                     [s.key for s in part])
-
-
-def is_out_of_memory(err: BaseException) -> bool:
-    """A device (torch.cuda.OutOfMemoryError) or host allocation failure."""
-    text = str(err).lower()
-    return isinstance(err, torch.cuda.OutOfMemoryError) or (
-        isinstance(err, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text))
 
 
 def adaptive(p: Protocol, samples: Iterable[Sample], work: Callable[[Batch], T]) -> Iterator[tuple[Batch, T]]:
