@@ -45,10 +45,13 @@ def test_freed_memory_is_kept_instead_of_faulted_in_again():
     _, default = _faults("default")
     kept, tuned = _faults("keep")
     assert kept is True
-    # 10 rounds × 64 MiB is ≈ 164,000 pages; glibc's default faulted ≈ 33,000 of them in again
-    # here, kept memory ≈ 250
+    # 10 rounds × 64 MiB touch ≈ 164,000 pages. glibc's default faults 10–20 % of them in again
+    # (16,600 or 33,000 on two 2-core machines, run to run); with memory kept ≈ 1 % are
+    # (1,500–1,800 on both: torch's own bookkeeping), so the bound is 2.5 % of the pages touched.
+    touched = 10 * 64 * 2**20 // os.sysconf("SC_PAGE_SIZE")
     assert default > 10_000, f"glibc's default re-faulted only {default} pages: the test shows nothing here"
-    assert tuned < default / 10, (tuned, default)
+    assert tuned < touched / 40, (tuned, default, touched)
+    assert tuned < default / 4, (tuned, default)
 
 
 @pytest.mark.skipif(not GLIBC, reason="glibc's mallopt only")
