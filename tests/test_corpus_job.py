@@ -2,10 +2,13 @@
 output read back by WebDataset and by an img2dataset-style tar reader."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
+import shutil
 import tarfile
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -52,33 +55,71 @@ def _markers(out) -> dict[str, str]:
     return {sid: m["parquet"] for sid, m in commit.committed(str(out), STAGE).items()}
 
 
-def test_purify_quarantines_resumes_and_reads_back(ray_local, tmp_path, capsys):
-    pattern, shards = _corpus(tmp_path)
-    out = tmp_path / "purified"
+@pytest.fixture(scope="module")
+def quarantine_story(ray_local, tmp_path_factory) -> SimpleNamespace:
+    """One corpus purified three times (module scope: the Ray jobs are the slow part): a first
+    run that quarantines the truncated shard, a rerun that resumes, and a run after the shard is
+    repaired. The first run's output is copied before the later runs touch it."""
+    tmp = tmp_path_factory.mktemp("story")
+    pattern, shards = _corpus(tmp)
+    out = tmp / "purified"
     args = [pattern, str(out), "--purifier", "none", "--workers", "2", "--set", "cluster.max_attempts=2",
             "--set", "cluster.shard_timeout_s=120"]
-    assert _purify(*args) == 3                                   # one shard quarantined
-    text = capsys.readouterr().out
+    story = SimpleNamespace(shards=shards, out=out, first_out=tmp / "after-first-run")
+    with contextlib.redirect_stdout(io.StringIO()) as text:
+        story.first_rc = _purify(*args)
+    story.first_text = text.getvalue()
+    story.first_manifest = json.loads((out / "manifest.json").read_text())
+    story.first_markers = _markers(out)
+    shutil.copytree(out, story.first_out)
+    story.rerun_rc = _purify(*args)
+    story.rerun_markers = _markers(out)
+    (tmp / "corpus" / "train-000002.tar").write_bytes(synth.tar_bytes(shards["train-000002"]))   # repaired
+    story.repaired_rc = _purify(*args)
+    story.repaired_markers = _markers(out)
+    return story
+
+
+def test_a_truncated_shard_is_quarantined_and_the_run_exits_3(quarantine_story):
+    s = quarantine_story
+    assert s.first_rc == 3
+    assert "train-000002 QUARANTINED" in s.first_text
+    assert s.first_manifest["corpus"]["quarantined"]["train-000002"].count("truncated") == 1
+    assert not (s.first_out / "train-000002.tar").exists()
+
+
+def test_the_end_of_run_lines_count_samples_and_name_each_dropped_one(quarantine_story):
+    text = quarantine_story.first_text
     assert "purified 11 of 13 samples into 2 of 3 shards" in text
-    assert "dropped: decode_error 1, no_image 1" in text and "train-000002 QUARANTINED" in text
+    assert "dropped: decode_error 1, no_image 1" in text
     assert "\n  decode_error 1: broken — broken: " in text and "\n  no_image 1: textonly — textonly: " in text
-    manifest = json.loads((out / "manifest.json").read_text())
-    c = manifest["corpus"]
-    assert c["quarantined"]["train-000002"].count("truncated") == 1
+
+
+def test_the_manifest_counts_each_shards_samples_and_drops(quarantine_story):
+    c = quarantine_story.first_manifest["corpus"]
     assert c["shards"]["train-000001"] == {"samples": 7, "ok": 5, "dropped": {"decode_error": 1, "no_image": 1},
                                            "output": "train-000001.tar", "empty": False, "non_file_members": 0}
-    assert not (out / "train-000002.tar").exists()
-    _check_indexes(out, {"train-000000.tar": 6, "train-000001.tar": 5})
-    _check_read_back(out, shards)
-    first = _markers(out)
 
-    assert _purify(*args) == 3                                   # resume: committed shards are skipped
-    assert _markers(out) == first
-    (tmp_path / "corpus" / "train-000002.tar").write_bytes(synth.tar_bytes(shards["train-000002"]))   # repaired
-    assert _purify(*args) == 0
-    after = _markers(out)
-    assert {k: after[k] for k in first} == first and set(after) == set(shards)
-    _check_indexes(out, {"train-000000.tar": 6, "train-000001.tar": 5, "train-000002.tar": 4})
+
+def test_the_indexes_list_the_committed_shards_with_their_checksums(quarantine_story):
+    _check_indexes(quarantine_story.first_out, {"train-000000.tar": 6, "train-000001.tar": 5})
+
+
+def test_a_rerun_skips_the_committed_shards(quarantine_story):
+    s = quarantine_story
+    assert s.rerun_rc == 3                                       # the truncated shard is still there
+    assert s.rerun_markers == s.first_markers
+
+
+def test_a_repaired_shard_commits_and_the_committed_ones_are_kept(quarantine_story):
+    s = quarantine_story
+    assert s.repaired_rc == 0
+    after, first = s.repaired_markers, s.first_markers
+    assert {k: after[k] for k in first} == first and set(after) == set(s.shards)
+
+
+def test_the_indexes_grow_by_the_repaired_shard(quarantine_story):
+    _check_indexes(quarantine_story.out, {"train-000000.tar": 6, "train-000001.tar": 5, "train-000002.tar": 4})
 
 
 def _check_indexes(out, counts: dict[str, int]) -> None:
@@ -92,14 +133,18 @@ def _check_indexes(out, counts: dict[str, int]) -> None:
     assert own["total_samples"] == sum(counts.values())
 
 
-def _check_read_back(out, shards: dict[str, list]) -> None:
-    """WebDataset and a plain tar reader (img2dataset's layout) see the input's keys, fields
-    and formats; only the image bytes changed."""
+def _read_back(story: SimpleNamespace) -> tuple[list[str], dict[str, bytes]]:
+    """The first run's two output tars, and the input members they hold (the bad ones left out)."""
+    ok = {name: data for sid in ("train-000000", "train-000001") for name, data in story.shards[sid]
+          if not name.startswith(("broken", "textonly"))}
+    return [str(story.first_out / "train-000000.tar"), str(story.first_out / "train-000001.tar")], ok
+
+
+def test_webdataset_reads_back_the_inputs_keys_fields_and_sizes(quarantine_story):
+    """Only the image bytes changed: keys, captions, metadata, labels and sizes are the input's."""
     import webdataset as wds
 
-    ok = {name: data for sid in ("train-000000", "train-000001") for name, data in shards[sid]
-          if not name.startswith(("broken", "textonly"))}
-    urls = [str(out / "train-000000.tar"), str(out / "train-000001.tar")]
+    urls, ok = _read_back(quarantine_story)
     seen = 0
     for s in wds.WebDataset(urls, shardshuffle=False).decode("pil"):
         k = s["__key__"]
@@ -109,13 +154,30 @@ def _check_read_back(out, shards: dict[str, list]) -> None:
         assert s["jpg"].size == Image.open(io.BytesIO(ok[f"{k}.jpg"])).size
         seen += 1
     assert seen == 11
-    for s in wds.WebDataset(urls, shardshuffle=False):            # undecoded: the bytes are a JPEG again
+
+
+def test_undecoded_images_are_new_jpeg_bytes(quarantine_story):
+    import webdataset as wds
+
+    urls, ok = _read_back(quarantine_story)
+    for s in wds.WebDataset(urls, shardshuffle=False):
         assert Image.open(io.BytesIO(s["jpg"])).format == "JPEG" and s["jpg"] != ok[f"{s['__key__']}.jpg"]
+
+
+def test_webdataset_tuples_decode_to_rgb(quarantine_story):
+    import webdataset as wds
+
+    urls, _ = _read_back(quarantine_story)
     tuples = list(wds.WebDataset(urls, shardshuffle=False).decode("pilrgb").to_tuple("jpg", "txt", "json"))
     assert len(tuples) == 11 and all(t[0].mode == "RGB" for t in tuples)
-    with tarfile.open(urls[1]) as tar:                          # img2dataset-style: group members by key
+
+
+def test_a_tar_reader_sees_the_inputs_members_in_order(quarantine_story):
+    """img2dataset-style readers group members by key: the order is the input's."""
+    urls, _ = _read_back(quarantine_story)
+    with tarfile.open(urls[1]) as tar:
         names = [m.name for m in tar]
-    assert names == [n for n, _ in shards["train-000001"] if not n.startswith(("broken", "textonly"))]
+    assert names == [n for n, _ in quarantine_story.shards["train-000001"] if not n.startswith(("broken", "textonly"))]
 
 
 def test_worker_that_dies_on_a_shard_is_replaced_and_the_shard_committed_once(ray_local, tmp_path):
@@ -140,14 +202,14 @@ def test_worker_that_dies_on_a_shard_is_replaced_and_the_shard_committed_once(ra
     assert yaml.safe_load((out / "config.yaml").read_text())["corpus"]["jpeg_quality"] == 80
 
 
-def test_purify_refuses_bad_requests_before_work(tmp_path, capsys):
+@pytest.mark.parametrize("output, extra, message", [
+    ("o", ["--purifier", "no-such"], "purifier.name"),
+    ("o", [], "no purifier: give --purifier NAME"),                          # not silently `none`
+    ("corpus", ["--purifier", "none"], "would overwrite input shard"),
+    ("o", ["--purifier", "none", "--crop"], "corpus.crop"),
+], ids=["unknown-purifier", "no-purifier", "output-overwrites-input", "crop-without-size"])
+def test_purify_refuses_bad_requests_before_work(tmp_path, capsys, output, extra, message):
     pattern, _ = _corpus(tmp_path, truncated=False)
-    assert _purify(pattern, str(tmp_path / "o"), "--purifier", "no-such") == 2
-    assert "purifier.name" in capsys.readouterr().err
-    assert _purify(pattern, str(tmp_path / "o")) == 2   # no --purifier: not silently `none`
-    assert "no purifier: give --purifier NAME" in capsys.readouterr().err
-    assert _purify(pattern, str(tmp_path / "corpus"), "--purifier", "none") == 2   # would overwrite the input
-    assert "would overwrite input shard" in capsys.readouterr().err
-    assert _purify(pattern, str(tmp_path / "o"), "--purifier", "none", "--crop") == 2
-    assert "corpus.crop" in capsys.readouterr().err
+    assert _purify(pattern, str(tmp_path / output), *extra) == 2
+    assert message in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
