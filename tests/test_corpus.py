@@ -370,17 +370,6 @@ def test_end_of_run_lines_name_the_dropped_keys_and_why(tmp_path):
     assert lines[4].startswith("  purify_error 7: a0, a1, a2, a3, b0 and 2 more — a0: InputSizeError: small_dae needs")
 
 
-def test_networks_name_the_sizes_they_take():
-    from pipeline.purifiers.nets import InputSizeError
-    from pipeline.purifiers.nets.ebm_nets import EBM
-    from pipeline.purifiers.nets.rednet import make
-
-    with pytest.raises(InputSizeError, match=r"ebm needs 8×8 images .*; this image is 9×9"):
-        EBM(n_c=1, n_f=4, image_size=8)(torch.zeros(2, 1, 9, 9))   # the last kernel would still fit: a wrong energy
-    with pytest.raises(InputSizeError, match="rednet30 needs height and width divisible by 2"):
-        make(1, 3, 4)(torch.zeros(2, 1, 7, 8))
-
-
 def test_keyed_noise_output_does_not_depend_on_the_batch(tmp_path):
     from pipeline.purifiers.nets.score_nets import SmallScoreNet
 

@@ -30,3 +30,10 @@ def test_rednet_small_forward_and_residual():
     assert torch.equal(net(x), x)          # zero network: the global residual alone
     with pytest.raises(ValueError):
         net(torch.rand(1, 3, 31, 31))
+
+
+def test_rednet_names_the_divisor_it_takes():
+    from pipeline.purifiers.nets import InputSizeError
+
+    with pytest.raises(InputSizeError, match="rednet30 needs height and width divisible by 2"):
+        rednet.make(1, 3, 4)(torch.zeros(2, 1, 7, 8))

@@ -123,3 +123,10 @@ def test_published_ebm_layout_and_digit_variants():
         net = EBM(n_c=1, n_f=8, image_size=size)
         assert net.f[8].kernel_size == (kernel, kernel)
         assert net(torch.rand(3, 1, size, size)).shape == (3,)
+
+
+def test_ebm_names_the_image_size_it_takes():
+    from pipeline.purifiers.nets import InputSizeError
+
+    with pytest.raises(InputSizeError, match=r"ebm needs 8×8 images .*; this image is 9×9"):
+        EBM(n_c=1, n_f=4, image_size=8)(torch.zeros(2, 1, 9, 9))   # the last kernel would still fit: a wrong energy
