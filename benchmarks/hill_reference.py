@@ -35,7 +35,7 @@ them mean something. The EBM stays random: with K Langevin steps it acts as a no
 purifier (a small, image-independent drift plus the Langevin noise), which keeps the protocol's
 costs and stochastic verdicts without training one. The bare classifier's clean accuracy is
 printed through both input paths (the script's nets.py on [−1, 1], advpure's builder on [0, 1])
-before the runs; the two counts must agree.
+before the runs, with the number of images on which the two predictions agree (all of them).
 
 Whole processes are timed, interleaved in pairs (the order alternates) so machine load hits
 both sides. Chain rows (Langevin chains of K steps) are counted on each side and per part:
@@ -44,7 +44,8 @@ images (step −1: an EOT forward and the re-check of its candidates) as "clean"
 forwards of iterates 0 … steps as "attack", their re-checks as "re-checks"; advpure's rows
 through LangevinEBMPurifier.purify, counted by a sitecustomize hook on the run's PYTHONPATH
 that appends one line per call with the part its caller names (gradient-masking checks, clean
-R-run evaluation, attack, re-checks, final evaluation; Ray workers inherit it). Prints one
+R-run evaluation, attack, re-checks, final evaluation, and the timing of `max_rows: auto`'s
+row-chunk calibration as "calibration"; Ray workers inherit it). Prints one
 line per process and a table with each pair's ratio, the parts, advpure's evaluation share
 (rows outside the attack and its re-checks) and how many per-image verdicts agree (the
 script's defended-after-the-last-iterate against advpure's `robust`).
@@ -85,8 +86,9 @@ import importlib.abc, importlib.util, os, sys
 
 _OUT = os.environ.get("HILL_BENCH_ROWS")
 # the caller that names a call's part, innermost first (a re-check runs inside the attack)
-_PARTS = (("gradient_checks", "checks"), ("eot_probe", "checks"), ("recheck", "re-checks"),
-          ("clean_eval", "clean"), ("final_evaluation", "final"), ("run_attack", "attack"))
+_PARTS = (("settle", "calibration"), ("gradient_checks", "checks"), ("eot_probe", "checks"),
+          ("recheck", "re-checks"), ("clean_eval", "clean"), ("final_evaluation", "final"),
+          ("run_attack", "attack"))
 
 
 def _part():
@@ -196,10 +198,11 @@ def prepare(work: Path, a: argparse.Namespace) -> dict:
     return {"pattern": writer.pattern()}
 
 
-def bare_accuracy(work: Path, a: argparse.Namespace) -> dict[str, int]:
-    """Images the bare classifier (no purifier) gets right through each side's input path:
-    the script's nets.WideResNet (or, without --official, ours) on [−1, 1], and advpure's
-    `wideresnet` builder with the job's params on [0, 1] pixels. They must agree."""
+def bare_accuracy(work: Path, a: argparse.Namespace) -> str:
+    """How many images the bare classifier (no purifier) gets right through each side's input
+    path — the script's nets.WideResNet (or, without --official, ours) on [−1, 1], and advpure's
+    `wideresnet` builder with the job's params on [0, 1] pixels — and on how many the two
+    predictions agree (all of them, or the sides do not classify the same inputs)."""
     from pipeline.registry import CLASSIFIERS
 
     images, labels = np.load(work / "images.npy"), torch.from_numpy(np.load(work / "labels.npy"))
@@ -213,9 +216,11 @@ def bare_accuracy(work: Path, a: argparse.Namespace) -> dict[str, int]:
     script.load_state_dict(torch.load(work / "clf.pth", weights_only=True))
     ours = CLASSIFIERS.build("wideresnet", **classifier_params(work, a))
     with torch.no_grad():
-        right = {"script" if a.official else "restated": script.eval()(to_pm1(images)).argmax(1) == labels,
-                 "advpure": ours(torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0).argmax(1) == labels}
-    return {side: int(r.sum()) for side, r in right.items()}
+        theirs = script.eval()(to_pm1(images)).argmax(1)
+        mine = ours(torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0).argmax(1)
+    side = "script" if a.official else "restated"
+    return (f"{side} {int((theirs == labels).sum())}, advpure {int((mine == labels).sum())} of {len(labels)} "
+            f"right; predictions agree on {int((theirs == mine).sum())}")
 
 
 def classifier_params(work: Path, a: argparse.Namespace) -> dict:
@@ -303,7 +308,7 @@ def run_pair(work: Path, a: argparse.Namespace, seed: int, pattern: str, refs: l
             for s in order]
 
 
-PARTS = ("checks", "clean", "attack", "re-checks", "final", "other")
+PARTS = ("calibration", "checks", "clean", "attack", "re-checks", "final", "other")
 
 
 def parts_text(r: dict) -> str:
@@ -357,8 +362,7 @@ def main() -> int:
         work.mkdir(parents=True, exist_ok=True)
         pattern = prepare(work, a)["pattern"]
         clf = f"trained {a.train_classifier} epochs" if a.train_classifier else "random"
-        right = ", ".join(f"{side} {n}" for side, n in bare_accuracy(work, a).items())
-        print(f"bare classifier ({clf}), clean images right of {a.images}: {right}", flush=True)
+        print(f"bare classifier ({clf}) on the clean images: {bare_accuracy(work, a)}", flush=True)
         print(f"{a.images} digits at 32×32×3, WRN-{a.depth}-{a.widen} {clf}, EBM random, K = {a.langevin_steps}, "
               f"{a.attack_steps} steps, EOT {a.eot}, H = {a.chains}, ε = {a.eps_255}/255; reference "
               f"{a.threads} threads, advpure {a.workers} worker(s), executor {a.executor}; "
