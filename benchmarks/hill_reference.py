@@ -30,7 +30,7 @@ it the Langevin state on [−1, 1]; advpure maps the state back to [0, 1] pixels
 its `hill` preset normalises them by mean = std = 0.5. Random weights do not change the cost,
 but a random classifier is wrong on most clean images, so nearly every image counts as broken
 before the attack starts and the attack, the share of evaluation and the per-image verdicts
-say little; a trained one (6 epochs: about 25 s on 2 cores, ≈ 98 % of the `test` split) makes
+say little; a trained one (6 epochs: about 25 s on 2 idle cores, 98.6 % of the 360 `test` digits) makes
 them mean something. The EBM stays random: with K Langevin steps it acts as a noise-like
 purifier (a small, image-independent drift plus the Langevin noise), which keeps the protocol's
 costs and stochastic verdicts without training one. The bare classifier's clean accuracy is
@@ -338,7 +338,7 @@ def main() -> int:
     ap.add_argument("--widen", type=int, default=2)
     ap.add_argument("--train-classifier", type=int, default=0, metavar="EPOCHS",
                     help="train the WRN this many epochs on the digits train split first (seeded, CPU, "
-                         "--threads threads; about 4 s an epoch on 2 cores; cached in --work), so clean "
+                         "--threads threads; about 4 s an epoch on 2 idle cores; cached in --work), so clean "
                          "images are classified right, the attack has work to do and verdicts mean "
                          "something; 0 (default): random weights, as before. The EBM stays random: with K "
                          "Langevin steps it acts as a noise-like purifier")
