@@ -5,7 +5,7 @@ without one, a re-statement of the same protocol in plain PyTorch.
     python benchmarks/hill_official.py WORK --seed S [--official PATH] [--threads 2]
 
 WORK is prepared by hill_reference.py: budget.json (the budget), images.npy (uint8 [N, H, W, C]),
-labels.npy, clf.pth (a WideResNet state dict, meliketoy keys as the script's nets.py) and
+labels.npy, clf.pth (a WideResNet state dict, random or trained, meliketoy keys as nets.py) and
 ebm.pth (an EBM state dict, keys f.0 … f.8 as nets.py). Prints one JSON line: the side, its
 chain rows (Langevin chains run, each of K steps) and its record (images still defended before
 the attack and after each of the iterates 0 … steps: the script's `class_path` sums).

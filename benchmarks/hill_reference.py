@@ -2,8 +2,8 @@
 
     python benchmarks/hill_reference.py [--official PATH] [--restated] [--images 20]
         [--langevin-steps 20] [--attack-steps 5] [--eot 4] [--chains 16] [--eps-255 8]
-        [--step-255 2] [--threads 2] [--workers 1] [--executor auto|local|ray] [--check-samples N]
-        [--pairs 2] [--seeds 0 1] [--work DIR]
+        [--step-255 2] [--train-classifier EPOCHS] [--threads 2] [--workers 1]
+        [--executor auto|local|ray] [--check-samples N] [--pairs 2] [--seeds 0 1] [--work DIR]
 
 Reference side: with --official PATH (a copy of point0bar1/ebm-defense, the folder holding
 `bpda_eot_attack.py`), that script itself, run unchanged with the run-time adaptations listed in
@@ -21,10 +21,21 @@ Parquet commits all included — `--workers` actors sharing `--threads` CPUs.
 Same inputs on every side: the first --images held-out digits (the digits `test` split) upscaled
 to 32×32×3 (nearest, each 8×8 pixel a 4×4 block, grey to three channels) and written as uint8
 (a shard for advpure, an array for the script, which maps them to [−1, 1] as its loader does);
-a randomly initialised WideResNet (meliketoy layout, the script's nets.py, depth 10 / widen 2)
-and a randomly initialised EBM (the script's lightweight EBM, n_f 32), both drawn from a fixed
-seed and saved as state dicts that every side loads. Random weights do not change the cost;
-they make the baseline mostly wrong, so re-checks happen where the attack starts.
+a WideResNet (meliketoy layout, the script's nets.py, depth 10 / widen 2) and a randomly
+initialised EBM (the script's lightweight EBM, n_f 32), both drawn from a fixed seed and saved
+as state dicts that every side loads. The WRN is random unless --train-classifier EPOCHS trains
+it first on the digits `train` split (every image not in `test`: disjoint from the benchmarked
+ones), upscaled the same way and on [−1, 1], the range it sees on both sides: the script feeds
+it the Langevin state on [−1, 1]; advpure maps the state back to [0, 1] pixels (unclipped) and
+its `hill` preset normalises them by mean = std = 0.5. Random weights do not change the cost,
+but a random classifier is wrong on most clean images, so nearly every image counts as broken
+before the attack starts and the attack, the share of evaluation and the per-image verdicts
+say little; a trained one (6 epochs: about 25 s on 2 idle cores, 98.6 % of the 360 `test` digits) makes
+them mean something. The EBM stays random: with K Langevin steps it acts as a noise-like
+purifier (a small, image-independent drift plus the Langevin noise), which keeps the protocol's
+costs and stochastic verdicts without training one. The bare classifier's clean accuracy is
+printed through both input paths (the script's nets.py on [−1, 1], advpure's builder on [0, 1])
+before the runs, with the number of images on which the two predictions agree (all of them).
 
 Whole processes are timed, interleaved in pairs (the order alternates) so machine load hits
 both sides. Chain rows (Langevin chains of K steps) are counted on each side and per part:
@@ -33,7 +44,8 @@ images (step −1: an EOT forward and the re-check of its candidates) as "clean"
 forwards of iterates 0 … steps as "attack", their re-checks as "re-checks"; advpure's rows
 through LangevinEBMPurifier.purify, counted by a sitecustomize hook on the run's PYTHONPATH
 that appends one line per call with the part its caller names (gradient-masking checks, clean
-R-run evaluation, attack, re-checks, final evaluation; Ray workers inherit it). Prints one
+R-run evaluation, attack, re-checks, final evaluation, and the timing of `max_rows: auto`'s
+row-chunk calibration as "calibration"; Ray workers inherit it). Prints one
 line per process and a table with each pair's ratio, the parts, advpure's evaluation share
 (rows outside the attack and its re-checks) and how many per-image verdicts agree (the
 script's defended-after-the-last-iterate against advpure's `robust`).
@@ -41,9 +53,11 @@ script's defended-after-the-last-iterate against advpure's `robust`).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -72,8 +86,9 @@ import importlib.abc, importlib.util, os, sys
 
 _OUT = os.environ.get("HILL_BENCH_ROWS")
 # the caller that names a call's part, innermost first (a re-check runs inside the attack)
-_PARTS = (("gradient_checks", "checks"), ("eot_probe", "checks"), ("recheck", "re-checks"),
-          ("clean_eval", "clean"), ("final_evaluation", "final"), ("run_attack", "attack"))
+_PARTS = (("settle", "calibration"), ("gradient_checks", "checks"), ("eot_probe", "checks"),
+          ("recheck", "re-checks"), ("clean_eval", "clean"), ("final_evaluation", "final"),
+          ("run_attack", "attack"))
 
 
 def _part():
@@ -113,26 +128,104 @@ if _OUT:
 '''
 
 
+def upscale(images: np.ndarray) -> np.ndarray:
+    """8×8 grey digits [N, 8, 8, 1] uint8 → [N, 32, 32, 3] (nearest: each pixel a 4×4 block)."""
+    return np.repeat(np.repeat(images, 4, axis=1), 4, axis=2).repeat(3, axis=3)
+
+
+def to_pm1(images: np.ndarray) -> torch.Tensor:
+    """uint8 NHWC → NCHW on [−1, 1], as the script's ToTensor + Normalize(0.5, 0.5)."""
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
+def train_classifier(work: Path, a: argparse.Namespace) -> Path:
+    """A WRN trained on the digits `train` split (disjoint from the `test` images benchmarked),
+    upscaled as they are and on [−1, 1] — what the net sees on both sides (the script feeds it
+    the purified state on [−1, 1]; advpure's `hill` preset normalises [0, 1] pixels by 0.5 / 0.5).
+    SGD (Nesterov momentum 0.9, lr 0.05 cosine-annealed, weight decay 5e-4), batches of 64,
+    seeded; cached in WORK by (depth, widen, epochs, seed)."""
+    cached = work / f"clf-wrn{a.depth}-{a.widen}-e{a.train_classifier}-s{NETS_SEED}.pth"
+    if cached.exists():
+        print(f"classifier: {cached.name} (cached)", flush=True)
+        return cached
+    images, labels, _ = datasets.load_split("digits", "train")
+    x, y = to_pm1(upscale(images)), torch.from_numpy(labels).long()
+    threads, t0 = torch.get_num_threads(), time.perf_counter()
+    torch.set_num_threads(a.threads)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(NETS_SEED)
+        net = WideResNetMeliketoy(a.depth, a.widen, 10).train()
+        opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, a.train_classifier)
+        for _ in range(a.train_classifier):
+            order = torch.randperm(len(x))
+            for i in range(0, len(x) - 63, 64):   # full batches only: bn1's momentum 0.9 keeps the last
+                batch = order[i:i + 64]
+                loss = torch.nn.functional.cross_entropy(net(x[batch]), y[batch])
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+            sched.step()
+    torch.set_num_threads(threads)
+    torch.save(net.eval().state_dict(), cached)
+    print(f"classifier: trained {a.train_classifier} epochs on {len(x)} digits (train split) in "
+          f"{time.perf_counter() - t0:.1f} s, {a.threads} threads; last batch loss {loss.item():.3f}", flush=True)
+    return cached
+
+
 def prepare(work: Path, a: argparse.Namespace) -> dict:
-    """Write the budget, the images (array and shard) and the two random networks."""
+    """Write the budget, the images (array and shard) and the two networks (the classifier
+    random or, with --train-classifier, trained; the EBM random)."""
     images, labels, _ = datasets.load_split("digits", "test")
-    big = np.repeat(np.repeat(images[:a.images], 4, axis=1), 4, axis=2).repeat(3, axis=3)  # [N, 32, 32, 3]
+    big = upscale(images[:a.images])  # [N, 32, 32, 3]
     np.save(work / "images.npy", big)
     np.save(work / "labels.npy", labels[:a.images].astype(np.int64))
     writer = ShardWriter(str(work / "shards"), samples_per_shard=a.images, meta={"source": "digits32"})
     for i in range(a.images):
         writer.write(f"digits32-{i:04d}", big[i], int(labels[i]))
     writer.close()
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]):   # the same random EBM whether or not the WRN is trained
         torch.manual_seed(NETS_SEED)
         torch.save(WideResNetMeliketoy(a.depth, a.widen, 10).state_dict(), work / "clf.pth")
         torch.save(EBM(n_c=3, n_f=32, leak=0.05, image_size=32).state_dict(), work / "ebm.pth")
+    if a.train_classifier:
+        shutil.copyfile(train_classifier(work, a), work / "clf.pth")
     budget = {k: getattr(a, k) for k in ("images", "langevin_steps", "langevin_eps", "attack_steps", "eot",
                                          "chains", "eps_255", "step_255", "depth", "widen")}
     (work / "budget.json").write_text(json.dumps(budget))
     (work / "hook").mkdir(exist_ok=True)
     (work / "hook" / "sitecustomize.py").write_text(ROW_HOOK)
     return {"pattern": writer.pattern()}
+
+
+def bare_accuracy(work: Path, a: argparse.Namespace) -> str:
+    """How many images the bare classifier (no purifier) gets right through each side's input
+    path — the script's nets.WideResNet (or, without --official, ours) on [−1, 1], and advpure's
+    `wideresnet` builder with the job's params on [0, 1] pixels — and on how many the two
+    predictions agree (all of them, or the sides do not classify the same inputs)."""
+    from pipeline.registry import CLASSIFIERS
+
+    images, labels = np.load(work / "images.npy"), torch.from_numpy(np.load(work / "labels.npy"))
+    if a.official is not None:
+        spec = importlib.util.spec_from_file_location("hill_official_nets", a.official / "nets.py")
+        nets = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(nets)
+        script = nets.WideResNet(a.depth, a.widen, 10)
+    else:
+        script = WideResNetMeliketoy(a.depth, a.widen, 10)
+    script.load_state_dict(torch.load(work / "clf.pth", weights_only=True))
+    ours = CLASSIFIERS.build("wideresnet", **classifier_params(work, a))
+    with torch.no_grad():
+        theirs = script.eval()(to_pm1(images)).argmax(1)
+        mine = ours(torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0).argmax(1)
+    side = "script" if a.official else "restated"
+    return (f"{side} {int((theirs == labels).sum())}, advpure {int((mine == labels).sum())} of {len(labels)} "
+            f"right; predictions agree on {int((theirs == mine).sum())}")
+
+
+def classifier_params(work: Path, a: argparse.Namespace) -> dict:
+    """advpure's classifier params: the `hill` preset (meliketoy layout, mean = std = 0.5)."""
+    return {"checkpoint": str(work / "clf.pth"), "depth": a.depth, "widen_factor": a.widen, "preset": "hill"}
 
 
 def advpure_config(work: Path, a: argparse.Namespace, seed: int, pattern: str) -> tuple[Path, Path]:
@@ -142,8 +235,7 @@ def advpure_config(work: Path, a: argparse.Namespace, seed: int, pattern: str) -
     cfg = {"job": {"name": "hill_reference", "output": str(work / f"advpure-{seed}-{time.time_ns()}"),
                    "seed": seed},
            "data": {"shards": pattern, "batch_size": a.images},
-           "classifier": {"name": "wideresnet", "params": {"checkpoint": str(work / "clf.pth"), "depth": a.depth,
-                                                          "widen_factor": a.widen, "preset": "hill"}},
+           "classifier": {"name": "wideresnet", "params": classifier_params(work, a)},
            "purifier": {"name": "langevin_ebm", "params": {
                "checkpoint": str(work / "ebm.pth"), "net": {"n_c": 3, "n_f": 32, "leak": 0.05, "image_size": 32},
                "steps": a.langevin_steps, "eps": a.langevin_eps, "clip_output": False}},
@@ -216,7 +308,7 @@ def run_pair(work: Path, a: argparse.Namespace, seed: int, pattern: str, refs: l
             for s in order]
 
 
-PARTS = ("checks", "clean", "attack", "re-checks", "final", "other")
+PARTS = ("calibration", "checks", "clean", "attack", "re-checks", "final", "other")
 
 
 def parts_text(r: dict) -> str:
@@ -244,7 +336,14 @@ def main() -> int:
     ap.add_argument("--step-255", type=float, default=2.0)
     ap.add_argument("--depth", type=int, default=10)
     ap.add_argument("--widen", type=int, default=2)
-    ap.add_argument("--threads", type=int, default=2, help="torch threads of a reference side; advpure's CPUs")
+    ap.add_argument("--train-classifier", type=int, default=0, metavar="EPOCHS",
+                    help="train the WRN this many epochs on the digits train split first (seeded, CPU, "
+                         "--threads threads; about 4 s an epoch on 2 idle cores; cached in --work), so clean "
+                         "images are classified right, the attack has work to do and verdicts mean "
+                         "something; 0 (default): random weights, as before. The EBM stays random: with K "
+                         "Langevin steps it acts as a noise-like purifier")
+    ap.add_argument("--threads", type=int, default=2,
+                    help="torch threads of a reference side and of --train-classifier; advpure's CPUs")
     ap.add_argument("--workers", type=int, default=1, help="advpure actors (threads ÷ workers CPUs each)")
     ap.add_argument("--executor", choices=("auto", "local", "ray"), default="auto", help="advpure's cluster.executor")
     ap.add_argument("--check-samples", type=int, default=None,
@@ -262,7 +361,9 @@ def main() -> int:
         work = (a.work or Path(tmp)).resolve()
         work.mkdir(parents=True, exist_ok=True)
         pattern = prepare(work, a)["pattern"]
-        print(f"{a.images} digits at 32×32×3, WRN-{a.depth}-{a.widen} and EBM random, K = {a.langevin_steps}, "
+        clf = f"trained {a.train_classifier} epochs" if a.train_classifier else "random"
+        print(f"bare classifier ({clf}) on the clean images: {bare_accuracy(work, a)}", flush=True)
+        print(f"{a.images} digits at 32×32×3, WRN-{a.depth}-{a.widen} {clf}, EBM random, K = {a.langevin_steps}, "
               f"{a.attack_steps} steps, EOT {a.eot}, H = {a.chains}, ε = {a.eps_255}/255; reference "
               f"{a.threads} threads, advpure {a.workers} worker(s), executor {a.executor}; "
               f"load {os.getloadavg()[0]:.1f}", flush=True)
