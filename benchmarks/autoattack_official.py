@@ -2,7 +2,7 @@
 
     python benchmarks/autoattack_official.py --autoattack DIR [--samples 50] [--steps 20] [--eot 20]
         [--eps 0.1] [--sigma 0.15] [--threads 1] [--pairs 3] [--max-rows auto] [--classifier CKPT]
-        [--workdir DIR] [--unchunked]
+        [--workdir DIR] [--unchunked | --steps-broken] [--cascade]
 
 DIR holds the official code's `autoattack` package (fra31/auto-attack, e.g. extracted from a
 fetched mirror into /tmp); it is imported from there at run time, never copied into this repo.
@@ -26,7 +26,10 @@ and the ratio of CPU seconds (user + system of each process: what the machine's 
 adds to least).
 --unchunked adds a third run to every pair: advpure with EOT gradient steps in one forward and
 one backward per batch (pipeline.attacks.base.SAMPLE_CHUNKS off, as before sample chunks), for
-a same-load comparison.
+a same-load comparison. --steps-broken does the same with APGD stepping every sample of a run to
+its end (pipeline.attacks.apgd.SKIP_BROKEN off: the path before APGD skipped confirmed breaks).
+--cascade sets `evaluation.cascade: true` on advpure's side: APGD-DLR runs on APGD-CE's
+survivors only, as AutoAttack runs its attacks.
 """
 from __future__ import annotations
 
@@ -71,23 +74,32 @@ def job(a: argparse.Namespace, shard: str, ckpt: str, out: Path) -> dict:
             "classifier": {"name": "small_cnn", "params": {"checkpoint": ckpt}},
             "purifier": {"name": "gaussian", "params": {"sigma": a.sigma}},
             "attacks": [{"preset": "autoattack_rand", "overrides": {"eps": a.eps, "steps": a.steps, "eot": a.eot}}],
-            "evaluation": {"device": "cpu", **ev},
+            "evaluation": {"device": "cpu", **ev, **({"cascade": True} if a.cascade else {})},
             "cluster": {"num_workers": 1, "cpus_per_worker": a.threads}}
 
 
-# `advpure run` with EOT gradient steps in one call per batch (pipeline.attacks.base.SAMPLE_CHUNKS off):
+# `advpure run` with a module flag switched off — EOT gradient steps in one call per batch
+# (pipeline.attacks.base.SAMPLE_CHUNKS) or APGD stepping broken samples (pipeline.attacks.apgd.SKIP_BROKEN):
 # the local executor runs the worker in this process, so the flag reaches it
-UNCHUNKED = ("import sys; import pipeline.attacks.base as b; b.SAMPLE_CHUNKS = False; "
-             "from pipeline.cli import main; sys.exit(main(sys.argv[1:]))")
+FLAG_OFF = ("import sys; import {module} as m; m.{flag} = False; "
+            "from pipeline.cli import main; sys.exit(main(sys.argv[1:]))")
+VARIANTS = {"unchunked": ("pipeline.attacks.base", "SAMPLE_CHUNKS"),
+            "steps-broken": ("pipeline.attacks.apgd", "SKIP_BROKEN")}
 
 
-def run_ours(a: argparse.Namespace, job_file: Path, out: Path, env: dict, chunked: bool = True
+def variant(a: argparse.Namespace) -> str | None:
+    """The third run of each pair (--unchunked or --steps-broken), if any."""
+    return "unchunked" if a.unchunked else "steps-broken" if a.steps_broken else None
+
+
+def run_ours(a: argparse.Namespace, job_file: Path, out: Path, env: dict, flag_off: str | None = None
              ) -> tuple[float, dict]:
     """Wall seconds of `advpure run`, and (robust accuracy, max_rows record) from its output."""
     from pipeline.run import commit
 
     shutil.rmtree(out, ignore_errors=True)
-    cmd = ["-m", "pipeline.cli"] if chunked else ["-c", UNCHUNKED]
+    cmd = (["-m", "pipeline.cli"] if flag_off is None
+           else ["-c", FLAG_OFF.format(module=VARIANTS[flag_off][0], flag=VARIANTS[flag_off][1])])
     proc, wall, cpu = timed([sys.executable, *cmd, "run", str(job_file)], env)
     (out.parent / "advpure_run.log").write_text(proc.stdout + proc.stderr)   # the last run's log
     if proc.returncode != 0:
@@ -160,22 +172,23 @@ def autoattack_side(a: argparse.Namespace) -> int:
 
 
 def pairs(a: argparse.Namespace, job_file: Path, out: Path, shard: str, ckpt: str, env: dict) -> dict:
-    """Runs the pairs (or triples, with --unchunked), printing a table row each and the medians
-    of the wall and CPU ratios; returns the last run's max_rows record."""
-    off = " unchunked s (CPU) | wall ratio | CPU ratio | robust unchunked |" if a.unchunked else ""
+    """Runs the pairs (or triples, with --unchunked / --steps-broken), printing a table row each
+    and the medians of the wall and CPU ratios; returns the last run's max_rows record."""
+    third = variant(a)
+    off = f" {third} s (CPU) | wall ratio | CPU ratio | robust {third} |" if third else ""
     rule = "|---" * (9 + (4 if off else 0)) + "|"
     print(f"| pair | advpure s (CPU) | AutoAttack s (CPU) | wall ratio | CPU ratio | robust advpure | "
           f"robust AutoAttack |{off} max_rows (auto) | load |\n{rule}", flush=True)
-    ratios: dict[str, list[float]] = {"wall": [], "cpu": [], "wall unchunked": [], "cpu unchunked": []}
+    ratios: dict[str, list[float]] = {"wall": [], "cpu": [], f"wall {third}": [], f"cpu {third}": []}
     for i in range(a.pairs):
-        sides = ("ours", "aa", "off") if a.unchunked else ("ours", "aa")
+        sides = ("ours", "aa", "off") if third else ("ours", "aa")
         runs = {}
         for side in (sides if i % 2 == 0 else sides[::-1]):   # alternate which side starts a pair
             runs[side] = (run_autoattack(a, shard, ckpt, env) if side == "aa"
-                          else run_ours(a, job_file, out, env, chunked=side == "ours"))
+                          else run_ours(a, job_file, out, env, flag_off=third if side == "off" else None))
         (wa, ra) = runs["aa"]
         cells = []
-        for side, tag in (("ours", ""), ("off", " unchunked")):
+        for side, tag in (("ours", ""), ("off", f" {third}")):
             if side in runs:
                 w, r = runs[side]
                 ratios["wall" + tag].append(w / wa)
@@ -187,7 +200,7 @@ def pairs(a: argparse.Namespace, job_file: Path, out: Path, shard: str, ckpt: st
         row = [str(i + 1), ours[0], f"{wa:.1f} ({ra['cpu']:.1f})", *ours[1:3], ours[3], f"{100 * ra['robust']:.1f} %",
                *cells[1:], f"{mr.get('rows')} ({mr.get('how')})", f"{os.getloadavg()[0]:.1f}"]
         print("| " + " | ".join(row) + " |", flush=True)
-    for k, v in ratios.items():   # "wall", "cpu", "wall unchunked", "cpu unchunked"
+    for k, v in ratios.items():   # "wall", "cpu", and with a third run "wall <variant>", "cpu <variant>"
         if v:
             what, _, tag = k.partition(" ")
             print(f"median advpure{' ' + tag if tag else ''} / AutoAttack, {what}: {statistics.median(v):.2f} "
@@ -209,12 +222,19 @@ def main() -> int:
     ap.add_argument("--classifier", default=None)
     ap.add_argument("--unchunked", action="store_true",
                     help="each pair also runs advpure with EOT gradients in one call per batch (SAMPLE_CHUNKS off)")
+    ap.add_argument("--steps-broken", action="store_true",
+                    help="each pair also runs advpure with APGD stepping broken samples (apgd.SKIP_BROKEN off)")
+    ap.add_argument("--cascade", action="store_true",
+                    help="advpure with evaluation.cascade: true (APGD-DLR on APGD-CE's survivors, as AutoAttack)")
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--side", choices=["autoattack"], help=argparse.SUPPRESS)
     ap.add_argument("--shard", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.side == "autoattack":
         return autoattack_side(a)
+    if a.unchunked and a.steps_broken:
+        print("--unchunked and --steps-broken each add the third run of a pair: give one", file=sys.stderr)
+        return 2
     if not (Path(a.autoattack) / "autoattack" / "autoattack.py").exists():
         print(f"--autoattack {a.autoattack}: no autoattack/autoattack.py there", file=sys.stderr)
         return 2
@@ -227,6 +247,7 @@ def main() -> int:
            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     print(f"{label}: {a.samples} images, small CNN behind gaussian σ={a.sigma:g}; APGD-CE + APGD-DLR, "
           f"{a.steps} steps, EOT {a.eot}, ℓ∞ ε={a.eps:g}; {a.threads} thread(s); max_rows {a.max_rows}; "
+          f"advpure cascade {'on' if a.cascade else 'off'}; "
           f"load {os.getloadavg()[0]:.1f}", flush=True)
     mr = pairs(a, job_file, out, shard, ckpt, env)
     if mr and mr.get("how") != "configured":

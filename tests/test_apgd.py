@@ -274,9 +274,10 @@ def test_apgd_t_draws_a_fresh_start_per_target_class():
 
 @pytest.mark.parametrize("restrictable", [True, False])
 def test_apgd_t_attacks_only_unbroken_samples(restrictable):
-    """Sample 0 breaks at the first step of the first run; the later runs (target classes)
-    evaluate sample 1 alone (AutoAttack's ind_to_fool). A target without `select_rows` sees
-    the whole batch every call; the result is the same."""
+    """Sample 0 breaks at the first step of the first run; the rest of that run and the later
+    runs (target classes) evaluate sample 1 alone (AutoAttack's ind_to_fool between runs; a
+    broken sample's steps within a run cannot change its result). A target without
+    `select_rows` sees the whole batch every call; the result is the same."""
     x, y, noise = _pair()
     rec, steps = _Recorder(), 3
     target = rec if restrictable else (lambda x, step: rec(x, step))
@@ -284,9 +285,9 @@ def test_apgd_t_attacks_only_unbroken_samples(restrictable):
              targeted_success="misclassified")(target, x, y, noise)
     n = steps + 1
     assert r.broken_step.tolist() == [0, -1] and r.nfe == 3 * n
-    assert r.sample_nfe.tolist() == [n, 3 * n]
+    assert r.sample_nfe.tolist() == [1, 3 * n]
     rows = [b for step, b, _ in rec.calls if step >= 0]
-    assert rows == ([2] * n + [1] * 2 * n if restrictable else [2] * 3 * n)
+    assert rows == ([2] + [1] * (3 * n - 1) if restrictable else [2] * 3 * n)
     # the broken sample's result is its breaking iterate, the first run's start point
     start = rec.calls[1][2][0]
     assert torch.equal(r.x_adv[0], start) and (r.x_adv[0] - x[0]).abs().max() <= 0.1 + 1e-6

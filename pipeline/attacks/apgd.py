@@ -44,6 +44,8 @@ from pipeline.seeding import Noise
 log = logging.getLogger(__name__)
 
 SCHEDULES = ("autoattack", "paper")
+# no further steps on a sample whose break is confirmed (switched off only to test that verdicts agree)
+SKIP_BROKEN = True
 TARGETED_SUCCESS = ("target", "misclassified")
 
 
@@ -104,20 +106,26 @@ class StepSizeControl:
         self.count = 0
         self.last_check = 0
 
-    def observe(self, f_new: torch.Tensor, f_max: torch.Tensor) -> torch.Tensor | None:
-        self.increases += (f_new > self.f_last).float()
-        self.f_last = f_new
+    def observe(self, f_new: torch.Tensor, f_max: torch.Tensor,
+                rows: torch.Tensor | None = None) -> torch.Tensor | None:
+        """f_new, f_max of rows `rows` (int64) of the batch, all if None; the returned mask is
+        of those rows. A sample left out of a step keeps its counters (APGD stops stepping a
+        sample once broken), so every other sample's decisions are those of the whole batch."""
+        at = slice(None) if rows is None else rows
+        self.increases[at] += (f_new > self.f_last[at]).float()
+        self.f_last[at] = f_new
         self.count += 1
         if self.count not in self.checks:
             return None
         limit = self.rho * (self.count - self.last_check)
-        oscillating = self.increases <= limit if self.autoattack else self.increases < limit
-        stalled = ~self.halved_at_check & (f_max <= self.f_max_at_check)
+        increases = self.increases[at]
+        oscillating = increases <= limit if self.autoattack else increases < limit
+        stalled = ~self.halved_at_check[at] & (f_max <= self.f_max_at_check[at])
         halve = oscillating | stalled
         if not self.autoattack:  # the old rule compared the next loss with the restart point's
-            self.f_last = torch.where(halve, f_max, self.f_last)
-        self.halved_at_check, self.f_max_at_check = halve, f_max.clone()
-        self.increases.zero_()
+            self.f_last[at] = torch.where(halve, f_max, self.f_last[at])
+        self.halved_at_check[at], self.f_max_at_check[at] = halve, f_max
+        self.increases[at] = 0
         self.last_check = self.count
         return halve
 
@@ -137,8 +145,10 @@ class APGD(Attack):
     Shapes: x [B, C, H, W] in [0, 1], y [B] → x_adv [B, C, H, W]; the target's logits are
     [B, R, K]. nfe per sample and run: steps + 1 (the start point and every iterate are
     evaluated); runs = restarts × n_target_classes.
-    Each run attacks only the samples no earlier run broke (AutoAttack), and none is left once
-    every sample has met the goal; `sample_nfe` counts each sample's own evaluations. Every run
+    Each run attacks only the samples no earlier run broke (AutoAttack), and within a run each
+    step only those not yet broken (a broken sample returns its breaking iterate whatever
+    follows); none is left once every sample has met the goal; `sample_nfe` counts each
+    sample's own evaluations. Every run
     starts from its own keyed random point, as AutoAttack draws a fresh start per run.
     Returns, per sample, the first iterate that met the goal (confirmed by `recheck` if given),
     else the highest-loss point over all runs; `broken_step` counts target steps over runs,
@@ -237,8 +247,8 @@ class APGD(Attack):
                 # a fresh start per run: per restart and per target class (AutoAttack's apgd-t)
                 x0 = random_start(xs, self.eps, self.norm, noise.select(rows), index=run) if self.random_start \
                     else xs.clone()
-                x_max, f_max = self._run(restrict(target, rows, x), xs, x0, goal.select(rows), judge.select(rows),
-                                         tracker, rows, run * (self.steps + 1))
+                x_max, f_max, evals = self._run(restrict(target, rows, x), xs, x0, goal.select(rows),
+                                                judge.select(rows), tracker, rows, run * (self.steps + 1))
                 better = f_max > f_best[rows]
                 x_best[rows] = torch.where(_bcast(better, xs), x_max, x_best[rows])
                 f_best[rows] = torch.where(better, f_max, f_best[rows])
@@ -246,7 +256,7 @@ class APGD(Attack):
                     t = goal.y_target.to(x.device)
                     best_target[rows] = torch.where(better, t[rows], best_target[rows])
                     broke_on = torch.where(tracker.broken & ~was_broken, t, broke_on)
-                sample_nfe[rows] += self.steps + 1
+                sample_nfe[rows] += evals
                 nfe = (run + 1) * (self.steps + 1)
                 log.debug("apgd run %d (restart %d) on %d samples: %d/%d samples met the goal", run, r,
                           rows.numel(), int(tracker.broken.sum()), B)
@@ -265,29 +275,43 @@ class APGD(Attack):
         return project(x_k + alpha * (z - x_k) + (1 - alpha) * (x_k - x_prev), x, self.eps, self.norm)
 
     def _run(self, target: AttackTarget, x: torch.Tensor, x0: torch.Tensor, goal: Goal, judge: Goal,
-             tracker: BreakTracker, rows: torch.Tensor, step0: int) -> tuple[torch.Tensor, torch.Tensor]:
+             tracker: BreakTracker, rows: torch.Tensor, step0: int
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """One APGD run from x0 on `goal`'s loss, breaks judged by `judge`, over rows `rows` of
-        the tracker's batch (x, x0, target and goals are of those rows); returns (x_max, f_max)."""
+        the tracker's batch (x, x0, target and goals are of those rows); returns (x_max, f_max,
+        evaluations [n] of each row).
+
+        A broken sample returns its breaking iterate (`tracker.merge`) whatever follows, so each
+        step evaluates only the samples of the run not yet broken (SKIP_BROKEN), as PGD does;
+        a broken sample's state freezes and every other's is the whole run's (its draws are
+        keyed per sample and step, not by batch position)."""
         f_k, g_k, logits = self.loss_and_direction(target, x0, goal, step0)
         tracker.update(x0, logits, judge, step0, rows)
-        x_k, x_prev = x0, x0
+        evals = torch.ones(x.shape[0], dtype=torch.int64, device=x.device)
+        x_k, x_prev = x0.clone(), x0.clone()
         x_max, f_max, g_max = x0.clone(), f_k.clone(), g_k.clone()
         eta = torch.full((x.shape[0],), self.initial_step * self.eps, device=x.device)
         control = StepSizeControl(f_k, self.steps, self.rho, self.schedule)
+        everyone = torch.arange(x.shape[0], device=x.device)
         for k in range(self.steps):
-            x_new = self._step(x, x_k, x_prev, g_k, eta, 1.0 if k == 0 else self.momentum)
-            f_new, g_new, logits = self.loss_and_direction(target, x_new, goal, step0 + k + 1)
-            tracker.update(x_new, logits, judge, step0 + k + 1, rows)
-            better = f_new > f_max
-            x_max = torch.where(_bcast(better, x), x_new, x_max)
-            g_max = torch.where(_bcast(better, x), g_new, g_max)
-            f_max = torch.where(better, f_new, f_max)
-            x_prev, x_k, g_k = x_k, x_new, g_new
-            halve = control.observe(f_new, f_max)
+            on = (~tracker.broken[rows]).nonzero().squeeze(1) if SKIP_BROKEN else everyone
+            if on.numel() == 0:
+                break
+            xs, step = x[on], step0 + k + 1
+            x_new = self._step(xs, x_k[on], x_prev[on], g_k[on], eta[on], 1.0 if k == 0 else self.momentum)
+            f_new, g_new, logits = self.loss_and_direction(restrict(target, on, x), x_new, goal.select(on), step)
+            tracker.update(x_new, logits, judge.select(on), step, rows[on])
+            evals[on] += 1
+            better = f_new > f_max[on]
+            x_max[on] = torch.where(_bcast(better, xs), x_new, x_max[on])
+            g_max[on] = torch.where(_bcast(better, xs), g_new, g_max[on])
+            f_max[on] = torch.where(better, f_new, f_max[on])
+            x_prev[on], x_k[on], g_k[on] = x_k[on], x_new, g_new
+            halve = control.observe(f_new, f_max[on], on)
             if halve is not None:
-                eta = torch.where(halve, eta / 2, eta)
-                hb = _bcast(halve, x)
-                x_k = torch.where(hb, x_max, x_k)
-                g_k = torch.where(hb, g_max, g_k)
-                x_prev = torch.where(hb, x_k, x_prev)  # restart: no momentum carried over (ours)
-        return x_max, f_max
+                eta[on] = torch.where(halve, eta[on] / 2, eta[on])
+                hb = _bcast(halve, xs)
+                x_k[on] = torch.where(hb, x_max[on], x_k[on])
+                g_k[on] = torch.where(hb, g_max[on], g_k[on])
+                x_prev[on] = torch.where(hb, x_k[on], x_prev[on])  # restart: no momentum carried over (ours)
+        return x_max, f_max, evals
