@@ -152,9 +152,9 @@ class EvaluationConfig:
     # fresh draws of the real defense that confirm a break on a stochastic defense
     # (null: the attack's recheck_draws if set, else R); see docs/attacks.md
     confirm_draws: Positive | None = None
-    # false (the clean gate, AutoAttack's convention): a sample the defended model misclassifies
-    # clean (under `decision`) is not attacked and counts not robust, so robust ≤ clean accuracy;
-    # true: every sample is attacked (the evaluate stage; attack + purify attack every sample anyway)
+    # false (the clean gate, AutoAttack's convention): in the evaluate stage a sample the defended
+    # model misclassifies clean (under `decision`) is not attacked and counts not robust, so
+    # robust ≤ clean accuracy; true: every sample is attacked (the attack stage always does)
     attack_misclassified: bool = False
     # samples of each shard's first batch on which every attack is re-run with 2×EOT: a check
     # flags an attack whose robust accuracy drops by more than 2 points (0 = off)
