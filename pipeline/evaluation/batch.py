@@ -45,8 +45,10 @@ class CleanEval:
     nfe: int
 
     def wrong(self, decision: str, y: torch.Tensor) -> torch.Tensor:
-        """[B] bool (CPU): the defended model's clean prediction under `decision` is wrong."""
-        return decide(self.logits, decision).cpu() != y.cpu()
+        """[B] bool (CPU): the defended model's clean prediction under `decision` is wrong
+        (false where its logits are not finite: argmax of NaN is no prediction)."""
+        finite = torch.isfinite(self.logits).flatten(1).all(1).cpu()
+        return (decide(self.logits, decision).cpu() != y.cpu()) & finite
 
     def take(self, rows: Sequence[int]) -> CleanEval:
         return CleanEval({c: [v[i] for i in rows] for c, v in self.columns.items()}, self.logits[list(rows)],
@@ -181,7 +183,9 @@ def attacked_mask(p: Protocol, clean: CleanEval, y: torch.Tensor) -> torch.Tenso
     """[B] bool (CPU): the samples the evaluate stage attacks. The clean gate (AutoAttack's
     run_standard_evaluation; the Hill et al. script's step −1): a sample the defended model
     misclassifies clean, under the job's decision rule, is not attacked and counts not robust;
-    `evaluation.attack_misclassified` attacks every sample."""
+    `evaluation.attack_misclassified` attacks every sample. Non-finite clean logits (a diverged
+    purifier) are not a misclassification: the sample goes on, and the worker marks its row
+    `nonfinite` from the final evaluation's logits, as without the gate."""
     if p.attack_misclassified:
         return torch.ones(len(y), dtype=torch.bool)
     return ~clean.wrong(p.decision, y)
