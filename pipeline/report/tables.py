@@ -88,9 +88,10 @@ def attack_section(doc: dict[str, Any]) -> Section:
     return Section("Per attack", ["#", "attack", "grad", "ε", "EOT", "R", "n", "clean (bare)", "clean (defended)",
                                   "adv (bare)", "robust (verified)", "mean logit", "vote", "worst-of-R"], rows,
                    ["accuracy % with Wilson 95% intervals; 'bare' = classifier alone, 'defended' = purifier + "
-                    "classifier; 'robust (verified)' = no confirmed break at any step and final re-evaluation "
-                    "correct; mean logit / vote / worst-of-R: the final iterate under each convention, a confirmed "
-                    "break counting as broken under every rule" + _skipped_note(doc)])
+                    "classifier (clean: under the job's decision rule); 'robust (verified)' = no confirmed break "
+                    "at any step and final re-evaluation correct; mean logit / vote / worst-of-R: the final iterate "
+                    "under each convention, a confirmed break (and a sample misclassified clean, when not attacked) "
+                    "counting as broken under every rule" + _skipped_note(doc)])
 
 
 def _skipped_note(doc: dict[str, Any]) -> str:
