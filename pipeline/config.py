@@ -152,6 +152,10 @@ class EvaluationConfig:
     # fresh draws of the real defense that confirm a break on a stochastic defense
     # (null: the attack's recheck_draws if set, else R); see docs/attacks.md
     confirm_draws: Positive | None = None
+    # false (the clean gate, AutoAttack's convention): in the evaluate stage a sample the defended
+    # model misclassifies clean (under `decision`) is not attacked and counts not robust, so
+    # robust ≤ clean accuracy; true: every sample is attacked (the attack stage always does)
+    attack_misclassified: bool = False
     # samples of each shard's first batch on which every attack is re-run with 2×EOT: a check
     # flags an attack whose robust accuracy drops by more than 2 points (0 = off)
     eot_probe: NonNegative = 0
@@ -253,6 +257,9 @@ class Config:
             "decision": d["evaluation"]["decision"],
             "confirm_draws": d["evaluation"]["confirm_draws"],
         }
+        gated = d["attacks"] and "evaluate" in d["job"]["stages"] and not d["evaluation"]["attack_misclassified"]
+        if gated:  # the clean gate changes verdicts: jobs that attack every sample keep their old hashes
+            keep["attack_misclassified"] = False
         if d["evaluation"].get("precision", "fp32") != "fp32":  # bf16 changes outcomes; fp32 hashes unchanged
             keep["precision"] = d["evaluation"]["precision"]
         if d["corpus"] is not None:  # absent from evaluation jobs: their hashes stay as they were

@@ -14,7 +14,8 @@ from typing import Any, Iterable
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-SCHEMA_VERSION = 3   # 3: final_evaluated (the final R-run evaluation is skipped for confirmed breaks)
+SCHEMA_VERSION = 4   # 3: final_evaluated (the final R-run evaluation is skipped for confirmed breaks);
+                     # 4: attacked and clean_decision_pred (the clean gate)
 
 
 class Status(str, enum.Enum):
@@ -52,6 +53,7 @@ SCHEMA = pa.schema([
     ("clean_pred", pa.int64()),              # bare classifier on x
     ("clean_purified_preds", pa.list_(pa.int64())),   # defended model on x, per run
     ("clean_mean_logit_pred", pa.int64()),
+    ("clean_decision_pred", pa.int64()),     # defended model on x under `decision` (what the clean gate reads)
     ("adv_pred", pa.int64()),                # bare classifier on x_adv
     ("purified_preds", pa.list_(pa.int64())),          # defended model on x_adv, per run
     ("purified_mean_logits", pa.list_(pa.float32())),  # mean logits over runs, [K]
@@ -63,6 +65,11 @@ SCHEMA = pa.schema([
     # was confirmed during the attack (broken_step >= 0), so its verdict is "broken" under every
     # rule and those per-run columns are null; null: the stage evaluates no defended model
     ("final_evaluated", pa.bool_()),
+    # the clean gate (evaluation.attack_misclassified false): false for a sample the defended
+    # model misclassifies clean under `decision` — not attacked (x_adv = x, broken_step -1,
+    # attack_nfe 0, attack_steps 0), not evaluated again (final_evaluated false), not robust;
+    # true: attacked; null: a row without an attack (attack "none", a plain corpus)
+    ("attacked", pa.bool_()),
     # break semantics (docs/attacks.md, "What counts as robust"): a candidate is a step whose
     # attack-time forward (its R draws) met the goal; it is confirmed by `confirm_draws` fresh
     # draws of the real defense (0: the attack's view is the deterministic defense itself, so
@@ -72,8 +79,8 @@ SCHEMA = pa.schema([
     ("confirm_draws", pa.int32()),
     ("attack_steps", pa.int32()),            # target steps the attack ran (broken_step < attack_steps)
     ("decision", pa.string()),               # the job's decision rule: mean_logit | vote | mean_softmax
-    ("robust", pa.bool_()),                  # no confirmed break at any step and the final
-                                             # re-evaluation correct under `decision`
+    ("robust", pa.bool_()),                  # attacked (not gated), no confirmed break at any
+                                             # step and the final re-evaluation correct under `decision`
     ("cascade_from", pa.int16()),            # cascade: the earlier attack whose break this row carries
     # perturbation and cost
     ("linf", pa.float64()),
@@ -165,8 +172,9 @@ CORPUS_SCHEMA = pa.schema([
 
 
 # versions of evaluation records this code still reads: 2 lacks final_evaluated (every row's
-# final R runs were evaluated), which the report treats as such
-READABLE_SCHEMA_VERSIONS = (2, SCHEMA_VERSION)
+# final R runs were evaluated), which the report treats as such; 2 and 3 lack attacked and
+# clean_decision_pred (every sample was attacked; clean accuracy from clean_mean_logit_pred)
+READABLE_SCHEMA_VERSIONS = (2, 3, SCHEMA_VERSION)
 
 
 def readable_versions(table_schema: pa.Schema) -> tuple[int, ...]:

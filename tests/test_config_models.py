@@ -13,7 +13,9 @@ from pipeline.config import ConfigError
 ROOT = Path(__file__).resolve().parents[1]
 
 # cfg.hash() of each shipped config as the hand-written loader computed it (main at 2a9cca6,
-# before pydantic): job outputs are guarded by this hash, so a new loader must not move it
+# before pydantic): job outputs are guarded by this hash, so a new loader must not move it.
+# Since the clean gate these are the hashes with evaluation.attack_misclassified: true (every
+# sample attacked, the protocol those outputs were made with); GATED_HASHES: the default
 SHIPPED_HASHES = {
     "adp_cifar10.yaml": "810bbf86471a9f3c",
     "adp_mnist.yaml": "afe3fda574f32e74",
@@ -31,6 +33,24 @@ SHIPPED_HASHES = {
     "imagenet_resnet50.yaml": "81e821e41fffe320",
     "mnist_undefended_sweep.yaml": "db9c20cb7113f76e",
 }
+# the same configs as shipped (the clean gate on: verdicts of clean-wrong samples change, so does the hash)
+GATED_HASHES = {
+    "adp_cifar10.yaml": "353fedfb9a2b85f0",
+    "adp_mnist.yaml": "1009972d03c9addd",
+    "adp_mnist_cpu.yaml": "301b5e64747f59ce",
+    "apudae_mnist.yaml": "2eb8681b38166f84",
+    "demo_digits.yaml": "3db13d20d8d91f5e",
+    "diffpure_cifar10.yaml": "b676d16a3d08d76f",
+    "diffpure_digits.yaml": "789102aea0f29b62",
+    "diffpure_imagenet.yaml": "d9f47964976ae155",
+    "diffpure_mnist.yaml": "c75bab9c45758d19",
+    "dip_mnist.yaml": "1b4a6c0a591a8ed8",
+    "ebm_cifar10.yaml": "c9ec1d966250613d",
+    "ebm_digits.yaml": "c9248146b768668d",
+    "ebm_mnist.yaml": "d5d146c916ba88a4",
+    "imagenet_resnet50.yaml": "2d017a6c47e29f7b",
+    "mnist_undefended_sweep.yaml": "93d292150d9010a2",
+}
 # jobs that reach the hash's optional parts (corpus, precision) and fractions, hashed by the same old loader
 CORPUS_JOB = {"job": {"name": "c", "output": "o", "stages": ["purify"]}, "data": {"shards": "s-{0..3}.tar"},
               "purifier": {"name": "gaussian", "params": {"sigma": "1/4"}},
@@ -47,16 +67,32 @@ MINIMAL = {"job": {"name": "j", "output": "runs/j"}, "data": {"shards": "s-{0..1
            "attacks": [{"name": "pgd", "params": {"eps": "8/255"}} for _ in range(3)]}
 
 
+def _attacking_every_sample(cfg: config.Config) -> config.Config:
+    return dataclasses.replace(cfg, evaluation=dataclasses.replace(cfg.evaluation, attack_misclassified=True))
+
+
 def test_every_shipped_config_hashes_as_before():
     shipped = sorted(p.name for p in (ROOT / "configs").glob("*.yaml"))
-    assert shipped == sorted(SHIPPED_HASHES), "a config was added or removed: put its hash here"
+    assert shipped == sorted(SHIPPED_HASHES) == sorted(GATED_HASHES), "a config was added or removed: put its hash here"
     for name, expected in SHIPPED_HASHES.items():
-        assert config.load(ROOT / "configs" / name, check_components=False).hash() == expected, name
+        cfg = config.load(ROOT / "configs" / name, check_components=False)
+        assert _attacking_every_sample(cfg).hash() == expected, name
+        assert cfg.hash() == GATED_HASHES[name], name
 
 
 def test_corpus_and_bf16_jobs_hash_as_before():
     assert config.from_dict(copy.deepcopy(CORPUS_JOB), check_components=False).hash() == "c99f11fc21ff6f65"
-    assert config.from_dict(copy.deepcopy(BF16_JOB), check_components=False).hash() == "9a81598a032c5a9e"
+    bf16 = config.from_dict(copy.deepcopy(BF16_JOB), check_components=False)
+    assert _attacking_every_sample(bf16).hash() == "9a81598a032c5a9e" and bf16.hash() == "55907df460979c92"
+
+
+def test_the_clean_gate_moves_the_hash_only_where_it_gates():
+    gated = config.from_dict(copy.deepcopy(BF16_JOB), check_components=False)
+    split = config.from_dict({**copy.deepcopy(BF16_JOB), "job": {**BF16_JOB["job"], "stages": ["attack", "purify"]}},
+                             check_components=False)
+    assert split.hash() == _attacking_every_sample(split).hash() != gated.hash()   # attack + purify never gate
+    bare = config.from_dict({**copy.deepcopy(BF16_JOB), "attacks": []}, check_components=False)
+    assert bare.hash() == _attacking_every_sample(bare).hash()                      # nothing to attack
 
 
 def _error(override: str) -> str:

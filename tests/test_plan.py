@@ -33,15 +33,16 @@ def _rows_of_whole_job(cfg) -> list[dict]:
 def test_plan_predicts_the_evaluations_the_job_records(digits_shards, digits_models, tmp_path, monkeypatch):
     """PGD's evaluations per sample do not depend on the data: the prediction from one
     calibration batch equals Σ attack_nfe + purify_nfe over every record of the job. (With
-    the final evaluation of confirmed breaks skipped, and PGD's steps after them, they do: the
-    plan extrapolates the calibration batch's share of them, so the exact count is checked
-    with every sample's.)"""
+    the final evaluation of confirmed breaks skipped, PGD's steps after them, and the clean
+    gate's samples not attacked, they do: the plan extrapolates the calibration batch's share
+    of them, so the exact count is checked with every sample's.)"""
     monkeypatch.setattr(batch, "SKIP_CONFIRMED_BREAKS", False)
     monkeypatch.setattr(pgd, "SKIP_BROKEN", False)
     cfg = _cfg(digits_shards, digits_models, tmp_path, attacks=[
         {"name": "pgd", "params": {"eps": 0.2, "steps": 3, "step_size": 0.08}, "gradient": "classifier"},
         {"name": "pgd", "params": {"eps": 0.2, "steps": 2, "step_size": 0.08}, "gradient": "auto"}],
-        data={"shards": digits_shards["pattern"], "batch_size": 32, "max_samples_per_shard": 40})
+        data={"shards": digits_shards["pattern"], "batch_size": 32, "max_samples_per_shard": 40},
+        evaluation={"runs": 1, "attack_misclassified": True})
     r = plan.plan(cfg, workers=[1, 2])
     rows = _rows_of_whole_job(cfg)
     assert r["samples"] == 160 and r["shards"] == 4 and r["calibration_batch"] == 32

@@ -96,7 +96,7 @@ def test_cli_formats(tmp_path, capsys):
     assert "Headline: per-sample worst case" in capsys.readouterr().out
     assert main(["report", run, "--format", "json"]) == 0
     doc = json.loads(capsys.readouterr().out)
-    assert doc["version"] == 2 and doc["worst_case"][0]["acc"] == 0.75
+    assert doc["version"] == 3 and doc["worst_case"][0]["acc"] == 0.75
     assert main(["report", run, "--format", "markdown", "-o", str(tmp_path / "r.md")]) == 0
     assert (tmp_path / "r.md").read_text().startswith("## j (evaluate)")
     assert main(["report", run, "--format", "robustbench", "--dataset", "mnist", "-o", str(tmp_path / "rb")]) == 0

@@ -1,11 +1,14 @@
-"""Two savings issue 23 asked about, and why they are not made: each changes which draws
-decide a verdict, so on a stochastic defense (Gaussian noise, keyed draws) some samples'
-`robust` / `broken_step` differ from the protocol's.
+"""Two savings issue 23 asked about. Each changes which draws decide a verdict, so on a
+stochastic defense (Gaussian noise, keyed draws) some samples' `robust` / `broken_step` differ
+from the protocol's.
 
 - Reusing the clean R-run evaluation (`eval/clean` draws) as the step-0 re-check of an attack
-  that starts at x itself (the re-check has its own draws, `attack{i}/{name}/recheck/step0`).
-- Skipping the attack for a sample the clean evaluation gets wrong: `robust` is "no confirmed
-  break and the final evaluation right", so such a sample can still end robust.
+  that starts at x itself (the re-check has its own draws, `attack{i}/{name}/recheck/step0`):
+  not made.
+- Skipping the attack for a sample the clean evaluation gets wrong: made, as a change of
+  protocol (the clean gate, evaluation.attack_misclassified false: AutoAttack's and the Hill
+  et al. script's convention). Attacking every sample, such a sample can still end robust;
+  with the gate it never does (tests/test_clean_gate.py holds the rest sample for sample).
 """
 from __future__ import annotations
 
@@ -52,8 +55,13 @@ def test_the_clean_evaluation_as_step_0_recheck_would_change_verdicts(
     assert differ, "no verdict moved: the saving would keep verdicts on this data"
 
 
-def test_a_sample_the_clean_evaluation_gets_wrong_can_end_robust(digits_shards, digits_models, tmp_path):
+def test_a_sample_the_clean_evaluation_gets_wrong_ends_robust_only_if_attacked(digits_shards, digits_models,
+                                                                               tmp_path):
     p, samples = _setup(digits_shards, digits_models, tmp_path)
+    p.attack_misclassified = True
     rows = stages.evaluate(p, samples).rows
     wrong = [r for r in rows if r["clean_mean_logit_pred"] != r["label"]]
     assert wrong and any(r["robust"] for r in wrong)
+    p.attack_misclassified = False   # the default: the clean gate
+    gated = [r for r in stages.evaluate(p, samples).rows if r["clean_mean_logit_pred"] != r["label"]]
+    assert [r["key"] for r in gated] == [r["key"] for r in wrong] and not any(r["robust"] for r in gated)

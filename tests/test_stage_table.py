@@ -47,7 +47,8 @@ def contexts(monkeypatch) -> list[str]:
 @pytest.fixture(scope="module")
 def protocol_cfg(tmp_path_factory) -> dict:
     """A job over 8×8 grey images that reaches every draw: a stochastic purifier (Gaussian),
-    PGD through it with EOT and confirmed breaks, a second attack, the EOT probe."""
+    PGD through it with EOT and confirmed breaks, a second attack, the EOT probe (every
+    sample attacked; the clean gate draws nothing of its own: it reads the clean evaluation)."""
     from pipeline.classifiers import small_cnn
     from pipeline.io import checkpoints
 
@@ -61,7 +62,8 @@ def protocol_cfg(tmp_path_factory) -> dict:
         "classifier": {"name": "small_cnn", "params": {"checkpoint": cnn}},
         "purifier": {"name": "gaussian", "params": {"sigma": 0.3}},
         "attacks": [pgd, {"name": "fgsm", "params": {"eps": 0.3}, "gradient": "bpda"}],
-        "evaluation": {"runs": 2, "eot_probe": 2},
+        # an untrained classifier on random images: the clean gate would keep every sample from the attack
+        "evaluation": {"runs": 2, "eot_probe": 2, "attack_misclassified": True},
     }
 
 

@@ -46,7 +46,8 @@ def staged(ray_local, digits_shards, digits_models, tmp_path_factory) -> dict:
         "name": "staged", "output": str(root / "staged"), "stages": ["attack", "purify"]})
     code, manifest = driver.run(cfg)
     assert code == driver.EXIT_OK, manifest
-    whole = _cfg(digits_shards, digits_models, root / "whole")
+    # attack + purify have no clean defended evaluation to gate on: evaluate attacks every sample too
+    whole = _cfg(digits_shards, digits_models, root / "whole", evaluation={"runs": 1, "attack_misclassified": True})
     assert driver.run(whole)[0] == driver.EXIT_OK
     return {"cfg": cfg, "manifest": manifest, "whole": whole}
 

@@ -1,12 +1,14 @@
 """Per-batch math of the three stages, as plain records (no I/O, no Ray, no pyarrow).
 
 - evaluate: clean → attack → purify (R runs; not for a confirmed break) → classify, one row
-            per (sample, attack);
+            per (sample, attack); a sample the defended model gets wrong clean is not
+            attacked and counts not robust (the clean gate; `evaluation.attack_misclassified`);
 - attack:   adversarial examples only (the set is written as shards by the worker);
 - purify:   purify (R runs) and classify given images — an adversarial set made earlier,
             or any corpus.
 Noise contexts are shared between stages, so attack + purify reproduce evaluate exactly
-(purify, which writes every image, also runs the R runs evaluate leaves out for a confirmed break).
+(purify, which writes every image, also runs the R runs evaluate leaves out for a confirmed break)
+when evaluate attacks every sample: attack + purify have no clean defended evaluation to gate on.
 Each stage's contexts are declared in its pipeline/stage_table.py entry (`noise`), which
 tests/test_stage_table.py holds to exactly the contexts these functions draw from.
 """
@@ -41,6 +43,12 @@ class CleanEval:
     columns: dict[str, list]
     logits: torch.Tensor         # [B, R, K]
     nfe: int
+
+    def wrong(self, decision: str, y: torch.Tensor) -> torch.Tensor:
+        """[B] bool (CPU): the defended model's clean prediction under `decision` is wrong
+        (false where its logits are not finite: argmax of NaN is no prediction)."""
+        finite = torch.isfinite(self.logits).flatten(1).all(1).cpu()
+        return (decide(self.logits, decision).cpu() != y.cpu()) & finite
 
     def take(self, rows: Sequence[int]) -> CleanEval:
         return CleanEval({c: [v[i] for i in rows] for c, v in self.columns.items()}, self.logits[list(rows)],
@@ -142,17 +150,22 @@ def clean_eval(p: Protocol, x: torch.Tensor, y: torch.Tensor, keys: Sequence[str
     logits, nfe, _ = defended(p.defense, x, keys, p.seed, eval_context(-1), p.runs)
     cols = {"label": y.tolist(), "key": list(keys), "clean_pred": clean_pred.tolist(),
             "clean_purified_preds": logits.argmax(2).tolist(),
-            "clean_mean_logit_pred": decide(logits, "mean_logit").tolist()}
+            "clean_mean_logit_pred": decide(logits, "mean_logit").tolist(),
+            "clean_decision_pred": decide(logits, p.decision).tolist()}
     return CleanEval(cols, logits, nfe)
 
 
 def final_evaluation(p: Protocol, plan: PlannedAttack, x_adv: torch.Tensor, keys: Sequence[str],
-                     broken_step: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor, int]:
-    """The R-run evaluation of the returned images (`eval/attack{i}` draws), for the rows
-    without a confirmed break only (SKIP_CONFIRMED_BREAKS): (logits [B, R, K], zeros where not
-    evaluated, or None if no row was; the evaluated mask [B]; purifier evaluations per row).
-    Draws are keyed per sample, so a row's logits do not depend on which others ran."""
+                     broken_step: torch.Tensor, attacked: torch.Tensor | None = None,
+                     ) -> tuple[torch.Tensor | None, torch.Tensor, int]:
+    """The R-run evaluation of the returned images (`eval/attack{i}` draws), for the attacked
+    rows (`attacked` [B] bool, None: every row) without a confirmed break only
+    (SKIP_CONFIRMED_BREAKS): (logits [B, R, K], zeros where not evaluated, or None if no row
+    was; the evaluated mask [B]; purifier evaluations per row). Draws are keyed per sample,
+    so a row's logits do not depend on which others ran."""
     need = (broken_step < 0) if SKIP_CONFIRMED_BREAKS else torch.ones_like(broken_step, dtype=torch.bool)
+    if attacked is not None:
+        need = need & attacked
     idx = need.nonzero().squeeze(1)
     if idx.numel() == len(keys):
         logits, nfe, _ = defended(p.defense, x_adv, keys, p.seed, eval_context(plan.index), p.runs)
@@ -166,25 +179,65 @@ def final_evaluation(p: Protocol, plan: PlannedAttack, x_adv: torch.Tensor, keys
     return logits, need, nfe
 
 
+def attacked_mask(p: Protocol, clean: CleanEval, y: torch.Tensor) -> torch.Tensor:
+    """[B] bool (CPU): the samples the evaluate stage attacks. The clean gate (AutoAttack's
+    run_standard_evaluation; the Hill et al. script's step −1): a sample the defended model
+    misclassifies clean, under the job's decision rule, is not attacked and counts not robust;
+    `evaluation.attack_misclassified` attacks every sample. Non-finite clean logits (a diverged
+    purifier) are not a misclassification: the sample goes on, and the worker marks its row
+    `nonfinite` from the final evaluation's logits, as without the gate."""
+    if p.attack_misclassified:
+        return torch.ones(len(y), dtype=torch.bool)
+    return ~clean.wrong(p.decision, y)
+
+
+def run_gated(p: Protocol, plan: PlannedAttack, x: torch.Tensor, y: torch.Tensor, keys: Sequence[str],
+              attacked: torch.Tensor) -> AttackOutcome:
+    """The attack on the `attacked` rows only (none: no attack call); the others keep x, never
+    broken, 0 evaluations. Noise is keyed per sample, so an attacked row is what the attack on
+    the whole batch would give it."""
+    if bool(attacked.all()):
+        return run_attack(p, plan, x, y, keys)
+    B = len(keys)
+    out = AttackOutcome(x, torch.full((B,), -1, dtype=torch.int64), torch.full((B,), -1, dtype=torch.int64), 0,
+                        [0] * B)
+    idx = attacked.nonzero().squeeze(1)
+    if idx.numel() == 0:
+        return out
+    dev = idx.to(x.device)
+    sub = run_attack(p, plan, x[dev], y[dev], [keys[i] for i in idx.tolist()])
+    out.x_adv = x.clone()
+    out.x_adv[dev] = sub.x_adv
+    out.candidate_step[idx], out.broken_step[idx] = sub.candidate_step, sub.broken_step
+    for i, n in zip(idx.tolist(), sub.nfe):
+        out.nfe[i] = n
+    out.steps = sub.steps
+    return out
+
+
 def attack_rows(p: Protocol, plan: PlannedAttack | None, x: torch.Tensor, y: torch.Tensor,
                 keys: Sequence[str], clean: CleanEval) -> list[dict[str, Any]]:
-    """Rows of one attack (None: no attack) on a batch, given its clean evaluation."""
+    """Rows of one attack (None: no attack) on a batch, given its clean evaluation. A row the
+    clean gate keeps from the attack (`attacked` false) is x itself, not robust, with no final
+    evaluation (per-run columns null, `final_evaluated` false), broken_step −1, 0 attack NFE."""
     t0 = time.perf_counter()
     B = x.shape[0]
     if plan is None:
         never = torch.full((B,), -1, dtype=torch.int64)
         out = AttackOutcome(x, never, never, 0, [0] * B)
         logits, evaluated, nfe, info = clean.logits, torch.ones(B, dtype=torch.bool), 0, NO_ATTACK
+        attacked: list = [None] * B
     else:
-        out = run_attack(p, plan, x, y, keys)
-        logits, evaluated, nfe = final_evaluation(p, plan, out.x_adv, keys, out.broken_step)
-        info = plan.info()
+        gate = attacked_mask(p, clean, y)
+        out = run_gated(p, plan, x, y, keys, gate)
+        logits, evaluated, nfe = final_evaluation(p, plan, out.x_adv, keys, out.broken_step, gate)
+        info, attacked = plan.info(), gate.tolist()
     cols = {**clean.columns, **_prediction_columns(p, out.x_adv, y, logits, out.broken_step, evaluated),
             **_norms(out.x_adv, x), "broken_step": out.broken_step.tolist(),
-            "candidate_step": out.candidate_step.tolist(), "attack_nfe": out.nfe,
+            "candidate_step": out.candidate_step.tolist(), "attack_nfe": out.nfe, "attacked": attacked,
+            "attack_steps": [0 if a is False else out.steps for a in attacked],
             "purify_nfe": [clean.nfe + (nfe if e else 0) for e in evaluated.tolist()]}
-    return _rows(B, cols, {**info, "runs": p.runs, "attack_steps": out.steps,
-                           "seconds": (time.perf_counter() - t0) / B})
+    return _rows(B, cols, {**info, "runs": p.runs, "seconds": (time.perf_counter() - t0) / B})
 
 
 def evaluate_batch(p: Protocol, x: torch.Tensor, y: torch.Tensor, keys: Sequence[str]) -> list[dict[str, Any]]:
@@ -213,7 +266,7 @@ def attack_batch(p: Protocol, x: torch.Tensor, y: torch.Tensor,
         cols = {"label": y.tolist(), "key": list(keys), "clean_pred": clean_pred,
                 **_prediction_columns(p, out.x_adv, y, None, out.broken_step), **_norms(out.x_adv, x),
                 "broken_step": out.broken_step.tolist(), "candidate_step": out.candidate_step.tolist(),
-                "attack_nfe": out.nfe}
+                "attack_nfe": out.nfe, "attacked": [True] * B}
         rows += _rows(B, cols, {**plan.info(), "runs": 0, "attack_steps": out.steps,
                                 "purify_nfe": 0, "seconds": (time.perf_counter() - t1) / B})
     return rows, images

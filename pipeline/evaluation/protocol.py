@@ -63,6 +63,9 @@ class Protocol:
     # gradient-masking check samples of the shard at hand: the job's evaluation.check_samples,
     # of which the worker sets each shard's share (stages.check_share)
     check_samples: int = 16
+    # evaluation.attack_misclassified: false gates the evaluate stage's attacks on the clean
+    # verdict (batch.attacked_mask); true attacks every sample
+    attack_misclassified: bool = False
 
 
 def resolve_gradient(requested: str, defense: Defense) -> str:
@@ -146,4 +149,5 @@ def build_protocol(cfg: Config) -> Protocol:
         "purifier_params": json.dumps({**cfg.purifier.params, **purifier.record()}, sort_keys=True, default=str),
     }
     return Protocol(defense, attacks, cfg.job.seed, ev.runs, ev.decision, cfg.data.batch_size, ev.cascade,
-                    ev.eot_probe, device, provenance, ev.max_rows, check_samples=ev.check_samples)
+                    ev.eot_probe, device, provenance, ev.max_rows, check_samples=ev.check_samples,
+                    attack_misclassified=ev.attack_misclassified)

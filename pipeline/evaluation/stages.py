@@ -2,8 +2,9 @@
 or a stream taken batch by batch), rows (and images for the stages that write them) out.
 No I/O: the worker reads and writes; pipeline/stage_table.py names each function as a stage.
 
-- evaluate: every attack on every sample (or, with `cascade`, each attack on the samples
-  every earlier attack of the same (norm, ε) failed to break), one row per (sample, attack);
+- evaluate: every attack on every sample the defended model gets right clean (the clean
+  gate, batch.attacked_mask; or, with `cascade`, each attack on the samples every earlier
+  attack of the same (norm, ε) failed to break), one row per (sample, attack);
 - attack:   adversarial examples for every attack, with their rows;
 - purify:   given images purified R times and classified; the first run's images returned.
 """
@@ -41,7 +42,7 @@ ImageSink = Callable[[str, list[tuple[Sample, np.ndarray, dict[str, Any]]]], Non
 
 # what an adversarial sample's lineage carries into the purify stage's records
 LINEAGE_COLUMNS = (*NO_ATTACK.keys(), "clean_pred", "linf", "l2", "candidate_step", "broken_step", "attack_steps",
-                   "attack_nfe")
+                   "attack_nfe", "attacked")
 
 
 @dataclass

@@ -11,6 +11,11 @@ that does not record a prediction yields a count of 0 non-null values ("n/a"). E
 decision rule's column (mean logit, vote, summed softmax, worst-of-R, and the runs curve)
 counts a confirmed break (broken_step >= 0) as broken, so a row whose final evaluation was
 skipped for it (`final_evaluated` false, per-run columns null) is broken under every rule.
+A row the clean gate kept from the attack (`attacked` false: misclassified clean) has no final
+evaluation either and is broken under every rule and at every step, as in the Hill et al.
+script (broken at step −1); clean defended accuracy is read under the job's decision rule
+(`clean_decision_pred`; records before schema 4: `clean_mean_logit_pred`), the rule the gate
+used, so robust ≤ clean holds under the job's rule.
 """
 from __future__ import annotations
 
@@ -26,7 +31,7 @@ from pipeline.vocabulary import DECISION_COLUMNS, DEFAULT_DECISION, NO_ATTACK_NA
 # one attack entry of a job: rows that share these were produced by the same attack settings
 ENTRY_KEYS = ["attack_index", "attack_name", "gradient_mode", "attack_params", "eot", "norm", "eps", "runs"]
 # record column → derived correctness column (prediction == label)
-PREDICTIONS = {"clean_pred": "c_clean_bare", "clean_mean_logit_pred": "c_clean_defended",
+PREDICTIONS = {"clean_pred": "c_clean_bare", "clean_decision_pred": "c_clean_defended",
                "adv_pred": "c_adv_bare"}
 # the defended model on x_adv under each decision rule: correct and no confirmed break
 RULES = {"mean_logit_pred": "c_mean_logit", "vote_pred": "c_vote", "mean_softmax_pred": "c_mean_softmax",
@@ -37,8 +42,8 @@ META = ["job", "config_hash", "stage", "purifier", "purifier_params", "purifier_
         "classifier_sha256", "decision", "seed", "schema_version"]
 # the record columns a report reads (list columns other than purified_preds are never decoded)
 READ_COLUMNS = sorted({*ENTRY_KEYS, *PREDICTIONS, *RULES, *COSTS, *META, "shard", "key", "label", "status",
-                       "final_evaluated", "robust", "broken_step", "attack_steps", "confirm_draws",
-                       "cascade_from", "purified_preds"})
+                       "clean_mean_logit_pred", "final_evaluated", "attacked", "robust", "broken_step",
+                       "attack_steps", "confirm_draws", "cascade_from", "purified_preds"})
 # low-cardinality strings, read dictionary-encoded: filters and group keys then move indices
 DICTIONARY_COLUMNS = [c for c in READ_COLUMNS if c in (*META, "shard", "status", "attack_name", "gradient_mode",
                                                        "attack_params", "norm")
@@ -49,14 +54,14 @@ ENTRY_OPS = {**{f"{c}_{op}": "sum" for c in CORRECT for op in ("sum", "count")},
              **{f"{c}_{op}": ("max" if op == "max" else "sum") for c in ("linf", "l2")
                 for op in ("sum", "count", "max")},
              **{f"{c}_sum": "sum" for c in ("attack_nfe", "purify_nfe", "seconds")},
-             "purify_evals_sum": "sum", "final_skipped_sum": "sum", "attack_steps_max": "max",
+             "purify_evals_sum": "sum", "final_skipped_sum": "sum", "gated_sum": "sum", "attack_steps_max": "max",
              "confirm_draws_max": "max", "rows": "sum"}
 LAYOUT = {
     "entries": (ENTRY_KEYS, ENTRY_OPS),
     "classes": (ENTRY_KEYS + ["label"], {f"{c}_{op}": "sum" for c in ("c_clean_bare", "c_clean_defended",
                                                                         "c_robust") for op in ("sum", "count")}),
     "worst": (["eps", "norm", "label", "entries"], {"robust_sum": "sum", "samples": "sum"}),
-    "steps": (ENTRY_KEYS + ["broken_step", "carried"], {"rows": "sum"}),
+    "steps": (ENTRY_KEYS + ["broken_step", "carried", "gated"], {"rows": "sum"}),
     "cascade": (ENTRY_KEYS + ["cascade_from"], {"rows": "sum"}),
     "runs_curve": (ENTRY_KEYS + ["r"], {"worst_sum": "sum", "vote_sum": "sum", "rows": "sum"}),
     "failed": (["status"], {"rows": "sum"}),
@@ -73,8 +78,10 @@ def derive(table: pa.Table) -> pa.Table:
     is_ok = pc.equal(table["status"], schema.Status.OK.value)
     ok = table if pc.all(is_ok).as_py() else table.filter(is_ok)   # the common case copies nothing
     label = ok["label"]
-    cols = {name: pc.equal(ok[src], label) for src, name in PREDICTIONS.items()}
-    unbroken = pc.or_kleene(pc.is_null(ok["broken_step"]), pc.less(ok["broken_step"], 0))
+    cols = {name: pc.equal(_clean_defended(ok) if src == "clean_decision_pred" else ok[src], label)
+            for src, name in PREDICTIONS.items()}
+    gated = _gated(ok)   # broken before the attack: no step of it is unbroken
+    unbroken = pc.and_(pc.or_kleene(pc.is_null(ok["broken_step"]), pc.less(ok["broken_step"], 0)), pc.invert(gated))
     skipped = _skipped(ok)
     for src, name in RULES.items():   # null where no prediction was recorded, unless the break was confirmed
         right = ok[src] if src == "worst_of_runs_correct" else pc.equal(ok[src], label)
@@ -91,7 +98,7 @@ def derive(table: pa.Table) -> pa.Table:
     evals = pc.add(pc.cast(pc.is_valid(ok["clean_mean_logit_pred"]), pa.int64()),
                    pc.cast(pc.and_(is_attack, pc.is_valid(ok["mean_logit_pred"])), pa.int64()))
     cols.update({"is_attack": is_attack, "carried": pc.is_valid(ok["cascade_from"]), "purify_evals": evals,
-                 "final_skipped": skipped, "unbroken": unbroken})
+                 "final_skipped": skipped, "gated": gated, "unbroken": unbroken})
     for name, arr in cols.items():
         ok = ok.append_column(name, arr)
     return ok
@@ -102,6 +109,21 @@ def _skipped(ok: pa.Table) -> pa.Array:
     if "final_evaluated" not in ok.column_names:
         return pa.array([False] * ok.num_rows)
     return pc.fill_null(pc.equal(ok["final_evaluated"], False), False)
+
+
+def _gated(ok: pa.Table) -> pa.Array:
+    """Rows the clean gate kept from the attack (`attacked` false); none before schema 4."""
+    if "attacked" not in ok.column_names:
+        return pa.array([False] * ok.num_rows)
+    return pc.fill_null(pc.equal(ok["attacked"], False), False)
+
+
+def _clean_defended(ok: pa.Table) -> pa.ChunkedArray:
+    """The defended clean prediction under the job's decision rule (the gate's); records
+    before schema 4 have only the mean-logit one."""
+    if "clean_decision_pred" not in ok.column_names:
+        return ok["clean_mean_logit_pred"]
+    return pc.coalesce(ok["clean_decision_pred"], ok["clean_mean_logit_pred"])
 
 
 def _rename(table: pa.Table, names: dict[str, str]) -> pa.Table:
@@ -118,7 +140,7 @@ def _agg(table: pa.Table, keys: list[str], aggs: list[tuple]) -> pa.Table:
 def _entries(d: pa.Table) -> pa.Table:
     aggs = [(c, op) for c in CORRECT for op in ("sum", "count")]
     aggs += [(c, op) for c in ("linf", "l2") for op in ("sum", "count", "max")]
-    aggs += [(c, "sum") for c in ("attack_nfe", "purify_nfe", "seconds", "purify_evals", "final_skipped")]
+    aggs += [(c, "sum") for c in ("attack_nfe", "purify_nfe", "seconds", "purify_evals", "final_skipped", "gated")]
     aggs += [("attack_steps", "max"), ("confirm_draws", "max"), ([], "count_all")]
     return _agg(d, ENTRY_KEYS, aggs)
 
@@ -129,8 +151,9 @@ def _classes(d: pa.Table) -> pa.Table:
 
 
 def _steps(d: pa.Table) -> pa.Table:
-    """How many rows of each attack entry were first confirmed broken at each step."""
-    keys = ENTRY_KEYS + ["broken_step", "carried"]
+    """How many rows of each attack entry were first confirmed broken at each step (gated
+    rows: kept from the attack by the clean gate)."""
+    keys = ENTRY_KEYS + ["broken_step", "carried", "gated"]
     rows = d.select(keys).filter(pc.and_(d["is_attack"], pc.is_valid(d["broken_step"])))
     return _agg(rows, keys, [([], "count_all")])
 

@@ -198,6 +198,8 @@ def _examples(output: str, limit: int) -> str:
 
 def _defended(e: dict[str, Any]) -> str:
     """The defended prediction on the adversarial image, or why there is none."""
+    if e.get("gated"):
+        return "not attacked (misclassified clean)"
     return "not evaluated (confirmed break)" if e.get("final_skipped") else str(e["mean_logit_pred"])
 
 

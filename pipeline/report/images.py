@@ -48,7 +48,7 @@ def _pick(records, keys: set[str], limit: int, verdict: dict[str, bool | None] |
     d = aggregate.derive(records)
     d = d.filter(pc.is_in(d["key"], value_set=pa.array(sorted(keys), type=d["key"].type)))
     rows = d.select(["key", "label", "adv_pred", "mean_logit_pred", "c_robust", "attack_index",
-                     "final_skipped"]).to_pylist()
+                     "final_skipped", "gated"]).to_pylist()
     if verdict is not None:
         rows = [{**r, "c_robust": verdict.get(r["key"])} for r in rows]
     robust = [r for r in rows if r["c_robust"]][: limit // 2]

@@ -15,8 +15,9 @@ from pipeline.report import record_checks
 from pipeline.report.aggregate import ENTRY_KEYS
 from pipeline.vocabulary import DEFAULT_DECISION, NO_ATTACK_NAME
 
-REPORT_VERSION = 2   # of the JSON document; bumped when a field changes meaning (2: every decision
-                     # rule and the runs curve count a confirmed break as broken)
+REPORT_VERSION = 3   # of the JSON document; bumped when a field changes meaning (2: every decision
+                     # rule and the runs curve count a confirmed break as broken; 3: clean_defended
+                     # under the job's decision rule, the clean gate's rows broken from step 0)
 ACCURACIES = {"robust": "c_robust", "clean_classifier": "c_clean_bare", "clean_defended": "c_clean_defended",
               "adv_classifier": "c_adv_bare", "robust_mean_logit": "c_mean_logit", "robust_vote": "c_vote",
               "robust_mean_softmax": "c_mean_softmax", "robust_worst_of_runs": "c_worst_of_runs"}
@@ -46,12 +47,13 @@ def entry_key(row: dict[str, Any]) -> tuple:
 
 def _step_stats(rows: list[dict[str, Any]], steps: int | None) -> dict[str, Any]:
     """Late breaks (convergence check) and the no-break-by-step curve of one attack entry.
-    Rows carried by a cascade were broken by an earlier attack: they count as broken from
-    step 0 in the curve and are not this attack's breaks."""
+    Rows carried by a cascade were broken by an earlier attack, and rows the clean gate kept
+    from the attack were wrong before it: both count as broken from step 0 in the curve and
+    are not this attack's breaks."""
     own: dict[int, int] = {}
     carried = 0
     for r in rows:
-        if r["carried"]:
+        if r["carried"] or r.get("gated"):
             carried += r["rows"]
         else:
             own[r["broken_step"]] = own.get(r["broken_step"], 0) + r["rows"]
@@ -108,7 +110,9 @@ def attack_entries(agg: dict[str, Any]) -> list[dict[str, Any]]:
              "sweep_key": record_checks.sweep_key(e["attack_params"]),
              "steps": int(steps) if steps else None, "confirm_draws": e["confirm_draws_max"], "key": entry_key(e),
              # rows with a confirmed break whose final R-run evaluation was not run (broken under every rule)
-             "final_skipped": e["final_skipped_sum"] or 0}
+             "final_skipped": (e["final_skipped_sum"] or 0) - (e["gated_sum"] or 0),
+             # rows the clean gate kept from the attack: misclassified clean, counted not robust
+             "gated": e["gated_sum"] or 0}
         for name, col in ACCURACIES.items():
             a[name] = accuracy(e[f"{col}_sum"], e[f"{col}_count"])
         a.update(_cost_columns(e, params))

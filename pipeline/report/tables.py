@@ -76,7 +76,8 @@ def worst_section(doc: dict[str, Any]) -> Section:
     return Section("Headline: per-sample worst case over every attack at each ε",
                    ["", "norm", "ε", "n", "clean (defended)", "robust (worst case)", "incomplete"], rows,
                    ["a sample counts as robust only if it survived every attack entry at that ε "
-                    f"(decision rule: {doc['decision']}); 'incomplete' samples lack a row and are not in n"])
+                    f"(decision rule: {doc['decision']}); 'incomplete' samples lack a row and are not in n",
+                    *filter(None, [gate_note(doc)])])
 
 
 def attack_section(doc: dict[str, Any]) -> Section:
@@ -87,16 +88,28 @@ def attack_section(doc: dict[str, Any]) -> Section:
     return Section("Per attack", ["#", "attack", "grad", "ε", "EOT", "R", "n", "clean (bare)", "clean (defended)",
                                   "adv (bare)", "robust (verified)", "mean logit", "vote", "worst-of-R"], rows,
                    ["accuracy % with Wilson 95% intervals; 'bare' = classifier alone, 'defended' = purifier + "
-                    "classifier; 'robust (verified)' = no confirmed break at any step and final re-evaluation "
-                    "correct; mean logit / vote / worst-of-R: the final iterate under each convention, a confirmed "
-                    "break counting as broken under every rule" + _skipped_note(doc)])
+                    "classifier (clean: under the job's decision rule); 'robust (verified)' = no confirmed break "
+                    "at any step and final re-evaluation correct; mean logit / vote / worst-of-R: the final iterate "
+                    "under each convention, a confirmed break (and a sample misclassified clean, when not attacked) "
+                    "counting as broken under every rule" + _skipped_note(doc)])
 
 
 def _skipped_note(doc: dict[str, Any]) -> str:
     skipped = sum(a.get("final_skipped") or 0 for a in doc["attacks"])
     rows = f"{skipped} row{'s' if skipped != 1 else ''}"
-    return (f" (the final R-run evaluation was not run for the {rows} whose break the attack confirmed: "
+    note = (f" (the final R-run evaluation was not run for the {rows} whose break the attack confirmed: "
             "the verdict needs none)") if skipped else ""
+    return note
+
+
+def gate_note(doc: dict[str, Any]) -> str:
+    """The clean gate's rows, as the report states them (empty when it kept none)."""
+    gated = max((a.get("gated") or 0 for a in doc["attacks"]), default=0)   # each entry gates the same samples
+    if not gated:
+        return ""
+    samples = f"{gated} sample{'s' if gated != 1 else ''}"
+    return (f"{samples} the defended model misclassified clean were not attacked and count not robust "
+            "(evaluation.attack_misclassified: false, as AutoAttack)")
 
 
 def cost_section(doc: dict[str, Any]) -> Section:
