@@ -127,3 +127,18 @@ def test_identities_agree_on_the_fields_both_have():
     assert not data_identity.same({"etag": '"1"'}, {"etag": '"2"'})
     d = data_identity.diff({f"s{i}": {"bytes": 1} for i in range(8)}, {f"s{i}": {"bytes": 2} for i in range(8)})
     assert d.describe() == "8 shard(s) changed (other bytes under the same name): s0, s1, s2, s3, s4 and 3 more"
+
+
+def test_an_output_made_before_the_clean_gate_says_how_to_resume_it(two_sets, tmp_path):
+    before = _cfg(two_sets[0], tmp_path / "out", evaluation={"attack_misclassified": True})
+    _start(before)
+    _commit_one(before)
+    gated = _cfg(two_sets[0], tmp_path / "out")   # today's default: the gate on, another hash
+    assert gated.hash() != before.hash()
+    with pytest.raises(ConfigError, match="set evaluation.attack_misclassified: true to resume them"):
+        _start(gated)
+    _start(before)   # the same protocol resumes
+    other = _cfg(two_sets[0], tmp_path / "out", evaluation={"runs": 3})
+    with pytest.raises(ConfigError) as err:   # any other change: no such advice
+        _start(other)
+    assert "attack_misclassified" not in str(err.value)

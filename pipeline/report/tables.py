@@ -97,9 +97,8 @@ def attack_section(doc: dict[str, Any]) -> Section:
 def _skipped_note(doc: dict[str, Any]) -> str:
     skipped = sum(a.get("final_skipped") or 0 for a in doc["attacks"])
     rows = f"{skipped} row{'s' if skipped != 1 else ''}"
-    note = (f" (the final R-run evaluation was not run for the {rows} whose break the attack confirmed: "
+    return (f" (the final R-run evaluation was not run for the {rows} whose break the attack confirmed: "
             "the verdict needs none)") if skipped else ""
-    return note
 
 
 def gate_note(doc: dict[str, Any]) -> str:

@@ -13,6 +13,7 @@ differs, `index_entries`, `stage_inputs`, `after_stage`, `manifest_extra`. Torch
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -184,11 +185,20 @@ def check_job_state(cfg: Config, states: list[ShardState],
     storage.put_text(storage.join(out, "config.yaml"), config_mod.dump(cfg))
 
 
+def _attacking_every_sample(cfg: Config) -> Config:
+    """cfg without the clean gate: the protocol of outputs made before it."""
+    return dataclasses.replace(cfg, evaluation=dataclasses.replace(cfg.evaluation, attack_misclassified=True))
+
+
 def _job_mismatch(cfg: Config, prev: dict[str, Any], data: dict[str, dict[str, Any]]) -> str | None:
     """Why an output's job.json does not describe this job (None when it does)."""
     out = cfg.job.output
     fix = f"use a new job.output, or remove {out} to start over"
     if prev.get("config_hash") != cfg.hash():
+        if prev.get("config_hash") == _attacking_every_sample(cfg).hash():
+            fix = ("its results attack every sample (made before the clean gate, or with "
+                   "evaluation.attack_misclassified: true): set evaluation.attack_misclassified: true to resume "
+                   f"them, or {fix}")
         return (f"output {out} holds results of config hash {prev.get('config_hash')} but this config "
                 f"hashes to {cfg.hash()}; {fix}")
     if "data" not in prev:   # written before data was recorded: nothing to compare
