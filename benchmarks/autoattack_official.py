@@ -2,7 +2,7 @@
 
     python benchmarks/autoattack_official.py --autoattack DIR [--samples 50] [--steps 20] [--eot 20]
         [--eps 0.1] [--sigma 0.15] [--threads 1] [--pairs 3] [--max-rows auto] [--classifier CKPT]
-        [--workdir DIR] [--unchunked | --steps-broken] [--cascade]
+        [--workdir DIR] [--unchunked | --steps-broken] [--cascade auto|true|false]
 
 DIR holds the official code's `autoattack` package (fra31/auto-attack, e.g. extracted from a
 fetched mirror into /tmp); it is imported from there at run time, never copied into this repo.
@@ -13,8 +13,9 @@ there, else the digits train split) behind the `gaussian` purifier (σ, stochast
 --samples images of `t10k-holdout` (or digits test) in one shard, ℓ∞ ε, APGD-CE then APGD-DLR with
 --steps iterations and EOT --eot, one restart.
 - A (advpure): `advpure run JOB` with default settings (evaluation.max_rows auto, runs 1,
-  no cascade, the local executor), the `autoattack_rand` preset with eps/steps/eot overridden,
-  batch = all samples; its robust accuracy from the committed records (per-sample worst case).
+  cascade auto — on for this preset —, the clean gate, the local executor), the
+  `autoattack_rand` preset with eps/steps/eot overridden, batch = all samples; its robust
+  accuracy from the committed records (per-sample worst case).
 - B (AutoAttack): a process that imports the official package, wraps the defended forward —
   classifier(clip(x + σ·z)), z fresh from torch.randn on every call, as AutoAttack expects of
   a randomized model — and runs `AutoAttack(model, 'Linf', eps, version='rand')` with
@@ -28,8 +29,9 @@ adds to least).
 one backward per batch (pipeline.attacks.base.SAMPLE_CHUNKS off, as before sample chunks), for
 a same-load comparison. --steps-broken does the same with APGD stepping every sample of a run to
 its end (pipeline.attacks.apgd.SKIP_BROKEN off: the path before APGD skipped confirmed breaks).
---cascade sets `evaluation.cascade: true` on advpure's side: APGD-DLR runs on APGD-CE's
-survivors only, as AutoAttack runs its attacks.
+--cascade true|false pins advpure's `evaluation.cascade` (default: auto, which for this preset
+is true — APGD-DLR on APGD-CE's survivors only, as AutoAttack runs its attacks; false runs
+APGD-DLR on every sample, advpure's default before `cascade: auto`).
 """
 from __future__ import annotations
 
@@ -74,7 +76,7 @@ def job(a: argparse.Namespace, shard: str, ckpt: str, out: Path) -> dict:
             "classifier": {"name": "small_cnn", "params": {"checkpoint": ckpt}},
             "purifier": {"name": "gaussian", "params": {"sigma": a.sigma}},
             "attacks": [{"preset": "autoattack_rand", "overrides": {"eps": a.eps, "steps": a.steps, "eot": a.eot}}],
-            "evaluation": {"device": "cpu", **ev, **({"cascade": True} if a.cascade else {})},
+            "evaluation": {"device": "cpu", **ev, **({} if a.cascade == "auto" else {"cascade": a.cascade == "true"})},
             "cluster": {"num_workers": 1, "cpus_per_worker": a.threads}}
 
 
@@ -224,8 +226,9 @@ def main() -> int:
                     help="each pair also runs advpure with EOT gradients in one call per batch (SAMPLE_CHUNKS off)")
     ap.add_argument("--steps-broken", action="store_true",
                     help="each pair also runs advpure with APGD stepping broken samples (apgd.SKIP_BROKEN off)")
-    ap.add_argument("--cascade", action="store_true",
-                    help="advpure with evaluation.cascade: true (APGD-DLR on APGD-CE's survivors, as AutoAttack)")
+    ap.add_argument("--cascade", choices=("auto", "true", "false"), default="auto",
+                    help="advpure's evaluation.cascade (default auto, advpure's default: on for this preset, "
+                         "APGD-DLR on APGD-CE's survivors as AutoAttack; false: APGD-DLR on every sample)")
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--side", choices=["autoattack"], help=argparse.SUPPRESS)
     ap.add_argument("--shard", help=argparse.SUPPRESS)
@@ -247,7 +250,7 @@ def main() -> int:
            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     print(f"{label}: {a.samples} images, small CNN behind gaussian σ={a.sigma:g}; APGD-CE + APGD-DLR, "
           f"{a.steps} steps, EOT {a.eot}, ℓ∞ ε={a.eps:g}; {a.threads} thread(s); max_rows {a.max_rows}; "
-          f"advpure cascade {'on' if a.cascade else 'off'}; "
+          f"advpure cascade {a.cascade}; "
           f"load {os.getloadavg()[0]:.1f}", flush=True)
     mr = pairs(a, job_file, out, shard, ckpt, env)
     if mr and mr.get("how") != "configured":

@@ -142,8 +142,10 @@ class EvaluationConfig:
     """How samples are attacked, purified and decided."""
     runs: Positive = 1              # R: purification runs per sample, combined by the decision rule
     # AutoAttack-style cascade: each attack runs only on samples every earlier attack of the
-    # same (norm, ε) failed to break; broken samples carry their breaking row forward
-    cascade: bool = False
+    # same (norm, ε) failed to break; broken samples carry their breaking row forward. auto:
+    # true when every attack entry comes from a preset whose reference runs that way
+    # (autoattack_rand, autoattack_standard, diffpure2022), else false; resolved on loading
+    cascade: bool | Literal["auto"] = "auto"
     # rows (samples × runs) per purifier/classifier call; auto: measured per worker (evaluation/row_chunks.py)
     max_rows: Positive | Literal["auto"] = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"   # auto: cuda when the worker has a GPU
@@ -589,9 +591,25 @@ def _expand_presets(data: dict[str, Any]) -> dict[str, Any]:
     return {**data, "attacks": out}
 
 
+def _resolve_cascade(data: dict[str, Any]) -> dict[str, Any]:
+    """`evaluation.cascade: auto` (the default) → true when every attack entry is a preset
+    whose reference runs its entries as a cascade (AutoAttack's), else false."""
+    ev = data.get("evaluation")
+    if ev is None:
+        ev = {}
+    if not isinstance(ev, dict) or ev.get("cascade", "auto") != "auto":
+        return data   # a wrong type is the parser's to word; an explicit value wins
+    from pipeline.attacks.presets import runs_as_cascade
+
+    attacks = data.get("attacks")
+    names = [a.get("preset") for a in attacks if isinstance(a, dict)] if isinstance(attacks, list) else []
+    on = isinstance(attacks, list) and len(names) == len(attacks) and runs_as_cascade(names)
+    return {**data, "evaluation": {**ev, "cascade": on}}
+
+
 def from_dict(data: dict[str, Any], source: str = "<dict>", check_components: bool = True) -> Config:
     try:
-        cfg = dataclasses.replace(_parse(_expand_presets(data)), source=source)
+        cfg = dataclasses.replace(_parse(_expand_presets(_resolve_cascade(data))), source=source)
         _check_across_fields(cfg)
         if check_components:
             _check_components(cfg)

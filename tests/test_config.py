@@ -139,3 +139,20 @@ def test_every_shipped_config_is_valid():
     for path in shipped:
         cfg = config.load(path, check_components=False)
         assert cfg.attacks or cfg.purifier, path
+
+
+@pytest.mark.parametrize("attacks, evaluation, expected", [
+    ([{"preset": "autoattack_rand"}], {}, True),                     # AutoAttack runs its attacks as a cascade
+    ([{"preset": "autoattack_standard"}, {"preset": "diffpure2022"}], {"cascade": "auto"}, True),
+    ([{"preset": "autoattack_rand"}, {"name": "pgd", "params": {"eps": 0.1}}], {}, False),   # a plain entry
+    ([{"preset": "hill2021"}], {}, False),
+    ([{"preset": "autoattack_rand"}], {"cascade": False}, False),   # an explicit value wins
+    ([{"name": "pgd", "params": {"eps": 0.1}}], {"cascade": True}, True),
+    ([], {}, False),
+])
+def test_cascade_auto_follows_the_presets_reference(attacks, evaluation, expected):
+    data = {"job": {"name": "j", "output": "o"}, "data": {"shards": "s.tar"}, "classifier": {"name": "small_cnn"},
+            "attacks": attacks, "evaluation": evaluation}
+    cfg = config.from_dict(data, "job.yaml", check_components=False)
+    assert cfg.evaluation.cascade is expected
+    assert config.from_dict(cfg.to_dict(), check_components=False).evaluation.cascade is expected   # as dumped

@@ -135,10 +135,22 @@ def test_an_output_made_before_the_clean_gate_says_how_to_resume_it(two_sets, tm
     _commit_one(before)
     gated = _cfg(two_sets[0], tmp_path / "out")   # today's default: the gate on, another hash
     assert gated.hash() != before.hash()
-    with pytest.raises(ConfigError, match="set evaluation.attack_misclassified: true to resume them"):
+    with pytest.raises(ConfigError, match="made with evaluation.attack_misclassified: true .*: set it to resume them"):
         _start(gated)
     _start(before)   # the same protocol resumes
     other = _cfg(two_sets[0], tmp_path / "out", evaluation={"runs": 3})
     with pytest.raises(ConfigError) as err:   # any other change: no such advice
         _start(other)
     assert "attack_misclassified" not in str(err.value)
+
+
+def test_an_autoattack_output_made_before_the_presets_cascade_says_how_to_resume_it(two_sets, tmp_path):
+    attacks = [{"preset": "autoattack_rand", "overrides": {"steps": 2}}]
+    before = _cfg(two_sets[0], tmp_path / "out", attacks=attacks,
+                  evaluation={"attack_misclassified": True, "cascade": False})
+    _start(before)
+    _commit_one(before)
+    now = _cfg(two_sets[0], tmp_path / "out", attacks=attacks)
+    assert now.evaluation.cascade is True   # auto: AutoAttack runs its attacks as a cascade
+    with pytest.raises(ConfigError, match="evaluation.attack_misclassified: true and evaluation.cascade: false"):
+        _start(now)

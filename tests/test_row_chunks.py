@@ -18,10 +18,11 @@ CPU = torch.device("cpu")
 
 
 def _fake_timer(per_row: dict[int, float], calls: list[tuple[int, bool]]) -> row_chunks.Timer:
-    """A timer whose chunk c costs per_row[c] seconds per row on c rows (no clock)."""
+    """A timer whose chunk c costs per_row[c] seconds per row on c rows (no clock); the
+    one-sample probe (c = 1) costs the smallest chunk's per-row time."""
     def timer(c: int, whole: bool) -> tuple[float, int]:
         calls.append((c, whole))
-        return per_row[c] * c, c
+        return per_row[c] * c if c in per_row else per_row[min(per_row)] * c, c
     return timer
 
 
@@ -37,7 +38,7 @@ def test_cpu_picks_the_fastest_per_row_ties_to_the_larger():
     choice = row_chunks.choose(CPU, 2000, _fake_timer(per_row, calls), "fake")
     assert choice.rows == 512 and choice.how == "timed"   # 512 within 5 % of 256: the larger
     assert choice.needed == 2000 and set(choice.seconds_per_row) <= set(per_row)
-    assert calls[0] == (64, False)                         # the warm-up, then the sweep
+    assert calls[:3] == [(1, False), (1, False), (64, False)]   # probe twice, warm-up, then the sweep
     assert all(not whole for _, whole in calls)
     assert "fastest per row" in choice.detail
     per_row = {64: 1e-4, 128: 0.5e-4, 256: 0.8e-4, 512: 0.9e-4, 1024: 0.1e-4, 2000: 0.1e-4}
@@ -50,12 +51,25 @@ def test_cpu_sweep_stays_within_its_budget():
     per_row = {c: 1e-3 for c in (64, 128, 256, 512, 1024, 2000)}   # 1 ms a row: 2000 rows = 2 s
     calls: list = []
     choice = row_chunks.choose(CPU, 2000, _fake_timer(per_row, calls), "fake")
-    spent = sum(c * per_row[c] for c, _ in calls)
+    spent = sum(c * per_row.get(c, 1e-3) for c, _ in calls)
     assert spent <= row_chunks.CPU_BUDGET_S and 2000 not in choice.seconds_per_row
     assert choice.rows == max(choice.seconds_per_row)   # all tie: the largest timed
-    heavy = {c: 1.0 for c in per_row}                    # the warm-up alone passes the budget
-    choice = row_chunks.choose(CPU, 2000, _fake_timer(heavy, []), "fake")
-    assert choice.how == "budget" and choice.rows == 64
+    heavy = {c: 1.0 for c in per_row}                    # 1 s a row: the probe says do not time
+    calls = []
+    choice = row_chunks.choose(CPU, 2000, _fake_timer(heavy, calls), "fake")
+    assert choice.how == "budget" and choice.rows == 64 and calls == [(1, False), (1, False)]
+
+
+def test_rows_too_heavy_to_time_cost_two_probe_rows_not_two_chunks():
+    """A Langevin chain of K = 20 steps per row (28 ms a row, the Hill benchmark's small budget):
+    timing 64 and 128 rows would take 5.4 s of a 40 s job; the probe's 2 rows decide that."""
+    per_row = {c: 0.028 for c in (64, 128, 256, 320)}
+    calls: list = []
+    choice = row_chunks.choose(CPU, 320, _fake_timer(per_row, calls), "fake")
+    assert (choice.rows, choice.how, calls) == (64, "budget", [(1, False), (1, False)])
+    light = {c: 0.005 for c in per_row}                  # 5 ms a row: 64 + 128 rows fit the budget
+    calls = []
+    assert row_chunks.choose(CPU, 320, _fake_timer(light, calls), "fake").how == "timed" and (64, False) in calls
 
 
 def test_few_rows_are_one_call_and_nothing_is_timed():

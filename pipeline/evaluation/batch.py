@@ -313,12 +313,15 @@ def is_broken(row: dict[str, Any]) -> bool:
 
 def gradient_checks(p: Protocol, plan: PlannedAttack, x: torch.Tensor, y: torch.Tensor,
                     keys: Sequence[str]) -> list[dict[str, Any]]:
-    """The auto-attack style checks of one attack's view on one batch (plus the flag checks)."""
+    """The auto-attack style checks of one attack's view on one batch (plus the flag checks).
+    The view is drawn once per sample and call, not EOT times: a zero or non-finite gradient,
+    randomness outside the keys and a stochastic view show in one draw (AutoAttack's checks
+    call a randomized model once), and EOT draws would multiply the checks' cost — 16 samples ×
+    EOT 8 × 3 forwards were 384 Langevin chains, 15 % of a 20-image Hill job."""
     from pipeline.evaluation import checks
 
     flags = p.defense.purifier.flags()
-    target = (plan.surrogate or p.defense).attack_target(plan.gradient, p.seed, keys, f"checks{plan.index}",
-                                                         plan.eot)
+    target = (plan.surrogate or p.defense).attack_target(plan.gradient, p.seed, keys, f"checks{plan.index}", 1)
     results = checks.run_gradient_checks(target, x, y, declared_stochastic=flags["stochastic"]
                                          if plan.gradient != "classifier" else False)
     results.append(checks.check_test_time_optimization(flags, plan.gradient))

@@ -148,6 +148,8 @@ def build_protocol(cfg: Config) -> Protocol:
         "purifier": cfg.purifier.name, "purifier_sha256": _checksum_params(cfg.purifier.params),
         "purifier_params": json.dumps({**cfg.purifier.params, **purifier.record()}, sort_keys=True, default=str),
     }
+    if not isinstance(ev.cascade, bool):   # config.from_dict resolves auto from the attack list
+        raise ValueError(f"evaluation.cascade {ev.cascade!r} unresolved: build the Config with config.from_dict")
     return Protocol(defense, attacks, cfg.job.seed, ev.runs, ev.decision, cfg.data.batch_size, ev.cascade,
                     ev.eot_probe, device, provenance, ev.max_rows, check_samples=ev.check_samples,
                     attack_misclassified=ev.attack_misclassified)

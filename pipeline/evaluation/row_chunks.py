@@ -15,7 +15,9 @@ computes (`settle`, called by the stages' batch loop), and keeps it for the job:
   call needs (and at those rows: one call); the fastest per row wins, ties (within TIE) go to
   the larger chunk. Each candidate runs on about its own number of rows, smallest first, and
   the sweep stops before its predicted cost passes CPU_BUDGET_S, or once two candidates in a
-  row are slower than the best (past the optimum).
+  row are slower than the best (past the optimum). A probe on one sample comes first: rows so
+  heavy that the two smallest chunks would not fit the budget are not timed at all (the
+  smallest chunk), so a small job does not spend a tenth of its time choosing.
 - CUDA: the largest candidate whose step fits in memory (tried largest first; out of memory
   → the next smaller): larger calls only fill the device better, no timing needed.
 Rows a call needs ≤ the smallest candidate: one call, nothing timed. An int pins the chunk.
@@ -85,12 +87,20 @@ def fastest(seconds_per_row: dict[int, float], tie: float = TIE) -> int:
 
 
 def sweep(timer: Timer, chunks: Sequence[int], budget_s: float = CPU_BUDGET_S) -> tuple[dict[int, float], float]:
-    """Seconds per row at each chunk, smallest first, after one warm-up run at the smallest
-    (the first call pays one-time costs); stops before the predicted cost (the chunk's rows ×
-    the best per-row time so far) passes the budget, and after two chunks in a row slower
-    than the best by more than TIE. Returns (chunk → seconds per row, seconds spent)."""
+    """Seconds per row at each chunk, smallest first. First a probe on one sample, twice (the
+    first call pays one-time costs): if it predicts that the two smallest chunks cannot both be
+    timed within the budget, nothing is timed — on rows that heavy (a long Langevin chain per
+    row) timing would cost more of a small job than a better chunk saves. Otherwise one
+    warm-up run at the smallest chunk, then the sweep, which stops before the predicted cost
+    (the chunk's rows × the best per-row time so far) passes the budget, and after two chunks
+    in a row slower than the best by more than TIE. Returns (chunk → seconds per row, seconds spent)."""
+    spent = timer(1, False)[0]
+    s, n = timer(1, False)
+    spent += s
+    if len(chunks) > 1 and spent + sum(chunks[:2]) * s / max(1, n) > budget_s:
+        return {}, spent
     s, n = timer(chunks[0], False)
-    spent, warm, per_row, worse = s, s / max(1, n), {}, 0
+    spent, warm, per_row, worse = spent + s, s / max(1, n), {}, 0
     for c in chunks:
         if spent + c * min(per_row.values(), default=warm) > budget_s:
             break
@@ -114,9 +124,9 @@ def choose(device: torch.device, needed: int, timer: Timer, workload: str,
     if device.type == "cuda":
         return _largest_fit(chunks, needed, timer, workload, is_oom or is_out_of_memory, t0)
     per_row, spent = sweep(timer, chunks)
-    if not per_row:   # the warm-up alone passed the budget
-        return Choice(chunks[0], "budget", needed, f"one call of ~{chunks[0]} rows took {spent:.1f} s, over the "
-                      f"{CPU_BUDGET_S:g} s calibration budget: rows this heavy gain nothing from larger calls; "
+    if not per_row:   # the probe (or the warm-up) said timing would pass the budget
+        return Choice(chunks[0], "budget", needed, f"timing the chunks would pass the {CPU_BUDGET_S:g} s "
+                      f"calibration budget (probe and warm-up {spent:.1f} s): rows this heavy are not timed; "
                       f"the smallest chunk, {chunks[0]}", workload, {}, time.perf_counter() - t0)
     rows = fastest(per_row)
     timed = ", ".join(f"{c}: {1e3 * s:.2f}" for c, s in per_row.items())

@@ -185,9 +185,19 @@ def check_job_state(cfg: Config, states: list[ShardState],
     storage.put_text(storage.join(out, "config.yaml"), config_mod.dump(cfg))
 
 
-def _attacking_every_sample(cfg: Config) -> Config:
-    """cfg without the clean gate: the protocol of outputs made before it."""
-    return dataclasses.replace(cfg, evaluation=dataclasses.replace(cfg.evaluation, attack_misclassified=True))
+# settings whose defaults changed since outputs were written: the older protocol, as a config
+# that resumes such an output (the clean gate; `cascade: auto` for AutoAttack's presets)
+OLDER_DEFAULTS = ({"attack_misclassified": True}, {"attack_misclassified": True, "cascade": False})
+
+
+def _older_protocol(cfg: Config, held_hash: str | None) -> dict[str, Any] | None:
+    """The evaluation settings under which cfg hashes to `held_hash` (an output made with an
+    older default), or None."""
+    for settings in OLDER_DEFAULTS:
+        older = dataclasses.replace(cfg, evaluation=dataclasses.replace(cfg.evaluation, **settings))
+        if older.hash() == held_hash:
+            return settings
+    return None
 
 
 def _job_mismatch(cfg: Config, prev: dict[str, Any], data: dict[str, dict[str, Any]]) -> str | None:
@@ -195,10 +205,11 @@ def _job_mismatch(cfg: Config, prev: dict[str, Any], data: dict[str, dict[str, A
     out = cfg.job.output
     fix = f"use a new job.output, or remove {out} to start over"
     if prev.get("config_hash") != cfg.hash():
-        if prev.get("config_hash") == _attacking_every_sample(cfg).hash():
-            fix = ("its results attack every sample (made before the clean gate, or with "
-                   "evaluation.attack_misclassified: true): set evaluation.attack_misclassified: true to resume "
-                   f"them, or {fix}")
+        older = _older_protocol(cfg, prev.get("config_hash"))
+        if older is not None:
+            settings = " and ".join(f"evaluation.{k}: {str(v).lower()}" for k, v in older.items())
+            fix = (f"its results were made with {settings} (the defaults before the clean gate and the "
+                   f"presets' cascade): set {'them' if len(older) > 1 else 'it'} to resume them, or {fix}")
         return (f"output {out} holds results of config hash {prev.get('config_hash')} but this config "
                 f"hashes to {cfg.hash()}; {fix}")
     if "data" not in prev:   # written before data was recorded: nothing to compare
