@@ -1,7 +1,7 @@
 """The published Langevin protocol: `advpure run` against the official Hill et al. script.
 
     python benchmarks/hill_reference.py [--official PATH] [--restated] [--images 20]
-        [--langevin-steps 20] [--attack-steps 5] [--eot 4] [--chains 16] [--eps-255 8]
+        [--langevin-steps 20] [--attack-steps 5] [--eot 4] [--chains 16] [--runs R] [--eps-255 8]
         [--step-255 2] [--train-classifier EPOCHS] [--threads 2] [--workers 1]
         [--executor auto|local|ray] [--check-samples N] [--pairs 2] [--seeds 0 1] [--work DIR]
 
@@ -228,6 +228,11 @@ def classifier_params(work: Path, a: argparse.Namespace) -> dict:
     return {"checkpoint": str(work / "clf.pth"), "depth": a.depth, "widen_factor": a.widen, "preset": "hill"}
 
 
+def runs(a: argparse.Namespace) -> int:
+    """advpure's evaluation.runs: --runs, else H (the paper's evaluation draws)."""
+    return a.chains if a.runs is None else a.runs
+
+
 def advpure_config(work: Path, a: argparse.Namespace, seed: int, pattern: str) -> tuple[Path, Path]:
     """(the run's output folder, its job file)."""
     overrides = {"eps": a.eps_255 / 255, "step_size": a.step_255 / 255, "steps": a.attack_steps,
@@ -240,7 +245,8 @@ def advpure_config(work: Path, a: argparse.Namespace, seed: int, pattern: str) -
                "checkpoint": str(work / "ebm.pth"), "net": {"n_c": 3, "n_f": 32, "leak": 0.05, "image_size": 32},
                "steps": a.langevin_steps, "eps": a.langevin_eps, "clip_output": False}},
            "attacks": [{"preset": "hill2021", "overrides": overrides}],
-           "evaluation": {"runs": a.chains, **({} if a.check_samples is None else {"check_samples": a.check_samples})},
+           "evaluation": {"runs": runs(a),
+                          **({} if a.check_samples is None else {"check_samples": a.check_samples})},
            "cluster": {"executor": a.executor, "num_workers": a.workers, "cpus_per_worker": a.threads / a.workers}}
     path = work / f"job-{seed}.yaml"
     path.write_text(yaml.safe_dump(cfg))
@@ -332,6 +338,10 @@ def main() -> int:
     ap.add_argument("--attack-steps", type=int, default=5)
     ap.add_argument("--eot", type=int, default=4)
     ap.add_argument("--chains", type=int, default=16, help="H: re-check chains and evaluation runs")
+    ap.add_argument("--runs", type=int, default=None,
+                    help="advpure's evaluation.runs R (default: H, the paper's evaluation draws; 1 is advpure's "
+                         "default; the script evaluates clean images by its EOT forward and the re-check of its "
+                         "candidates, and runs no final evaluation)")
     ap.add_argument("--eps-255", type=float, default=8.0)
     ap.add_argument("--step-255", type=float, default=2.0)
     ap.add_argument("--depth", type=int, default=10)
@@ -364,7 +374,7 @@ def main() -> int:
         clf = f"trained {a.train_classifier} epochs" if a.train_classifier else "random"
         print(f"bare classifier ({clf}) on the clean images: {bare_accuracy(work, a)}", flush=True)
         print(f"{a.images} digits at 32×32×3, WRN-{a.depth}-{a.widen} {clf}, EBM random, K = {a.langevin_steps}, "
-              f"{a.attack_steps} steps, EOT {a.eot}, H = {a.chains}, ε = {a.eps_255}/255; reference "
+              f"{a.attack_steps} steps, EOT {a.eot}, H = {a.chains}, R = {runs(a)}, ε = {a.eps_255}/255; reference "
               f"{a.threads} threads, advpure {a.workers} worker(s), executor {a.executor}; "
               f"load {os.getloadavg()[0]:.1f}", flush=True)
         results: list[tuple[int, dict, list[dict]]] = []
