@@ -24,6 +24,7 @@ from pipeline import stage_table
 from pipeline.config import ConfigError
 from pipeline.extras import MissingExtra
 from pipeline.run.commit import CommitError
+from pipeline.run import signals
 from pipeline.run.signals import Terminated, handle_sigterm
 from pipeline.run.submit import AuthError
 
@@ -528,6 +529,7 @@ def _call(args: argparse.Namespace) -> int:
     except (Terminated, SystemError) as err:   # `advpure stop`, `ray job stop`: one line, not a stack dump
         if not _from_sigterm(err):
             raise
+        signals.handled()
         if args.command in ("run", "demo"):
             print("stopped (SIGTERM): workers were stopped and the job lease released; committed shards are kept "
                   "and the same command resumes from them", file=sys.stderr)

@@ -111,7 +111,7 @@ def test_a_pinned_max_rows_gives_way_to_auto_only_for_a_clear_gain(digits_shards
     assert p.defense.max_rows == 4096 and p.rows_choice.how == "configured"  # timing restores the pinned chunk
     for per_row, expected in (({64: 1.0, 128: 2.0}, "auto"), ({64: 1.9, 128: 2.0}, 4096), ({64: 3.0, 128: 2.0}, 4096)):
         monkeypatch.setattr(row_chunks, "time_eot_step",
-                            lambda p, a, x, y, keys, n, t=per_row: 1e-4 * t[n] * len(keys) * a.eot)
+                            lambda p, a, x, y, keys, n, t=per_row: 1e-4 * t.get(n, t[64]) * len(keys) * a.eot)
         mr = plan.suggest_max_rows(p, cal)
         assert mr["suggested"] == expected and mr["configured"] == 4096
         assert mr["auto"]["rows"] == min(per_row, key=per_row.get)

@@ -28,7 +28,7 @@ from pipeline.run.actor_host import SHARD_WORKER, WorkerKind, actor_class
 from pipeline.run.lease import Lease, LeaseLost
 from pipeline.run.local_pool import LocalPool, choose_executor, ray_started
 from pipeline.run.pool import Task, WorkerPool
-from pipeline.run.signals import handle_sigterm
+from pipeline.run.signals import handle_sigterm, raise_if_terminated
 
 log = logging.getLogger(__name__)
 
@@ -489,6 +489,7 @@ def _schedule(cfg: Config, stage: str, todo: collections.deque, states: list[Sha
 
     try:
         while todo or pool.running:
+            raise_if_terminated()
             if lease is not None:
                 _check_lease(lease, result)
             _check_gcs(gcs, result)

@@ -10,8 +10,26 @@ class Terminated(BaseException):
     released, committed shards kept (a BaseException, so no `except Exception` swallows it)."""
 
 
+# SIGTERMs received and not yet handled: a signal that lands in code which swallows exceptions
+# (a Cython module's import patching collections.abc, a __del__) loses its Terminated there,
+# so the scheduler's loop asks again (`raise_if_terminated`)
+_pending: list[int] = []
+
+
 def _raise_terminated(signum, frame):
+    _pending.append(signum)
     raise Terminated(f"signal {signum} (SIGTERM)")
+
+
+def raise_if_terminated() -> None:
+    """Raise Terminated if a SIGTERM arrived whose exception was swallowed where it landed."""
+    if _pending:
+        raise Terminated(f"signal {_pending[0]} (SIGTERM)")
+
+
+def handled() -> None:
+    """The Terminated was handled (the command ends): nothing is pending any more."""
+    _pending.clear()
 
 
 def handle_sigterm() -> None:
