@@ -23,8 +23,8 @@ import sys
 from pipeline import stage_table
 from pipeline.config import ConfigError
 from pipeline.extras import MissingExtra
-from pipeline.run.commit import CommitError
 from pipeline.run import signals
+from pipeline.run.commit import CommitError
 from pipeline.run.signals import Terminated, handle_sigterm
 from pipeline.run.submit import AuthError
 
