@@ -23,9 +23,8 @@ import sys
 from pipeline import stage_table
 from pipeline.config import ConfigError
 from pipeline.extras import MissingExtra
-from pipeline.run import signals
 from pipeline.run.commit import CommitError
-from pipeline.run.signals import Terminated, handle_sigterm
+from pipeline.run.signals import Terminated, handle_sigterm, handled
 from pipeline.run.submit import AuthError
 
 SPLITS = ["test", "train", "all", "t10k", "t10k-fit", "t10k-holdout"]
@@ -529,7 +528,7 @@ def _call(args: argparse.Namespace) -> int:
     except (Terminated, SystemError) as err:   # `advpure stop`, `ray job stop`: one line, not a stack dump
         if not _from_sigterm(err):
             raise
-        signals.handled()
+        handled()   # nothing pending: the command ends on it
         if args.command in ("run", "demo"):
             print("stopped (SIGTERM): workers were stopped and the job lease released; committed shards are kept "
                   "and the same command resumes from them", file=sys.stderr)

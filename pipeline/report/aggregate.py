@@ -80,9 +80,9 @@ def derive(table: pa.Table) -> pa.Table:
     label = ok["label"]
     cols = {name: pc.equal(_clean_defended(ok) if src == "clean_decision_pred" else ok[src], label)
             for src, name in PREDICTIONS.items()}
-    gated = _gated(ok)   # broken before the attack: no step of it is unbroken
+    gated = _false(ok, "attacked")   # broken before the attack: no step of it is unbroken
     unbroken = pc.and_(pc.or_kleene(pc.is_null(ok["broken_step"]), pc.less(ok["broken_step"], 0)), pc.invert(gated))
-    skipped = _skipped(ok)
+    skipped = _false(ok, "final_evaluated")
     for src, name in RULES.items():   # null where no prediction was recorded, unless the break was confirmed
         right = ok[src] if src == "worst_of_runs_correct" else pc.equal(ok[src], label)
         cols[name] = pc.if_else(skipped, False, pc.and_(right, unbroken))
@@ -104,18 +104,13 @@ def derive(table: pa.Table) -> pa.Table:
     return ok
 
 
-def _skipped(ok: pa.Table) -> pa.Array:
-    """Rows whose final R-run evaluation was skipped: the break was confirmed first."""
-    if "final_evaluated" not in ok.column_names:
+def _false(ok: pa.Table, column: str) -> pa.Array:
+    """Rows where the boolean `column` is false (null: not false); all false in records that
+    predate it. `final_evaluated` false: the final R-run evaluation was skipped (the break was
+    confirmed first); `attacked` false: the clean gate kept the sample from the attack."""
+    if column not in ok.column_names:
         return pa.array([False] * ok.num_rows)
-    return pc.fill_null(pc.equal(ok["final_evaluated"], False), False)
-
-
-def _gated(ok: pa.Table) -> pa.Array:
-    """Rows the clean gate kept from the attack (`attacked` false); none before schema 4."""
-    if "attacked" not in ok.column_names:
-        return pa.array([False] * ok.num_rows)
-    return pc.fill_null(pc.equal(ok["attacked"], False), False)
+    return pc.fill_null(pc.equal(ok[column], False), False)
 
 
 def _clean_defended(ok: pa.Table) -> pa.ChunkedArray:

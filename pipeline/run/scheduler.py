@@ -19,7 +19,7 @@ import os
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from pipeline import stage_table
 from pipeline.config import Config, ConfigError
@@ -491,8 +491,8 @@ def _schedule(cfg: Config, stage: str, todo: collections.deque, states: list[Sha
         while todo or pool.running:
             raise_if_terminated()
             if lease is not None:
-                _check_lease(lease, result)
-            _check_gcs(gcs, result)
+                _check(lease.check, result)
+            _check(gcs.check, result)
             pool.top_up(sizer.want(len(todo) + len(pool.running) + pool.reserved()))
             while pool.idle and (todo or pool.reserved()):
                 s = todo.popleft() if todo else pool.steal()
@@ -517,18 +517,12 @@ def _schedule(cfg: Config, stage: str, todo: collections.deque, states: list[Sha
         progress.close()  # the pool's owner (run_stage or the job's JobActors) kills its actors
 
 
-def _check_gcs(gcs: GcsWatch, result: StageResult) -> None:
+def _check(check: Callable[[], None], result: StageResult) -> None:
+    """Run a liveness check (the lease's, the Ray cluster's); its failure (LeaseLost,
+    DriverError) is recorded as the stage's abort, then raised."""
     try:
-        gcs.check()
-    except DriverError as err:
-        result.aborted = str(err)
-        raise
-
-
-def _check_lease(lease: Lease, result: StageResult) -> None:
-    try:
-        lease.check()
-    except LeaseLost as err:
+        check()
+    except (LeaseLost, DriverError) as err:
         result.aborted = str(err)
         raise
 
