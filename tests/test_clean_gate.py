@@ -20,8 +20,11 @@ ATTACKS = [{"name": "pgd", "params": {"eps": 0.05, "steps": 2, "step_size": 0.02
 SAMPLES = 64
 PER_RUN = ("purified_preds", "purified_mean_logits", "mean_logit_pred", "vote_pred", "mean_softmax_pred",
            "worst_of_runs_correct")
-SAME = ("robust", "broken_step", "candidate_step", "adv_pred", "linf", "l2", "final_evaluated", "attack_nfe",
-        "attack_steps", "purify_nfe", *PER_RUN)
+SAME = ("robust", "broken_step", "candidate_step", "adv_pred", "final_evaluated", "attack_nfe", "attack_steps",
+        "purify_nfe", "purified_preds", "mean_logit_pred", "vote_pred", "mean_softmax_pred", "worst_of_runs_correct")
+# Float columns agree to float32 rounding, not bit for bit: the gated run's batches hold fewer rows, and a
+# CPU BLAS may block a matmul differently by its row count (CI's machine differed in the last bits).
+CLOSE = ("linf", "l2", "purified_mean_logits")
 
 
 def _protocol(digits_shards, digits_models, tmp_path, decision="mean_logit", **evaluation):
@@ -70,10 +73,14 @@ def test_the_gate_keeps_every_clean_correct_record_and_runs_fewer_rows(decision,
             assert (g["broken_step"], g["candidate_step"], g["attack_nfe"], g["attack_steps"]) == (-1, -1, 0, 0)
             assert g["linf"] == g["l2"] == 0 and torch.equal(image, x[g["key"]])
             assert all(g[c] is None for c in PER_RUN) and g["purify_nfe"] <= e["purify_nfe"]
-        else:                   # the record of the run that attacks every sample, bit for bit
+        else:                   # the record of the run that attacks every sample
             assert g["attacked"] is True and e["attacked"] is True
             assert {c: g[c] for c in SAME} == {c: e[c] for c in SAME}, g["key"]
-            assert torch.equal(image, every_images[(e["attack_index"], e["key"])]), g["key"]
+            for c in CLOSE:
+                assert (g[c] is None) == (e[c] is None), (g["key"], c)
+                if g[c] is not None:
+                    assert torch.allclose(torch.tensor(g[c]), torch.tensor(e[c]), rtol=1e-5, atol=1e-6), (g["key"], c)
+            assert torch.allclose(image, every_images[(e["attack_index"], e["key"])], atol=1e-6), g["key"]
         assert g["robust"] <= (g["clean_decision_pred"] == g["label"])   # robust ≤ clean, per sample
     assert gated_rows < every_rows
 
