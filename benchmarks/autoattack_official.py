@@ -3,6 +3,7 @@
     python benchmarks/autoattack_official.py --autoattack DIR [--samples 50] [--steps 20] [--eot 20]
         [--eps 0.1] [--sigma 0.15] [--threads 1] [--pairs 3] [--max-rows auto] [--classifier CKPT]
         [--workdir DIR] [--unchunked | --steps-broken] [--cascade auto|true|false]
+        [--channels-last auto|true|false] [--contiguous]
 
 DIR holds the official code's `autoattack` package (fra31/auto-attack, e.g. extracted from a
 fetched mirror into /tmp); it is imported from there at run time, never copied into this repo.
@@ -29,6 +30,8 @@ adds to least).
 one backward per batch (pipeline.attacks.base.SAMPLE_CHUNKS off, as before sample chunks), for
 a same-load comparison. --steps-broken does the same with APGD stepping every sample of a run to
 its end (pipeline.attacks.apgd.SKIP_BROKEN off: the path before APGD skipped confirmed breaks).
+--contiguous does the same with evaluation.channels_last false (the networks contiguous, as
+before the memory format was measured); --channels-last pins that setting for every advpure run.
 --cascade true|false pins advpure's `evaluation.cascade` (default: auto, which for this preset
 is true — APGD-DLR on APGD-CE's survivors only, as AutoAttack runs its attacks; false runs
 APGD-DLR on every sample, advpure's default before `cascade: auto`).
@@ -76,7 +79,8 @@ def job(a: argparse.Namespace, shard: str, ckpt: str, out: Path) -> dict:
             "classifier": {"name": "small_cnn", "params": {"checkpoint": ckpt}},
             "purifier": {"name": "gaussian", "params": {"sigma": a.sigma}},
             "attacks": [{"preset": "autoattack_rand", "overrides": {"eps": a.eps, "steps": a.steps, "eot": a.eot}}],
-            "evaluation": {"device": "cpu", **ev, **({} if a.cascade == "auto" else {"cascade": a.cascade == "true"})},
+            "evaluation": {"device": "cpu", **ev, **({} if a.cascade == "auto" else {"cascade": a.cascade == "true"}),
+                           **({} if a.channels_last == "auto" else {"channels_last": a.channels_last == "true"})},
             "cluster": {"num_workers": 1, "cpus_per_worker": a.threads}}
 
 
@@ -90,8 +94,14 @@ VARIANTS = {"unchunked": ("pipeline.attacks.base", "SAMPLE_CHUNKS"),
 
 
 def variant(a: argparse.Namespace) -> str | None:
-    """The third run of each pair (--unchunked or --steps-broken), if any."""
-    return "unchunked" if a.unchunked else "steps-broken" if a.steps_broken else None
+    """The third run of each pair (--unchunked, --steps-broken or --contiguous), if any."""
+    return ("unchunked" if a.unchunked else "steps-broken" if a.steps_broken
+            else "contiguous" if a.contiguous else None)
+
+
+def contiguous_job(job_file: Path) -> Path:
+    """The --contiguous run's job: the same with evaluation.channels_last false."""
+    return job_file.with_name("job-contiguous.json")
 
 
 def run_ours(a: argparse.Namespace, job_file: Path, out: Path, env: dict, flag_off: str | None = None
@@ -186,8 +196,12 @@ def pairs(a: argparse.Namespace, job_file: Path, out: Path, shard: str, ckpt: st
         sides = ("ours", "aa", "off") if third else ("ours", "aa")
         runs = {}
         for side in (sides if i % 2 == 0 else sides[::-1]):   # alternate which side starts a pair
-            runs[side] = (run_autoattack(a, shard, ckpt, env) if side == "aa"
-                          else run_ours(a, job_file, out, env, flag_off=third if side == "off" else None))
+            if side == "aa":
+                runs[side] = run_autoattack(a, shard, ckpt, env)
+            elif side == "off" and third == "contiguous":
+                runs[side] = run_ours(a, contiguous_job(job_file), out, env)
+            else:
+                runs[side] = run_ours(a, job_file, out, env, flag_off=third if side == "off" else None)
         (wa, ra) = runs["aa"]
         cells = []
         for side, tag in (("ours", ""), ("off", f" {third}")):
@@ -226,6 +240,10 @@ def main() -> int:
                     help="each pair also runs advpure with EOT gradients in one call per batch (SAMPLE_CHUNKS off)")
     ap.add_argument("--steps-broken", action="store_true",
                     help="each pair also runs advpure with APGD stepping broken samples (apgd.SKIP_BROKEN off)")
+    ap.add_argument("--contiguous", action="store_true",
+                    help="each pair also runs advpure with evaluation.channels_last false")
+    ap.add_argument("--channels-last", choices=("auto", "true", "false"), default="auto",
+                    help="advpure's evaluation.channels_last (default auto: measured per worker, the default)")
     ap.add_argument("--cascade", choices=("auto", "true", "false"), default="auto",
                     help="advpure's evaluation.cascade (default auto, advpure's default: on for this preset, "
                          "APGD-DLR on APGD-CE's survivors as AutoAttack; false: APGD-DLR on every sample)")
@@ -235,8 +253,9 @@ def main() -> int:
     a = ap.parse_args()
     if a.side == "autoattack":
         return autoattack_side(a)
-    if a.unchunked and a.steps_broken:
-        print("--unchunked and --steps-broken each add the third run of a pair: give one", file=sys.stderr)
+    if a.unchunked + a.steps_broken + a.contiguous > 1:
+        print("--unchunked, --steps-broken and --contiguous each add the third run of a pair: give one",
+              file=sys.stderr)
         return 2
     if not (Path(a.autoattack) / "autoattack" / "autoattack.py").exists():
         print(f"--autoattack {a.autoattack}: no autoattack/autoattack.py there", file=sys.stderr)
@@ -245,6 +264,10 @@ def main() -> int:
     label, shard, ckpt = prepare(a, work)
     job_file, out = work / "job.json", work / "out"
     job_file.write_text(json.dumps(job(a, shard, ckpt, out)))
+    if a.contiguous:
+        doc = job(a, shard, ckpt, out)
+        doc["evaluation"]["channels_last"] = False
+        contiguous_job(job_file).write_text(json.dumps(doc))
     threads = str(a.threads)
     env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads,
            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}

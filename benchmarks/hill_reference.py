@@ -3,7 +3,8 @@
     python benchmarks/hill_reference.py [--official PATH] [--restated] [--images 20]
         [--langevin-steps 20] [--attack-steps 5] [--eot 4] [--chains 16] [--runs R] [--eps-255 8]
         [--step-255 2] [--train-classifier EPOCHS] [--threads 2] [--workers 1]
-        [--executor auto|local|ray] [--check-samples N] [--pairs 2] [--seeds 0 1] [--work DIR]
+        [--executor auto|local|ray] [--channels-last auto|true|false] [--check-samples N] [--pairs 2]
+        [--seeds 0 1] [--work DIR]
 
 Reference side: with --official PATH (a copy of point0bar1/ebm-defense, the folder holding
 `bpda_eot_attack.py`), that script itself, run unchanged with the run-time adaptations listed in
@@ -233,6 +234,11 @@ def runs(a: argparse.Namespace) -> int:
     return a.chains if a.runs is None else a.runs
 
 
+def channels_last(value: str) -> bool | str:
+    """--channels-last auto|true|false as evaluation.channels_last."""
+    return value if value == "auto" else value == "true"
+
+
 def advpure_config(work: Path, a: argparse.Namespace, seed: int, pattern: str) -> tuple[Path, Path]:
     """(the run's output folder, its job file)."""
     overrides = {"eps": a.eps_255 / 255, "step_size": a.step_255 / 255, "steps": a.attack_steps,
@@ -245,7 +251,7 @@ def advpure_config(work: Path, a: argparse.Namespace, seed: int, pattern: str) -
                "checkpoint": str(work / "ebm.pth"), "net": {"n_c": 3, "n_f": 32, "leak": 0.05, "image_size": 32},
                "steps": a.langevin_steps, "eps": a.langevin_eps, "clip_output": False}},
            "attacks": [{"preset": "hill2021", "overrides": overrides}],
-           "evaluation": {"runs": runs(a),
+           "evaluation": {"runs": runs(a), "channels_last": channels_last(a.channels_last),
                           **({} if a.check_samples is None else {"check_samples": a.check_samples})},
            "cluster": {"executor": a.executor, "num_workers": a.workers, "cpus_per_worker": a.threads / a.workers}}
     path = work / f"job-{seed}.yaml"
@@ -356,6 +362,8 @@ def main() -> int:
                     help="torch threads of a reference side and of --train-classifier; advpure's CPUs")
     ap.add_argument("--workers", type=int, default=1, help="advpure actors (threads ÷ workers CPUs each)")
     ap.add_argument("--executor", choices=("auto", "local", "ray"), default="auto", help="advpure's cluster.executor")
+    ap.add_argument("--channels-last", choices=("auto", "true", "false"), default="auto",
+                    help="advpure's evaluation.channels_last (auto: measured per worker, the default)")
     ap.add_argument("--check-samples", type=int, default=None,
                     help="advpure's evaluation.check_samples (default: the config's default, 16)")
     ap.add_argument("--pairs", type=int, default=2, help="pairs per seed")

@@ -164,11 +164,13 @@ class EvaluationConfig:
     # samples of the whole job for the gradient-masking checks, spread over the shards in order
     # from each one's first batch (0 = off)
     check_samples: NonNegative = 16
-    # speed on accelerators (docs/performance.md): bf16 autocast of classifier and purifier
-    # networks (attack arithmetic, projections, losses and records stay fp32); channels_last
-    # memory format for the networks and their inputs; torch.compile of the purifier's networks
+    # speed (docs/performance.md): bf16 autocast of classifier and purifier networks (attack
+    # arithmetic, projections, losses and records stay fp32); the networks' memory format;
+    # torch.compile of the purifier's networks
     precision: Literal["fp32", "bf16"] = "fp32"
-    channels_last: bool = False     # channels_last memory format (see precision)
+    # true: networks and their inputs channels-last; auto: the networks' weights channels-last
+    # where each worker measures it faster (evaluation/memory_format.py); false: never
+    channels_last: bool | Literal["auto"] = "auto"
     compile: bool = False           # torch.compile the purifier's networks (see precision)
 
 

@@ -41,9 +41,12 @@ def digits_models(tmp_path_factory) -> dict:
 
 def evaluate_counting_purifier_rows(p, samples, monkeypatch) -> tuple[list[dict], int]:
     """A shard's evaluate rows, and the rows the purifier ran to make them (the cost a saving
-    must cut while every verdict stays)."""
-    from pipeline.evaluation import stages
+    must cut while every verdict stays). The protocol is settled first (row chunk and memory
+    format: their timing runs the purifier too, once per worker, and is not the evaluation's)."""
+    from pipeline.evaluation import row_chunks, stages
 
+    b = next(stages.batches(samples[:p.batch_size], p.batch_size, p.device))
+    row_chunks.settle(p, b.x, b.y, b.keys)
     purify, count = p.defense.purifier.purify, [0]
 
     def counting(x, noise=None):

@@ -60,6 +60,8 @@ class Protocol:
     provenance: dict[str, Any]     # the record columns that identify job, config and models
     max_rows: int | str = row_chunks.AUTO   # evaluation.max_rows as configured (an int pins it)
     rows_choice: row_chunks.Choice | None = None   # the chunk in force, once settled (row_chunks.settle)
+    # evaluation.channels_last: true/false as configured, or auto (settled with the chunk: memory_format)
+    channels_last: bool | str = False
     # gradient-masking check samples of the shard at hand: the job's evaluation.check_samples,
     # of which the worker sets each shard's share (stages.check_share)
     check_samples: int = 16
@@ -135,13 +137,13 @@ def build_protocol(cfg: Config) -> Protocol:
     ev = cfg.evaluation
     classifier = _frozen(CLASSIFIERS.build(cfg.classifier.name, **cfg.classifier.params)).to(device)
     purifier = _frozen(PURIFIERS.build(cfg.purifier.name, **cfg.purifier.params)).to(device)
-    classifier = speed_up(classifier, purifier, ev.precision, ev.channels_last, ev.compile)
+    classifier = speed_up(classifier, purifier, ev.precision, ev.channels_last is True, ev.compile)
     defense = Defense(classifier, purifier, row_chunks.initial_rows(ev.max_rows)).to(device)
     attacks = _plan_attacks(cfg, defense)
     for a in attacks:
         if a.surrogate is not None:
             a.surrogate.to(device)
-            speed_up(classifier, a.surrogate.purifier, ev.precision, ev.channels_last, ev.compile)
+            speed_up(classifier, a.surrogate.purifier, ev.precision, ev.channels_last is True, ev.compile)
     provenance = {
         "job": cfg.job.name, "config_hash": cfg.hash(), "seed": cfg.job.seed,
         "classifier": cfg.classifier.name, "classifier_sha256": _checksum_params(cfg.classifier.params),
@@ -151,5 +153,6 @@ def build_protocol(cfg: Config) -> Protocol:
     if not isinstance(ev.cascade, bool):   # config.from_dict resolves auto from the attack list
         raise ValueError(f"evaluation.cascade {ev.cascade!r} unresolved: build the Config with config.from_dict")
     return Protocol(defense, attacks, cfg.job.seed, ev.runs, ev.decision, cfg.data.batch_size, ev.cascade,
-                    ev.eot_probe, device, provenance, ev.max_rows, check_samples=ev.check_samples,
+                    ev.eot_probe, device, provenance, ev.max_rows, channels_last=ev.channels_last,
+                    check_samples=ev.check_samples,
                     attack_misclassified=ev.attack_misclassified)

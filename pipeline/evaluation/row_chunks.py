@@ -25,6 +25,7 @@ The choice (rows, how, why, timings) is logged and written into every commit mar
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
@@ -33,6 +34,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 import torch
 
 from pipeline.attacks.base import Goal, eot_step
+from pipeline.evaluation import memory_format
 from pipeline.seeding import Noise
 
 if TYPE_CHECKING:
@@ -62,12 +64,14 @@ class Choice:
     workload: str = ""               # what was timed
     seconds_per_row: dict[int, float] = field(default_factory=dict)   # chunk → s/row (CPU sweep)
     seconds: float = 0.0             # what settling cost
+    layout: dict[str, Any] | None = None   # the networks' memory format (memory_format.LayoutChoice.record)
 
     def record(self) -> dict[str, Any]:
         """JSON-able, for the commit marker."""
         return {"rows": self.rows, "how": self.how, "needed": self.needed, "detail": self.detail,
                 "workload": self.workload, "seconds": round(self.seconds, 3),
-                "seconds_per_row": {str(k): v for k, v in self.seconds_per_row.items()}}
+                "seconds_per_row": {str(k): v for k, v in self.seconds_per_row.items()},
+                "channels_last": self.layout}
 
 
 def initial_rows(requested: int | str) -> int:
@@ -229,7 +233,8 @@ def defenses(p: Protocol) -> list[Defense]:
 
 def settle(p: Protocol, x: torch.Tensor, y: torch.Tensor, keys: Sequence[str]) -> Choice:
     """The protocol's chunk, chosen once (on the first batch it computes) and applied to
-    every defense; later calls return the same choice."""
+    every defense, then the networks' memory format at that chunk (memory_format.settle);
+    later calls return the same choice."""
     if p.rows_choice is not None:
         return p.rows_choice
     timer, draws, workload = protocol_timer(p, x, y, keys)
@@ -240,7 +245,8 @@ def settle(p: Protocol, x: torch.Tensor, y: torch.Tensor, keys: Sequence[str]) -
         choice = choose(p.device, needed, timer, workload)
     for d in defenses(p):
         d.max_rows = choice.rows
-    p.rows_choice = choice
     log.info("evaluation.max_rows %s on %s: %d rows per call (%s; %s) — settled in %.2f s", p.max_rows,
              p.device, choice.rows, choice.how, choice.detail, choice.seconds)
-    return choice
+    layout = memory_format.settle(p, timer, draws, choice.rows)
+    p.rows_choice = dataclasses.replace(choice, layout=layout.record())
+    return p.rows_choice
