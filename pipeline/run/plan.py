@@ -456,6 +456,8 @@ def plan(cfg: Config, workers: Sequence[int] | None = None, calibration_batches:
                        "suggested": suggest_batch_size(cal, budget, max(counts, default=cal.batch))},
         "checkpoint_segment": suggest_segment(p, cal, budget),
         "max_rows": suggest_max_rows(p, cal),
+        # the networks' memory format the workers settle with the chunk (evaluation/memory_format.py)
+        "channels_last": p.rows_choice.layout if p.rows_choice is not None else None,
     }
 
 
@@ -504,6 +506,10 @@ def format_plan(r: dict[str, Any]) -> str:
     lines.append(_batch_line(r))
     if r.get("max_rows"):
         lines.append(_max_rows_line(r["max_rows"]))
+    if r.get("channels_last"):
+        cl = r["channels_last"]
+        lines.append(f"channels_last: {'channels-last' if cl['channels_last'] else 'contiguous'} "
+                     f"({cl['how']}: {cl['detail']})")
     seg = r["checkpoint_segment"]
     if seg:
         lines.append(f"checkpoint_segment: configured {seg['configured']}, suggested {seg['suggested']} "
