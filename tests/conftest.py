@@ -15,6 +15,10 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 # Ray on loopback only: read when ray is first imported (docs/storage_and_cluster.md)
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+# evaluation.channels_last: auto resolves to contiguous in every job the tests run (workers,
+# subprocesses and Ray actors inherit it): tests compare separate runs' records bit for bit, and
+# two workers' timings may choose different formats. tests/test_memory_format.py unsets it.
+os.environ["ADVPURE_CHANNELS_LAST"] = "false"
 
 
 @pytest.fixture(scope="session")

@@ -119,7 +119,7 @@ def test_the_switch_keeps_outputs_and_gradients_contiguous_first_and_second_orde
 def test_networks_are_the_classifier_and_the_purifier_networks(digits_models, tmp_path):
     job = job_dict("unused-*.tar", digits_models, str(tmp_path))
     p = build_protocol(config.from_dict(job))
-    nets = memory_format.networks(p)
+    nets = memory_format.networks(row_chunks.defenses(p))
     assert nets[0] is p.defense.classifier and len(nets) == 2          # the CNN, the DAE
     assert all(any(q.dim() == 4 for q in n.parameters()) for n in nets)
 
@@ -127,7 +127,9 @@ def test_networks_are_the_classifier_and_the_purifier_networks(digits_models, tm
 def test_auto_is_settled_with_the_chunk_recorded_and_agrees_with_contiguous(digits_shards, digits_models, tmp_path,
                                                                             monkeypatch):
     """The worker settles the format with the chunk and every marker records it; the defended
-    logits agree with the contiguous networks' to float32 rounding."""
+    logits agree with the contiguous networks' to float32 rounding; ADVPURE_CHANNELS_LAST=false
+    (the suite's setting) resolves auto to contiguous without timing."""
+    monkeypatch.delenv(memory_format.ENV)
     samples = shards.read_shard(shards.expand(digits_shards["pattern"])[0])[:16]
     job = job_dict(digits_shards["pattern"], digits_models, str(tmp_path / "out"),
                    purifier={"name": "gaussian", "params": {"sigma": 0.3}}, evaluation={"runs": 4})
@@ -152,6 +154,35 @@ def test_auto_is_settled_with_the_chunk_recorded_and_agrees_with_contiguous(digi
     row_chunks.settle(q, x, torch.tensor([s.label for s in samples]), keys)
     assert q.rows_choice.record()["channels_last"]["how"] == "configured"
     assert not _is_channels_last(q.defense.classifier)
+    monkeypatch.setenv(memory_format.ENV, "false")
+    q = build_protocol(config.from_dict(job))
+    row_chunks.settle(q, x, torch.tensor([s.label for s in samples]), keys)
+    assert q.rows_choice.record()["channels_last"]["how"] == "environment"
+    assert not _is_channels_last(q.defense.classifier)
+
+
+def test_corpus_purification_settles_the_format_too(digits_models, tmp_path, monkeypatch):
+    """purify-corpus's engine settles the format after its chunk, records it, and its outputs
+    agree with the contiguous network's to float32 rounding."""
+    from pipeline.corpus import job
+    from pipeline.corpus.engine import Engine
+
+    monkeypatch.delenv(memory_format.ENV)
+    monkeypatch.setattr(memory_format, "_seconds",
+                        lambda net, call, args, kwargs, reps, sync: reps * (1e-4 if _is_channels_last(net) else 1e-3))
+    xs = [torch.rand(1, 8, 8) for _ in range(3)]
+
+    def purified(channels_last: str) -> tuple[Engine, torch.Tensor]:
+        cfg = job.build_config("unused.tar", str(tmp_path / channels_last), purifier="dae",
+                               params={"checkpoint": digits_models["dae"]}, classifier=None, classifier_params=None,
+                               corpus={}, overrides=[f"evaluation.channels_last={channels_last}"])
+        engine = Engine(cfg)
+        return engine, torch.stack([o.image for o in engine.run(xs, ["a", "b", "c"])])
+    auto, fast = purified("auto")
+    _, plain = purified("false")
+    record = auto.rows_choice.record()["channels_last"]
+    assert record["how"] == "timed" and [n["network"] for n in record["networks"]] == ["SmallDAE"]
+    assert record["networks"][0]["channels_last"] and torch.allclose(fast, plain, atol=1e-5)
 
 
 def test_a_wrong_value_names_the_key(digits_models, tmp_path):

@@ -12,6 +12,7 @@ replicated to RGB and the result averaged back to grey.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -23,7 +24,7 @@ from torch import nn
 
 from pipeline import config as config_mod
 from pipeline.config import Config, ConfigError
-from pipeline.evaluation import preflight, row_chunks
+from pipeline.evaluation import memory_format, preflight, row_chunks
 from pipeline.evaluation.decision import decide
 from pipeline.evaluation.defense import Defense
 from pipeline.evaluation.protocol import pick_device
@@ -144,7 +145,8 @@ class Engine:
 
     def _settle_rows(self, x: torch.Tensor, keys: list[str]) -> None:
         """evaluation.max_rows: auto → timed once, on the first batch: the R-run purify at each
-        candidate chunk (pipeline/evaluation/row_chunks.py); an int is kept as configured."""
+        candidate chunk (pipeline/evaluation/row_chunks.py); an int is kept as configured. Then
+        the networks' memory format at that chunk (evaluation.channels_last, memory_format.py)."""
         if self.rows_choice is not None:
             return
         requested, needed = self.cfg.evaluation.max_rows, x.shape[0] * self.runs
@@ -168,6 +170,9 @@ class Engine:
         self.defense.max_rows = self.rows_choice.rows
         log.info("evaluation.max_rows %s: %d rows per call (%s; %s)", requested, self.rows_choice.rows,
                  self.rows_choice.how, self.rows_choice.detail)
+        layout = memory_format.settle(self.cfg.evaluation.channels_last, [self.defense], self.device, timer,
+                                      self.runs, self.rows_choice.rows)
+        self.rows_choice = dataclasses.replace(self.rows_choice, layout=layout.record())
 
     def _purify(self, x: torch.Tensor, keys: list[str]) -> tuple[torch.Tensor, int]:
         B, C, H, W = x.shape

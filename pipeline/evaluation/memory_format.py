@@ -27,19 +27,25 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
 from torch import nn
 
 if TYPE_CHECKING:
-    from pipeline.evaluation.protocol import Protocol
+    from pipeline.evaluation.defense import Defense
 
 log = logging.getLogger(__name__)
 
 AUTO = "auto"
+# `auto` resolved without timing, for every job this process (and its workers) runs: "false"
+# keeps the networks contiguous. Timings differ between workers, and so can their choices, which
+# changes records in the last float32 bits; a test that compares two runs' records bit for bit,
+# or a user who wants every worker alike without editing configs, sets this (tests/conftest.py does).
+ENV = "ADVPURE_CHANNELS_LAST"
 MARGIN = 0.08         # a network goes channels-last only if each timed run beats each contiguous one by this
 BUDGET_S = 1.0        # the timed runs of all networks together (rows cut to fit)
 MIN_RUN_S = 0.02      # a timed run repeats the call until it lasts about this
@@ -54,7 +60,7 @@ Timer = Callable[[int, bool], "tuple[float, int]"]
 class LayoutChoice:
     """The networks' memory format on this worker, and why."""
     channels_last: bool         # any network converted
-    how: str                    # configured | timed | no_network
+    how: str                    # configured | environment | timed | no_network
     detail: str
     networks: tuple[dict[str, Any], ...] = ()   # per network: name, channels_last, how, seconds per call
     spent: float = 0.0
@@ -76,14 +82,12 @@ class Call:
     rows: int
 
 
-def networks(p: Protocol) -> list[nn.Module]:
-    """The classifier and the purifiers' networks with convolution weights, once each; not a
-    test-time optimisation purifier's (it builds and trains its own per image) nor a
+def networks(defenses: Sequence[Defense]) -> list[nn.Module]:
+    """The defenses' classifiers and purifier networks with convolution weights, once each;
+    not a test-time optimisation purifier's (it builds and trains its own per image) nor a
     torch.compile'd one (its graph was traced for the format it had)."""
-    from pipeline.evaluation import row_chunks
-
     found: dict[int, nn.Module] = {}
-    for d in row_chunks.defenses(p):
+    for d in defenses:
         found.setdefault(id(d.classifier), d.classifier)
         if not d.purifier.test_time_optimization:
             for _, child in d.purifier.named_children():
@@ -239,23 +243,31 @@ def choose(nets: list[nn.Module], probe: Callable[[], Any], rows: int, budget_s:
         if n["how"] != "timed":
             return f"{n['network']} {n['how']}" + (f" ({n['error']})" if "error" in n else "")
         gain = 1.0 - min(n["channels_last_s"]) / min(n["contiguous_s"])
+        per_row = 1e3 * min(n["contiguous_s"]) / n["rows"]
         return (f"{n['network']} {'channels-last' if n['channels_last'] else 'contiguous'} "
-                f"({100 * gain:+.0f} % per call at {n['rows']} rows)")
+                f"({100 * gain:+.0f} % per call at {n['rows']} rows, contiguous {per_row:.3f} ms a row)")
     detail = "; ".join(said(n) for n in per_net) + f" (channels-last must win every run by {100 * MARGIN:.0f} %)"
     return (LayoutChoice(bool(chosen), "timed", detail, tuple(per_net), time.perf_counter() - t0),
             ChannelsLast(chosen) if chosen else None)
 
 
-def settle(p: Protocol, timer: Timer, draws: int, rows: int) -> LayoutChoice:
-    """The protocol's memory format: as configured, or (auto) by `choose` on the networks'
-    calls in one sample's dominant step (`timer` at one sample's rows); logged."""
-    if p.channels_last != AUTO:
-        choice = LayoutChoice(bool(p.channels_last), "configured", "evaluation.channels_last pinned in the config")
+def settle(requested: bool | str, defenses: Sequence[Defense], device: torch.device, timer: Timer, draws: int,
+           rows: int, converted: bool = False) -> LayoutChoice:
+    """The networks' memory format: as configured, or (auto) by `choose` on their calls in one
+    sample's dominant step (`timer` at one sample's rows); logged. `true` converts here unless
+    the networks are already in that format (`converted`: the evaluation's FastNet)."""
+    pinned = os.environ.get(ENV, "").strip().lower()
+    if requested == AUTO and pinned in ("false", "0", "off"):
+        choice = LayoutChoice(False, "environment", f"auto resolved to contiguous by {ENV}={pinned}")
+    elif requested != AUTO:
+        choice = LayoutChoice(bool(requested), "configured", "evaluation.channels_last pinned in the config")
+        if requested is True and not converted:
+            ChannelsLast(networks(defenses))
     else:
         def sync() -> None:
-            if p.device.type == "cuda":
-                torch.cuda.synchronize(p.device)
-        choice, _ = choose(networks(p), lambda: timer(draws, False), rows, sync=sync)
-    log.info("evaluation.channels_last %s on %s: %s (%s; %s)", p.channels_last, p.device,
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+        choice, _ = choose(networks(defenses), lambda: timer(draws, False), rows, sync=sync)
+    log.info("evaluation.channels_last %s on %s: %s (%s; %s)", requested, device,
              "channels-last" if choice.channels_last else "contiguous", choice.how, choice.detail)
     return choice

@@ -247,6 +247,6 @@ def settle(p: Protocol, x: torch.Tensor, y: torch.Tensor, keys: Sequence[str]) -
         d.max_rows = choice.rows
     log.info("evaluation.max_rows %s on %s: %d rows per call (%s; %s) — settled in %.2f s", p.max_rows,
              p.device, choice.rows, choice.how, choice.detail, choice.seconds)
-    layout = memory_format.settle(p, timer, draws, choice.rows)
+    layout = memory_format.settle(p.channels_last, defenses(p), p.device, timer, draws, choice.rows, converted=True)
     p.rows_choice = dataclasses.replace(choice, layout=layout.record())
     return p.rows_choice
