@@ -47,6 +47,13 @@ def _fake_seconds(per_call: dict[tuple[int, bool], float], seen: list) -> object
     return seconds
 
 
+def _prefer_channels_last(monkeypatch) -> None:
+    """Timings (no clock) in which every network runs 10× faster channels-last, so the switch
+    is exercised on every machine."""
+    monkeypatch.setattr(memory_format, "_seconds",
+                        lambda net, call, args, kwargs, reps, sync: reps * (1e-4 if _is_channels_last(net) else 1e-3))
+
+
 def test_each_network_goes_channels_last_only_where_it_wins_every_run(monkeypatch):
     wins, close, idle = _net(), _net(), _net()
     x = torch.rand(4, 3, 8, 8)
@@ -134,9 +141,7 @@ def test_auto_is_settled_with_the_chunk_recorded_and_agrees_with_contiguous(digi
     job = job_dict(digits_shards["pattern"], digits_models, str(tmp_path / "out"),
                    purifier={"name": "gaussian", "params": {"sigma": 0.3}}, evaluation={"runs": 4})
     assert config.from_dict(job).evaluation.channels_last == "auto"
-    # timings that prefer channels-last, so the switch is exercised on every machine
-    monkeypatch.setattr(memory_format, "_seconds",
-                        lambda net, call, args, kwargs, reps, sync: reps * (1e-4 if _is_channels_last(net) else 1e-3))
+    _prefer_channels_last(monkeypatch)
     w = ShardWorker(job)
     p = w.protocol
     x = torch.stack([torch.from_numpy(shards.to_unit_float(s.image)).permute(2, 0, 1) for s in samples])
@@ -168,8 +173,7 @@ def test_corpus_purification_settles_the_format_too(digits_models, tmp_path, mon
     from pipeline.corpus.engine import Engine
 
     monkeypatch.delenv(memory_format.ENV)
-    monkeypatch.setattr(memory_format, "_seconds",
-                        lambda net, call, args, kwargs, reps, sync: reps * (1e-4 if _is_channels_last(net) else 1e-3))
+    _prefer_channels_last(monkeypatch)
     xs = [torch.rand(1, 8, 8) for _ in range(3)]
 
     def purified(channels_last: str) -> tuple[Engine, torch.Tensor]:

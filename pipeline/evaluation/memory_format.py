@@ -37,6 +37,7 @@ from torch import nn
 
 if TYPE_CHECKING:
     from pipeline.evaluation.defense import Defense
+    from pipeline.evaluation.row_chunks import Timer
 
 log = logging.getLogger(__name__)
 
@@ -51,9 +52,6 @@ BUDGET_S = 1.0        # the timed runs of all networks together (rows cut to fit
 MIN_RUN_S = 0.02      # a timed run repeats the call until it lasts about this
 MAX_REPS = 20
 RUNS = ("contiguous", "channels_last") * 3   # the first pair warms each format up, the other two are compared
-
-# one timed run on `rows` rows (row_chunks.Timer at a chunk): (seconds, rows it ran)
-Timer = Callable[[int, bool], "tuple[float, int]"]
 
 
 @dataclass(frozen=True)

@@ -243,10 +243,11 @@ def settle(p: Protocol, x: torch.Tensor, y: torch.Tensor, keys: Sequence[str]) -
         choice = Choice(int(p.max_rows), "configured", needed, "evaluation.max_rows pinned in the config")
     else:
         choice = choose(p.device, needed, timer, workload)
-    for d in defenses(p):
+    every = defenses(p)
+    for d in every:
         d.max_rows = choice.rows
     log.info("evaluation.max_rows %s on %s: %d rows per call (%s; %s) — settled in %.2f s", p.max_rows,
              p.device, choice.rows, choice.how, choice.detail, choice.seconds)
-    layout = memory_format.settle(p.channels_last, defenses(p), p.device, timer, draws, choice.rows, converted=True)
+    layout = memory_format.settle(p.channels_last, every, p.device, timer, draws, choice.rows, converted=True)
     p.rows_choice = dataclasses.replace(choice, layout=layout.record())
     return p.rows_choice
