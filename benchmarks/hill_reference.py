@@ -3,7 +3,8 @@
     python benchmarks/hill_reference.py [--official PATH] [--restated] [--images 20]
         [--langevin-steps 20] [--attack-steps 5] [--eot 4] [--chains 16] [--runs R] [--eps-255 8]
         [--step-255 2] [--train-classifier EPOCHS] [--threads 2] [--workers 1]
-        [--executor auto|local|ray] [--channels-last auto|true|false] [--check-samples N] [--pairs 2]
+        [--executor auto|local|ray] [--channels-last auto|true|false] [--check-samples N]
+        [--verdicts runs [recheck]] [--pairs 2]
         [--seeds 0 1] [--work DIR]
 
 Reference side: with --official PATH (a copy of point0bar1/ebm-defense, the folder holding
@@ -17,7 +18,10 @@ the attack's own EOT draw misclassifies — with H chains each, as the script's
 advpure side: `advpure run` (python -m pipeline.cli run) of the `hill2021` preset at the same
 budget in a fresh process — Ray start, actor start, shard decode, the clean R-run evaluation,
 the attack with its re-checks, the final R-run evaluation, the gradient-masking checks and the
-Parquet commits all included — `--workers` actors sharing `--threads` CPUs.
+Parquet commits all included — `--workers` actors sharing `--threads` CPUs. `--verdicts runs
+recheck` runs it twice in each pair: with R-run verdicts (the default) and with
+`evaluation.verdict: recheck`, the script's own record (the clean verdict nominated by an EOT
+forward and re-checked, robust = no confirmed break; no R-run evaluation at all).
 
 Same inputs on every side: the first --images held-out digits (the digits `test` split) upscaled
 to 32×32×3 (nearest, each 8×8 pixel a 4×4 block, grey to three channels) and written as uint8
@@ -239,7 +243,7 @@ def channels_last(value: str) -> bool | str:
     return value if value == "auto" else value == "true"
 
 
-def advpure_config(work: Path, a: argparse.Namespace, seed: int, pattern: str) -> tuple[Path, Path]:
+def advpure_config(work: Path, a: argparse.Namespace, seed: int, pattern: str, verdict: str) -> tuple[Path, Path]:
     """(the run's output folder, its job file)."""
     overrides = {"eps": a.eps_255 / 255, "step_size": a.step_255 / 255, "steps": a.attack_steps,
                  "eot": a.eot, "recheck_draws": a.chains}
@@ -251,24 +255,25 @@ def advpure_config(work: Path, a: argparse.Namespace, seed: int, pattern: str) -
                "checkpoint": str(work / "ebm.pth"), "net": {"n_c": 3, "n_f": 32, "leak": 0.05, "image_size": 32},
                "steps": a.langevin_steps, "eps": a.langevin_eps, "clip_output": False}},
            "attacks": [{"preset": "hill2021", "overrides": overrides}],
-           "evaluation": {"runs": runs(a), "channels_last": channels_last(a.channels_last),
+           "evaluation": {"runs": runs(a), "channels_last": channels_last(a.channels_last), "verdict": verdict,
                           **({} if a.check_samples is None else {"check_samples": a.check_samples})},
            "cluster": {"executor": a.executor, "num_workers": a.workers, "cpus_per_worker": a.threads / a.workers}}
-    path = work / f"job-{seed}.yaml"
+    path = work / f"job-{seed}-{verdict}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return Path(cfg["job"]["output"]), path
 
 
 def advpure_record(out: Path, steps: int) -> tuple[list[int], list[bool]]:
-    """(images defended before the attack (clean R-run mean logits) and after each iterate
-    0 … steps (no confirmed break yet), then the robust count (record and final evaluation);
-    each image's verdict, in image order)."""
+    """(images defended before the attack (the clean verdict under the job's decision rule,
+    mean logits) and after each iterate 0 … steps (no confirmed break yet), then the robust
+    count (the record, and with verdict runs the final evaluation); each image's verdict, in
+    image order)."""
     from pipeline.report.load import iter_committed
 
-    cols = ["key", "label", "clean_mean_logit_pred", "broken_step", "robust"]
+    cols = ["key", "label", "clean_decision_pred", "broken_step", "robust"]
     rows = sorted((r for _, _, t in iter_committed(str(out), "evaluate", cols) for r in t.to_pylist()),
                   key=lambda r: r["key"])
-    ok = [r for r in rows if r["clean_mean_logit_pred"] == r["label"]]
+    ok = [r for r in rows if r["clean_decision_pred"] == r["label"]]
     record = [len(ok)] + [sum(1 for r in ok if not 0 <= r["broken_step"] <= s) for s in range(steps + 1)]
     return record + [sum(1 for r in rows if r["robust"])], [bool(r["robust"]) for r in rows]
 
@@ -295,8 +300,8 @@ def run_reference(work: Path, a: argparse.Namespace, seed: int, official: bool) 
     return {"wall": wall, "cpu": cpu, **json.loads(line.split(" ", 1)[1])}
 
 
-def run_advpure(work: Path, a: argparse.Namespace, seed: int, pattern: str) -> dict:
-    out, job = advpure_config(work, a, seed, pattern)
+def run_advpure(work: Path, a: argparse.Namespace, seed: int, pattern: str, verdict: str) -> dict:
+    out, job = advpure_config(work, a, seed, pattern, verdict)
     rows_file = work / f"rows-{out.name}.txt"
     env = {**os.environ, "HILL_BENCH_ROWS": str(rows_file),
            "PYTHONPATH": os.pathsep.join([str(work / "hook"), str(ROOT), os.environ.get("PYTHONPATH", "")])}
@@ -306,17 +311,19 @@ def run_advpure(work: Path, a: argparse.Namespace, seed: int, pattern: str) -> d
         n, part = line.split()
         parts[part] = parts.get(part, 0) + int(n)
     record, verdicts = advpure_record(out, a.attack_steps)
-    return {"side": f"advpure-{a.executor}", "wall": wall, "cpu": cpu, "chain_rows": sum(parts.values()),
+    side = f"advpure-{a.executor}" + ("" if verdict == "runs" else f"-{verdict}")
+    return {"side": side, "wall": wall, "cpu": cpu, "chain_rows": sum(parts.values()),
             "parts": parts, "record": record, "verdicts": verdicts}
 
 
 def run_pair(work: Path, a: argparse.Namespace, seed: int, pattern: str, refs: list[bool],
              advpure_first: bool) -> list[dict]:
-    """One process per side, back to back; refs: True for the official script, False the re-statement."""
-    order: list = [*refs, "advpure"]
+    """One process per side, back to back; refs: True for the official script, False the
+    re-statement; then one advpure run per --verdicts value (reversed when advpure goes first)."""
+    order: list = [*refs, *a.verdicts]
     if advpure_first:
-        order = ["advpure", *refs]
-    return [run_advpure(work, a, seed, pattern) if s == "advpure" else run_reference(work, a, seed, s)
+        order = [*reversed(a.verdicts), *refs]
+    return [run_advpure(work, a, seed, pattern, s) if isinstance(s, str) else run_reference(work, a, seed, s)
             for s in order]
 
 
@@ -366,6 +373,9 @@ def main() -> int:
                     help="advpure's evaluation.channels_last (auto: measured per worker, the default)")
     ap.add_argument("--check-samples", type=int, default=None,
                     help="advpure's evaluation.check_samples (default: the config's default, 16)")
+    ap.add_argument("--verdicts", nargs="+", choices=("runs", "recheck"), default=["runs"],
+                    help="advpure's evaluation.verdict, one advpure run per value in each pair (runs: R-run "
+                         "evaluations decide, the default; recheck: the script's own record)")
     ap.add_argument("--pairs", type=int, default=2, help="pairs per seed")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     ap.add_argument("--work", type=Path, default=None, help="keep inputs, logs and records here")
@@ -390,8 +400,8 @@ def main() -> int:
             out = run_pair(work, a, seed, pattern, refs, advpure_first=bool(n % 2))  # alternating order
             for r in out:
                 show(seed, r)
-            mine = next(r for r in out if r["side"].startswith("advpure"))
-            results.append((seed, mine, [r for r in out if not r["side"].startswith("advpure")]))
+            theirs = [r for r in out if not r["side"].startswith("advpure")]
+            results += [(seed, mine, theirs) for mine in out if mine["side"].startswith("advpure")]
         summarise(results)
     return 0
 
@@ -407,9 +417,9 @@ def summarise(results: list[tuple[int, dict, list[dict]]]) -> None:
         share = 1 - attack / mine["chain_rows"] if mine["chain_rows"] else float("nan")
         for r in refs:
             ratio = mine["wall"] / r["wall"]
-            ratios.setdefault(r["side"], []).append(ratio)
+            ratios.setdefault(f"{r['side']} ({mine['side']})", []).append(ratio)
             agree = sum(u == v for u, v in zip(r["verdicts"], mine["verdicts"]))
-            print(f"| {seed} | {r['side']} | {r['wall']:.1f} | {mine['wall']:.1f} | {ratio:.2f} | "
+            print(f"| {seed} | {r['side']} vs {mine['side']} | {r['wall']:.1f} | {mine['wall']:.1f} | {ratio:.2f} | "
                   f"{r['cpu']:.1f} / {mine['cpu']:.1f} ({mine['cpu'] / r['cpu']:.2f}) | "
                   f"{r['chain_rows']} / {mine['chain_rows']} "
                   f"({r['chain_rows'] / n:.1f} / {mine['chain_rows'] / n:.1f}) "

@@ -30,7 +30,7 @@ from pydantic.dataclasses import dataclass
 from pydantic_core import ErrorDetails, PydanticKnownError
 
 from pipeline import stage_table
-from pipeline.vocabulary import DECISIONS, DEFAULT_DECISION, GRADIENT_REQUESTS
+from pipeline.vocabulary import DECISIONS, DEFAULT_DECISION, GRADIENT_REQUESTS, VERDICTS
 
 
 class ConfigError(ValueError):
@@ -158,6 +158,13 @@ class EvaluationConfig:
     # model misclassifies clean (under `decision`) is not attacked and counts not robust, so
     # robust ≤ clean accuracy; true: every sample is attacked (the attack stage always does)
     attack_misclassified: bool = False
+    # how the evaluate stage reaches a sample's clean and robust verdicts (docs/attacks.md,
+    # "Verdicts"): runs — R-run evaluations of x and of the returned image decide, every
+    # sample's per-run columns recorded; recheck — Hill et al.'s record: the first attack's EOT
+    # forward of x nominates a misclassification and its re-check draws confirm it, and robust
+    # is "no break confirmed at any step, the last iterate's included", with no R-run
+    # evaluation (cheaper; optimistic where a nomination misses)
+    verdict: Literal[VERDICTS] = "runs"
     # samples of each shard's first batch on which every attack is re-run with 2×EOT: a check
     # flags an attack whose robust accuracy drops by more than 2 points (0 = off)
     eot_probe: NonNegative = 0
@@ -264,6 +271,8 @@ class Config:
         gated = d["attacks"] and "evaluate" in d["job"]["stages"] and not d["evaluation"]["attack_misclassified"]
         if gated:  # the clean gate changes verdicts: jobs that attack every sample keep their old hashes
             keep["attack_misclassified"] = False
+        if d["evaluation"]["verdict"] != "runs":   # changes verdicts; jobs judged by runs keep their hashes
+            keep["verdict"] = d["evaluation"]["verdict"]
         if d["evaluation"].get("precision", "fp32") != "fp32":  # bf16 changes outcomes; fp32 hashes unchanged
             keep["precision"] = d["evaluation"]["precision"]
         if d["corpus"] is not None:  # absent from evaluation jobs: their hashes stay as they were
@@ -571,6 +580,32 @@ def _check_purifier_settings(cfg: Config) -> None:
         raise ConfigError(str(err)) from None
 
 
+def _check_verdict(cfg: Config) -> None:
+    """`evaluation.verdict: recheck` judges a sample by the breaks its attacks confirm, so every
+    attack must have checked the image it returns for any wrong class (FGSM returns an image it
+    never evaluated; a targeted attack confirms only its target)."""
+    if cfg.evaluation.verdict != "recheck":
+        return
+    from pipeline.registry import ATTACKS
+
+    if not cfg.attacks:
+        raise ConfigError("evaluation.verdict: recheck reads the attacks' confirmed breaks, but the job has no "
+                          "attack (use verdict: runs)")
+    for i, a in enumerate(cfg.attacks):
+        try:
+            attack = ATTACKS.build(a.name, **a.params)
+        except (KeyError, ValueError, TypeError):
+            continue   # worded by _check_components / _check_attack
+        if not attack.checks_returned_image:
+            raise ConfigError(f"attacks[{i}]: {a.name} returns an image its forward never evaluated, so "
+                              "evaluation.verdict: recheck could not judge it (use verdict: runs"
+                              + (", or keep_broken: true)" if "keep_broken" in a.params else ")"))
+        if not attack.judges_returned_image():
+            raise ConfigError(f"attacks[{i}]: a targeted {a.name} confirms only its target class, so a returned "
+                              "image misclassified as another class would count robust under "
+                              "evaluation.verdict: recheck (use verdict: runs)")
+
+
 def _expand_presets(data: dict[str, Any]) -> dict[str, Any]:
     """`attacks: [{preset: hill2021, overrides: {...}}, ...]` → the preset's attack entries."""
     attacks = data.get("attacks")
@@ -618,6 +653,7 @@ def from_dict(data: dict[str, Any], source: str = "<dict>", check_components: bo
         cfg = _resolve_params(cfg)
         if check_components:
             _check_purifier_settings(cfg)
+        _check_verdict(cfg)
     except ConfigError as err:
         raise ConfigError(f"{source}: {err}") from None
     return cfg

@@ -14,8 +14,8 @@ from typing import Any, Iterable
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-SCHEMA_VERSION = 4   # 3: final_evaluated (the final R-run evaluation is skipped for confirmed breaks);
-                     # 4: attacked and clean_decision_pred (the clean gate)
+SCHEMA_VERSION = 5   # 3: final_evaluated (the final R-run evaluation is skipped for confirmed breaks);
+                     # 4: attacked and clean_decision_pred (the clean gate); 5: verdict
 
 
 class Status(str, enum.Enum):
@@ -81,6 +81,12 @@ SCHEMA = pa.schema([
     ("decision", pa.string()),               # the job's decision rule: mean_logit | vote | mean_softmax
     ("robust", pa.bool_()),                  # attacked (not gated), no confirmed break at any
                                              # step and the final re-evaluation correct under `decision`
+    # how robust was decided (evaluation.verdict): "runs" — as above; "recheck" — Hill et al.'s
+    # record: no break confirmed at any step, the returned image's included, with no final R-run
+    # evaluation (final_evaluated false, per-run columns null), and the clean columns from the
+    # first attack's EOT draws, re-checked where they misclassify (clean_purified_preds null);
+    # null: the stage decides no verdict (attack)
+    ("verdict", pa.string()),
     ("cascade_from", pa.int16()),            # cascade: the earlier attack whose break this row carries
     # perturbation and cost
     ("linf", pa.float64()),
@@ -173,8 +179,9 @@ CORPUS_SCHEMA = pa.schema([
 
 # versions of evaluation records this code still reads: 2 lacks final_evaluated (every row's
 # final R runs were evaluated), which the report treats as such; 2 and 3 lack attacked and
-# clean_decision_pred (every sample was attacked; clean accuracy from clean_mean_logit_pred)
-READABLE_SCHEMA_VERSIONS = (2, 3, SCHEMA_VERSION)
+# clean_decision_pred (every sample was attacked; clean accuracy from clean_mean_logit_pred);
+# 2–4 lack verdict (every verdict came from the R runs)
+READABLE_SCHEMA_VERSIONS = (2, 3, 4, SCHEMA_VERSION)
 
 
 def readable_versions(table_schema: pa.Schema) -> tuple[int, ...]:

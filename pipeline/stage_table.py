@@ -121,13 +121,15 @@ _PLAN = "pipeline.run.plan"
 # the R evaluation runs of clean and attacked images: shared by evaluate and purify, so that
 # [attack, purify] reproduces [evaluate]
 _EVAL = ("eval/clean", "eval/attack{i}")
+# evaluation.verdict recheck: the clean verdict from the first attack's EOT draws and their re-check
+_RECHECK_VERDICT = ("eval/clean/nominate", "eval/clean/recheck")
 # an attack's EOT draws at target step t, its own randomness, the draws confirming a break
 _ATTACK = ("attack{i}/{name}/step{t}", "attack{i}/{name}/own", "attack{i}/{name}/recheck/step{t}")
 # a shard's first batch: gradient-masking checks; the EOT probe reruns an attack with n draws
 _CHECKS = ("checks{i}/step{t}", "probe{i}/eot{n}/step{t}", "probe{i}/eot{n}/own",
            "probe{i}/eot{n}/recheck/step{t}", "probe{i}/eval{n}")
 BUILT_IN = (
-    Stage("evaluate", f"{_SHARD}:evaluate", noise=_EVAL + _ATTACK + _CHECKS,
+    Stage("evaluate", f"{_SHARD}:evaluate", noise=_EVAL + _RECHECK_VERDICT + _ATTACK + _CHECKS,
           calibrate=f"{_PLAN}:calibrate_evaluate", report_rank=0),
     Stage("attack", f"{_SHARD}:attack",
           images=ImageOutput("adversarial", "{sid}-a{output}.tar", f"{__name__}:origin_lineage"),

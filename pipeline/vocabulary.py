@@ -17,6 +17,9 @@ GRADIENT_REQUESTS = ("auto", *GRADIENT_MODES)     # attacks[i].gradient: auto = 
 DECISION_COLUMNS = {"mean_logit": "mean_logit_pred", "vote": "vote_pred", "mean_softmax": "mean_softmax_pred"}
 DECISIONS = tuple(DECISION_COLUMNS)
 DEFAULT_DECISION = "mean_logit"                   # also the rule of records older than their decision column
+# evaluation.verdict: R-run evaluations decide (the default; records older than the column),
+# or the attacks' confirmed breaks and a nominated, re-checked clean evaluation (Hill et al.)
+VERDICTS = ("runs", "recheck")
 
 # registered attacks that never read a gradient (their class says `uses_gradient = False`;
 # tests/test_decision.py holds the registry to this list)

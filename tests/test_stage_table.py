@@ -99,6 +99,9 @@ def test_evaluate_draws_from_exactly_its_declared_contexts(protocol_cfg, context
     cascaded = len(contexts)
     stages.evaluate(_protocol(protocol_cfg, cascade=True, eot_probe=0), _samples())
     assert len(contexts) > cascaded
+    # the recheck verdict's clean evaluation (FGSM never checks its image: only PGD can run so)
+    stages.evaluate(_protocol({**protocol_cfg, "attacks": protocol_cfg["attacks"][:1]}, verdict="recheck",
+                              eot_probe=0), _samples())
     _check("evaluate", contexts)
 
 

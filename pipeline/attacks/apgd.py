@@ -181,6 +181,7 @@ class APGD(Attack):
     """
 
     name = "apgd"
+    checks_returned_image = True   # x_best is an evaluated iterate
 
     def __init__(self, eps: float, steps: int = 100, norm: str = "linf", loss: str = "ce",
                  targeted: bool = False, target_mode: str = "top", n_target_classes: int = 1,
@@ -265,6 +266,9 @@ class APGD(Attack):
             hit = broke_on if self.targeted_success == "misclassified" else tracker.target_class
             target_class = torch.where(tracker.broken, hit, best_target)
         return tracker.result(tracker.merge(x_best), nfe, target_class, sample_nfe)
+
+    def judges_returned_image(self) -> bool:
+        return not self.targeted or self.targeted_success == "misclassified"
 
     def _any_wrong_class(self, goal: Goal) -> bool:
         return goal.targeted and self.targeted_success == "misclassified"

@@ -62,6 +62,8 @@ class AttackResult:
                                                 # goal (None: same as broken_step)
     sample_nfe: torch.Tensor | None = None      # [B] int64 target evaluations of each sample, where
                                                 # attacks skip broken ones (None: `nfe` for all)
+    nonfinite: torch.Tensor | None = None       # [B] bool: a forward or re-check of the sample gave
+                                                # NaN / inf logits (None: not tracked)
 
 
 def project(x_adv: torch.Tensor, x: torch.Tensor, eps: float, norm: str) -> torch.Tensor:
@@ -160,6 +162,7 @@ class BreakTracker:
         self.broken_step = torch.full((B,), -1, dtype=torch.int64, device=x.device)
         self.x_broken = x.detach().clone()
         self.target_class = torch.full((B,), -1, dtype=torch.int64, device=x.device)
+        self.nonfinite = torch.zeros(B, dtype=torch.bool, device=x.device)
         self.recheck = recheck
 
     @property
@@ -175,13 +178,16 @@ class BreakTracker:
         # NaN / inf logits (a diverged purifier) break nothing: argmax of garbage is no break, and
         # the row's final evaluation then reports it as non-finite
         finite = torch.isfinite(logits).flatten(1).all(1).to(rows.device)
+        self.nonfinite[rows[~finite]] = True
         new = goal.success(logits).to(rows.device) & finite & ~self.broken[rows]
         first = new & (self.candidate_step[rows] < 0)
         self.candidate_step[rows[first]] = step
         if self.recheck is not None and bool(new.any()):
             idx = new.nonzero().squeeze(1)
             confirm_logits = self.recheck(x_adv[idx].detach(), rows[idx], step)  # positions in the batch
-            confirmed = goal.success(confirm_logits, idx) & torch.isfinite(confirm_logits).flatten(1).all(1)
+            checked = torch.isfinite(confirm_logits).flatten(1).all(1)
+            confirmed = goal.success(confirm_logits, idx) & checked
+            self.nonfinite[rows[idx[~checked.to(idx.device)]]] = True
             ok = confirmed.to(new.device)
             new = torch.zeros_like(new)
             new[idx[ok]] = True
@@ -196,7 +202,8 @@ class BreakTracker:
     def result(self, x_adv: torch.Tensor, nfe: int, target_class: torch.Tensor | None = None,
                sample_nfe: torch.Tensor | None = None) -> AttackResult:
         """The attack's result with this tracker's candidate and confirmed steps."""
-        return AttackResult(x_adv.detach(), self.broken_step, nfe, target_class, self.candidate_step, sample_nfe)
+        return AttackResult(x_adv.detach(), self.broken_step, nfe, target_class, self.candidate_step, sample_nfe,
+                            self.nonfinite)
 
     def merge(self, x_other: torch.Tensor) -> torch.Tensor:
         """The breaking iterate where broken, x_other elsewhere."""
@@ -223,6 +230,9 @@ class Attack:
     # False for an attack that only queries the defense's outputs (listed, torch-free, in
     # vocabulary.GRADIENT_FREE_ATTACKS so that the report knows without importing attacks)
     uses_gradient: bool = True
+    # True for an attack whose forward has evaluated (and, with a recheck, judged) the image it
+    # returns, so its confirmed breaks alone can decide a verdict (evaluation.verdict: recheck)
+    checks_returned_image: bool = False
 
     def __init__(self, eps: float, norm: str = "linf", targeted: bool = False,
                  eot_reduction: str = "mean_loss", loss: str = "ce", target_mode: str = "given",
@@ -251,6 +261,11 @@ class Attack:
         self.loss = loss
         self.target_mode = target_mode
         self.recheck_draws = int(recheck_draws)
+
+    def judges_returned_image(self) -> bool:
+        """Whether a sample without a confirmed break is one whose returned image no check
+        found misclassified: the image was evaluated and a break means any wrong class."""
+        return self.checks_returned_image and not self.targeted
 
     def params(self) -> dict[str, Any]:
         p = {"eps": self.eps, "norm": self.norm, "targeted": self.targeted,

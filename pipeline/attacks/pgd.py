@@ -77,6 +77,7 @@ class PGD(Attack):
             raise ValueError(f"step_size must be > 0, got {step_size}")
         self.random_start = bool(random_start)
         self.keep_broken = bool(keep_broken) or self.recheck_draws > 0
+        self.checks_returned_image = self.keep_broken   # the final iterate's forward runs with keep_broken
 
     def params(self):
         p = {**super().params(), "steps": self.steps, "step_size": self.step_size,

@@ -80,8 +80,9 @@ _register(Preset(
     paper="steps 50, ε 8/255, step 2/255, random start, EOT_attack 15 (logits averaged), BPDA, "
           "EOT_defense H = 150 (logits averaged) re-check of every candidate, once broken stays broken; "
           "iterates 0…50 are all checked",
-    ours="the final accuracy is our R-run evaluation of the returned images (the paper reports the "
-         "re-check record itself); re-check draws are keyed per (sample, step)",
+    ours="by default the clean and final accuracies are our R-run evaluations (the paper reports the "
+         "re-check record itself, which `evaluation.verdict: recheck` keeps); re-check draws are keyed per "
+         "(sample, step)",
 ))
 
 _register(Preset(

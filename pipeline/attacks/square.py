@@ -158,6 +158,7 @@ class Square(Attack):
     """
 
     name = "square"
+    checks_returned_image = True   # x_best is a queried point
     uses_gradient = False
 
     def __init__(self, eps: float, norm: str = "linf", n_queries: int = 5000, p_init: float = 0.8,

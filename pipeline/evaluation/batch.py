@@ -24,6 +24,7 @@ from pipeline.attacks.recheck import make_defense_recheck
 from pipeline.evaluation.decision import decide, decide_all
 from pipeline.evaluation.defense import Defense
 from pipeline.evaluation.protocol import NO_ATTACK, PlannedAttack, Protocol
+from pipeline.schema import Status
 from pipeline.seeding import Noise
 from pipeline.vocabulary import DECISION_COLUMNS
 
@@ -35,29 +36,33 @@ class AttackOutcome:
     broken_step: torch.Tensor    # [B] first confirmed break, -1 never
     steps: int                   # target steps the attack ran
     nfe: list[int]               # attack-view evaluations of each sample (its steps × EOT draws)
+    nonfinite: torch.Tensor | None = None   # [B] bool (CPU): some forward or re-check gave NaN / inf logits
 
 
 @dataclass
 class CleanEval:
     """A batch's clean columns and defended clean logits, computed once per batch."""
     columns: dict[str, list]
-    logits: torch.Tensor         # [B, R, K]
-    nfe: int
+    logits: torch.Tensor         # [B, R, K] (verdict recheck: the nominating draws, [B, EOT, K])
+    nfe: list[int]               # purifier evaluations of each row's clean evaluation
+    pred: torch.Tensor           # [B] (CPU) the defended clean prediction under the job's decision rule
+    finite: torch.Tensor         # [B] bool (CPU) the logits it came from were finite
 
-    def wrong(self, decision: str, y: torch.Tensor) -> torch.Tensor:
-        """[B] bool (CPU): the defended model's clean prediction under `decision` is wrong
-        (false where its logits are not finite: argmax of NaN is no prediction)."""
-        finite = torch.isfinite(self.logits).flatten(1).all(1).cpu()
-        return (decide(self.logits, decision).cpu() != y.cpu()) & finite
+    def wrong(self, y: torch.Tensor) -> torch.Tensor:
+        """[B] bool (CPU): the defended model's clean prediction is wrong (false where its
+        logits are not finite: argmax of NaN is no prediction)."""
+        return (self.pred != y.cpu()) & self.finite
 
     def take(self, rows: Sequence[int]) -> CleanEval:
-        return CleanEval({c: [v[i] for i in rows] for c, v in self.columns.items()}, self.logits[list(rows)],
-                         self.nfe)
+        rows = list(rows)
+        return CleanEval({c: [v[i] for i in rows] for c, v in self.columns.items()}, self.logits[rows],
+                         [self.nfe[i] for i in rows], self.pred[rows], self.finite[rows])
 
     @staticmethod
     def stack(parts: Sequence[CleanEval]) -> CleanEval:
         cols = {c: [v for p in parts for v in p.columns[c]] for c in parts[0].columns}
-        return CleanEval(cols, torch.cat([p.logits for p in parts]), parts[0].nfe)
+        return CleanEval(cols, torch.cat([p.logits for p in parts]), [n for p in parts for n in p.nfe],
+                         torch.cat([p.pred for p in parts]), torch.cat([p.finite for p in parts]))
 
 
 # no final R-run evaluation of a sample whose break the attack confirmed: its verdict is
@@ -97,16 +102,20 @@ def run_attack(p: Protocol, plan: PlannedAttack, x: torch.Tensor, y: torch.Tenso
     result = plan.attack(target, x, y, own, recheck=recheck)
     candidate = result.candidate_step if result.candidate_step is not None else result.broken_step
     per_sample = result.sample_nfe.tolist() if result.sample_nfe is not None else [result.nfe] * x.shape[0]
+    nonfinite = result.nonfinite.cpu() if result.nonfinite is not None else torch.zeros(x.shape[0], dtype=torch.bool)
     return AttackOutcome(result.x_adv.detach(), candidate.cpu(), result.broken_step.cpu(), result.nfe,
-                         [n * eot for n in per_sample])
+                         [n * eot for n in per_sample], nonfinite)
 
 
 def _prediction_columns(p: Protocol, x_adv: torch.Tensor, y: torch.Tensor, logits: torch.Tensor | None,
-                        broken_step: torch.Tensor, evaluated: torch.Tensor | None = None) -> dict[str, list]:
+                        broken_step: torch.Tensor, evaluated: torch.Tensor | None = None,
+                        judged_by_recheck: torch.Tensor | None = None) -> dict[str, list]:
     """The bare classifier on x_adv and, where the defended model was evaluated (logits
     [B, R, K]; `evaluated` [B] bool, None: every row), its per-run columns and the verdict.
     A row not evaluated has null per-run columns and `final_evaluated` false (see
-    `final_evaluation`); logits None with `evaluated` None: a stage without them."""
+    `final_evaluation`); logits None with `evaluated` None: a stage without them.
+    `judged_by_recheck` [B] bool (verdict recheck: clean-correct and attacked): robust where
+    no break was confirmed, with no R-run evaluation at all."""
     with torch.no_grad():
         cols: dict[str, list] = {"adv_pred": p.defense.classifier(x_adv).argmax(1).tolist()}
     if logits is None and evaluated is None:
@@ -114,7 +123,7 @@ def _prediction_columns(p: Protocol, x_adv: torch.Tensor, y: torch.Tensor, logit
     B = len(y)
     done = torch.ones(B, dtype=torch.bool) if evaluated is None else evaluated.cpu()
     per_run: dict[str, list] = {c: [None] * B for c in (*FINAL_COLUMNS, *DECISION_COLUMNS.values())}
-    correct = torch.zeros(B, dtype=torch.bool)
+    correct = torch.zeros(B, dtype=torch.bool) if judged_by_recheck is None else judged_by_recheck.cpu()
     if logits is not None:
         preds = logits.argmax(2)                       # [B, R]
         decided = decide_all(logits)                   # every rule's prediction is recorded
@@ -129,8 +138,9 @@ def _prediction_columns(p: Protocol, x_adv: torch.Tensor, y: torch.Tensor, logit
         for values in per_run.values():
             for i in skipped:
                 values[i] = None
+    verdict = "recheck" if judged_by_recheck is not None else "runs"
     cols.update({**per_run, "final_evaluated": done.tolist(), "decision": [p.decision] * B,
-                 "robust": ((broken_step.cpu() < 0) & correct).tolist()})
+                 "verdict": [verdict] * B, "robust": ((broken_step.cpu() < 0) & correct).tolist()})
     return cols
 
 
@@ -143,16 +153,52 @@ def _norms(x_adv: torch.Tensor, x: torch.Tensor) -> dict[str, list]:
     return {"linf": delta.abs().amax(1).tolist(), "l2": delta.norm(dim=1).tolist()}
 
 
+def _finite(logits: torch.Tensor) -> torch.Tensor:
+    return torch.isfinite(logits).flatten(1).all(1).cpu()
+
+
 def clean_eval(p: Protocol, x: torch.Tensor, y: torch.Tensor, keys: Sequence[str]) -> CleanEval:
-    """Per-sample clean columns, the defended clean logits [B, R, K] and purifier NFE."""
+    """Per-sample clean columns, the defended clean logits and purifier NFE: R runs of every
+    sample (`evaluation.verdict: runs`) or the nominate-and-confirm scheme (`recheck`)."""
+    if p.verdict == "recheck":
+        return clean_by_recheck(p, x, y, keys)
     with torch.no_grad():
         clean_pred = p.defense.classifier(x).argmax(1)
     logits, nfe, _ = defended(p.defense, x, keys, p.seed, eval_context(-1), p.runs)
+    pred = decide(logits, p.decision).cpu()
     cols = {"label": y.tolist(), "key": list(keys), "clean_pred": clean_pred.tolist(),
             "clean_purified_preds": logits.argmax(2).tolist(),
             "clean_mean_logit_pred": decide(logits, "mean_logit").tolist(),
-            "clean_decision_pred": decide(logits, p.decision).tolist()}
-    return CleanEval(cols, logits, nfe)
+            "clean_decision_pred": pred.tolist()}
+    return CleanEval(cols, logits, [nfe] * len(keys), pred, _finite(logits))
+
+
+def clean_by_recheck(p: Protocol, x: torch.Tensor, y: torch.Tensor, keys: Sequence[str]) -> CleanEval:
+    """The clean verdict as Hill et al.'s script reaches it (its step −1): the first attack's
+    EOT draws of the real defense nominate the samples they misclassify under the job's
+    decision rule, and its re-check draws confirm each nomination; a sample not nominated, or
+    not confirmed, is clean-correct. The prediction columns hold the deciding draws' (the
+    re-check's where one ran); the per-run column stays null: no R runs were made."""
+    plan = p.attacks[0]
+    with torch.no_grad():
+        clean_pred = p.defense.classifier(x).argmax(1)
+    logits, nfe, _ = defended(p.defense, x, keys, p.seed, "eval/clean/nominate", plan.eot)
+    pred, mean_logit = decide(logits, p.decision).cpu(), decide(logits, "mean_logit").cpu()
+    finite = _finite(logits)
+    nfes = [nfe] * len(keys)
+    nominated = ((pred != y.cpu()) & finite).nonzero().squeeze(1)
+    if plan.confirm_draws and nominated.numel():   # 0: the forward is the deterministic defense itself
+        rows = nominated.tolist()
+        checked, more, _ = defended(p.defense, x[nominated.to(x.device)], [keys[i] for i in rows], p.seed,
+                                    "eval/clean/recheck", plan.confirm_draws)
+        pred[nominated], mean_logit[nominated] = decide(checked, p.decision).cpu(), decide(checked, "mean_logit").cpu()
+        finite[nominated] = _finite(checked)
+        for i in rows:
+            nfes[i] += more
+    cols = {"label": y.tolist(), "key": list(keys), "clean_pred": clean_pred.tolist(),
+            "clean_purified_preds": [None] * len(keys), "clean_mean_logit_pred": mean_logit.tolist(),
+            "clean_decision_pred": pred.tolist()}
+    return CleanEval(cols, logits, nfes, pred, finite)
 
 
 def final_evaluation(p: Protocol, plan: PlannedAttack, x_adv: torch.Tensor, keys: Sequence[str],
@@ -188,7 +234,7 @@ def attacked_mask(p: Protocol, clean: CleanEval, y: torch.Tensor) -> torch.Tenso
     `nonfinite` from the final evaluation's logits, as without the gate."""
     if p.attack_misclassified:
         return torch.ones(len(y), dtype=torch.bool)
-    return ~clean.wrong(p.decision, y)
+    return ~clean.wrong(y)
 
 
 def run_gated(p: Protocol, plan: PlannedAttack, x: torch.Tensor, y: torch.Tensor, keys: Sequence[str],
@@ -200,7 +246,7 @@ def run_gated(p: Protocol, plan: PlannedAttack, x: torch.Tensor, y: torch.Tensor
         return run_attack(p, plan, x, y, keys)
     B = len(keys)
     out = AttackOutcome(x, torch.full((B,), -1, dtype=torch.int64), torch.full((B,), -1, dtype=torch.int64), 0,
-                        [0] * B)
+                        [0] * B, torch.zeros(B, dtype=torch.bool))
     idx = attacked.nonzero().squeeze(1)
     if idx.numel() == 0:
         return out
@@ -209,6 +255,7 @@ def run_gated(p: Protocol, plan: PlannedAttack, x: torch.Tensor, y: torch.Tensor
     out.x_adv = x.clone()
     out.x_adv[dev] = sub.x_adv
     out.candidate_step[idx], out.broken_step[idx] = sub.candidate_step, sub.broken_step
+    out.nonfinite[idx] = sub.nonfinite
     for i, n in zip(idx.tolist(), sub.nfe):
         out.nfe[i] = n
     out.steps = sub.steps
@@ -222,6 +269,7 @@ def attack_rows(p: Protocol, plan: PlannedAttack | None, x: torch.Tensor, y: tor
     evaluation (per-run columns null, `final_evaluated` false), broken_step −1, 0 attack NFE."""
     t0 = time.perf_counter()
     B = x.shape[0]
+    judged = None
     if plan is None:
         never = torch.full((B,), -1, dtype=torch.int64)
         out = AttackOutcome(x, never, never, 0, [0] * B)
@@ -230,14 +278,24 @@ def attack_rows(p: Protocol, plan: PlannedAttack | None, x: torch.Tensor, y: tor
     else:
         gate = attacked_mask(p, clean, y)
         out = run_gated(p, plan, x, y, keys, gate)
-        logits, evaluated, nfe = final_evaluation(p, plan, out.x_adv, keys, out.broken_step, gate)
+        if p.verdict == "recheck":   # the attack checked every iterate it evaluated, the returned one included
+            logits, evaluated, nfe = None, torch.zeros(B, dtype=torch.bool), 0
+            judged = gate & ~clean.wrong(y)
+        else:
+            logits, evaluated, nfe = final_evaluation(p, plan, out.x_adv, keys, out.broken_step, gate)
         info, attacked = plan.info(), gate.tolist()
-    cols = {**clean.columns, **_prediction_columns(p, out.x_adv, y, logits, out.broken_step, evaluated),
+    cols = {**clean.columns, **_prediction_columns(p, out.x_adv, y, logits, out.broken_step, evaluated, judged),
             **_norms(out.x_adv, x), "broken_step": out.broken_step.tolist(),
             "candidate_step": out.candidate_step.tolist(), "attack_nfe": out.nfe, "attacked": attacked,
             "attack_steps": [0 if a is False else out.steps for a in attacked],
-            "purify_nfe": [clean.nfe + (nfe if e else 0) for e in evaluated.tolist()]}
-    return _rows(B, cols, {**info, "runs": p.runs, "seconds": (time.perf_counter() - t0) / B})
+            "purify_nfe": [c + (nfe if e else 0) for c, e in zip(clean.nfe, evaluated.tolist())]}
+    rows = _rows(B, cols, {**info, "runs": p.runs, "seconds": (time.perf_counter() - t0) / B})
+    if judged is not None:   # no final evaluation shows a diverged purifier: the checks' logits must
+        for i in (~clean.finite | out.nonfinite).nonzero().squeeze(1).tolist():
+            rows[i].update(status=Status.NONFINITE.value, robust=False,
+                           error="non-finite defended logits (NaN or inf) in the clean or the attack's checks "
+                                 "(evaluation.verdict: recheck): the purifier or classifier diverged")
+    return rows
 
 
 def evaluate_batch(p: Protocol, x: torch.Tensor, y: torch.Tensor, keys: Sequence[str]) -> list[dict[str, Any]]:

@@ -68,6 +68,9 @@ class Protocol:
     # evaluation.attack_misclassified: false gates the evaluate stage's attacks on the clean
     # verdict (batch.attacked_mask); true attacks every sample
     attack_misclassified: bool = False
+    # evaluation.verdict: runs (R-run evaluations decide) or recheck (the attacks' confirmed
+    # breaks and a nominated, re-checked clean evaluation decide: batch.clean_by_recheck)
+    verdict: str = "runs"
 
 
 def resolve_gradient(requested: str, defense: Defense) -> str:
@@ -155,4 +158,4 @@ def build_protocol(cfg: Config) -> Protocol:
     return Protocol(defense, attacks, cfg.job.seed, ev.runs, ev.decision, cfg.data.batch_size, ev.cascade,
                     ev.eot_probe, device, provenance, ev.max_rows, channels_last=ev.channels_last,
                     check_samples=ev.check_samples,
-                    attack_misclassified=ev.attack_misclassified)
+                    attack_misclassified=ev.attack_misclassified, verdict=ev.verdict)

@@ -11,6 +11,8 @@ that does not record a prediction yields a count of 0 non-null values ("n/a"). E
 decision rule's column (mean logit, vote, summed softmax, worst-of-R, and the runs curve)
 counts a confirmed break (broken_step >= 0) as broken, so a row whose final evaluation was
 skipped for it (`final_evaluated` false, per-run columns null) is broken under every rule.
+A row judged by `evaluation.verdict: recheck` has no R runs at all: every rule's column is
+null there (the report shows "n/a"), its verdict is `robust`, and it is in no runs curve.
 A row the clean gate kept from the attack (`attacked` false: misclassified clean) has no final
 evaluation either and is broken under every rule and at every step, as in the Hill et al.
 script (broken at step −1); clean defended accuracy is read under the job's decision rule
@@ -39,7 +41,7 @@ RULES = {"mean_logit_pred": "c_mean_logit", "vote_pred": "c_vote", "mean_softmax
 CORRECT = [*PREDICTIONS.values(), *RULES.values(), "c_robust"]
 COSTS = ["linf", "l2", "attack_nfe", "purify_nfe", "seconds"]
 META = ["job", "config_hash", "stage", "purifier", "purifier_params", "purifier_sha256", "classifier",
-        "classifier_sha256", "decision", "seed", "schema_version"]
+        "classifier_sha256", "decision", "verdict", "seed", "schema_version"]
 # the record columns a report reads (list columns other than purified_preds are never decoded)
 READ_COLUMNS = sorted({*ENTRY_KEYS, *PREDICTIONS, *RULES, *COSTS, *META, "shard", "key", "label", "status",
                        "clean_mean_logit_pred", "final_evaluated", "attacked", "robust", "broken_step",
@@ -82,10 +84,15 @@ def derive(table: pa.Table) -> pa.Table:
             for src, name in PREDICTIONS.items()}
     gated = _false(ok, "attacked")   # broken before the attack: no step of it is unbroken
     unbroken = pc.and_(pc.or_kleene(pc.is_null(ok["broken_step"]), pc.less(ok["broken_step"], 0)), pc.invert(gated))
-    skipped = _false(ok, "final_evaluated")
+    # verdict recheck: robust came from the attacks' checks, no rule saw R runs (null: "n/a")
+    by_recheck = pc.fill_null(pc.equal(ok["verdict"], "recheck"), False) if "verdict" in ok.column_names \
+        else pa.array([False] * ok.num_rows)
+    # a skipped final evaluation: a confirmed break's, or a gated row's (under either verdict)
+    skipped = pc.and_(_false(ok, "final_evaluated"), pc.or_(pc.invert(by_recheck), gated))
     for src, name in RULES.items():   # null where no prediction was recorded, unless the break was confirmed
         right = ok[src] if src == "worst_of_runs_correct" else pc.equal(ok[src], label)
-        cols[name] = pc.if_else(skipped, False, pc.and_(right, unbroken))
+        cols[name] = pc.if_else(by_recheck, pa.scalar(None, pa.bool_()),
+                                pc.if_else(skipped, False, pc.and_(right, unbroken)))
     decision = pc.fill_null(ok["decision"], DEFAULT_DECISION)   # records older than the column
     pred = ok[DECISION_COLUMNS[DEFAULT_DECISION]]
     for rule, col in DECISION_COLUMNS.items():
@@ -98,7 +105,7 @@ def derive(table: pa.Table) -> pa.Table:
     evals = pc.add(pc.cast(pc.is_valid(ok["clean_mean_logit_pred"]), pa.int64()),
                    pc.cast(pc.and_(is_attack, pc.is_valid(ok["mean_logit_pred"])), pa.int64()))
     cols.update({"is_attack": is_attack, "carried": pc.is_valid(ok["cascade_from"]), "purify_evals": evals,
-                 "final_skipped": skipped, "gated": gated, "unbroken": unbroken})
+                 "final_skipped": skipped, "gated": gated, "unbroken": unbroken, "by_recheck": by_recheck})
     for name, arr in cols.items():
         ok = ok.append_column(name, arr)
     return ok
@@ -203,8 +210,9 @@ def _run_predictions(s: pa.Table, runs: int) -> np.ndarray:
 def _runs_curve(d: pa.Table) -> pa.Table | None:
     """Accuracy from the first r of the R per-run predictions, r = 1..R: worst-of-r (every
     run correct) and vote-of-r — how the verdict depends on the number of runs. A confirmed
-    break is wrong at every r (rows whose final evaluation was skipped for it included)."""
-    recorded = pc.or_(pc.is_valid(d["purified_preds"]), d["final_skipped"])
+    break is wrong at every r (rows whose final evaluation was skipped for it included); rows
+    judged by `evaluation.verdict: recheck` made no R runs and are in no curve."""
+    recorded = pc.and_(pc.or_(pc.is_valid(d["purified_preds"]), d["final_skipped"]), pc.invert(d["by_recheck"]))
     valid = pc.and_(pc.greater(pc.fill_null(d["runs"], 0), 1), recorded)
     sub = d.select(ENTRY_KEYS + ["label", "purified_preds", "final_skipped", "unbroken"]).filter(valid)
     parts = []

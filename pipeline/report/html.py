@@ -200,7 +200,11 @@ def _defended(e: dict[str, Any]) -> str:
     """The defended prediction on the adversarial image, or why there is none."""
     if e.get("gated"):
         return "not attacked (misclassified clean)"
-    return "not evaluated (confirmed break)" if e.get("final_skipped") else str(e["mean_logit_pred"])
+    if e.get("final_skipped"):
+        return "not evaluated (confirmed break)"
+    if e.get("mean_logit_pred") is None:
+        return "no R-run evaluation (evaluation.verdict: recheck)"
+    return str(e["mean_logit_pred"])
 
 
 def _checks(doc: dict[str, Any]) -> str:

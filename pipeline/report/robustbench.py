@@ -1,7 +1,7 @@
 """RobustBench-shaped export: one ModelInfo JSON per (defense, threat model), with the fields
 RobustBench writes (accuracies as percent strings, ε as "8/255", number_forward_passes,
 dataset) plus the protocol fields it has no place for and randomized defenses need:
-R, EOT, gradient mode, decision rule, n_examples, the attack list and interval.
+R, EOT, gradient mode, decision rule, verdict, n_examples, the attack list and interval.
 
 The robust figure goes in "external" — RobustBench's field for an evaluation stronger than
 its standard AutoAttack run, read before "autoattack_acc" — as it is this job's per-sample
@@ -35,11 +35,14 @@ def _protocol(doc: dict[str, Any], w: dict[str, Any]) -> dict[str, Any]:
         "n_examples": w["n"], "R": max((a["runs"] or 0 for a in entries), default=None),
         "EOT": sorted({a["eot"] for a in entries}), "gradient_mode": sorted({a["gradient"] for a in entries}),
         "decision_rule": doc["decision"],
+        "verdict": doc.get("verdict") or "runs",   # runs: R-run evaluations; recheck: Hill et al.'s record
         "attacks": [{"attack_index": a["attack_index"], "name": a["attack"], "gradient_mode": a["gradient"],
                      "eot": a["eot"], "steps": a["steps"], "params": a["params"],
                      "robust_acc": f"{100 * a['robust']['acc']:.2f}"} for a in entries],
         "robust_acc_ci95": [f"{100 * w['lo']:.2f}", f"{100 * w['hi']:.2f}"],
-        "robust_acc_definition": "per-sample worst case: robust under every attack above",
+        "robust_acc_definition": "per-sample worst case: robust under every attack above"
+                                 + ("" if doc.get("verdict") != "recheck" else
+                                    " (verdict recheck: no break confirmed at any step, no R-run evaluation)"),
         "number_forward_passes_definition": "R × (purifier evaluations + 1 classifier evaluation) per prediction",
         "config_hash": doc["config_hash"], "checks_flagged": _flagged(doc),
     }

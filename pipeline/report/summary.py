@@ -268,6 +268,9 @@ def document(agg: dict[str, Any], markers: list[dict[str, Any]] | None = None) -
     worst, worst_by_class = worst_case(agg, attacks)
     src = clean_source(attacks)
     meta = {k: _single(v) for k, v in agg["meta"].items()}
+    if meta.get("verdict") == "recheck":   # no prediction was made of R runs: "R × …" counts nothing real
+        for a in attacks:
+            a["number_forward_passes"] = None
     totals = agg["totals"].to_pylist()[0] if agg.get("totals") is not None else {"rows": 0, "samples": 0}
     failed = {r["status"]: r["rows"] for r in agg["failed"].to_pylist()} if agg.get("failed") is not None else {}
     clean = None if src is None else {"from_attack_index": src["attack_index"], "classifier": src["clean_classifier"],
@@ -276,7 +279,8 @@ def document(agg: dict[str, Any], markers: list[dict[str, Any]] | None = None) -
     doc = {
         "version": REPORT_VERSION, "kind": "run", "job": meta["job"], "stage": meta["stage"],
         "config_hash": meta["config_hash"], "purifier": meta["purifier"], "classifier": meta["classifier"],
-        "decision": meta["decision"] or DEFAULT_DECISION, "samples": totals["samples"], "rows": totals["rows"],
+        "decision": meta["decision"] or DEFAULT_DECISION, "verdict": meta.get("verdict") or "runs",
+        "samples": totals["samples"], "rows": totals["rows"],
         "failed_rows": sum(failed.values()), "failed": failed,
         "clean": clean, "worst_case": worst, "attacks": attacks, "per_class": classes,
         "cost": cost(agg, attacks, markers), "curves": curves(agg, attacks, worst),

@@ -88,10 +88,20 @@ def attack_section(doc: dict[str, Any]) -> Section:
     return Section("Per attack", ["#", "attack", "grad", "ε", "EOT", "R", "n", "clean (bare)", "clean (defended)",
                                   "adv (bare)", "robust (verified)", "mean logit", "vote", "worst-of-R"], rows,
                    ["accuracy % with Wilson 95% intervals; 'bare' = classifier alone, 'defended' = purifier + "
-                    "classifier (clean: under the job's decision rule); 'robust (verified)' = no confirmed break "
-                    "at any step and final re-evaluation correct; mean logit / vote / worst-of-R: the final iterate "
-                    "under each convention, a confirmed break (and a sample misclassified clean, when not attacked) "
-                    "counting as broken under every rule" + _skipped_note(doc)])
+                    "classifier (clean: under the job's decision rule); " + _verdict_note(doc) + _skipped_note(doc)])
+
+
+def _verdict_note(doc: dict[str, Any]) -> str:
+    """What 'robust (verified)' and the rule columns mean under the job's evaluation.verdict."""
+    if doc.get("verdict") == "recheck":
+        return ("verdict recheck (Hill et al.'s record): 'robust (verified)' = no break confirmed at any step, "
+                "the returned image's included — the attack's EOT forward nominates, re-check draws confirm — "
+                "with no R-run evaluation, so mean logit / vote / worst-of-R are n/a; clean (defended) = the first "
+                "attack's EOT draws, re-checked where they misclassify. Both read higher than R-run verdicts "
+                "where a nomination misses")
+    return ("'robust (verified)' = no confirmed break at any step and final re-evaluation correct; mean logit / "
+            "vote / worst-of-R: the final iterate under each convention, a confirmed break (and a sample "
+            "misclassified clean, when not attacked) counting as broken under every rule")
 
 
 def _skipped_note(doc: dict[str, Any]) -> str:

@@ -178,7 +178,7 @@ def calibrate_evaluate(p: Protocol, b: stages.Batch, inputs: Images | None = Non
     checks.per_shard = True
     clean, ce = _measure(p, "clean", lambda: batch.clean_eval(p, b.x, b.y, b.keys), n)
     # records count the clean runs in every attack row's purify_nfe (as the markers sum them)
-    clean.nfe = 0 if p.attacks else ce.nfe * n
+    clean.nfe = 0 if p.attacks else sum(ce.nfe)
     pieces = [checks, clean]
     alive: dict[tuple[str, float], torch.Tensor] = {}   # per threat model: not yet broken
     for plan in p.attacks:

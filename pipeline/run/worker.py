@@ -136,8 +136,8 @@ class ShardWorker(WorkerBase):
                   "node_id": where["node_id"], "host": where["host"], "device": device_name(self.device)}
         rows = [{**common, "key": s.key, "label": s.label, "status": schema.Status.DECODE_ERROR.value,
                  "error": s.error} for s in source.errors]
-        rows += [_mark_nonfinite({**common, **r, "status": schema.Status.OK.value, "error": None})
-                 for r in result.rows]
+        rows += [_mark_nonfinite({**common, "status": schema.Status.OK.value, "error": None, **r})
+                 for r in result.rows]   # a row may carry its own status (verdict recheck's nonfinite)
         return commit.commit_records(self.cfg.job.output, stage, sid, rows, {
             "source": url, "samples": source.samples, "config_hash": self.protocol.provenance["config_hash"],
             "seconds": time.time() - t0, **where, "checks": result.checks,
