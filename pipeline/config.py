@@ -591,6 +591,9 @@ def _check_verdict(cfg: Config) -> None:
     if not cfg.attacks:
         raise ConfigError("evaluation.verdict: recheck reads the attacks' confirmed breaks, but the job has no "
                           "attack (use verdict: runs)")
+    if "evaluate" not in cfg.job.stages:   # attack and purify make no verdict of their own
+        raise ConfigError(f"evaluation.verdict: recheck decides the evaluate stage's verdicts, but job.stages is "
+                          f"{list(cfg.job.stages)} (the purify stage judges by R runs; use verdict: runs)")
     for i, a in enumerate(cfg.attacks):
         try:
             attack = ATTACKS.build(a.name, **a.params)

@@ -153,10 +153,15 @@ def test_a_diverged_purifier_is_a_nonfinite_row_not_a_robust_one(digits_shards, 
      "judge it (use verdict: runs, or keep_broken: true)"),
     ({"name": "pgd", "params": {"eps": 0.05, "targeted": True}}, "attacks[0]: a targeted pgd confirms only its target"),
     (None, "evaluation.verdict: recheck reads the attacks' confirmed breaks, but the job has no attack"),
+    ("split", "evaluation.verdict: recheck decides the evaluate stage's verdicts, but job.stages is "
+              "['attack', 'purify']"),
 ])
 def test_recheck_is_refused_where_it_could_not_judge(attack, message, digits_shards, digits_models, tmp_path):
     job = _job(digits_shards, digits_models, tmp_path, verdict="recheck")
-    job["attacks"] = [attack] if attack else []
+    if attack == "split":
+        job["job"] = {**job["job"], "stages": ["attack", "purify"]}
+    else:
+        job["attacks"] = [attack] if attack else []
     with pytest.raises(config.ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")
                        .replace("(", r"\(").replace(")", r"\)")):
         config.from_dict(job)
