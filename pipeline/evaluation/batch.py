@@ -160,28 +160,29 @@ def _finite(logits: torch.Tensor) -> torch.Tensor:
 def clean_eval(p: Protocol, x: torch.Tensor, y: torch.Tensor, keys: Sequence[str]) -> CleanEval:
     """Per-sample clean columns, the defended clean logits and purifier NFE: R runs of every
     sample (`evaluation.verdict: runs`) or the nominate-and-confirm scheme (`recheck`)."""
-    if p.verdict == "recheck":
-        return clean_by_recheck(p, x, y, keys)
     with torch.no_grad():
         clean_pred = p.defense.classifier(x).argmax(1)
-    logits, nfe, _ = defended(p.defense, x, keys, p.seed, eval_context(-1), p.runs)
-    pred = decide(logits, p.decision).cpu()
+    if p.verdict == "recheck":
+        logits, pred, mean_logit, finite, nfe = _clean_by_recheck(p, x, y, keys)
+        per_run: list = [None] * len(keys)    # no R runs were made
+    else:
+        logits, runs_nfe, _ = defended(p.defense, x, keys, p.seed, eval_context(-1), p.runs)
+        pred, mean_logit = decide(logits, p.decision).cpu(), decide(logits, "mean_logit").cpu()
+        finite, nfe, per_run = _finite(logits), [runs_nfe] * len(keys), logits.argmax(2).tolist()
     cols = {"label": y.tolist(), "key": list(keys), "clean_pred": clean_pred.tolist(),
-            "clean_purified_preds": logits.argmax(2).tolist(),
-            "clean_mean_logit_pred": decide(logits, "mean_logit").tolist(),
+            "clean_purified_preds": per_run, "clean_mean_logit_pred": mean_logit.tolist(),
             "clean_decision_pred": pred.tolist()}
-    return CleanEval(cols, logits, [nfe] * len(keys), pred, _finite(logits))
+    return CleanEval(cols, logits, nfe, pred, finite)
 
 
-def clean_by_recheck(p: Protocol, x: torch.Tensor, y: torch.Tensor, keys: Sequence[str]) -> CleanEval:
+def _clean_by_recheck(p: Protocol, x: torch.Tensor, y: torch.Tensor, keys: Sequence[str]
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, list[int]]:
     """The clean verdict as Hill et al.'s script reaches it (its step −1): the first attack's
     EOT draws of the real defense nominate the samples they misclassify under the job's
     decision rule, and its re-check draws confirm each nomination; a sample not nominated, or
-    not confirmed, is clean-correct. The prediction columns hold the deciding draws' (the
-    re-check's where one ran); the per-run column stays null: no R runs were made."""
+    not confirmed, is clean-correct. (nominating logits [B, EOT, K]; the deciding draws'
+    decision and mean-logit predictions and finiteness, the re-check's where one ran; NFE per row.)"""
     plan = p.attacks[0]
-    with torch.no_grad():
-        clean_pred = p.defense.classifier(x).argmax(1)
     logits, nfe, _ = defended(p.defense, x, keys, p.seed, "eval/clean/nominate", plan.eot)
     pred, mean_logit = decide(logits, p.decision).cpu(), decide(logits, "mean_logit").cpu()
     finite = _finite(logits)
@@ -195,10 +196,7 @@ def clean_by_recheck(p: Protocol, x: torch.Tensor, y: torch.Tensor, keys: Sequen
         finite[nominated] = _finite(checked)
         for i in rows:
             nfes[i] += more
-    cols = {"label": y.tolist(), "key": list(keys), "clean_pred": clean_pred.tolist(),
-            "clean_purified_preds": [None] * len(keys), "clean_mean_logit_pred": mean_logit.tolist(),
-            "clean_decision_pred": pred.tolist()}
-    return CleanEval(cols, logits, nfes, pred, finite)
+    return logits, pred, mean_logit, finite, nfes
 
 
 def final_evaluation(p: Protocol, plan: PlannedAttack, x_adv: torch.Tensor, keys: Sequence[str],

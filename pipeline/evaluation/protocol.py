@@ -69,7 +69,7 @@ class Protocol:
     # verdict (batch.attacked_mask); true attacks every sample
     attack_misclassified: bool = False
     # evaluation.verdict: runs (R-run evaluations decide) or recheck (the attacks' confirmed
-    # breaks and a nominated, re-checked clean evaluation decide: batch.clean_by_recheck)
+    # breaks and a nominated, re-checked clean evaluation decide: batch._clean_by_recheck)
     verdict: str = "runs"
 
 
